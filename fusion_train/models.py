@@ -1,0 +1,101 @@
+"""Loading models and tokenizers from local paths only, and naming them for provenance checks."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class ModelLoadError(ValueError):
+    """A model directory that cannot be used; the message says what is missing and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What produced a representation: checked whenever two stages' outputs are combined."""
+
+    path: str
+    gguf_file: str | None
+    tokenizer_hash: str
+    tokenizer_size: int  # len(tokenizer): ids at or beyond it are padding rows, never targets
+    vocab_size: int  # rows of the output embedding, >= tokenizer_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """A hash of the tokenizer's vocabulary and rules (not its chat template)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ModelLoadError(
+            f"{type(tokenizer).__name__} is a slow tokenizer; fusion-train needs a fast (Rust) tokenizer "
+            "for character offsets. Save the model with a tokenizer.json."
+        )
+    return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()[:16]
+
+
+def load_tokenizer(path: str | Path, gguf_file: str | None = None, trust_remote_code: bool = False) -> Any:
+    """A fast tokenizer from a local directory (or the GGUF file inside it); never the hub."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"{path}: not a directory. Pass a local model directory (hub names are not fetched)."
+        )
+    has_tokenizer = any(
+        (path / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")
+    )
+    if gguf_file is None and not has_tokenizer:
+        raise ModelLoadError(
+            f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json). Save the tokenizer "
+            "next to the model with tokenizer.save_pretrained(path)."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, gguf_file=gguf_file, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    tokenizer_hash(tokenizer)  # fails early for slow tokenizers
+    return tokenizer
+
+
+def load_model(
+    path: str | Path,
+    gguf_file: str | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> torch.nn.Module:
+    """A causal LM from local safetensors (or a GGUF file, dequantised), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if gguf_file is None and not (path / "config.json").exists():
+        raise ModelLoadError(
+            f"{path}: no config.json; pass a saved Hugging Face model directory or --gguf-file."
+        )
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        gguf_file=gguf_file,
+        dtype=torch_dtype,
+        local_files_only=True,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=None if gguf_file else True,
+    )
+    return model.eval()
+
+
+def identify(
+    path: str | Path, gguf_file: str | None, tokenizer: Any, model: torch.nn.Module
+) -> ModelIdentity:
+    return ModelIdentity(
+        path=str(Path(path).resolve()),
+        gguf_file=gguf_file,
+        tokenizer_hash=tokenizer_hash(tokenizer),
+        tokenizer_size=len(tokenizer),
+        vocab_size=model.get_output_embeddings().weight.shape[0],
+    )

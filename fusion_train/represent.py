@@ -1,0 +1,595 @@
+"""Stage 1: record what a model knows about a chat data set.
+
+For every supervised (assistant) token the model's top-k next-token distribution that predicts
+it, the log-probability of the token itself, and the character span of the token inside the
+assistant message; per sequence the total negative log-likelihood and the number of supervised
+tokens and UTF-8 bytes. The layout is documented in ``docs/formats.md``.
+
+Work is split into chunks of examples; each chunk becomes one part directory written atomically,
+so a killed run resumes at the first missing part and several processes (``--shard i/n`` or
+launcher ranks) can split the chunks between them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from fusion_train.chat import (
+    Conversation,
+    data_fingerprint,
+    load_conversations,
+    render,
+    resolve_chat_template,
+)
+from fusion_train.models import identify, load_model, load_tokenizer
+from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fusion-train/representation@1"
+PARTS_DIR = "parts"
+SUMMARY = "summary.json"
+LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits materialised at once when scoring
+
+
+class RepresentationError(ValueError):
+    """Representations that are missing, incomplete or inconsistent."""
+
+
+@dataclass(frozen=True)
+class RepresentSettings:
+    """Everything that changes what ``represent`` writes (recorded in the manifest)."""
+
+    top_k: int = 10
+    max_length: int = 2048
+    overflow: str = "truncate"  # "truncate": cut the end and count it; "skip": leave the example out
+    chat_template: str | None = None  # built-in name or .jinja file; default: the tokenizer's own
+    chunk_size: int = 256  # examples per part
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError("--top-k must be at least 1")
+        if self.max_length < 2:
+            raise ValueError("--max-length must be at least 2")
+        if self.overflow not in ("truncate", "skip"):
+            raise ValueError("--overflow must be 'truncate' or 'skip'")
+
+
+def representation_features(top_k: int) -> datasets.Features:
+    """The Arrow schema of one representation (see docs/formats.md)."""
+    seq = datasets.Sequence
+    value = datasets.Value
+    return datasets.Features(
+        {
+            "id": value("string"),
+            "domain": value("string"),
+            "input_ids": seq(value("int32")),
+            "run_message": seq(value("int32")),
+            "run_start": seq(value("int32")),
+            "run_length": seq(value("int32")),
+            "char_start": seq(value("int32")),
+            "char_end": seq(value("int32")),
+            "target_logprob": seq(value("float16")),
+            "topk_ids": seq(seq(value("int32"), length=top_k)),
+            "topk_logprobs": seq(seq(value("float16"), length=top_k)),
+            "nll": value("float64"),
+            "num_target_tokens": value("int32"),
+            "num_target_bytes": value("int32"),
+            "truncated": value("bool"),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class EncodedExample:
+    """A conversation tokenized in one model's template, with its supervised tokens located."""
+
+    conv: Conversation
+    input_ids: list[int]
+    positions: list[int]  # supervised positions p (>= 1): logits at p - 1 predict input_ids[p]
+    messages: list[int]  # index of the assistant message each supervised token belongs to
+    char_start: list[int]  # span inside that message's content; end-of-turn tokens: start = end = len
+    char_end: list[int]
+    num_bytes: int
+    truncated: bool
+
+
+def encode_conversation(
+    tokenizer: Any, template: str, conv: Conversation, max_length: int, overflow: str
+) -> EncodedExample | str:
+    """Tokenize ``conv`` and find its supervised tokens; a string is the reason to skip it."""
+    assistant = conv.assistant_indices
+    if not assistant:
+        return "no assistant message"
+    if any(not conv.messages[i]["content"].strip() for i in assistant):
+        return "empty assistant message"
+    rendered = render(tokenizer, template, conv)
+    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    offsets: list[tuple[int, int]] = enc["offset_mapping"]
+    special = set(tokenizer.all_special_ids)
+
+    positions, messages, starts, ends = [], [], [], []
+    cursor = 0
+    for m in assistant:
+        text_start, content_start, length = rendered.content_offsets[m]
+        text_end = text_start + length
+        while cursor < len(ids) and offsets[cursor][1] <= text_start:
+            cursor += 1
+        while cursor < len(ids) and offsets[cursor][0] < text_end:
+            a, b = offsets[cursor]
+            if b > a:  # zero-width tokens cover no content
+                positions.append(cursor)
+                messages.append(m)
+                starts.append(max(a, text_start) - text_start + content_start)
+                ends.append(min(b, text_end) - text_start + content_start)
+            cursor += 1
+        # The special token that closes the turn (<|im_end|>, </s>, <end_of_turn>) is supervised too:
+        # a model must learn to stop. It may follow only whitespace that the template adds.
+        if (
+            cursor < len(ids)
+            and ids[cursor] in special
+            and not rendered.text[text_end : offsets[cursor][0]].strip()
+        ):
+            content_length = len(conv.messages[m]["content"])
+            positions.append(cursor)
+            messages.append(m)
+            starts.append(content_length)
+            ends.append(content_length)
+            cursor += 1
+
+    truncated = len(ids) > max_length
+    if truncated:
+        if overflow == "skip":
+            return f"longer than --max-length {max_length} ({len(ids)} tokens)"
+        ids = ids[:max_length]
+        keep = sum(p < max_length for p in positions)
+        positions, messages, starts, ends = positions[:keep], messages[:keep], starts[:keep], ends[:keep]
+    # Position 0 has no preceding logits to predict it.
+    first = next((i for i, p in enumerate(positions) if p >= 1), len(positions))
+    positions, messages, starts, ends = positions[first:], messages[first:], starts[first:], ends[first:]
+    if not positions:
+        return "no supervised token within --max-length" if truncated else "no supervised token"
+    num_bytes = _covered_bytes(conv, messages, starts, ends)
+    return EncodedExample(conv, ids, positions, messages, starts, ends, num_bytes, truncated)
+
+
+def _covered_bytes(conv: Conversation, messages: list[int], starts: list[int], ends: list[int]) -> int:
+    """UTF-8 bytes of the assistant text the supervised tokens cover (the union of their spans)."""
+    total = 0
+    for m in sorted(set(messages)):
+        content = conv.messages[m]["content"]
+        covered = np.zeros(len(content), dtype=bool)
+        for msg, a, b in zip(messages, starts, ends, strict=True):
+            if msg == m:
+                covered[a:b] = True
+        total += sum(len(ch.encode("utf-8")) for ch, hit in zip(content, covered, strict=True) if hit)
+    return total
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class ScoredExample:
+    example: EncodedExample
+    topk_ids: np.ndarray  # [n, k] int32
+    topk_logprobs: np.ndarray  # [n, k] float32
+    target_logprob: np.ndarray  # [n] float32
+
+
+def batches_by_length(
+    examples: Sequence[EncodedExample], batch_tokens: int
+) -> Iterator[list[EncodedExample]]:
+    """Group length-sorted examples so that each padded batch holds at most ``batch_tokens``."""
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    batch: list[EncodedExample] = []
+    for example in ordered:
+        longest = len(example.input_ids)  # sorted, so the newest is the longest
+        if batch and longest * (len(batch) + 1) > batch_tokens:
+            yield batch
+            batch = []
+        batch.append(example)
+    if batch:
+        yield batch
+
+
+def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the LM head (and the final soft-capping some architectures use) to hidden states."""
+    logits = model.get_output_embeddings()(hidden).float()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+@torch.inference_mode()
+def score_batch(
+    model: torch.nn.Module, batch: list[EncodedExample], top_k: int, tokenizer_size: int, pad_id: int
+) -> list[ScoredExample]:
+    """Top-k log-probabilities at the supervised positions of one batch.
+
+    Only the hidden states that predict supervised tokens go through the LM head, a slice at a
+    time, so memory stays O(rows x vocab) for a bounded number of rows, whatever the batch.
+    The log-softmax runs over the tokenizer's ids only: padded embedding rows are never reported.
+    """
+    device = next(model.parameters()).device
+    longest = max(len(e.input_ids) for e in batch)
+    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), longest), dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for b, example in enumerate(batch):
+        input_ids[b, : len(example.input_ids)] = torch.tensor(example.input_ids)
+        attention[b, : len(example.input_ids)] = 1
+        rows += [b] * len(example.positions)
+        cols += [p - 1 for p in example.positions]
+        targets += [example.input_ids[p] for p in example.positions]
+    hidden = model.base_model(
+        input_ids=input_ids.to(device), attention_mask=attention.to(device)
+    ).last_hidden_state
+    selected = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+    target_ids = torch.tensor(targets, device=device)
+
+    slice_rows = max(1, LOGITS_BUDGET_BYTES // (4 * tokenizer_size))
+    k = min(top_k, tokenizer_size)
+    top_values, top_indices, target_values = [], [], []
+    for start in range(0, selected.shape[0], slice_rows):
+        logits = output_logits(model, selected[start : start + slice_rows])[:, :tokenizer_size]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        values, indices = torch.topk(logprobs, k, dim=-1)
+        top_values.append(values)
+        top_indices.append(indices)
+        target_values.append(logprobs.gather(1, target_ids[start : start + slice_rows, None])[:, 0])
+    all_values = torch.cat(top_values).cpu().numpy()
+    all_indices = torch.cat(top_indices).cpu().numpy().astype(np.int32)
+    all_targets = torch.cat(target_values).cpu().numpy()
+
+    scored, offset = [], 0
+    for example in batch:
+        n = len(example.positions)
+        scored.append(
+            ScoredExample(
+                example,
+                all_indices[offset : offset + n],
+                all_values[offset : offset + n],
+                all_targets[offset : offset + n],
+            )
+        )
+        offset += n
+    return scored
+
+
+def _runs(positions: list[int], messages: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Compress supervised positions into runs of consecutive positions within one message."""
+    run_message, run_start, run_length = [], [], []
+    for p, m in zip(positions, messages, strict=True):
+        if run_start and run_message[-1] == m and run_start[-1] + run_length[-1] == p:
+            run_length[-1] += 1
+        else:
+            run_message.append(m)
+            run_start.append(p)
+            run_length.append(1)
+    return run_message, run_start, run_length
+
+
+def to_row(scored: ScoredExample) -> dict[str, Any]:
+    e = scored.example
+    run_message, run_start, run_length = _runs(e.positions, e.messages)
+    return {
+        "id": e.conv.id,
+        "domain": e.conv.domain,
+        "input_ids": np.asarray(e.input_ids, dtype=np.int32),
+        "run_message": run_message,
+        "run_start": run_start,
+        "run_length": run_length,
+        "char_start": np.asarray(e.char_start, dtype=np.int32),
+        "char_end": np.asarray(e.char_end, dtype=np.int32),
+        "target_logprob": scored.target_logprob.astype(np.float16),
+        "topk_ids": scored.topk_ids,
+        "topk_logprobs": scored.topk_logprobs.astype(np.float16),
+        "nll": float(-scored.target_logprob.astype(np.float64).sum()),
+        "num_target_tokens": len(e.positions),
+        "num_target_bytes": e.num_bytes,
+        "truncated": e.truncated,
+    }
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class RepresentSummary:
+    examples: int = 0
+    represented: int = 0
+    supervised_tokens: int = 0
+    truncated: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_ids: dict[str, list[str]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def add(self, other: dict[str, Any]) -> None:
+        for key in ("examples", "represented", "supervised_tokens", "truncated"):
+            setattr(self, key, getattr(self, key) + other[key])
+        self.skipped = dict(Counter(self.skipped) + Counter(other["skipped"]))
+        for reason, ids in other["skipped_ids"].items():
+            self.skipped_ids.setdefault(reason, []).extend(ids)
+        self.seconds += other["seconds"]
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """``"i/n"``, or the launcher's RANK / WORLD_SIZE, or a single process."""
+    if shard:
+        try:
+            index, count = (int(x) for x in shard.split("/"))
+        except ValueError:
+            raise click.BadParameter(
+                f"expected i/n such as 0/2, got {shard!r}", param_hint="--shard"
+            ) from None
+        if not 0 <= index < count:
+            raise click.BadParameter(f"shard index must be in [0, {count})", param_hint="--shard")
+        return index, count
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def represent(
+    model_path: str | Path,
+    data_path: str | Path,
+    out_dir: str | Path,
+    settings: RepresentSettings = RepresentSettings(),
+    *,
+    gguf_file: str | None = None,
+    batch_tokens: int = 4096,
+    limit: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> RepresentSummary | None:
+    """Write the representation of ``data_path`` by the model at ``model_path`` into ``out_dir``.
+
+    Returns the summary once every part exists (``None`` while other shards are still missing).
+    """
+    out_dir = Path(out_dir)
+    conversations = load_conversations(data_path)[:limit]
+    tokenizer = load_tokenizer(model_path, gguf_file, trust_remote_code)
+    template, template_source = resolve_chat_template(tokenizer, settings.chat_template)
+    model = load_model(model_path, gguf_file, settings.dtype, trust_remote_code)
+    identity = identify(model_path, gguf_file, tokenizer, model)
+    num_chunks = -(-len(conversations) // settings.chunk_size)
+    manifest = {
+        "format": FORMAT,
+        "model": identity.to_dict(),
+        "data": {"path": str(Path(data_path).resolve()), "fingerprint": data_fingerprint(conversations)},
+        "num_examples": len(conversations),
+        "num_parts": num_chunks,
+        "chat_template": {
+            "source": template_source,
+            "sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
+        },
+        "settings": asdict(settings),
+    }
+    claim_output(out_dir, manifest)
+
+    shard_index, shard_count = shard
+    mine = [
+        c for c in range(num_chunks) if c % shard_count == shard_index and not _part_path(out_dir, c).exists()
+    ]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    features = representation_features(settings.top_k)
+    for chunk in tqdm(mine, desc=f"represent {Path(model_path).name}", unit="part", disable=not progress):
+        begin = chunk * settings.chunk_size
+        _write_part(
+            model, tokenizer, template, conversations[begin : begin + settings.chunk_size], settings,
+            identity.tokenizer_size, pad_id, batch_tokens, features, _part_path(out_dir, chunk),
+        )  # fmt: skip
+    return finalize(out_dir)
+
+
+def _part_path(out_dir: Path, chunk: int) -> Path:
+    return out_dir / PARTS_DIR / f"part-{chunk:05d}"
+
+
+def _write_part(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    template: str,
+    conversations: list[Conversation],
+    settings: RepresentSettings,
+    tokenizer_size: int,
+    pad_id: int,
+    batch_tokens: int,
+    features: datasets.Features,
+    target: Path,
+) -> None:
+    started = time.perf_counter()
+    encoded: list[EncodedExample] = []
+    skipped_ids: dict[str, list[str]] = {}
+    for conv in conversations:
+        result = encode_conversation(tokenizer, template, conv, settings.max_length, settings.overflow)
+        if isinstance(result, str):
+            log.warning("skipping record %r: %s", conv.id, result)
+            skipped_ids.setdefault(result, []).append(conv.id)
+        else:
+            encoded.append(result)
+    by_id: dict[str, ScoredExample] = {}
+    for batch in batches_by_length(encoded, batch_tokens):
+        for scored in score_batch(model, batch, settings.top_k, tokenizer_size, pad_id):
+            by_id[scored.example.conv.id] = scored
+    rows = [to_row(by_id[e.conv.id]) for e in encoded]  # back in input order: output is deterministic
+    columns = {name: [row[name] for row in rows] for name in features}
+    stats = {
+        "examples": len(conversations),
+        "represented": len(rows),
+        "supervised_tokens": sum(len(e.positions) for e in encoded),
+        "truncated": sum(e.truncated for e in encoded),
+        "skipped": {reason: len(ids) for reason, ids in skipped_ids.items()},
+        "skipped_ids": skipped_ids,
+        "seconds": time.perf_counter() - started,
+    }
+    with atomic_directory(target) as tmp:
+        datasets.disable_progress_bars()  # one bar per stage is enough; parts are small
+        try:
+            datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp / "data"))
+        finally:
+            datasets.enable_progress_bars()
+        write_json_atomic(tmp / "stats.json", stats)
+
+
+def finalize(out_dir: Path) -> RepresentSummary | None:
+    """Write ``summary.json`` once every part is present; return the summary (or None)."""
+    manifest = read_json(out_dir / MANIFEST)
+    parts = [_part_path(out_dir, c) for c in range(manifest["num_parts"])]
+    if not all(p.exists() for p in parts):
+        return None
+    summary = RepresentSummary()
+    for part in parts:
+        summary.add(read_json(part / "stats.json"))
+    write_json_atomic(out_dir / SUMMARY, asdict(summary))
+    return summary
+
+
+def load_representation(out_dir: str | Path) -> datasets.Dataset:
+    """The complete representation in ``out_dir`` as one memory-mapped data set, in input order."""
+    out_dir = Path(out_dir)
+    if not (out_dir / MANIFEST).exists():
+        raise RepresentationError(
+            f"{out_dir}: no {MANIFEST}; run `fusion-train represent --out {out_dir}` first."
+        )
+    manifest = read_json(out_dir / MANIFEST)
+    if manifest.get("format") != FORMAT:
+        raise RepresentationError(f"{out_dir}: format {manifest.get('format')!r} is not {FORMAT!r}.")
+    missing = [c for c in range(manifest["num_parts"]) if not _part_path(out_dir, c).exists()]
+    if missing:
+        raise RepresentationError(
+            f"{out_dir}: {len(missing)} of {manifest['num_parts']} parts are missing (first: {missing[0]}); "
+            "rerun `fusion-train represent` with the same arguments (every shard) to finish it."
+        )
+    parts = [
+        datasets.load_from_disk(str(_part_path(out_dir, c) / "data")) for c in range(manifest["num_parts"])
+    ]
+    return datasets.concatenate_datasets(parts)
+
+
+def example_arrays(data: datasets.Dataset, index: int) -> dict[str, np.ndarray]:
+    """One example's columns as numpy arrays of their stored dtypes (zero-copy from Arrow)."""
+    table = data.with_format("arrow")[index : index + 1]
+    arrays: dict[str, np.ndarray] = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if pa.types.is_list(column.type):
+            values = column.values
+            if pa.types.is_fixed_size_list(values.type):
+                width = values.type.list_size
+                arrays[name] = values.values.to_numpy(zero_copy_only=False).reshape(-1, width)
+            else:
+                arrays[name] = values.to_numpy(zero_copy_only=False)
+        else:
+            arrays[name] = column.to_numpy(zero_copy_only=False)[0]
+    return arrays
+
+
+# --------------------------------------------------------------------------- command
+
+
+@click.command("represent")
+@click.option(
+    "--model",
+    "model_path",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Local model directory (safetensors, or the folder holding --gguf-file).",
+)
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=click.Path(exists=True),
+    help="Chat data: JSON/JSONL file or a datasets directory (messages / conversations / alpaca).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output directory; rerunning with the same arguments resumes it.",
+)
+@click.option(
+    "--top-k", default=10, help="Entries of each next-token distribution to keep (the papers use 10)."
+)
+@click.option("--max-length", default=2048, help="Longest tokenized conversation, in this model's tokens.")
+@click.option(
+    "--overflow",
+    type=click.Choice(["truncate", "skip"]),
+    default="truncate",
+    help="Longer conversations: cut the end (counted in the summary) or leave them out.",
+)
+@click.option("--batch-tokens", default=4096, help="Padded tokens per forward batch (length-sorted batches).")
+@click.option("--limit", type=int, default=None, help="Use only the first N records.")
+@click.option(
+    "--chat-template",
+    default=None,
+    help="Built-in template (plain, chatml, llama2) or a .jinja file. Default: the tokenizer's own, "
+    "else the plain fallback ('User: ...' / 'Assistant: ...</s>' blocks).",
+)
+@click.option("--gguf-file", default=None, help="GGUF file name inside --model (dequantised on load).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16", "auto"]),
+    default="float32",
+    help="Weights' dtype for the forward passes; log-softmax always runs in float32.",
+)
+@click.option("--chunk-size", default=256, help="Examples per part file (the unit of resuming and sharding).")
+@click.option(
+    "--shard",
+    default=None,
+    help="i/n: process every n-th part starting at i. Default: RANK/WORLD_SIZE of torchrun or "
+    "the deepspeed launcher, else everything.",
+)
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
+def represent_command(
+    model_path: str,
+    data_path: str,
+    out_dir: str,
+    top_k: int,
+    max_length: int,
+    overflow: str,
+    batch_tokens: int,
+    limit: int | None,
+    chat_template: str | None,
+    gguf_file: str | None,
+    dtype: str,
+    chunk_size: int,
+    shard: str | None,
+    trust_remote_code: bool,
+) -> None:  # fmt: skip
+    """Record a model's top-k next-token distributions on every assistant token of a chat data set."""
+    settings = RepresentSettings(top_k, max_length, overflow, chat_template, chunk_size, dtype)
+    summary = represent(
+        model_path, data_path, out_dir, settings, gguf_file=gguf_file, batch_tokens=batch_tokens,
+        limit=limit, shard=parse_shard(shard), trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    if summary is None:
+        click.echo(f"{out_dir}: this shard is done; other shards' parts are still missing.")
+        return
+    click.echo(
+        f"{out_dir}: {summary.represented}/{summary.examples} examples, {summary.supervised_tokens} supervised "
+        f"tokens, {summary.truncated} truncated, skipped {summary.skipped or 'none'}."
+    )

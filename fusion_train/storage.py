@@ -1,0 +1,74 @@
+"""Crash-safe outputs shared by every stage: atomic files and directories, and stage manifests.
+
+A stage's output directory holds ``manifest.json`` (what produced it: model, data, settings)
+and parts written whole or not at all. A rerun with the same manifest skips finished parts;
+a rerun with a different one is refused instead of mixing two runs' results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+class OutputMismatchError(ValueError):
+    """An output directory that already holds results of a different run."""
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True, ensure_ascii=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``target`` only if the block finishes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if target.exists():  # another process finished the same part first; results are identical
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def claim_output(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Record ``manifest`` in ``out_dir``, or check it matches the one already there."""
+    manifest = json.loads(json.dumps(manifest))  # compare as it reads back (tuples become lists)
+    path = out_dir / MANIFEST
+    if path.exists():
+        existing = read_json(path)
+        if existing != manifest:
+            differing = sorted(k for k in set(existing) | set(manifest) if existing.get(k) != manifest.get(k))
+            raise OutputMismatchError(
+                f"{out_dir} already holds results of a different run (differs in: {', '.join(differing)}). "
+                "Use another --out directory, or delete this one to start over."
+            )
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, manifest)

@@ -1,0 +1,315 @@
+"""`represent` against independent computations: a plain forward pass with torch.topk, the
+model's own loss, the conversation text itself; plus resuming, sharding and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fusion_train import represent as represent_module
+from fusion_train.chat import ChatDataError, load_conversations
+from fusion_train.cli import main
+from fusion_train.models import ModelLoadError
+from fusion_train.represent import (
+    RepresentSettings,
+    example_arrays,
+    load_representation,
+    represent,
+)
+from fusion_train.storage import OutputMismatchError
+
+TRICKY_ANSWERS = [
+    "Hello  world 👋 你好！\n\tcode()  end",
+    "```python\ndef f(x):\n\treturn x  # tab\n```\n\nDone. 🎉🎉",
+    "日本語のテキスト、そして emoji 😀 mixed with   spaces.",
+    " Leading and trailing spaces ",
+    "Sure.",
+]
+
+
+def write_chats(path: Path) -> Path:
+    records = [
+        {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": answer}],
+         "dataset": "tricky"}
+        for i, answer in enumerate(TRICKY_ANSWERS)
+    ]  # fmt: skip
+    records.append(
+        {"conversations": [
+            {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Two turns?"},
+            {"from": "gpt", "value": "Yes, two."}, {"from": "human", "value": "And?"},
+            {"from": "gpt", "value": "Second answer\nwith a newline."}]}
+    )  # fmt: skip
+    records.append({"instruction": "Add the numbers.", "input": "1 + 1", "output": "1 + 1 = 2"})
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_chats(tmp_path_factory.mktemp("data") / "chats.jsonl")
+
+
+@pytest.fixture(scope="module")
+def represented(tiny_models: dict[str, Path], chats: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("repr")
+    settings = RepresentSettings(top_k=5, chunk_size=3)
+    for name, model in tiny_models.items():
+        represent(model, chats, root / name, settings, batch_tokens=256, progress=False)
+    return {name: root / name for name in tiny_models}
+
+
+def supervised_positions(arrays: dict) -> list[int]:
+    return [
+        p
+        for start, n in zip(arrays["run_start"], arrays["run_length"], strict=True)
+        for p in range(start, start + n)
+    ]
+
+
+def supervised_messages(arrays: dict) -> list[int]:
+    return [m for m, n in zip(arrays["run_message"], arrays["run_length"], strict=True) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", ["smollm2", "mistral", "qwen"])
+def test_topk_and_nll_match_a_plain_forward_pass(name: str, tiny_models: dict, represented: dict) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[name]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models[name])
+    data = load_representation(represented[name])
+    assert len(data) == len(TRICKY_ANSWERS) + 2
+    for index in range(len(data)):
+        arrays = example_arrays(data, index)
+        ids = torch.tensor(arrays["input_ids"], dtype=torch.long)[None]
+        positions = torch.tensor(supervised_positions(arrays))
+        with torch.no_grad():
+            logits = model(ids).logits[0].float()
+        logprobs = torch.log_softmax(logits[:, : len(tokenizer)], dim=-1)[positions - 1]
+        values, indices = torch.topk(logprobs, 5, dim=-1)
+        assert (torch.tensor(arrays["topk_ids"]).long() == indices).all()
+        torch.testing.assert_close(
+            torch.tensor(arrays["topk_logprobs"]).float(), values, atol=2e-2, rtol=2e-3
+        )
+        target = logprobs.gather(1, ids[0, positions][:, None])[:, 0]
+        torch.testing.assert_close(
+            torch.tensor(arrays["target_logprob"]).float(), target, atol=2e-2, rtol=2e-3
+        )
+
+        assert arrays["num_target_tokens"] == len(positions)
+        real_vocab_ce = torch.nn.functional.cross_entropy(
+            logits[positions - 1, : len(tokenizer)], ids[0, positions], reduction="sum"
+        )
+        assert arrays["nll"] == pytest.approx(float(real_vocab_ce), rel=1e-5)
+        if model.config.vocab_size == len(tokenizer):  # the model's own loss, where no padding rows exist
+            labels = torch.full_like(ids, -100)
+            labels[0, positions] = ids[0, positions]
+            with torch.no_grad():
+                loss = model(ids, labels=labels).loss
+            assert arrays["nll"] == pytest.approx(float(loss) * len(positions), rel=1e-4)
+
+
+def test_padded_vocabulary_rows_are_never_reported(tiny_models: dict, chats: Path, tmp_path: Path) -> None:
+    """Qwen-style padded embeddings: make the padding rows win every argmax; they must not appear."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen"])
+    assert model.config.vocab_size > len(tokenizer)
+    with torch.no_grad():  # padding rows = +-100 x real rows: one of each pair has a huge logit
+        head = model.get_output_embeddings().weight
+        extra = head.shape[0] - len(tokenizer)
+        signs = torch.tensor([1.0, -1.0]).repeat((extra + 1) // 2)[:extra, None]
+        head[len(tokenizer) :] = 100 * signs * head[: (extra + 1) // 2].repeat_interleave(2, dim=0)[:extra]
+        assert model(torch.tensor([[1, 2, 3]])).logits[0].argmax(-1).min() >= len(tokenizer)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    represent(tmp_path / "model", chats, tmp_path / "out", RepresentSettings(top_k=8), progress=False)
+    data = load_representation(tmp_path / "out")
+    for index in range(len(data)):
+        arrays = example_arrays(data, index)
+        assert arrays["topk_ids"].max() < len(tokenizer)
+        # A real distribution over the tokenizer's ids: the kept mass is a probability, not 0 or NaN.
+        mass = torch.tensor(arrays["topk_logprobs"]).float().exp().sum(-1)
+        assert torch.isfinite(mass).all() and (mass <= 1.01).all()
+
+
+@pytest.mark.parametrize("name", ["smollm2", "mistral", "qwen"])
+def test_spans_cover_exactly_the_assistant_text(
+    name: str, tiny_models: dict, represented: dict, chats: Path
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models[name])
+    conversations = {c.id: c for c in load_conversations(chats)}
+    data = load_representation(represented[name])
+    special = set(tokenizer.all_special_ids)
+    for index in range(len(data)):
+        arrays = example_arrays(data, index)
+        conv = conversations[data[index]["id"]]
+        messages = supervised_messages(arrays)
+        positions = supervised_positions(arrays)
+        assert sorted(set(messages)) == conv.assistant_indices
+        byte_total = 0
+        for m in conv.assistant_indices:
+            content = conv.messages[m]["content"]
+            rows = [i for i, msg in enumerate(messages) if msg == m]
+            spans = [(int(arrays["char_start"][i]), int(arrays["char_end"][i])) for i in rows]
+            text_spans = [s for s in spans if s[1] > s[0]]
+            # Every character of the message is covered, in order, by the content tokens' spans.
+            covered = [False] * len(content)
+            for a, b in text_spans:
+                covered[a:b] = [True] * (b - a)
+            assert all(covered), f"{name}: uncovered text in {content!r}"
+            assert text_spans == sorted(text_spans)
+            # Each content token's own text covers its span.
+            for i, (a, b) in zip(rows, spans, strict=True):
+                if b > a:
+                    piece = tokenizer.decode([int(arrays["input_ids"][positions[i]])])
+                    assert content[a:b].strip() in piece or "\ufffd" in piece
+            # The turn ends with a supervised special token, spanning nothing, at the end of the text.
+            last = rows[-1]
+            assert spans[-1] == (len(content), len(content))
+            assert int(arrays["input_ids"][positions[last]]) in special
+            byte_total += len(content.encode("utf-8"))
+        assert arrays["num_target_bytes"] == byte_total
+
+
+def test_template_that_strips_content_gives_spans_in_the_original_text(
+    tiny_models: dict, tmp_path: Path
+) -> None:
+    template = tmp_path / "strip.jinja"
+    template.write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+    )
+    data_path = tmp_path / "d.json"
+    data_path.write_text(json.dumps([{"instruction": "Hi", "output": "  padded answer \n"}]))
+    represent(tiny_models["qwen"], data_path, tmp_path / "out", RepresentSettings(chat_template=str(template)),
+              progress=False)  # fmt: skip
+    arrays = example_arrays(load_representation(tmp_path / "out"), 0)
+    content_spans = [(a, b) for a, b in zip(arrays["char_start"], arrays["char_end"], strict=True) if b > a]
+    assert content_spans[0][0] == 2 and content_spans[-1][1] == 2 + len("padded answer")
+
+
+def test_kill_and_resume_gives_identical_output(
+    tiny_models: dict, chats: Path, represented: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = RepresentSettings(top_k=5, chunk_size=3)
+    real_write_part = represent_module._write_part
+    calls = {"n": 0}
+
+    def dies_on_second_part(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed in the middle of writing part 2
+        return real_write_part(*args, **kwargs)
+
+    monkeypatch.setattr(represent_module, "_write_part", dies_on_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        represent(tiny_models["mistral"], chats, tmp_path, settings, batch_tokens=256, progress=False)
+    parts = sorted(p.name for p in (tmp_path / "parts").iterdir())
+    assert parts == ["part-00000"]  # nothing half-written looks complete
+    with pytest.raises(represent_module.RepresentationError, match="missing"):
+        load_representation(tmp_path)
+
+    monkeypatch.setattr(represent_module, "_write_part", real_write_part)
+    represent(tiny_models["mistral"], chats, tmp_path, settings, batch_tokens=256, progress=False)
+    assert load_representation(tmp_path).to_dict() == load_representation(represented["mistral"]).to_dict()
+
+
+def test_two_shards_combine_into_the_single_run(
+    tiny_models: dict, chats: Path, represented: dict, tmp_path: Path
+) -> None:
+    settings = RepresentSettings(top_k=5, chunk_size=3)
+    first = represent(
+        tiny_models["smollm2"], chats, tmp_path, settings, batch_tokens=256, shard=(0, 2), progress=False
+    )
+    assert first is None  # shard 1's parts are still missing
+    second = represent(tiny_models["smollm2"], chats, tmp_path, settings, batch_tokens=256, shard=(1, 2),
+                       progress=False)  # fmt: skip
+    assert second is not None and second.represented == len(TRICKY_ANSWERS) + 2
+    assert load_representation(tmp_path).to_dict() == load_representation(represented["smollm2"]).to_dict()
+
+
+def test_skips_and_truncation_are_counted(tiny_models: dict, tmp_path: Path) -> None:
+    records = [
+        {"messages": [{"role": "user", "content": "only a question"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "   "}]},
+        {"instruction": "long", "output": "word " * 200},
+        {"instruction": "short", "output": "fine"},
+    ]
+    data_path = tmp_path / "d.json"
+    data_path.write_text(json.dumps(records))
+    summary = represent(tiny_models["smollm2"], data_path, tmp_path / "trunc", RepresentSettings(max_length=64),
+                        progress=False)  # fmt: skip
+    assert summary.skipped == {"no assistant message": 1, "empty assistant message": 1}
+    assert summary.truncated == 1 and summary.represented == 2
+    data = load_representation(tmp_path / "trunc")
+    assert max(len(ids) for ids in data["input_ids"]) == 64
+    skipped = represent(tiny_models["smollm2"], data_path, tmp_path / "skip",
+                        RepresentSettings(max_length=64, overflow="skip"), progress=False)  # fmt: skip
+    assert skipped.represented == 1 and skipped.truncated == 0
+    assert any(reason.startswith("longer than --max-length") for reason in skipped.skipped)
+    assert json.loads((tmp_path / "skip" / "summary.json").read_text())["represented"] == 1
+
+
+def test_bad_input_gives_clear_errors(tiny_models: dict, chats: Path, tmp_path: Path) -> None:
+    represent(
+        tiny_models["smollm2"], chats, tmp_path / "out", RepresentSettings(chunk_size=3), progress=False
+    )
+    with pytest.raises(OutputMismatchError, match="model"):
+        represent(
+            tiny_models["qwen"], chats, tmp_path / "out", RepresentSettings(chunk_size=3), progress=False
+        )
+
+    no_tokenizer = tmp_path / "bare"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text((tiny_models["qwen"] / "config.json").read_text())
+    with pytest.raises(ModelLoadError, match="no tokenizer files"):
+        represent(no_tokenizer, chats, tmp_path / "o2", progress=False)
+
+    dropping = tmp_path / "drop.jinja"
+    dropping.write_text("{% for m in messages %}{{ m['role'] }}: ...\n{% endfor %}")
+    with pytest.raises(ChatDataError, match="does not reproduce the content"):
+        represent(tiny_models["qwen"], chats, tmp_path / "o3", RepresentSettings(chat_template=str(dropping)),
+                  progress=False)  # fmt: skip
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"prompt": "x", "completion": "y"}\n')
+    with pytest.raises(ChatDataError, match=r"bad.jsonl, record 1: unknown record shape"):
+        represent(tiny_models["qwen"], bad, tmp_path / "o4", progress=False)
+
+
+def test_command_line(tiny_models: dict, chats: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["represent", "--help"])
+    assert result.exit_code == 0 and "--top-k" in result.output and "--shard" in result.output
+    args = ["represent", "--model", str(tiny_models["qwen"]), "--data", str(chats), "--out", str(tmp_path / "o"),
+            "--top-k", "3", "--limit", "2"]  # fmt: skip
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "2/2 examples" in result.output
+    data = load_representation(tmp_path / "o")
+    assert len(data) == 2 and example_arrays(data, 0)["topk_ids"].shape[1] == 3
+    result = runner.invoke(main, [*args[:-2], "--limit", "2", "--shard", "3/2"])
+    assert result.exit_code != 0 and "shard index" in result.output
+
+
+@pytest.mark.slow
+def test_real_smollm2_matches_its_own_forward_pass(chats: Path, tmp_path: Path) -> None:
+    from fusion_train.registry_assets import smollm2_instruct_dir
+
+    model_dir = smollm2_instruct_dir()
+    represent(model_dir, chats, tmp_path, RepresentSettings(top_k=10), limit=3, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    data = load_representation(tmp_path)
+    for index in range(len(data)):
+        arrays = example_arrays(data, index)
+        ids = torch.tensor(arrays["input_ids"], dtype=torch.long)[None]
+        positions = torch.tensor(supervised_positions(arrays))
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)[positions - 1]
+        values, indices = torch.topk(logprobs, 10, dim=-1)
+        agree = (torch.tensor(arrays["topk_ids"]).long() == indices).float().mean()
+        assert agree > 0.99  # near-ties between neighbours may swap under different batching
+        torch.testing.assert_close(
+            torch.tensor(arrays["topk_logprobs"]).float(), values, atol=3e-2, rtol=3e-3
+        )
