@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -89,7 +89,7 @@ def make_target(
 def load_numpy(path: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for file in sorted(Path(path).glob("*.safetensors")):
-        out.update({k: v.astype(np.float64) for k, v in load_file(file).items()})
+        out.update({k: v.double().numpy() for k, v in load_file(file).items()})
     return out
 
 
@@ -139,3 +139,16 @@ def by_hand_merge(
             w = _normalise(sums[g] / counts[g], p).reshape((-1,) + (1,) * base[name].ndim)
         merged[name] = base[name] + np.sum(w * deltas, axis=0)
     return merged
+
+
+def make_wide_target(
+    path: Path, base: dict[str, torch.Tensor], seed: int, extra: int
+) -> dict[str, torch.Tensor]:
+    """A target whose tokenizer and vocabulary rows grew by `extra` tokens (appended at the end)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {name: t + 0.01 * torch.randn(t.shape, generator=gen) for name, t in base.items()}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        rows = torch.randn((extra, state[name].shape[1]), generator=gen)
+        state[name] = torch.cat([state[name], rows])
+    save_model(path, state, tiny_config(VOCAB + extra))
+    return state
