@@ -165,20 +165,25 @@ def varm_merge(
     priors = check_priors(weight.values_for(entries), f"tensor {name!r}")
     work_dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
     base_w = base.to(work_dtype)
-    deltas = [e.tensor.to(work_dtype) - base_w for e in entries]
-    scores = [mean_square(d) for d in deltas]
-    for score, entry in zip(scores, entries, strict=True):
-        check_finite(score, name, entry.id)
 
     if granularity == "element":
+        deltas = [e.tensor - base_w for e in entries]
+        for d, entry in zip(deltas, entries, strict=True):
+            check_finite(mean_square(d), name, entry.id)
         merged = base_w + _element_delta(deltas, priors, epsilon, name)
     else:
+        # Deltas are recomputed rather than kept: peak memory stays at three working copies
+        # of the tensor however many models are merged.
+        scores = []
+        for entry in entries:
+            scores.append(mean_square(entry.tensor - base_w))
+            check_finite(scores[-1], name, entry.id)
         if granularity in GROUPED_GRANULARITIES:
             scores = stored_scores(statistics, granularity, name, [e.id for e in entries])
         weights = variation_weights(scores, priors, epsilon, f"tensor {name!r}")
         merged = base_w.clone()
-        for w, d in zip(weights.tolist(), deltas, strict=True):
-            merged.add_(d, alpha=w)
+        for w, entry in zip(weights.tolist(), entries, strict=True):
+            merged.add_(entry.tensor - base_w, alpha=w)
     return merged.to(base.dtype)
 
 
