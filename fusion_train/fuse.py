@@ -1,0 +1,304 @@
+"""Stage 3: fuse the pivot's own distributions with the aligned sources', per sequence.
+
+Candidates for an example are the pivot's representation and every aligned source that covers
+the example. ``min-ce`` (FuseChat's MinCE) keeps the candidate with the lowest cross-entropy on
+the gold response; ``avg-ce`` blends candidates with weights ``softmax(-CE)``; ``token-min-ce``
+decides per token by the log-probability each candidate gave the gold text. Cross-entropy is
+compared per UTF-8 byte by default: token counts differ across tokenizers, bytes do not.
+Pivot tokens a source could not align keep the pivot's own distribution.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import datasets
+import numpy as np
+from tqdm.auto import tqdm
+
+from fusion_train.represent import RepresentationError, example_arrays, load_representation
+from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
+
+FORMAT = "fusion-train/fused@1"
+CRITERIA = ("min-ce", "avg-ce", "token-min-ce")
+CE_UNITS = ("byte", "token")
+REPORT = "report.json"
+
+
+class FusionError(ValueError):
+    """Inputs that cannot be fused together."""
+
+
+def fused_features(top_k: int) -> datasets.Features:
+    seq, value = datasets.Sequence, datasets.Value
+    return datasets.Features(
+        {
+            "id": value("string"),
+            "domain": value("string"),
+            "input_ids": seq(value("int32")),
+            "run_message": seq(value("int32")),
+            "run_start": seq(value("int32")),
+            "run_length": seq(value("int32")),
+            "topk_ids": seq(seq(value("int32"), length=top_k)),
+            "topk_logprobs": seq(seq(value("float16"), length=top_k)),
+            "winner": value("int32"),
+        }
+    )
+
+
+@dataclass
+class Candidate:
+    """One candidate's distributions for one example, on the pivot's supervised tokens."""
+
+    rows: np.ndarray  # indices of the pivot's supervised tokens this candidate covers
+    ids: np.ndarray  # [len(rows), k] pivot ids, -1 padding
+    logprobs: np.ndarray  # [len(rows), k] float32, -inf padding
+    target_logprob: np.ndarray  # [len(rows)] log-probability of the gold text
+    cross_entropy: float  # per byte or per token, over the candidate's own tokens
+
+
+def sequence_cross_entropy(nll: float, tokens: int, num_bytes: int, unit: str) -> float:
+    return float(nll) / max(1, num_bytes if unit == "byte" else tokens)
+
+
+def pad_width(ids: np.ndarray, logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad (or keep) the top-k arrays to width ``k`` with -1 ids and -inf log-probabilities."""
+    missing = k - ids.shape[1]
+    if missing <= 0:
+        return ids[:, :k], logprobs[:, :k]
+    return (
+        np.pad(ids, ((0, 0), (0, missing)), constant_values=-1),
+        np.pad(logprobs, ((0, 0), (0, missing)), constant_values=-np.inf),
+    )
+
+
+def blend(
+    candidates: list[Candidate], weights: np.ndarray, num_rows: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mix candidates' renormalised top-k distributions row by row, keeping the top ``k`` ids.
+
+    Where a candidate does not cover a row, the weights of the others are renormalised.
+    """
+    row_parts, id_parts, prob_parts, weight_parts = [], [], [], []
+    for candidate, weight in zip(candidates, weights, strict=True):
+        probs = np.exp(candidate.logprobs.astype(np.float64))
+        probs /= probs.sum(axis=1, keepdims=True)
+        row_parts.append(np.repeat(candidate.rows, candidate.ids.shape[1]))
+        id_parts.append(candidate.ids.ravel())
+        prob_parts.append(probs.ravel() * weight)
+        weight_parts.append(np.full(len(candidate.rows), weight))
+    present = np.bincount(
+        np.concatenate([c.rows for c in candidates]), np.concatenate(weight_parts), num_rows
+    )
+    rows, ids, probs = np.concatenate(row_parts), np.concatenate(id_parts), np.concatenate(prob_parts)
+    valid = ids >= 0
+    rows, ids, probs = rows[valid], ids[valid], probs[valid] / present[rows[valid]]
+    # Sum the probability of the same id within a row, then keep each row's k largest.
+    keys, inverse = np.unique(rows.astype(np.int64) * (ids.max() + 1) + ids, return_inverse=True)
+    summed = np.bincount(inverse, probs)
+    key_rows, key_ids = keys // (ids.max() + 1), keys % (ids.max() + 1)
+    order = np.lexsort((-summed, key_rows))
+    key_rows, key_ids, summed = key_rows[order], key_ids[order], summed[order]
+    rank = np.arange(len(key_rows)) - np.searchsorted(key_rows, key_rows)
+    keep = rank < k
+    out_ids = np.full((num_rows, k), -1, dtype=np.int32)
+    out_logprobs = np.full((num_rows, k), -np.inf, dtype=np.float32)
+    out_ids[key_rows[keep], rank[keep]] = key_ids[keep]
+    out_logprobs[key_rows[keep], rank[keep]] = np.log(summed[keep])
+    return out_ids, out_logprobs
+
+
+def fuse_example(
+    candidates: list[Candidate], criterion: str, k: int
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """Fused ``(ids, logprobs)`` for one example, the winning candidate (-1 for mixtures), and
+    the number of tokens each candidate supplied. ``candidates[0]`` is the pivot (covers every row)."""
+    pivot = candidates[0]
+    num_rows = len(pivot.rows)
+    ids, logprobs = (a.copy() for a in pad_width(pivot.ids, pivot.logprobs, k))
+    supplied = np.zeros(len(candidates), dtype=np.int64)
+    if criterion == "min-ce":
+        winner = int(np.argmin([c.cross_entropy for c in candidates]))
+        chosen = candidates[winner]
+        ids[chosen.rows], logprobs[chosen.rows] = pad_width(chosen.ids, chosen.logprobs, k)
+        supplied[winner] = len(chosen.rows)
+        supplied[0] += num_rows - len(chosen.rows) if winner else 0
+        return ids, logprobs, winner, supplied
+    if criterion == "avg-ce":
+        scores = -np.array([c.cross_entropy for c in candidates])
+        weights = np.exp(scores - scores.max())
+        ids, logprobs = blend(candidates, weights / weights.sum(), num_rows, k)
+        supplied += [len(c.rows) for c in candidates]
+        return ids, logprobs, -1, supplied
+    # token-min-ce: per row, the candidate that gave the gold text the highest log-probability.
+    best = np.full(num_rows, -np.inf)
+    source_of = np.zeros(num_rows, dtype=np.int64)
+    for index, candidate in enumerate(candidates):
+        better = candidate.target_logprob > best[candidate.rows]
+        best[candidate.rows[better]] = candidate.target_logprob[better]
+        source_of[candidate.rows[better]] = index
+    for index, candidate in enumerate(candidates[1:], start=1):
+        take = source_of[candidate.rows] == index
+        padded_ids, padded_logprobs = pad_width(candidate.ids[take], candidate.logprobs[take], k)
+        ids[candidate.rows[take]], logprobs[candidate.rows[take]] = padded_ids, padded_logprobs
+    supplied += np.bincount(source_of, minlength=len(candidates))
+    return ids, logprobs, -1, supplied
+
+
+def _load_aligned(path: Path, pivot_manifest: dict[str, Any]) -> tuple[dict[str, Any], datasets.Dataset]:
+    if not (path / MANIFEST).exists() or not (path / "data").exists():
+        raise FusionError(f"{path}: not a finished `fusion-train align` output (no manifest.json or data/).")
+    manifest = read_json(path / MANIFEST)
+    if manifest.get("format") != "fusion-train/aligned@1":
+        raise FusionError(f"{path}: format {manifest.get('format')!r} is not an aligned source.")
+    if manifest["pivot"] != pivot_manifest:
+        raise FusionError(
+            f"{path}: aligned against a different pivot representation ({manifest['pivot']['model']['path']}); "
+            "align every source against the --pivot given here."
+        )
+    return manifest, datasets.load_from_disk(str(path / "data"))
+
+
+def fuse(
+    pivot_dir: str | Path,
+    aligned_dirs: list[str | Path],
+    out_dir: str | Path,
+    criterion: str = "min-ce",
+    ce_unit: str = "byte",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write fused targets for every pivot example into ``out_dir``; return the report."""
+    if criterion not in CRITERIA:
+        raise FusionError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if ce_unit not in CE_UNITS:
+        raise FusionError(f"unknown --ce-unit {ce_unit!r}; choose byte or token")
+    if not aligned_dirs:
+        raise FusionError("give at least one --aligned directory (the output of `fusion-train align`).")
+    pivot_dir, out_dir = Path(pivot_dir), Path(out_dir)
+    pivot_data = load_representation(pivot_dir)
+    pivot_manifest = read_json(pivot_dir / MANIFEST)
+    sources = [_load_aligned(Path(p), pivot_manifest) for p in aligned_dirs]
+    names = ["pivot"] + [Path(m["source"]["model"]["path"]).name for m, _ in sources]
+    if len({m["source"]["model"]["path"] for m, _ in sources}) < len(sources):
+        raise FusionError("the same source was given twice with --aligned.")
+    top_k = max([pivot_manifest["settings"]["top_k"]] + [m["top_k"] for m, _ in sources])
+    manifest = {
+        "format": FORMAT,
+        "pivot": pivot_manifest["model"],
+        "pivot_representation": pivot_manifest,
+        "sources": [m["source"] for m, _ in sources],
+        "settings": {m["source"]["model"]["path"]: m["settings"] for m, _ in sources},
+        "criterion": criterion,
+        "ce_unit": ce_unit,
+        "top_k": top_k,
+    }
+    claim_output(out_dir, manifest)
+    if (out_dir / "data").exists():
+        return read_json(out_dir / REPORT)
+
+    started = time.perf_counter()
+    index_of = [{id_: i for i, id_ in enumerate(data["id"])} for _, data in sources]
+    columns: dict[str, list[Any]] = {name: [] for name in fused_features(top_k)}
+    wins: Counter[str] = Counter()
+    wins_by_domain: dict[str, Counter[str]] = {}
+    tokens_from = np.zeros(len(names), dtype=np.int64)
+    for row in tqdm(range(len(pivot_data)), desc="fuse", unit="example", disable=not progress):
+        p = example_arrays(pivot_data, row)
+        candidates = [
+            Candidate(
+                np.arange(len(p["target_logprob"])),
+                p["topk_ids"],
+                p["topk_logprobs"].astype(np.float32),
+                p["target_logprob"].astype(np.float32),
+                sequence_cross_entropy(p["nll"], p["num_target_tokens"], p["num_target_bytes"], ce_unit),
+            )
+        ]
+        present = [0]
+        for s, ((_, data), lookup) in enumerate(zip(sources, index_of, strict=True), start=1):
+            if p["id"] not in lookup:
+                continue
+            a = example_arrays(data, lookup[p["id"]])
+            candidates.append(
+                Candidate(
+                    a["aligned_index"],
+                    a["topk_ids"],
+                    a["topk_logprobs"].astype(np.float32),
+                    a["target_logprob"].astype(np.float32),
+                    sequence_cross_entropy(
+                        a["source_nll"], a["source_num_target_tokens"], a["source_num_target_bytes"], ce_unit
+                    ),
+                )
+            )
+            present.append(s)
+        ids, logprobs, winner, supplied = fuse_example(candidates, criterion, top_k)
+        tokens_from[present] += supplied
+        winner_name = names[present[winner]] if winner >= 0 else "mixed"
+        wins[winner_name] += 1
+        wins_by_domain.setdefault(str(p["domain"]), Counter())[winner_name] += 1
+        for name in ("id", "domain", "input_ids", "run_message", "run_start", "run_length"):
+            columns[name].append(p[name])
+        columns["topk_ids"].append(ids)
+        columns["topk_logprobs"].append(logprobs.astype(np.float16))
+        columns["winner"].append(present[winner] if winner >= 0 else -1)
+
+    report = {
+        "criterion": criterion,
+        "ce_unit": ce_unit,
+        "examples": len(pivot_data),
+        "candidates": names,
+        "sequences_won": dict(wins),
+        "sequences_won_by_domain": {d: dict(c) for d, c in sorted(wins_by_domain.items())},
+        "tokens_supplied": dict(zip(names, tokens_from.tolist(), strict=True)),
+        "seconds": time.perf_counter() - started,
+    }
+    with atomic_directory(out_dir / "data") as tmp:
+        datasets.Dataset.from_dict(columns, features=fused_features(top_k)).save_to_disk(str(tmp))
+    write_json_atomic(out_dir / REPORT, report)
+    return report
+
+
+@click.command("fuse")
+@click.option(
+    "--pivot",
+    "pivot_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="The pivot's representation (output of `fusion-train represent`).",
+)
+@click.option(
+    "--aligned",
+    "aligned_dirs",
+    required=True,
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="An aligned source (output of `fusion-train align`); repeat for several sources.",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option(
+    "--criterion",
+    type=click.Choice(CRITERIA),
+    default="min-ce",
+    help="min-ce: per sequence, the candidate with the lowest cross-entropy (FuseChat's MinCE); "
+    "avg-ce: blend with weights softmax(-CE); token-min-ce: decide per token.",
+)
+@click.option(
+    "--ce-unit",
+    type=click.Choice(CE_UNITS),
+    default="byte",
+    help="Compare cross-entropy per UTF-8 byte (comparable across tokenizers) or per token (the papers).",
+)
+def fuse_command(pivot_dir: str, aligned_dirs: tuple[str, ...], out_dir: str, criterion: str, ce_unit: str) -> None:  # fmt: skip
+    """Fuse the pivot's and the aligned sources' distributions into training targets."""
+    try:
+        report = fuse(pivot_dir, list(aligned_dirs), out_dir, criterion, ce_unit)
+    except (FusionError, RepresentationError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    won = ", ".join(f"{name} {count}" for name, count in report["sequences_won"].items())
+    click.echo(
+        f"{out_dir}: {report['examples']} examples fused ({criterion}, per {ce_unit}); sequences won: {won}"
+    )
