@@ -65,10 +65,13 @@ def variation_weights(
 
 
 def mean_square(delta: torch.Tensor) -> float:
-    """mean(delta^2) without materialising delta^2 (one reduction, float64 result)."""
+    """mean(delta^2) without materialising delta^2: one reduction in the tensor's own dtype.
+
+    (Asking vector_norm for a float64 result is 20x slower on CPU.)
+    """
     if delta.numel() == 0:
         return 0.0
-    return torch.linalg.vector_norm(delta, dtype=torch.float64).item() ** 2 / delta.numel()
+    return torch.linalg.vector_norm(delta).item() ** 2 / delta.numel()
 
 
 def check_finite(score: float, tensor_name: str, model: Hashable) -> None:
@@ -164,26 +167,22 @@ def varm_merge(
         raise TypeError(f"VaRM: tensor {name!r} is not floating point; VaRM merges weights only")
     priors = check_priors(weight.values_for(entries), f"tensor {name!r}")
     work_dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
-    base_w = base.to(work_dtype)
+    # A fresh copy (kernels must not write to their inputs) that becomes the result.
+    merged = base.to(work_dtype, copy=True)
+    deltas, scores = [], []
+    for entry in entries:
+        deltas.append(entry.tensor.to(work_dtype, copy=True).sub_(merged))
+        scores.append(mean_square(deltas[-1]))
+        check_finite(scores[-1], name, entry.id)
 
     if granularity == "element":
-        deltas = [e.tensor - base_w for e in entries]
-        for d, entry in zip(deltas, entries, strict=True):
-            check_finite(mean_square(d), name, entry.id)
-        merged = base_w + _element_delta(deltas, priors, epsilon, name)
+        merged.add_(_element_delta(deltas, priors, epsilon, name))
     else:
-        # Deltas are recomputed rather than kept: peak memory stays at three working copies
-        # of the tensor however many models are merged.
-        scores = []
-        for entry in entries:
-            scores.append(mean_square(entry.tensor - base_w))
-            check_finite(scores[-1], name, entry.id)
         if granularity in GROUPED_GRANULARITIES:
             scores = stored_scores(statistics, granularity, name, [e.id for e in entries])
         weights = variation_weights(scores, priors, epsilon, f"tensor {name!r}")
-        merged = base_w.clone()
-        for w, entry in zip(weights.tolist(), entries, strict=True):
-            merged.add_(entry.tensor - base_w, alpha=w)
+        for w, delta in zip(weights.tolist(), deltas, strict=True):
+            merged.add_(delta, alpha=w)
     return merged.to(base.dtype)
 
 
