@@ -22,10 +22,9 @@ TARGET_PLACEHOLDER = re.compile(r"\bTARGET_MODEL_(\d+)\b")
 ANALYSIS_DIR = "varm_weights"
 
 
-def _scalar_prior(model_parameters: dict[str, Any] | None) -> float:
-    """The prior shown in the analysis report; filtered/gradient priors still apply in the merge."""
-    value = (model_parameters or {}).get("weight", 1.0)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 1.0
+def _scalar(value: Any, default: float) -> float:
+    """A number for the analysis report; filtered or gradient settings still apply in the merge itself."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
 def prepare_config(config_file: str, out_path: str, cache_dir: str | None = None) -> str:
@@ -46,7 +45,7 @@ def prepare_config(config_file: str, out_path: str, cache_dir: str | None = None
     config = MergeConfiguration.model_validate(data)
     if config.base_model is None:
         raise click.UsageError("VaRM needs `base_model` (the pivot)")
-    priors = {str(m.model): _scalar_prior(m.parameters) for m in config.models or []}
+    priors = {str(m.model): _scalar((m.parameters or {}).get("weight"), 1.0) for m in config.models or []}
     listed = [m.model for m in config.models or []] + [
         src.model for output_slice in config.slices or [] for src in output_slice.sources
     ]
@@ -62,7 +61,7 @@ def prepare_config(config_file: str, out_path: str, cache_dir: str | None = None
         out_dir,
         granularity=granularity,
         priors=[priors.get(k, 1.0) for k in keys[1:]],
-        epsilon=float(parameters.get("epsilon", DEFAULT_EPSILON)),
+        epsilon=_scalar(parameters.get("epsilon"), DEFAULT_EPSILON),
         local_paths=local,
     )
     data["parameters"] = {**parameters, "statistics": str(written["json"].resolve())}
