@@ -11,6 +11,7 @@ import click
 from fusion_train import __version__
 from fusion_train.fuse import fuse_command
 from fusion_train.represent import represent_command
+from fusion_train.train import train_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -26,3 +27,4 @@ def main() -> None:
 
 main.add_command(represent_command)
 main.add_command(fuse_command)
+main.add_command(train_command)

@@ -1,0 +1,758 @@
+"""Stage 4: pairwise fusion training of a target model on DeepSpeed ZeRO (``fusion-train train``).
+
+The pivot is fine-tuned on the fused data of one source with
+``lm_weight * CLM + (1 - lm_weight) * fusion`` (METHOD.md, "Train target k"). The recipe, top to
+bottom: check every input (before any process group or model exists), build transformers'
+``TrainingArguments`` with a ZeRO config, load the pivot, train with ``FusionTrainer`` (it only
+replaces the loss) and ``FusionCollator``, then publish a Hugging Face model directory atomically.
+Schedules, accumulation, checkpointing, logging and resuming are transformers' and DeepSpeed's.
+
+``--nproc``/``--hostfile`` re-run this module under the ``deepspeed`` launcher; running it under
+``deepspeed --module fusion_train.train`` or ``torchrun -m fusion_train.train`` directly works too.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import click
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from transformers import Trainer, TrainingArguments
+
+from fusion_train.losses import supervised_loss_sums
+from fusion_train.models import ModelLoadError, load_model, load_tokenizer, tokenizer_hash
+from fusion_train.storage import MANIFEST, OutputMismatchError, claim_output, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+FUSED_FORMAT = "fusion-train/fused@1"
+RUN_FORMAT = "fusion-train/train-run@1"
+SUMMARY = "training_summary.json"
+CONFIG_DIR = Path(__file__).parent / "deepspeed_configs"
+PRESETS = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3-offload": "zero3_offload.json"}
+FUSED_COLUMNS = ("input_ids", "run_start", "run_length", "topk_ids", "topk_logprobs")
+# Settings that do not change the trained weights: a resumed run may change them.
+NOT_IN_RUN_MANIFEST = ("out", "resume", "report_to", "logging_steps", "save_steps", "save_total_limit")
+
+
+class TrainInputError(ValueError):
+    """An input that would make training fail or silently train the wrong thing."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run (recorded in the run manifest and ``training_summary.json``)."""
+
+    model: str
+    fused: str
+    out: str
+    lm_weight: float = 0.9
+    temperature: float = 1.0
+    deepspeed: str = "zero2"  # a preset name or a JSON file
+    learning_rate: float = 5e-6
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    per_device_batch_size: int = 1
+    grad_accumulation: int = 1
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    bf16: bool | None = None  # None: where the accelerator supports it
+    report_to: str = "none"
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int = 2  # 0 keeps every checkpoint
+    resume: bool = False
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        checks = {
+            "--lm-weight must be in [0, 1]": 0.0 <= self.lm_weight <= 1.0,
+            "--temperature must be positive": self.temperature > 0,
+            "--warmup-ratio must be in [0, 1)": 0.0 <= self.warmup_ratio < 1.0,
+            "--per-device-batch-size, --grad-accumulation, --logging-steps and --save-steps must be >= 1": min(
+                self.per_device_batch_size, self.grad_accumulation, self.logging_steps, self.save_steps
+            )
+            >= 1,
+            "--epochs must be positive (or set --max-steps)": self.epochs > 0 or self.max_steps > 0,
+        }
+        for message, ok in checks.items():
+            if not ok:
+                raise TrainInputError(message)
+
+    @property
+    def fusion(self) -> bool:
+        return self.lm_weight < 1.0
+
+    def run_settings(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in NOT_IN_RUN_MANIFEST}
+
+
+def work_dir(out: str | Path) -> Path:
+    """Where checkpoints and logs live while training: next to the output, so it can be renamed into place."""
+    out = Path(out)
+    return out.with_name(out.name + ".work")
+
+
+# --------------------------------------------------------------------------- fused data
+
+
+@dataclass
+class FusedData:
+    """Fused targets that passed every check, with examples without supervised tokens left out."""
+
+    manifest: dict[str, Any]
+    data: datasets.Dataset
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _fail_at(data: datasets.Dataset, index: int, problem: str) -> TrainInputError:
+    return TrainInputError(f"fused example {index} (id {data[index]['id']!r}): {problem}")
+
+
+def load_fused(path: str | Path, tokenizer: Any) -> FusedData:
+    """Read and check fused targets for the pivot whose tokenizer is ``tokenizer``.
+
+    Checked in one vectorised pass over the Arrow columns: the pivot's tokenizer, token and target
+    ids inside the tokenizer's ids, supervised runs inside their sequence and in order, one target
+    row per supervised token, and log-probabilities without NaN or +inf (and without -inf on a
+    valid id: -inf marks padding only).
+    """
+    path = Path(path)
+    if not (path / MANIFEST).is_file() or not (path / "data" / "state.json").is_file():
+        raise TrainInputError(f"{path}: no {MANIFEST} and data/; pass the output of `fusion-train fuse`.")
+    manifest = read_json(path / MANIFEST)
+    if manifest.get("format") != FUSED_FORMAT:
+        raise TrainInputError(f"{path}: format {manifest.get('format')!r} is not {FUSED_FORMAT!r}.")
+    pivot = manifest.get("pivot") or {}
+    own_hash = tokenizer_hash(tokenizer)
+    if pivot.get("tokenizer_hash") != own_hash:
+        raise TrainInputError(
+            f"{path} was fused for the pivot tokenizer {pivot.get('tokenizer_hash')} ({pivot.get('path')}), "
+            f"but --model has tokenizer {own_hash}. Train the pivot the data was fused for, or rerun "
+            "`fusion-train fuse` with this model as the pivot."
+        )
+    if not read_json(path / "data" / "state.json").get("_data_files"):  # datasets cannot load 0 shards
+        raise TrainInputError(f"{path}: the data set is empty; nothing to train on.")
+    data = datasets.load_from_disk(str(path / "data"))
+    missing = [c for c in ("id", *FUSED_COLUMNS) if c not in data.column_names]
+    if missing:
+        raise TrainInputError(f"{path}: columns {missing} are missing (see docs/formats.md, fused targets).")
+    if len(data) == 0:
+        raise TrainInputError(f"{path}: the data set is empty; nothing to train on.")
+
+    vocab = len(tokenizer)
+    supervised = np.zeros(len(data), dtype=np.int64)
+    rows_without_target = 0
+    offset = 0
+    for batch in data.data.table.select(list(FUSED_COLUMNS)).to_batches(max_chunksize=4096):
+        n = batch.num_rows
+        input_ids = batch.column("input_ids")
+        lengths = pc.list_value_length(input_ids).to_numpy(zero_copy_only=False)
+        tokens = input_ids.flatten().to_numpy(zero_copy_only=False)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+            token_example = np.repeat(np.arange(n), lengths)
+            bad = token_example[(tokens < 0) | (tokens >= vocab)][0]
+            raise _fail_at(data, offset + bad, f"input_ids outside the tokenizer's ids [0, {vocab})")
+
+        runs_per_example = pc.list_value_length(batch.column("run_start")).to_numpy(zero_copy_only=False)
+        starts = batch.column("run_start").flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        counts = batch.column("run_length").flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        run_example = np.repeat(np.arange(n), runs_per_example)
+        ends = starts + counts
+        bad_run = (starts < 1) | (counts < 0) | (ends > lengths[run_example])
+        later = run_example[1:] == run_example[:-1]
+        bad_run[1:] |= later & (starts[1:] < ends[:-1])
+        if bad_run.any():
+            raise _fail_at(
+                data,
+                offset + run_example[bad_run][0],
+                "supervised runs must lie in 1 .. len(input_ids) - 1 and be in position order",
+            )
+        supervised[offset : offset + n] = np.bincount(run_example, weights=counts, minlength=n)
+
+        topk_ids = batch.column("topk_ids")
+        rows = pc.list_value_length(topk_ids).to_numpy(zero_copy_only=False)
+        mismatch = np.flatnonzero(rows != supervised[offset : offset + n])
+        if mismatch.size:
+            i = mismatch[0]
+            raise _fail_at(
+                data, offset + i, f"{rows[i]} target rows for {supervised[offset + i]} supervised tokens"
+            )
+        flat_rows = topk_ids.flatten()
+        k = flat_rows.type.list_size if pa.types.is_fixed_size_list(flat_rows.type) else None
+        ids = flat_rows.flatten().to_numpy(zero_copy_only=False)
+        logprobs = batch.column("topk_logprobs").flatten().flatten().to_numpy(zero_copy_only=False)
+        if k is None or ids.size != logprobs.size:
+            raise TrainInputError(f"{path}: topk_ids/topk_logprobs are not k-wide rows of equal shape.")
+        valid = ids >= 0
+        bad_entry = (ids < -1) | (ids >= vocab) | np.isnan(logprobs) | np.isposinf(logprobs)
+        bad_entry |= valid & np.isneginf(logprobs)
+        if bad_entry.any():
+            entry = int(np.flatnonzero(bad_entry)[0])
+            row_example = np.repeat(np.arange(n), rows)
+            problem = (
+                f"target id {ids[entry]} outside the tokenizer's ids [0, {vocab}) (-1 pads)"
+                if ids[entry] < -1 or ids[entry] >= vocab
+                else f"log-probability {logprobs[entry]} for id {ids[entry]} (NaN, +inf, or -inf on a valid id)"
+            )
+            raise _fail_at(data, offset + row_example[entry // k], problem)
+        rows_without_target += int((~valid.reshape(-1, k)).all(axis=1).sum())
+        offset += n
+
+    keep = np.flatnonzero(supervised > 0)
+    if keep.size == 0:
+        raise TrainInputError(f"{path}: no example has supervised tokens; nothing to train on.")
+    dropped = np.flatnonzero(supervised == 0)
+    stats = {
+        "examples": int(keep.size),
+        "supervised_tokens": int(supervised.sum()),
+        "rows_without_target": rows_without_target,  # add nothing to the fusion loss
+        "dropped_without_supervised_tokens": int(dropped.size),
+        "dropped_ids": data.select(dropped[:20])["id"] if dropped.size else [],
+    }
+    if dropped.size:
+        log.warning("%s: %d examples have no supervised tokens and are left out.", path, dropped.size)
+    kept = data.select(keep) if dropped.size else data  # an index mapping, nothing written next to the input
+    return FusedData(manifest, kept.with_format("numpy", columns=list(FUSED_COLUMNS)), stats)
+
+
+# --------------------------------------------------------------------------- DeepSpeed configuration
+
+
+def deepspeed_config(spec: str, config: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The ZeRO config for ``spec`` (a preset or a JSON file), refused if it contradicts the command line.
+
+    Mismatches are judged by transformers' own rule (a non-"auto" value must equal the argument),
+    here before any process starts, rather than at ``trainer.train()`` on every rank.
+    """
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    path = CONFIG_DIR / PRESETS[spec] if spec in PRESETS else Path(spec)
+    if not path.is_file():
+        raise TrainInputError(f"--deepspeed {spec}: not a preset ({', '.join(PRESETS)}) nor a JSON file.")
+    try:
+        ds_config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise TrainInputError(f"--deepspeed {path}: not valid JSON ({error}).") from error
+    problems = []
+    if "scheduler" in ds_config:
+        problems.append("- ds scheduler is set: the schedule comes from --scheduler and --warmup-ratio")
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        problems.append(
+            "- ds zero_optimization.stage3_gather_16bit_weights_on_model_save must be true: "
+            "the output is a model directory with full tensors"
+        )
+    defaults = TrainingArguments.__dataclass_fields__
+    arguments = SimpleNamespace(
+        world_size=world_size,
+        per_device_train_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=config.grad_accumulation,
+        max_grad_norm=config.max_grad_norm,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        bf16=resolve_bf16(config.bf16),
+        **{name: defaults[name].default for name in ("adam_beta1", "adam_beta2", "adam_epsilon")},
+        fp16=False,
+        fp16_full_eval=False,
+        bf16_full_eval=False,
+        save_on_each_node=False,
+    )
+    checker = HfTrainerDeepSpeedConfig(copy.deepcopy(ds_config))
+    checker.trainer_config_process(arguments)
+    problems += checker.mismatches
+    del checker  # it registers itself globally (ZeRO-3 model loading looks for it) until collected
+    if problems:
+        raise TrainInputError(f"--deepspeed {path} contradicts the command line:\n" + "\n".join(problems))
+    # Checked above with the real world size; DeepSpeed derives it from micro batch x accumulation x
+    # world size, while TrainingArguments would fill it before it knows the world size (as 1).
+    ds_config.pop("train_batch_size", None)
+    return ds_config
+
+
+def resolve_bf16(bf16: bool | None) -> bool:
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if bf16 is None else bf16
+
+
+# --------------------------------------------------------------------------- batches and loss
+
+
+@dataclass
+class FusionCollator:
+    """Right-pads a batch; labels mark the supervised tokens, fused targets follow them in row-major order.
+
+    ``topk_logprobs`` travel as the int32 bits of their float32 values: the Trainer casts floating
+    inputs to DeepSpeed's bf16, which would round the stored float16 log-probabilities.
+    """
+
+    pad_id: int
+
+    def __call__(self, rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        length = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids = torch.as_tensor(row["input_ids"], dtype=torch.long)
+            input_ids[i, : len(ids)] = ids
+            attention_mask[i, : len(ids)] = 1
+            for start, count in zip(row["run_start"].tolist(), row["run_length"].tolist(), strict=True):
+                labels[i, start : start + count] = ids[start : start + count]
+        topk_logprobs = np.concatenate([row["topk_logprobs"] for row in rows]).astype(np.float32)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "topk_ids": torch.as_tensor(np.concatenate([row["topk_ids"] for row in rows]), dtype=torch.long),
+            "topk_logprob_bits": torch.from_numpy(topk_logprobs).view(torch.int32),
+        }
+
+
+@contextmanager
+def logits_only_at(model: torch.nn.Module, positions: torch.Tensor) -> Iterator[None]:
+    """Make the LM head see the hidden states at ``positions`` (flat batch x length indices) only.
+
+    The model then returns logits [1, N, V] for the N positions that predict a supervised token,
+    not [batch, length, V]: training's largest activation shrinks to what the losses read.
+    """
+
+    def select(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0].flatten(0, 1)[positions].unsqueeze(0), *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class FusionTrainer(Trainer):
+    """transformers' Trainer with the loss ``lm_weight * CLM + (1 - lm_weight) * fusion``.
+
+    The loss is a sum over supervised tokens divided by ``num_items_in_batch``, the Trainer's
+    count of supervised tokens over the accumulation steps (and ranks), so it does not depend
+    on how a global batch is split. CLM and fusion parts are logged next to the loss.
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self, *args: Any, lm_weight: float, temperature: float, tokenizer_size: int, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.lm_weight = lm_weight
+        self.temperature = temperature
+        self.tokenizer_size = tokenizer_size
+        self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch
+        self._window = torch.zeros(3, dtype=torch.float64)  # CLM sum, fusion sum, tokens since last log
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        labels = inputs["labels"]
+        targets = labels[:, 1:]
+        predicting = torch.zeros_like(labels, dtype=torch.bool)
+        predicting[:, :-1] = targets != -100
+        with logits_only_at(self.accelerator.unwrap_model(model), predicting.flatten().nonzero()[:, 0]):
+            outputs = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+            )
+        fusion = self.lm_weight < 1.0
+        sums = supervised_loss_sums(
+            outputs.logits[0],
+            targets[targets != -100],
+            self.tokenizer_size,
+            inputs["topk_ids"] if fusion else None,
+            inputs["topk_logprob_bits"].view(torch.float32) if fusion else None,
+            self.temperature,
+        )
+        loss = self.lm_weight * sums.clm
+        if sums.fusion is not None:
+            loss = loss + (1.0 - self.lm_weight) * sums.fusion
+        tokens = len(outputs.logits[0])
+        self._window += torch.tensor(
+            [sums.clm.item(), sums.fusion.item() if sums.fusion is not None else 0.0, tokens],
+            dtype=torch.float64,
+        )
+        if num_items_in_batch is None:  # outside the training loop: a plain mean
+            loss = loss / tokens
+        else:
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices:  # the count is global; gradients get averaged
+                loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: every rank is here, so the reduction is matched
+            window = self.accelerator.reduce(self._window.to(self.args.device), reduction="sum").cpu()
+            self._window.zero_()
+            logs["clm_loss"] = float(window[0] / window[2])
+            if self.lm_weight < 1.0:
+                logs["fusion_loss"] = float(window[1] / window[2])
+        super().log(logs, start_time)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class Prepared:
+    """Everything checked before training: what the run reads and how it is configured."""
+
+    tokenizer: Any
+    fused: FusedData
+    ds_config: dict[str, Any]
+    resume_from: str | None
+
+
+def prepare(config: TrainConfig, world_size: int, rank: int = 0) -> Prepared:
+    """Check every input; the main rank records the run's manifest in the work directory."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out, work = Path(config.out), work_dir(config.out)
+    if out.exists():
+        raise TrainInputError(f"{out} already exists; pass another --out or delete it.")
+    tokenizer = load_tokenizer(config.model)
+    fused = load_fused(config.fused, tokenizer)
+    ds_config = deepspeed_config(config.deepspeed, config, world_size)
+    last = get_last_checkpoint(str(work)) if work.is_dir() else None
+    if config.resume and last is None:
+        raise TrainInputError(f"--resume: no checkpoint in {work}; start without --resume.")
+    if not config.resume and last is not None:
+        raise TrainInputError(
+            f"{work} holds checkpoints of an earlier run ({Path(last).name}); pass --resume to continue it, "
+            "or delete the directory to start over."
+        )
+    if rank == 0:
+        run_manifest = {
+            "format": RUN_FORMAT,
+            "pivot": {"path": str(Path(config.model).resolve()), "tokenizer_hash": tokenizer_hash(tokenizer)},
+            "fused": {"path": str(Path(config.fused).resolve()), "manifest": fused.manifest},
+            "settings": config.run_settings(),
+        }
+        claim_output(work, run_manifest)
+    return Prepared(tokenizer, fused, ds_config, last)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _count_cpu_processes(args: TrainingArguments) -> None:
+    """Correct accelerate's process count for DeepSpeed on hosts without accelerators.
+
+    accelerate 1.x lets DeepSpeed start the gloo process group there but records a world of one,
+    so every rank would read all the data and save as the main process. The process group is right.
+    """
+    state = args.distributed_state
+    if torch.distributed.is_initialized() and state.num_processes != torch.distributed.get_world_size():
+        state.num_processes = torch.distributed.get_world_size()
+        state.process_index = torch.distributed.get_rank()
+        state.local_process_index = int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _parameters_held(model: torch.nn.Module) -> dict[str, Any]:
+    """Parameter elements in the model and held by each rank (under ZeRO-3, each rank's partition)."""
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    per_rank: list[Any] = [held]
+    if torch.distributed.is_initialized():
+        per_rank = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(per_rank, held)
+    return {"total": total, "held_per_rank": per_rank}
+
+
+def _loss_record(history: list[dict[str, Any]], which: int) -> dict[str, Any] | None:
+    entries = [e for e in history if "loss" in e]
+    if not entries:
+        return None
+    entry = entries[which]
+    return {k: entry[k] for k in ("step", "loss", "clm_loss", "fusion_loss") if k in entry}
+
+
+def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any] | None:
+    """Train one target model and publish it at ``config.out``; return the summary on the main rank.
+
+    Runs in every process of a launched job (or alone, as a world of one). ``callbacks`` are
+    transformers ``TrainerCallback``s, for library users and tests.
+    """
+    started = time.time()
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    prepared = prepare(config, world_size, rank)
+    if "RANK" not in os.environ:  # not under a launcher: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    tokenizer, fused = prepared.tokenizer, prepared.fused
+    work = work_dir(config.out)
+
+    # TrainingArguments come first: with ZeRO-3 they make from_pretrained partition at load time.
+    args = TrainingArguments(
+        output_dir=str(work),
+        per_device_train_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=config.grad_accumulation,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.scheduler,
+        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a share of the total steps
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        bf16=resolve_bf16(config.bf16),
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        deepspeed=copy.deepcopy(prepared.ds_config),
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit or None,
+        report_to=[] if config.report_to == "none" else [config.report_to],
+        seed=config.seed,
+        remove_unused_columns=False,  # the fused columns are not model.forward arguments
+        label_names=["labels"],
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    _count_cpu_processes(args)
+    model = load_model(config.model)
+    model.config.use_cache = False
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = FusionTrainer(
+        model=model,
+        args=args,
+        train_dataset=fused.data,
+        data_collator=FusionCollator(pad_id if pad_id is not None else 0),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        lm_weight=config.lm_weight,
+        temperature=config.temperature,
+        tokenizer_size=len(tokenizer),
+    )
+    result = trainer.train(resume_from_checkpoint=prepared.resume_from)
+    parameters = _parameters_held(trainer.model)
+
+    staging = work / "final"
+    if trainer.is_world_process_zero() and staging.exists():
+        shutil.rmtree(staging)  # left by a run killed while saving
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # under ZeRO-3 every rank takes part in gathering full tensors
+    summary = None
+    if trainer.is_world_process_zero():
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the summary records the settings
+        history = trainer.state.log_history
+        summary = {
+            "format": "fusion-train/training-summary@1",
+            "pivot": {"path": str(Path(config.model).resolve()), "tokenizer_hash": tokenizer_hash(tokenizer)},
+            "data": {
+                "path": str(Path(config.fused).resolve()),
+                "pivot": fused.manifest.get("pivot"),
+                **{k: fused.manifest.get(k) for k in ("top_k", "criterion", "sources")},
+                **fused.stats,
+            },
+            "config": asdict(config),
+            "deepspeed": prepared.ds_config,
+            "world_size": world_size,
+            "bf16": args.bf16,
+            "parameters": parameters,
+            "steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "resumed_from": Path(prepared.resume_from).name if prepared.resume_from else None,
+            "loss": {"start": _loss_record(history, 0), "end": _loss_record(history, -1)},
+            "train_loss": result.training_loss,
+            "train_runtime_s": result.metrics.get("train_runtime"),
+            "wall_time_s": time.time() - started,
+        }
+        write_json_atomic(staging / SUMMARY, summary)
+        os.replace(staging, config.out)
+        log.info("%s: trained %d steps; checkpoints and logs stay in %s", config.out, summary["steps"], work)
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def _launcher_command(nproc: int | None, hostfile: str | None, master_port: int | None) -> list[str]:
+    """The ``deepspeed`` launcher command that runs this module in every process; checked first."""
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    sibling = Path(sys.executable).with_name("deepspeed")
+    launcher = str(sibling) if sibling.exists() else shutil.which("deepspeed")
+    if launcher is None:
+        raise TrainInputError(
+            "the `deepspeed` launcher is not installed next to this Python nor on PATH; "
+            "install deepspeed in this environment."
+        )
+    command = [launcher]
+    if nproc is not None:
+        if nproc < 1:
+            raise TrainInputError("--nproc must be at least 1.")
+        command += ["--num_gpus", str(nproc)]
+    if hostfile is not None:
+        if not Path(hostfile).is_file():
+            raise TrainInputError(f"--hostfile {hostfile}: no such file.")
+        try:
+            hosts = fetch_hostfile(hostfile)
+        except ValueError as error:
+            raise TrainInputError(f"--hostfile {hostfile}: {error} (lines are `HOST slots=N`).") from error
+        if not hosts:
+            raise TrainInputError(f"--hostfile {hostfile}: no hosts (lines are `HOST slots=N`).")
+        if len(hosts) > 1 and shutil.which("pdsh") is None:
+            raise TrainInputError(
+                "a multi-node --hostfile needs pdsh, the deepspeed launcher's default way to reach the "
+                "other nodes; install it, or run `deepspeed --launcher ...` yourself (see the README)."
+            )
+        command += ["--hostfile", hostfile]
+    if master_port is None and hostfile is None:
+        master_port = _free_port()
+    if master_port is not None:
+        command += ["--master_port", str(master_port)]
+    return [*command, "--module", __spec__.name if __spec__ else "fusion_train.train"]
+
+
+def _world_size(nproc: int | None, hostfile: str | None) -> int:
+    if hostfile is None:
+        return nproc or 1
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    hosts = fetch_hostfile(hostfile) or {}
+    return sum(nproc or slots for slots in hosts.values())
+
+
+def to_arguments(config: TrainConfig) -> list[str]:
+    """``config`` as command-line options of ``fusion-train train`` (what launched processes receive)."""
+    arguments: list[str] = []
+    for item in fields(config):
+        value, option = getattr(config, item.name), "--" + item.name.replace("_", "-")
+        if isinstance(value, bool):
+            arguments.append(option if value else "--no-" + option[2:])
+        elif value is not None:
+            arguments += [option, str(value)]
+    return arguments
+
+
+def launch(config: TrainConfig, nproc: int | None, hostfile: str | None, master_port: int | None) -> int:
+    """Check the inputs here, then run the training in ``nproc`` processes (per node) under ``deepspeed``."""
+    if "LOCAL_RANK" in os.environ:
+        raise TrainInputError("--nproc/--hostfile given inside a launched process; drop them.")
+    command = _launcher_command(nproc, hostfile, master_port)
+    prepare(config, _world_size(nproc, hostfile))
+    command += to_arguments(config)
+    log.info("launching: %s", " ".join(command))
+    try:
+        return subprocess.run(command, check=False).returncode
+    except OSError as error:
+        raise TrainInputError(f"the deepspeed launcher could not start: {error}") from error
+
+
+# --------------------------------------------------------------------------- command
+
+
+@click.command("train")
+@click.option(
+    "--model", required=True, type=click.Path(exists=True, file_okay=False), help="The pivot model directory."
+)
+@click.option(
+    "--fused",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Fused targets of one source (`fusion-train fuse` output) made for this pivot.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="The trained model directory (published when done; checkpoints go to OUT.work/).",
+)
+@click.option("--lm-weight", default=0.9, help="lambda in lambda * CLM + (1 - lambda) * fusion.")
+@click.option("--no-fusion", is_flag=True, help="The CLM-only baseline: same as --lm-weight 1.0.")
+@click.option("--temperature", default=1.0, help="T in softmax(stored log-probabilities / T).")
+@click.option(
+    "--deepspeed",
+    default="zero2",
+    help=f"ZeRO preset ({', '.join(PRESETS)}) or a DeepSpeed JSON config file.",
+)
+@click.option("--nproc", type=int, default=None, help="Processes (GPUs) per node: start under `deepspeed`.")
+@click.option("--hostfile", default=None, help="DeepSpeed hostfile (`HOST slots=N` lines) for several nodes.")
+@click.option("--master-port", type=int, default=None, help="Rendezvous port (default: a free one locally).")
+@click.option("--learning-rate", "--lr", "learning_rate", default=5e-6, help="Peak learning rate.")
+@click.option("--epochs", default=3.0, help="Passes over the data.")
+@click.option("--max-steps", default=-1, help="Optimizer steps; > 0 overrides --epochs.")
+@click.option("--per-device-batch-size", default=1, help="Sequences per process per micro-step.")
+@click.option("--grad-accumulation", default=1, help="Micro-steps per optimizer step.")
+@click.option("--warmup-ratio", default=0.03, help="Share of the steps with a linear warmup.")
+@click.option(
+    "--scheduler", default="cosine", help="transformers learning-rate schedule (cosine, linear, ...)."
+)
+@click.option("--weight-decay", default=0.0)
+@click.option("--max-grad-norm", default=1.0, help="Gradient clipping.")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False)
+@click.option("--bf16/--no-bf16", default=None, help="Default: bf16 where the accelerator supports it.")
+@click.option(
+    "--report-to", default="none", help="none, tensorboard, wandb, ... (transformers integrations)."
+)
+@click.option("--logging-steps", default=10)
+@click.option("--save-steps", default=500, help="Checkpoint every N optimizer steps (in OUT.work/).")
+@click.option("--save-total-limit", default=2, help="Checkpoints kept (0: all).")
+@click.option("--resume/--no-resume", default=False, help="Continue from the last checkpoint in OUT.work/.")
+@click.option("--seed", default=42)
+@click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True)
+def train_command(
+    nproc: int | None,
+    hostfile: str | None,
+    master_port: int | None,
+    no_fusion: bool,
+    local_rank: int | None,
+    **options: Any,
+) -> None:
+    """Train a target model: the pivot fine-tuned on one source's fused targets, on DeepSpeed ZeRO."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if no_fusion:
+        if options["lm_weight"] not in (0.9, 1.0):
+            raise click.UsageError("--no-fusion means --lm-weight 1.0; drop one of them.")
+        options["lm_weight"] = 1.0
+    if master_port is not None and nproc is None and hostfile is None:
+        os.environ.setdefault("MASTER_PORT", str(master_port))
+    try:
+        config = TrainConfig(**options)
+        if nproc is not None or hostfile is not None:
+            code = launch(config, nproc, hostfile, master_port)
+            if code != 0:
+                raise click.ClickException(f"the deepspeed launcher exited with status {code}.")
+            return
+        summary = train(config)
+    except (TrainInputError, OutputMismatchError, ModelLoadError) as error:
+        raise click.ClickException(str(error)) from error
+    if summary is not None:
+        end = summary["loss"]["end"] or {}
+        click.echo(f"{config.out}: {summary['steps']} steps, final loss {end.get('loss')}.")
+
+
+if __name__ == "__main__":
+    train_command(prog_name="fusion-train train")

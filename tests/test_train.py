@@ -1,0 +1,327 @@
+"""`fusion-train train` in one process: the sparse loss against a dense reference, the CLM-only
+baseline against transformers' own loss, and every bad input refused before training starts.
+The multi-rank DeepSpeed runs are in test_train_deepspeed.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from train_fixtures import batch_from_rows, build_fused, dense_reference_losses, fused_rows
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+from fusion_train import train as train_module
+from fusion_train.cli import main
+from fusion_train.train import (
+    FusionCollator,
+    FusionTrainer,
+    TrainConfig,
+    TrainInputError,
+    deepspeed_config,
+    load_fused,
+    prepare,
+    to_arguments,
+    train_command,
+    work_dir,
+)
+
+
+def _trainer(model_dir: Path, tmp_path: Path, lm_weight: float, temperature: float = 1.0):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), report_to=[], use_cpu=True)
+    trainer = FusionTrainer(
+        model=model,
+        args=args,
+        lm_weight=lm_weight,
+        temperature=temperature,
+        tokenizer_size=len(tokenizer),
+    )
+    return trainer, model, tokenizer
+
+
+def _collated(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows as they reach the collator from the stored data set (numpy, float16 values)."""
+    import numpy as np
+
+    as_numpy = [
+        {
+            "input_ids": np.array(r["input_ids"]),
+            "run_start": np.array(r["run_start"]),
+            "run_length": np.array(r["run_length"]),
+            "topk_ids": np.array(r["topk_ids"], dtype=np.int64),
+            "topk_logprobs": np.array(r["topk_logprobs"], dtype=np.float16).astype(np.float32),
+        }
+        for r in rows
+    ]
+    return FusionCollator(pad_id)(as_numpy)
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen"])
+@pytest.mark.parametrize(("lm_weight", "temperature"), [(0.0, 1.0), (0.5, 2.0)])
+def test_sparse_loss_matches_dense_reference(tiny_models, tmp_path, name, lm_weight, temperature):
+    """Value and gradient, on an ordinary and a padded vocabulary (qwen: 151,936 rows > 151,851 ids)."""
+    trainer, model, tokenizer = _trainer(tiny_models[name], tmp_path, lm_weight, temperature)
+    rows = fused_rows(tiny_models[name], examples=3, top_k=4)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    sparse = trainer.compute_loss(model, _collated(rows, pad_id))
+    sparse.backward()
+    sparse_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    batch = batch_from_rows(rows, pad_id)
+    logits = model(**batch).logits
+    clm, fusion = dense_reference_losses(logits, rows, len(tokenizer), temperature)
+    dense = lm_weight * clm + (1 - lm_weight) * fusion
+    dense.backward()
+
+    assert sparse.item() == pytest.approx(dense.item(), rel=1e-5)
+    for parameter_name, parameter in model.named_parameters():
+        torch.testing.assert_close(
+            sparse_grads[parameter_name], parameter.grad.float(), rtol=1e-4, atol=1e-6, msg=parameter_name
+        )
+    if name == "qwen":  # padded rows are never fusion targets, but the CLM softmax includes them
+        padded_rows = sparse_grads["lm_head.weight"][len(tokenizer) :]
+        assert (padded_rows.abs().sum() > 0) == (lm_weight > 0)
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen"])
+def test_clm_only_baseline_is_the_plain_causal_lm_loss(tiny_models, tmp_path, name):
+    trainer, model, tokenizer = _trainer(tiny_models[name], tmp_path, lm_weight=1.0)
+    rows = fused_rows(tiny_models[name], examples=3)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = batch_from_rows(rows, pad_id)
+    labels = torch.full_like(batch["input_ids"], -100)
+    for i, row in enumerate(rows):
+        for start, count in zip(row["run_start"], row["run_length"], strict=True):
+            labels[i, start : start + count] = torch.tensor(row["input_ids"][start : start + count])
+    plain = model(**batch, labels=labels).loss
+    ours = trainer.compute_loss(model, _collated(rows, pad_id))
+    assert ours.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_loss_is_normalised_by_the_accumulated_token_count(tiny_models, tmp_path):
+    """With num_items_in_batch (the Trainer's count over accumulation steps) the loss is sum / count."""
+    trainer, model, tokenizer = _trainer(tiny_models["mistral"], tmp_path, lm_weight=0.9)
+    rows = fused_rows(tiny_models["mistral"], examples=2)
+    inputs = _collated(rows, tokenizer.eos_token_id)
+    tokens = sum(sum(r["run_length"]) for r in rows)
+    mean = trainer.compute_loss(model, inputs)
+    scaled = trainer.compute_loss(model, inputs, num_items_in_batch=torch.tensor(4 * tokens))
+    assert scaled.item() == pytest.approx(mean.item() / 4, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def pivot(tiny_models) -> Path:
+    return tiny_models["mistral"]
+
+
+@pytest.fixture
+def good_fused(pivot, tmp_path) -> Path:
+    return build_fused(pivot, tmp_path / "fused")
+
+
+def _rows_with(pivot: Path, change) -> list[dict]:
+    rows = fused_rows(pivot, examples=3)
+    change(rows)
+    return rows
+
+
+def test_fused_data_loads_and_drops_examples_without_supervised_tokens(pivot, tmp_path):
+    def empty_second(rows):
+        rows[1].update(run_start=[], run_length=[], run_message=[], topk_ids=[], topk_logprobs=[])
+
+    rows = _rows_with(pivot, empty_second)
+    loaded = load_fused(
+        build_fused(pivot, tmp_path / "fused", rows=rows), AutoTokenizer.from_pretrained(pivot)
+    )
+    assert loaded.stats["examples"] == 2
+    assert loaded.stats["dropped_ids"] == ["ex1"]
+    assert loaded.stats["supervised_tokens"] == sum(len(r["topk_ids"]) for r in rows)
+    assert [list(ids) for ids in loaded.data["input_ids"]] == [rows[0]["input_ids"], rows[2]["input_ids"]]
+
+
+def _set(row_index: int, column: str, position: tuple[int, int], value):
+    def change(rows):
+        rows[row_index][column][position[0]][position[1]] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_set(0, "topk_logprobs", (0, 0), math.nan), "NaN"),
+        (_set(1, "topk_logprobs", (2, 1), math.inf), "log-probability inf"),
+        (_set(0, "topk_logprobs", (0, 0), -math.inf), "-inf on a valid id"),
+        (_set(2, "topk_ids", (0, 1), 32000), "target id 32000 outside"),
+        (_set(0, "topk_ids", (1, 2), -5), "target id -5 outside"),
+        (lambda rows: rows[1]["input_ids"].__setitem__(0, 40000), "input_ids outside"),
+        (lambda rows: rows[0].update(run_start=[0]), "supervised runs"),
+        (lambda rows: rows[0].update(run_length=[rows[0]["run_length"][0] + 50]), "supervised runs"),
+        (lambda rows: [rows[2][c].pop() for c in ("topk_ids", "topk_logprobs")], "target rows for"),
+    ],
+)
+def test_bad_fused_data_is_refused_naming_the_example(pivot, tmp_path, change, message):
+    rows = _rows_with(pivot, change)
+    fused = build_fused(pivot, tmp_path / "fused", rows=rows)
+    with pytest.raises(TrainInputError, match=message) as error:
+        load_fused(fused, AutoTokenizer.from_pretrained(pivot))
+    assert "fused example" in str(error.value)
+
+
+def test_padding_slots_may_hold_minus_inf(pivot, good_fused):
+    data = load_fused(good_fused, AutoTokenizer.from_pretrained(pivot)).data.with_format(None)
+    assert any(-1 in row for example in data["topk_ids"] for row in example)  # the fixture pads some rows
+
+
+def test_fused_data_for_another_pivot_is_refused(tiny_models, pivot, tmp_path):
+    fused = build_fused(tiny_models["smollm2"], tmp_path / "fused")
+    with pytest.raises(TrainInputError, match="was fused for the pivot tokenizer"):
+        load_fused(fused, AutoTokenizer.from_pretrained(pivot))
+
+
+def test_empty_data_and_no_supervised_tokens_are_refused(pivot, tmp_path):
+    with pytest.raises(TrainInputError, match="empty"):
+        load_fused(build_fused(pivot, tmp_path / "a", rows=[]), AutoTokenizer.from_pretrained(pivot))
+
+    def nothing_supervised(rows):
+        for row in rows:
+            row.update(run_start=[], run_length=[], run_message=[], topk_ids=[], topk_logprobs=[])
+
+    fused = build_fused(pivot, tmp_path / "b", rows=_rows_with(pivot, nothing_supervised))
+    with pytest.raises(TrainInputError, match="no example has supervised tokens"):
+        load_fused(fused, AutoTokenizer.from_pretrained(pivot))
+
+
+def test_other_formats_are_refused(pivot, tmp_path):
+    fused = build_fused(pivot, tmp_path / "fused", format="fusion-train/aligned@1")
+    with pytest.raises(TrainInputError, match="is not 'fusion-train/fused@1'"):
+        load_fused(fused, AutoTokenizer.from_pretrained(pivot))
+
+
+def _config(pivot: Path, fused: Path, tmp_path: Path, **changes) -> TrainConfig:
+    return TrainConfig(model=str(pivot), fused=str(fused), out=str(tmp_path / "target"), **changes)
+
+
+@pytest.mark.parametrize(
+    ("ds", "changes", "message"),
+    [
+        ({"train_micro_batch_size_per_gpu": 4}, {}, "train_micro_batch_size_per_gpu=4 vs hf"),
+        ({"gradient_accumulation_steps": 8}, {"grad_accumulation": 2}, "gradient_accumulation_steps=8"),
+        ({"train_batch_size": 2}, {}, "train_batch_size=2 vs hf train_batch_size \\(calculated\\)=4"),
+        ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, {}, "optimizer.params.lr=0.001"),
+        ({"bf16": {"enabled": True}}, {"bf16": False}, "bf16.enabled=True"),
+        ({"fp16": {"enabled": True}}, {}, "fp16.enabled=True"),
+        ({"scheduler": {"type": "WarmupLR"}}, {}, "ds scheduler is set"),
+        ({"zero_optimization": {"stage": 3}}, {}, "stage3_gather_16bit_weights_on_model_save"),
+    ],
+)
+def test_deepspeed_config_contradicting_the_command_line_is_refused(
+    pivot, good_fused, tmp_path, ds, changes, message
+):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(TrainInputError, match=message):
+        deepspeed_config(str(path), _config(pivot, good_fused, tmp_path, **changes), world_size=4)
+
+
+def test_presets_agree_with_the_defaults_and_bad_specs_are_refused(pivot, good_fused, tmp_path):
+    config = _config(pivot, good_fused, tmp_path)
+    for preset in ("zero2", "zero3", "zero3-offload"):
+        resolved = deepspeed_config(preset, config, world_size=8)
+        assert resolved["optimizer"]["params"]["torch_adam"] is True
+    assert deepspeed_config("zero3", config, 2)["zero_optimization"][
+        "stage3_gather_16bit_weights_on_model_save"
+    ]
+    with pytest.raises(TrainInputError, match="not a preset"):
+        deepspeed_config("zero4", config, 1)
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(TrainInputError, match="not valid JSON"):
+        deepspeed_config(str(tmp_path / "broken.json"), config, 1)
+
+
+def test_output_and_checkpoint_state_are_checked(pivot, good_fused, tmp_path):
+    config = _config(pivot, good_fused, tmp_path)
+    with pytest.raises(TrainInputError, match="no checkpoint"):
+        prepare(_config(pivot, good_fused, tmp_path, resume=True), world_size=1)
+    (work_dir(config.out) / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(TrainInputError, match="pass --resume"):
+        prepare(config, world_size=1)
+    shutil.rmtree(work_dir(config.out))
+    prepare(config, world_size=1)  # records the run's manifest
+    with pytest.raises(ValueError, match="differs in: settings"):
+        prepare(_config(pivot, good_fused, tmp_path, learning_rate=1.0), world_size=1)
+    Path(config.out).mkdir()
+    with pytest.raises(TrainInputError, match="already exists"):
+        prepare(config, world_size=1)
+
+
+def test_cli_reports_bad_input_before_training(pivot, tmp_path):
+    rows = _rows_with(pivot, _set(0, "topk_logprobs", (0, 0), math.nan))
+    fused = build_fused(pivot, tmp_path / "fused", rows=rows)
+    runner = CliRunner()
+    result = runner.invoke(
+        main, ["train", "--model", str(pivot), "--fused", str(fused), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 1
+    assert "fused example 0 (id 'ex0')" in result.output
+    assert not work_dir(tmp_path / "o").exists()
+    result = runner.invoke(
+        main,
+        [
+            "train",
+            "--model",
+            str(pivot),
+            "--fused",
+            str(fused),
+            "--out",
+            "o",
+            "--no-fusion",
+            "--lm-weight",
+            "0.5",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "--no-fusion means --lm-weight 1.0" in result.output
+
+
+def test_launcher_problems_are_reported_before_starting(pivot, good_fused, tmp_path, monkeypatch):
+    base = ["--model", str(pivot), "--fused", str(good_fused), "--out", str(tmp_path / "o")]
+    runner = CliRunner()
+    cases = [
+        (["--nproc", "0"], "--nproc must be at least 1"),
+        (["--hostfile", str(tmp_path / "missing")], "no such file"),
+    ]
+    (tmp_path / "hosts").write_text("node-a slots=two\n")
+    cases.append((["--hostfile", str(tmp_path / "hosts")], "--hostfile"))
+    (tmp_path / "two-hosts").write_text("node-a slots=2\nnode-b slots=2\n")
+    monkeypatch.setattr(train_module.shutil, "which", lambda name: None)
+    cases.append((["--hostfile", str(tmp_path / "two-hosts")], "needs pdsh"))
+    for extra, message in cases:
+        result = runner.invoke(train_command, base + extra)
+        assert result.exit_code == 1, result.output
+        assert message in result.output
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+    result = runner.invoke(train_command, [*base, "--nproc", "2"])
+    assert result.exit_code == 1
+    assert "`deepspeed` launcher is not installed" in result.output
+
+
+def test_launched_processes_receive_the_same_configuration(pivot, good_fused, tmp_path, monkeypatch):
+    config = _config(pivot, good_fused, tmp_path, bf16=False, lm_weight=0.7, save_total_limit=0, resume=True)
+    seen = []
+    monkeypatch.setattr(train_module, "train", lambda parsed: seen.append(parsed))
+    result = CliRunner().invoke(train_command, to_arguments(config))
+    assert result.exit_code == 0, result.output
+    assert seen == [config]
