@@ -1,0 +1,150 @@
+"""`fusion-train train` as real DeepSpeed jobs: 2 CPU ranks (gloo) for ZeRO-2 and ZeRO-3, and a
+killed single-rank run resumed from its checkpoint. Each run is a subprocess with its own port."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_driver import PROBE_TOKENS
+from train_fixtures import batch_from_rows, build_fused, dense_reference_losses, fused_rows
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fusion_train.train import SUMMARY, work_dir
+
+VENV_BIN = Path(sys.executable).parent
+DRIVER = Path(__file__).with_name("train_driver.py")
+TIMEOUT = 420
+# A few quick steps that visibly move a tiny model: 8 examples, global batch 4.
+SETTINGS = {
+    "max_steps": 6,
+    "learning_rate": 3e-3,
+    "warmup_ratio": 0.0,
+    "logging_steps": 1,
+    "save_steps": 1000,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env, **kwargs)
+
+
+def _options(settings: dict) -> list[str]:
+    return [part for name, value in settings.items() for part in (f"--{name.replace('_', '-')}", str(value))]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models, tmp_path_factory) -> tuple[Path, Path, list[dict]]:
+    root = tmp_path_factory.mktemp("train-ds")
+    pivot = tiny_models["mistral"]
+    rows = fused_rows(pivot, examples=8, top_k=4)
+    return pivot, build_fused(pivot, root / "fused", rows=rows), rows
+
+
+def _dense_fusion_loss(model_dir: Path, rows: list[dict]) -> float:
+    """The fusion loss on the whole fixed set, by the dense reference (independent of the trainer)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(**batch_from_rows(rows, tokenizer.eos_token_id)).logits
+    return dense_reference_losses(logits, rows, len(tokenizer))[1].item()
+
+
+def _check_output(out: Path, pivot: Path, rows: list[dict]) -> dict:
+    names = {p.name for p in out.iterdir()}
+    expected = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", SUMMARY}
+    assert expected <= names, names
+    assert "chat_template.jinja" in names or "chat_template" in (out / "tokenizer_config.json").read_text()
+    assert "training_args.bin" not in names
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["steps"] == SETTINGS["max_steps"]
+    assert summary["data"]["examples"] == len(rows)
+    before, after = _dense_fusion_loss(pivot, rows), _dense_fusion_loss(out, rows)
+    assert after < before - 0.5, (before, after)
+    assert summary["loss"]["end"]["fusion_loss"] < summary["loss"]["start"]["fusion_loss"]
+    return summary
+
+
+def test_zero2_two_ranks_through_the_cli_launcher(setup, tmp_path):
+    pivot, fused, rows = setup
+    out = tmp_path / "target-zero2"
+    command = [str(VENV_BIN / "fusion-train"), "train", "--model", str(pivot), "--fused", str(fused)]
+    command += ["--out", str(out), "--nproc", "2", "--master-port", str(_free_port()), "--deepspeed", "zero2"]
+    result = _run(command + _options({**SETTINGS, "per_device_batch_size": 2}))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    summary = _check_output(out, pivot, rows)
+    assert summary["world_size"] == 2
+    parameters = summary["parameters"]  # ZeRO-2 partitions optimizer states, not parameters
+    assert parameters["held_per_rank"] == [parameters["total"]] * 2
+
+
+def test_zero3_two_ranks_partitions_and_saves_full_tensors(setup, tmp_path):
+    pivot, fused, rows = setup
+    out = tmp_path / "target-zero3"
+    config = {"model": str(pivot), "fused": str(fused), "out": str(out), "deepspeed": "zero3"}
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps({**config, **SETTINGS, "per_device_batch_size": 2}))
+    engine_logits = tmp_path / "engine-logits.safetensors"
+    command = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port())]
+    result = _run([*command, str(DRIVER), str(config_path), "logits", str(engine_logits)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+    summary = _check_output(out, pivot, rows)
+    parameters = summary["parameters"]
+    for held in parameters["held_per_rank"]:
+        assert 0.45 * parameters["total"] <= held <= 0.55 * parameters["total"], parameters
+    assert sum(parameters["held_per_rank"]) >= parameters["total"]
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(pivot, dtype=torch.float32)
+    for name, tensor in model.state_dict().items():
+        assert tensor.shape == reference.state_dict()[name].shape, name
+    with torch.no_grad():
+        logits = model(input_ids=PROBE_TOKENS).logits
+    torch.testing.assert_close(logits, load_file(engine_logits)["logits"], rtol=1e-5, atol=1e-4)
+
+
+def test_killed_run_resumes_from_its_checkpoint(setup, tmp_path):
+    pivot, fused, _ = setup
+    settings = {**SETTINGS, "max_steps": 4, "save_steps": 2, "per_device_batch_size": 2}
+    out = tmp_path / "resumed"
+    config_path = tmp_path / "config.json"
+    config_path.write_text(
+        json.dumps({"model": str(pivot), "fused": str(fused), "out": str(out), **settings})
+    )
+    torchrun = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "1", "--master_port", str(_free_port())]
+    killed = _run([*torchrun, str(DRIVER), str(config_path), "kill", "3"])
+    assert killed.returncode != 0
+    assert not out.exists()
+    assert sorted(p.name for p in work_dir(out).glob("checkpoint-*")) == ["checkpoint-2"]
+
+    base = [sys.executable, "-m", "fusion_train.train", "--model", str(pivot), "--fused", str(fused)]
+    resumed = _run([*base, "--out", str(out), "--resume", *_options(settings)])
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["resumed_from"] == "checkpoint-2"
+    assert summary["steps"] == 4
+    assert summary["loss"]["start"]["step"] == 1  # the log history came back with the checkpoint
+
+    uninterrupted = tmp_path / "uninterrupted"
+    reference = _run([*base, "--out", str(uninterrupted), *_options(settings)])
+    assert reference.returncode == 0, reference.stderr[-5000:]
+    resumed_weights = load_file(out / "model.safetensors")
+    for name, tensor in load_file(uninterrupted / "model.safetensors").items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

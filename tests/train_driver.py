@@ -1,0 +1,52 @@
+"""Runs ``fusion_train.train.train`` in a launched process with a test callback.
+
+Usage (under ``deepspeed`` or ``torchrun``): ``train_driver.py CONFIG.json MODE ARG`` where MODE is
+``logits`` (save the engine's logits on fixed tokens at the end of training to ARG) or ``kill``
+(SIGKILL the process at the end of step ARG, like a crashed node).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import TrainerCallback
+
+from fusion_train.train import TrainConfig, train
+
+PROBE_TOKENS = torch.arange(5, 45).reshape(2, 20)
+
+
+class EngineLogits(TrainerCallback):
+    """The trained model's logits as the engine computes them (every rank runs it: ZeRO-3 gathers)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=PROBE_TOKENS, use_cache=False).logits.float()
+        if state.is_world_process_zero:
+            save_file({"logits": logits.contiguous()}, self.path)
+
+
+class KillAtStep(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    config_path, mode, argument = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    config = TrainConfig(**json.loads(Path(config_path).read_text()))
+    callback = EngineLogits(argument) if mode == "logits" else KillAtStep(int(argument))
+    train(config, callbacks=[callback])
