@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from fusion_train import __version__
+from fusion_train.align import align_command
 from fusion_train.fuse import fuse_command
 from fusion_train.represent import represent_command
 from fusion_train.train import train_command
@@ -26,5 +27,6 @@ def main() -> None:
 
 
 main.add_command(represent_command)
+main.add_command(align_command)
 main.add_command(fuse_command)
 main.add_command(train_command)

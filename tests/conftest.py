@@ -8,6 +8,7 @@ what the stages compute is checked against independent computations, not against
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from fusion_train import registry_assets as assets
+from fusion_train.represent import RepresentSettings, represent
 
 QWEN_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
@@ -122,3 +124,43 @@ def tiny_models(tokenizer_dirs: dict[str, Path], tmp_path_factory: pytest.TempPa
         )
         for i, (name, path) in enumerate(tokenizer_dirs.items())
     }
+
+
+TRICKY_ANSWERS = [
+    "Hello  world 👋 你好！\n\tcode()  end",
+    "```python\ndef f(x):\n\treturn x  # tab\n```\n\nDone. 🎉🎉",
+    "日本語のテキスト、そして emoji 😀 mixed with   spaces.",
+    " Leading and trailing spaces ",
+    "Sure.",
+]
+
+
+def write_chats(path: Path) -> Path:
+    records = [
+        {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": answer}],
+         "dataset": "tricky"}
+        for i, answer in enumerate(TRICKY_ANSWERS)
+    ]  # fmt: skip
+    records.append(
+        {"conversations": [
+            {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Two turns?"},
+            {"from": "gpt", "value": "Yes, two."}, {"from": "human", "value": "And?"},
+            {"from": "gpt", "value": "Second answer\nwith a newline."}]}
+    )  # fmt: skip
+    records.append({"instruction": "Add the numbers.", "input": "1 + 1", "output": "1 + 1 = 2"})
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def chats(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_chats(tmp_path_factory.mktemp("data") / "chats.jsonl")
+
+
+@pytest.fixture(scope="session")
+def represented(tiny_models: dict[str, Path], chats: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("repr")
+    settings = RepresentSettings(top_k=5, chunk_size=3)
+    for name, model in tiny_models.items():
+        represent(model, chats, root / name, settings, batch_tokens=256, progress=False)
+    return {name: root / name for name in tiny_models}

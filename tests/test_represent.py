@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TRICKY_ANSWERS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusion_train import represent as represent_module
@@ -22,45 +23,6 @@ from fusion_train.represent import (
     represent,
 )
 from fusion_train.storage import OutputMismatchError
-
-TRICKY_ANSWERS = [
-    "Hello  world 👋 你好！\n\tcode()  end",
-    "```python\ndef f(x):\n\treturn x  # tab\n```\n\nDone. 🎉🎉",
-    "日本語のテキスト、そして emoji 😀 mixed with   spaces.",
-    " Leading and trailing spaces ",
-    "Sure.",
-]
-
-
-def write_chats(path: Path) -> Path:
-    records = [
-        {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": answer}],
-         "dataset": "tricky"}
-        for i, answer in enumerate(TRICKY_ANSWERS)
-    ]  # fmt: skip
-    records.append(
-        {"conversations": [
-            {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Two turns?"},
-            {"from": "gpt", "value": "Yes, two."}, {"from": "human", "value": "And?"},
-            {"from": "gpt", "value": "Second answer\nwith a newline."}]}
-    )  # fmt: skip
-    records.append({"instruction": "Add the numbers.", "input": "1 + 1", "output": "1 + 1 = 2"})
-    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def chats(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_chats(tmp_path_factory.mktemp("data") / "chats.jsonl")
-
-
-@pytest.fixture(scope="module")
-def represented(tiny_models: dict[str, Path], chats: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("repr")
-    settings = RepresentSettings(top_k=5, chunk_size=3)
-    for name, model in tiny_models.items():
-        represent(model, chats, root / name, settings, batch_tokens=256, progress=False)
-    return {name: root / name for name in tiny_models}
 
 
 def supervised_positions(arrays: dict) -> list[int]:
