@@ -185,7 +185,7 @@ def resolve_chat_template(tokenizer: Any, name_or_path: str | None) -> tuple[str
     """
     if name_or_path:
         if name_or_path in BUILTIN_TEMPLATES:
-            return _builtin_template(name_or_path), f"builtin:{name_or_path}"
+            return builtin_template(name_or_path), f"builtin:{name_or_path}"
         path = Path(name_or_path)
         if not path.is_file():
             raise ChatDataError(
@@ -196,10 +196,11 @@ def resolve_chat_template(tokenizer: Any, name_or_path: str | None) -> tuple[str
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, str) and own.strip():
         return own, "tokenizer"
-    return _builtin_template("plain"), "builtin:plain"
+    return builtin_template("plain"), "builtin:plain"
 
 
-def _builtin_template(name: str) -> str:
+def builtin_template(name: str) -> str:
+    """The text of a built-in template shipped with the package (plain, chatml, llama2)."""
     return resources.files("fusion_train.templates").joinpath(f"{name}.jinja").read_text(encoding="utf-8")
 
 

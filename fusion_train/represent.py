@@ -278,7 +278,7 @@ def score_batch(
     return scored
 
 
-def _runs(positions: list[int], messages: list[int]) -> tuple[list[int], list[int], list[int]]:
+def position_runs(positions: list[int], messages: list[int]) -> tuple[list[int], list[int], list[int]]:
     """Compress supervised positions into runs of consecutive positions within one message."""
     run_message, run_start, run_length = [], [], []
     for p, m in zip(positions, messages, strict=True):
@@ -293,7 +293,7 @@ def _runs(positions: list[int], messages: list[int]) -> tuple[list[int], list[in
 
 def to_row(scored: ScoredExample) -> dict[str, Any]:
     e = scored.example
-    run_message, run_start, run_length = _runs(e.positions, e.messages)
+    run_message, run_start, run_length = position_runs(e.positions, e.messages)
     return {
         "id": e.conv.id,
         "domain": e.conv.domain,

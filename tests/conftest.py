@@ -1,17 +1,14 @@
 """Shared fixtures: real tokenizers from package-registry packages and tiny random models.
 
 The tokenizers are the real ones users meet (SmolLM2's byte-level BPE, Mistral/Llama-2's
-SentencePiece with byte fallback, Qwen's tiktoken BPE with a padded embedding), converted once
-into HF directories under the fusion-train cache. Models on top of them are tiny and random:
+SentencePiece with byte fallback, Qwen's tiktoken BPE, whose models pad the embedding), see
+``fusion_train.registry_assets.real_tokenizer_dir``. Models on top of them are tiny and random:
 what the stages compute is checked against independent computations, not against quality.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,65 +17,7 @@ import torch
 from fusion_train import registry_assets as assets
 from fusion_train.represent import RepresentSettings, represent
 
-QWEN_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
 QWEN_PADDED_VOCAB = 151936  # Qwen's embedding has more rows than its 151,851 tokens
-
-
-def _template(name: str) -> str:
-    return (Path(__file__).parents[1] / "fusion_train" / "templates" / f"{name}.jinja").read_text()
-
-
-def _build_qwen(target: Path) -> None:
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    backend = TikTokenConverter(
-        vocab_file=str(assets.fetch(assets.QWEN_TIKTOKEN)),
-        pattern=QWEN_PATTERN,
-        extra_special_tokens=QWEN_SPECIAL_TOKENS,
-    ).converted()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=_template("chatml"),
-    )
-    tokenizer.save_pretrained(target)
-
-
-def _build_mistral(target: Path) -> None:
-    from transformers import AutoTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(assets.fetch(assets.MISTRAL_SENTENCEPIECE), Path(tmp) / "tokenizer.model")
-        (Path(tmp) / "tokenizer_config.json").write_text(
-            '{"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", '
-            '"unk_token": "<unk>", "legacy": false}'
-        )
-        tokenizer = AutoTokenizer.from_pretrained(tmp)
-    tokenizer.chat_template = _template("llama2")
-    tokenizer.save_pretrained(target)
-
-
-def _build_smollm2(target: Path) -> None:
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(assets.smollm2_instruct_dir()).save_pretrained(target)
-
-
-BUILDERS = {"smollm2": _build_smollm2, "mistral": _build_mistral, "qwen": _build_qwen}
-
-
-def real_tokenizer_dir(name: str) -> Path:
-    """A saved HF tokenizer directory for one of the real tokenizers, built once and cached."""
-    target = assets.cache_dir() / "tokenizers" / name
-    if not (target / "tokenizer_config.json").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            BUILDERS[name](Path(tmp) / name)
-            os.replace(Path(tmp) / name, target)
-    return target
 
 
 def build_tiny_model(tokenizer_dir: Path, out: Path, seed: int = 0, vocab_size: int | None = None,
@@ -111,7 +50,7 @@ def build_tiny_model(tokenizer_dir: Path, out: Path, seed: int = 0, vocab_size: 
 
 @pytest.fixture(scope="session")
 def tokenizer_dirs() -> dict[str, Path]:
-    return {name: real_tokenizer_dir(name) for name in BUILDERS}
+    return {name: assets.real_tokenizer_dir(name) for name in assets.REAL_TOKENIZERS}
 
 
 @pytest.fixture(scope="session")

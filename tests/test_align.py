@@ -26,10 +26,10 @@ from fusion_train.cli import main
 from fusion_train.fuse import FusionError, fuse
 from fusion_train.represent import (
     RepresentSettings,
-    _runs,
     encode_conversation,
     example_arrays,
     load_representation,
+    position_runs,
     represent,
 )
 
@@ -37,7 +37,7 @@ from fusion_train.represent import (
 def arrays_from_spans(spans: list[tuple[int, int, int]], first_position: int = 1) -> dict[str, np.ndarray]:
     """Representation-like arrays for consecutive supervised tokens with (message, start, end) spans."""
     messages = [m for m, _, _ in spans]
-    run_message, run_start, run_length = _runs(
+    run_message, run_start, run_length = position_runs(
         list(range(first_position, first_position + len(spans))), messages
     )
     return {
@@ -109,7 +109,7 @@ def test_spans_agree_with_dtw_where_both_are_unambiguous(
             {
                 **arrays_from_spans(list(zip(e.messages, e.char_start, e.char_end, strict=True))),
                 "input_ids": np.array(e.input_ids),
-                "run_start": np.array(_runs(e.positions, e.messages)[1]),
+                "run_start": np.array(position_runs(e.positions, e.messages)[1]),
             }
             for e in (p_example, s_example)
         )
