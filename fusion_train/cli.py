@@ -10,6 +10,7 @@ import click
 
 from fusion_train import __version__
 from fusion_train.align import align_command
+from fusion_train.evaluate import evaluate_command
 from fusion_train.fuse import fuse_command
 from fusion_train.represent import represent_command
 from fusion_train.train import train_command
@@ -22,7 +23,8 @@ def main() -> None:
 
     Stages, in order: represent (record each model's top-k next-token distributions),
     align (map a source's distributions onto the pivot's tokens), fuse (pick or blend
-    candidates per sequence), train (distil into the pivot on DeepSpeed ZeRO).
+    candidates per sequence), train (distil into the pivot on DeepSpeed ZeRO), then
+    evaluate (bits per byte of held-out responses, comparable across tokenizers).
     """
 
 
@@ -30,3 +32,4 @@ main.add_command(represent_command)
 main.add_command(align_command)
 main.add_command(fuse_command)
 main.add_command(train_command)
+main.add_command(evaluate_command)

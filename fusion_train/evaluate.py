@@ -1,0 +1,238 @@
+"""Evaluation: cross-entropy of reference responses in bits per UTF-8 byte.
+
+Per-token losses cannot be compared across tokenizers (the same text is a different number of
+tokens); per byte they can, so every model (pivot, sources in their own tokenizers and
+templates, targets, merges) is scored on the same held-out responses in one unit. Only the
+response text counts: the end-of-turn token has no bytes and a base model without a chat
+template has never seen one, so it is left out. Confidence intervals come from a bootstrap over
+examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+from tqdm.auto import tqdm
+
+from fusion_train.chat import Conversation, data_fingerprint, load_conversations, resolve_chat_template
+from fusion_train.models import load_model, load_tokenizer
+from fusion_train.represent import batches_by_length, encode_conversation, score_batch
+from fusion_train.storage import atomic_write_text, read_json, write_json_atomic
+
+BOOTSTRAP_SAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class ExampleLoss:
+    id: str
+    domain: str
+    nll: float  # nats, summed over the response's tokens
+    num_bytes: int
+
+
+@dataclass(frozen=True)
+class BitsPerByte:
+    value: float
+    low: float  # 95% bootstrap interval
+    high: float
+    examples: int
+
+
+def response_losses(
+    model_dir: str | Path,
+    conversations: list[Conversation],
+    *,
+    chat_template: str | None = None,
+    max_length: int = 2048,
+    batch_tokens: int = 4096,
+    gguf_file: str | None = None,
+    progress: bool = True,
+) -> list[ExampleLoss]:
+    """Summed negative log-likelihood and byte count of every example's assistant text."""
+    tokenizer = load_tokenizer(model_dir, gguf_file)
+    template, _ = resolve_chat_template(tokenizer, chat_template)
+    model = load_model(model_dir, gguf_file)
+    encoded = [e for c in conversations if not isinstance(e := encode_conversation(tokenizer, template, c, max_length, "truncate"), str)]  # fmt: skip
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    losses: dict[str, ExampleLoss] = {}
+    batches = list(batches_by_length(encoded, batch_tokens))
+    for batch in tqdm(batches, desc=f"evaluate {Path(model_dir).name}", unit="batch", disable=not progress):
+        for scored in score_batch(model, batch, 1, len(tokenizer), pad_id):
+            example = scored.example
+            text_tokens = np.array(example.char_end) > np.array(example.char_start)  # not end-of-turn
+            nll = -float(scored.target_logprob[text_tokens].astype(np.float64).sum())
+            losses[example.conv.id] = ExampleLoss(
+                example.conv.id, example.conv.domain, nll, example.num_bytes
+            )
+    return [losses[e.conv.id] for e in encoded]
+
+
+def bits_per_byte(losses: list[ExampleLoss], seed: int = 0) -> BitsPerByte:
+    """Total nats over total bytes, in bits, with a 95% bootstrap interval over examples."""
+    nll = np.array([x.nll for x in losses])
+    num_bytes = np.array([x.num_bytes for x in losses], dtype=np.float64)
+    value = nll.sum() / num_bytes.sum() / math.log(2)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(losses), size=(BOOTSTRAP_SAMPLES, len(losses)))
+    resampled = nll[draws].sum(axis=1) / num_bytes[draws].sum(axis=1) / math.log(2)
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return BitsPerByte(float(value), float(low), float(high), len(losses))
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to evaluate: a display name, a role in the comparison, a local directory."""
+
+    name: str
+    path: str
+    role: str = "model"  # pivot, source, target, baseline, merge ...
+    chat_template: str | None = None
+
+
+def evaluate(
+    models: list[ModelSpec],
+    data_path: str | Path,
+    out_dir: str | Path,
+    *,
+    max_length: int = 2048,
+    batch_tokens: int = 4096,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score every model on the same responses; write report.json, report.md and report.png.
+
+    Per-model losses are cached in ``out_dir/losses/`` (keyed by model path and data), so adding
+    a model to a finished evaluation scores only the new one. Figures are computed over the
+    examples every model could score, so all rows describe the same text.
+    """
+    out_dir = Path(out_dir)
+    if len({m.name for m in models}) < len(models):
+        raise ValueError("two models have the same name; names label the report's rows")
+    conversations = load_conversations(data_path)
+    fingerprint = data_fingerprint(conversations)
+    per_model: dict[str, list[ExampleLoss]] = {}
+    for spec in models:
+        key = hashlib.sha256(
+            json.dumps([str(Path(spec.path).resolve()), spec.chat_template, fingerprint, max_length]).encode()
+        ).hexdigest()[:16]
+        cached = out_dir / "losses" / f"{key}.json"
+        if cached.exists():
+            per_model[spec.name] = [ExampleLoss(**x) for x in read_json(cached)]
+            continue
+        losses = response_losses(spec.path, conversations, chat_template=spec.chat_template, max_length=max_length,
+                                 batch_tokens=batch_tokens, progress=progress)  # fmt: skip
+        write_json_atomic(cached, [asdict(x) for x in losses])
+        per_model[spec.name] = losses
+
+    common = set.intersection(*({x.id for x in losses} for losses in per_model.values()))
+    if not common:
+        raise ValueError(f"{data_path}: no example could be scored by every model")
+    domains = sorted(
+        {x.domain for losses in per_model.values() for x in losses if x.id in common and x.domain}
+    )
+    rows = []
+    for spec in models:
+        losses = [x for x in per_model[spec.name] if x.id in common]
+        by_domain = {d: asdict(bits_per_byte([x for x in losses if x.domain == d])) for d in domains}
+        rows.append({**asdict(spec), "bits_per_byte": asdict(bits_per_byte(losses)), "by_domain": by_domain})
+    report = {
+        "data": str(Path(data_path).resolve()),
+        "examples": len(common),
+        "domains": domains,
+        "models": rows,
+    }
+    write_json_atomic(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.md", markdown_report(report))
+    plot_report(report, out_dir / "report.png")
+    return report
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The comparison table a person reads: lower bits per byte is better."""
+    domains = report["domains"]
+    header = ["model", "role", "bits/byte (95% CI)", *domains]
+    lines = [
+        f"Cross-entropy of the reference responses in bits per UTF-8 byte on {report['examples']} held-out "
+        "examples (lower is better; comparable across tokenizers).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in sorted(report["models"], key=lambda r: r["bits_per_byte"]["value"]):
+        bpb = row["bits_per_byte"]
+        cells = [row["name"], row["role"], f"{bpb['value']:.4f} ({bpb['low']:.4f}-{bpb['high']:.4f})"]
+        cells += [f"{row['by_domain'][d]['value']:.4f}" for d in domains]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    """Horizontal bars with 95% intervals, best model on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(report["models"], key=lambda r: -r["bits_per_byte"]["value"])
+    values = [r["bits_per_byte"]["value"] for r in rows]
+    errors = [[v - r["bits_per_byte"]["low"] for v, r in zip(values, rows, strict=True)],
+              [r["bits_per_byte"]["high"] - v for v, r in zip(values, rows, strict=True)]]  # fmt: skip
+    roles = sorted({r["role"] for r in rows})
+    colours = {role: plt.get_cmap("tab10")(i) for i, role in enumerate(roles)}
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.5))
+    ax.barh(
+        [r["name"] for r in rows], values, xerr=errors, color=[colours[r["role"]] for r in rows], capsize=3
+    )
+    ax.set_xlabel("bits per byte of reference responses (lower is better)")
+    ax.set_xlim(min(values) * 0.95 - 0.01, max(v + e for v, e in zip(values, errors[1], strict=True)) * 1.02)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[role]) for role in roles]
+    ax.legend(handles, roles, loc="lower right", fontsize="small")
+    ax.set_title(f"Held-out cross-entropy, {report['examples']} examples")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+@click.command("evaluate")
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=click.Path(exists=True),
+    help="Held-out chat data (same formats as represent).",
+)
+@click.option(
+    "--model",
+    "models",
+    required=True,
+    multiple=True,
+    metavar="NAME=DIR[:ROLE]",
+    help="A model to score, repeatable: a name for the report, its directory, optionally a role.",
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report directory.")
+@click.option("--max-length", default=2048, help="Longest tokenized conversation, in each model's tokens.")
+@click.option("--batch-tokens", default=4096, help="Padded tokens per forward batch.")
+def evaluate_command(data_path: str, models: tuple[str, ...], out_dir: str, max_length: int, batch_tokens: int) -> None:  # fmt: skip
+    """Compare models by the bits per byte they need for the reference responses."""
+    specs = []
+    for item in models:
+        name, sep, rest = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected NAME=DIR[:ROLE], got {item!r}", param_hint="--model")
+        path, _, role = rest.partition(":")
+        specs.append(ModelSpec(name, path, role or "model"))
+    report = evaluate(specs, data_path, out_dir, max_length=max_length, batch_tokens=batch_tokens)
+    click.echo(markdown_report(report))
+    click.echo(f"written: {Path(out_dir) / 'report.md'}, report.json, report.png")

@@ -1,0 +1,113 @@
+"""Bits per byte against a by-hand computation, and the evaluation report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fusion_train import evaluate as evaluate_module
+from fusion_train.cli import main
+from fusion_train.evaluate import ModelSpec, bits_per_byte, evaluate, response_losses
+
+RECORDS = [
+    {"instruction": "Greet", "output": "Hello there, friend! 👋", "dataset": "chat"},
+    {"instruction": "Count", "output": "1, 2, 3 — done.\nNext line.", "dataset": "math"},
+    {"instruction": "Again", "output": "Another answer here.", "dataset": "chat"},
+]
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("heldout") / "heldout.json"
+    path.write_text(json.dumps(RECORDS, ensure_ascii=False))
+    return path
+
+
+def by_hand_bits_per_byte(model_dir: Path) -> float:
+    """Render with the chat template, find the answer's characters in the text, take the tokens
+    overlapping them from the tokenizer's offsets, sum their -log p over the real vocabulary."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    nats, num_bytes = 0.0, 0
+    for record in RECORDS:
+        messages = [
+            {"role": "user", "content": record["instruction"]},
+            {"role": "assistant", "content": record["output"]},
+        ]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        start = text.rindex(record["output"])
+        end = start + len(record["output"])
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor(enc["input_ids"])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids[None]).logits[0, :, : len(tokenizer)].float(), dim=-1)
+        for position, (a, b) in enumerate(enc["offset_mapping"]):
+            if b > a and a < end and b > start:
+                nats -= float(logprobs[position - 1, ids[position]])
+        num_bytes += len(record["output"].encode("utf-8"))
+    return nats / num_bytes / math.log(2)
+
+
+@pytest.mark.parametrize("name", ["smollm2", "mistral"])
+def test_bits_per_byte_equals_a_by_hand_computation(name: str, tiny_models: dict, heldout: Path) -> None:
+    from fusion_train.chat import load_conversations
+
+    losses = response_losses(tiny_models[name], load_conversations(heldout), progress=False)
+    result = bits_per_byte(losses)
+    assert result.value == pytest.approx(by_hand_bits_per_byte(tiny_models[name]), rel=1e-5)
+    assert result.low <= result.value <= result.high and result.examples == 3
+
+
+def test_report_caches_models_and_compares_them(
+    tiny_models: dict, heldout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    specs = [
+        ModelSpec("pivot", str(tiny_models["smollm2"]), "pivot"),
+        ModelSpec("src", str(tiny_models["qwen"]), "source"),
+    ]
+    report = evaluate(specs, heldout, tmp_path, progress=False)
+    assert [r["name"] for r in report["models"]] == ["pivot", "src"]
+    assert report["domains"] == ["chat", "math"] and report["examples"] == 3
+    for row in report["models"]:
+        chat = row["by_domain"]["chat"]
+        assert chat["examples"] == 2 and chat["low"] <= chat["value"] <= chat["high"]
+    table = (tmp_path / "report.md").read_text()
+    assert "| pivot | pivot |" in table and "bits per UTF-8 byte" in table
+    assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+    scored = []
+    real = evaluate_module.response_losses
+    monkeypatch.setattr(
+        evaluate_module, "response_losses", lambda path, *a, **k: scored.append(path) or real(path, *a, **k)
+    )
+    extra = [*specs, ModelSpec("other", str(tiny_models["mistral"]), "source")]
+    again = evaluate(extra, heldout, tmp_path, progress=False)
+    assert scored == [str(tiny_models["mistral"])]  # only the new model is scored
+    assert again["models"][0]["bits_per_byte"] == report["models"][0]["bits_per_byte"]
+
+
+def test_evaluate_command(tiny_models: dict, heldout: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--data",
+            str(heldout),
+            "--model",
+            f"p={tiny_models['smollm2']}:pivot",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "| p | pivot |" in result.output
+    result = CliRunner().invoke(
+        main, ["evaluate", "--data", str(heldout), "--model", "nodir", "--out", str(tmp_path)]
+    )
+    assert result.exit_code != 0 and "NAME=DIR" in result.output
