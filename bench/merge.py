@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -186,10 +187,13 @@ def child(case: str, workdir: Path, out: Path) -> None:
     )
 
 
-def run_case(case: str, workdir: Path) -> dict:
+def run_case(case: str, workdir: Path, threads: int | None) -> dict:
     out = workdir / f"out-{case}"
     cmd = [sys.executable, __file__, "--child", case, "--workdir", str(workdir), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     subprocess.run(["rm", "-rf", str(out)], check=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{case} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}")
@@ -203,6 +207,9 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smollm2")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/varm-bench"))
     parser.add_argument("--repeats", type=int, default=3, help="runs per case, interleaved; median time")
+    parser.add_argument(
+        "--threads", type=int, help="OMP_NUM_THREADS for every run (steadier figures on a shared machine)"
+    )
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -223,7 +230,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {case: [] for case in args.cases}
     for _ in range(args.repeats):
         for case in args.cases:  # interleaved, so drift in machine load hits every case alike
-            runs[case].append(run_case(case, workdir))
+            runs[case].append(run_case(case, workdir, args.threads))
 
     rows = {
         case: {

@@ -130,18 +130,22 @@ def stored_scores(
 def _element_delta(
     deltas: list[torch.Tensor], priors: torch.Tensor, epsilon: float, name: str
 ) -> torch.Tensor:
-    """Per-element weights: w_k = p_k d_k^2 / sum_j p_j d_j^2, priors where that sum is ~0."""
-    p = priors.to(deltas[0].dtype)
+    """Per-element weights: w_k = p_k d_k^2 / sum_j p_j d_j^2, priors where that sum is ~0.
+
+    Priors stay Python floats so the same code runs on any device.
+    """
+    p = priors.tolist()
+    p_sum = sum(p)
     total = torch.zeros_like(deltas[0])
     for pk, d in zip(p, deltas, strict=True):
-        total.addcmul_(d, d, value=pk.item())
-    fallback = total <= epsilon * p.sum()
+        total.addcmul_(d, d, value=pk)
+    fallback = total <= epsilon * p_sum
     if fallback.all() and deltas[0].numel() > 0:
         warn_uniform_once(f"tensor {name!r}")
-    safe_total = torch.where(fallback, torch.ones_like(total), total)
+    total.masked_fill_(fallback, 1.0)
     merged = torch.zeros_like(total)
     for pk, d in zip(p, deltas, strict=True):
-        weight = torch.where(fallback, pk / p.sum(), pk * d * d / safe_total)
+        weight = torch.where(fallback, pk / p_sum, d * d * (pk / total))
         merged.addcmul_(weight, d)
     return merged
 
