@@ -81,22 +81,31 @@ def align_by_spans(pivot_keys: np.ndarray, source_keys: np.ndarray) -> tuple[np.
     """Index pairs ``(pivot_i, source_j)`` of tokens with identical, unambiguous spans.
 
     A span shared by several tokens on one side (byte pieces of one character) is ambiguous: it
-    is left unaligned rather than guessed.
+    is left unaligned rather than guessed. Keys come in position order, which is span order, so
+    one pass finds duplicates and a binary search finds matches.
     """
+    if len(pivot_keys) == 0 or len(source_keys) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    source_order = None
+    if np.any(source_keys[1:] < source_keys[:-1]):  # not from a representation: sort first
+        source_order = np.argsort(source_keys, kind="stable")
+        source_keys = source_keys[source_order]
+    found = np.minimum(np.searchsorted(source_keys, pivot_keys), len(source_keys) - 1)
+    match = (source_keys[found] == pivot_keys) & _unambiguous(pivot_keys) & _unambiguous(source_keys)[found]
+    pivot_index, source_index = np.flatnonzero(match), found[match]
+    return pivot_index, (source_index if source_order is None else source_order[source_index])
 
-    def unique_on_side(keys: np.ndarray) -> np.ndarray:
+
+def _unambiguous(keys: np.ndarray) -> np.ndarray:
+    """True where a key occurs once (duplicates of a key are neighbours, or anywhere if unsorted)."""
+    if np.any(keys[1:] < keys[:-1]):
         values, counts = np.unique(keys, return_counts=True)
         return np.isin(keys, values[counts == 1])
-
-    pivot_ok, source_ok = unique_on_side(pivot_keys), unique_on_side(source_keys)
-    order = np.argsort(source_keys, kind="stable")
-    found = np.searchsorted(source_keys[order], pivot_keys)
-    found = np.minimum(found, max(len(order) - 1, 0))
-    if len(order) == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    candidate = order[found]
-    match = (source_keys[candidate] == pivot_keys) & pivot_ok & source_ok[candidate]
-    return np.flatnonzero(match), candidate[match]
+    repeated = keys[1:] == keys[:-1]
+    once = np.ones(len(keys), dtype=bool)
+    once[1:] &= ~repeated
+    once[:-1] &= ~repeated
+    return once
 
 
 def align_by_dtw(

@@ -59,6 +59,16 @@ def test_spans_align_only_identical_unambiguous_spans() -> None:
         span_keys(arrays_from_spans(pivot)), span_keys(arrays_from_spans(source))
     )
     assert list(zip(pivot_index.tolist(), source_index.tolist(), strict=True)) == [(1, 2), (4, 4), (5, 5)]
+    # Keys that do not come in span order (not from a representation) give the same pairs.
+    shuffle = np.array([4, 0, 5, 2, 1, 3])
+    pivot_index, source_index = align_by_spans(
+        span_keys(arrays_from_spans(pivot)), span_keys(arrays_from_spans(source))[shuffle]
+    )
+    assert list(zip(pivot_index.tolist(), shuffle[source_index].tolist(), strict=True)) == [
+        (1, 2),
+        (4, 4),
+        (5, 5),
+    ]
 
 
 def test_same_span_in_another_message_is_not_a_match() -> None:
