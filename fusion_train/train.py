@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import SchedulerType, Trainer, TrainingArguments
 
 from fusion_train.losses import supervised_loss_sums
 from fusion_train.models import ModelLoadError, load_model, load_tokenizer, tokenizer_hash
@@ -99,10 +99,6 @@ class TrainConfig:
         for message, ok in checks.items():
             if not ok:
                 raise TrainInputError(message)
-
-    @property
-    def fusion(self) -> bool:
-        return self.lm_weight < 1.0
 
     def run_settings(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in NOT_IN_RUN_MANIFEST}
@@ -395,10 +391,9 @@ class FusionTrainer(Trainer):
         if sums.fusion is not None:
             loss = loss + (1.0 - self.lm_weight) * sums.fusion
         tokens = len(outputs.logits[0])
-        self._window += torch.tensor(
-            [sums.clm.item(), sums.fusion.item() if sums.fusion is not None else 0.0, tokens],
-            dtype=torch.float64,
-        )
+        fusion_sum = sums.fusion if sums.fusion is not None else torch.zeros_like(sums.clm)
+        step = torch.stack([sums.clm.detach(), fusion_sum.detach(), sums.clm.new_tensor(tokens)])
+        self._window = self._window.to(step.device) + step.double()  # no host sync per micro-step
         if num_items_in_batch is None:  # outside the training loop: a plain mean
             loss = loss / tokens
         else:
@@ -410,7 +405,7 @@ class FusionTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: every rank is here, so the reduction is matched
             window = self.accelerator.reduce(self._window.to(self.args.device), reduction="sum").cpu()
-            self._window.zero_()
+            self._window = torch.zeros_like(self._window)
             logs["clm_loss"] = float(window[0] / window[2])
             if self.lm_weight < 1.0:
                 logs["fusion_loss"] = float(window[1] / window[2])
@@ -708,7 +703,10 @@ def launch(config: TrainConfig, nproc: int | None, hostfile: str | None, master_
 @click.option("--grad-accumulation", default=1, help="Micro-steps per optimizer step.")
 @click.option("--warmup-ratio", default=0.03, help="Share of the steps with a linear warmup.")
 @click.option(
-    "--scheduler", default="cosine", help="transformers learning-rate schedule (cosine, linear, ...)."
+    "--scheduler",
+    type=click.Choice([s.value for s in SchedulerType]),
+    default="cosine",
+    help="transformers learning-rate schedule.",
 )
 @click.option("--weight-decay", default=0.0)
 @click.option("--max-grad-norm", default=1.0, help="Gradient clipping.")

@@ -86,7 +86,7 @@ def test_zero2_two_ranks_through_the_cli_launcher(setup, tmp_path):
     out = tmp_path / "target-zero2"
     command = [str(VENV_BIN / "fusion-train"), "train", "--model", str(pivot), "--fused", str(fused)]
     command += ["--out", str(out), "--nproc", "2", "--master-port", str(_free_port()), "--deepspeed", "zero2"]
-    result = _run(command + _options({**SETTINGS, "per_device_batch_size": 2}))
+    result = _run([*command, "--gradient-checkpointing", *_options({**SETTINGS, "per_device_batch_size": 2})])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     summary = _check_output(out, pivot, rows)
     assert summary["world_size"] == 2
