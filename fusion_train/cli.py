@@ -12,6 +12,7 @@ from fusion_train import __version__
 from fusion_train.align import align_command
 from fusion_train.evaluate import evaluate_command
 from fusion_train.fuse import fuse_command
+from fusion_train.pipeline import run_command
 from fusion_train.represent import represent_command
 from fusion_train.train import train_command
 
@@ -33,3 +34,4 @@ main.add_command(align_command)
 main.add_command(fuse_command)
 main.add_command(train_command)
 main.add_command(evaluate_command)
+main.add_command(run_command)

@@ -1,0 +1,456 @@
+"""The whole method from one recipe: ``fusion-train run RECIPE.yaml``.
+
+represent -> align -> fuse -> train for every (pivot, source) pair, a CLM-only baseline, then
+the targets merged with VaRM and the baselines, then every model evaluated on held-out data.
+
+Every stage's output lives under the run directory in a folder named by the stage and a key:
+a hash of the stage's settings and of the keys of what it reads. A stage whose folder is
+complete is skipped, so re-running a finished recipe does nothing, adding a source runs only
+that source's stages and the merges, and changing a setting re-runs only what depends on it.
+A killed run resumes: finished stages are kept, and represent/train resume inside the stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from fusion_train.align import align
+from fusion_train.chat import load_conversations
+from fusion_train.evaluate import ModelSpec, evaluate
+from fusion_train.fuse import fuse
+from fusion_train.represent import RepresentSettings, represent
+from fusion_train.storage import atomic_write_text, write_json_atomic
+from fusion_train.train import TrainConfig, launch
+
+DONE = ".done.json"
+TWO_TARGET_METHODS = {"slerp", "nuslerp"}  # interpolate exactly two models
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    path: str
+    chat_template: str | None = None
+    gguf_file: str | None = None
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    train: str
+    heldout: str | None = None  # a held-out file, or split `train` by heldout_fraction
+    heldout_fraction: float | None = None
+    limit: int | None = None  # use the first N training records
+
+
+@dataclass(frozen=True)
+class RepresentStage:
+    top_k: int = 10
+    max_length: int = 2048
+    batch_tokens: int = 4096
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class AlignStage:
+    token_align: str = "spans"
+    vocab_map: str = "exact"
+
+
+@dataclass(frozen=True)
+class FuseStage:
+    criterion: str = "min-ce"
+    ce_unit: str = "byte"
+
+
+@dataclass(frozen=True)
+class TrainStage:
+    nproc: int = 1
+    clm_baseline: bool = True  # also train the pivot with CLM only, on the same data and schedule
+    lm_weight: float = 0.9
+    temperature: float = 1.0
+    deepspeed: str = "zero2"
+    learning_rate: float = 5e-6
+    epochs: float = 3.0
+    max_steps: int = -1
+    per_device_batch_size: int = 1
+    grad_accumulation: int = 1
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    gradient_checkpointing: bool = False
+    bf16: bool | None = None
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class MergeStage:
+    methods: tuple[str, ...] = ("varm", "task_arithmetic", "ties", "slerp", "sce", "linear")
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class EvaluateStage:
+    max_length: int = 2048
+    batch_tokens: int = 4096
+
+
+@dataclass(frozen=True)
+class Recipe:
+    pivot: ModelEntry
+    sources: tuple[ModelEntry, ...]
+    data: DataSettings
+    run_dir: str
+    represent: RepresentStage = RepresentStage()
+    align: AlignStage = AlignStage()
+    fuse: FuseStage = FuseStage()
+    train: TrainStage = TrainStage()
+    merge: MergeStage = MergeStage()
+    evaluate: EvaluateStage = EvaluateStage()
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """A dataclass from a mapping, refusing unknown keys and naming where they were found."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise RecipeError(f"{where}: {exc}") from exc
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe; relative paths are relative to the recipe file."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return parse_recipe(
+        raw, base=path.parent, default_run_dir=path.parent / "runs" / path.stem, where=str(path)
+    )
+
+
+def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "recipe") -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: expected a mapping at the top level")
+    stages = {"represent": RepresentStage, "align": AlignStage, "fuse": FuseStage, "train": TrainStage,
+              "merge": MergeStage, "evaluate": EvaluateStage}  # fmt: skip
+    unknown = sorted(set(raw) - {"pivot", "sources", "data", "run_dir", *stages})
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    for key in ("pivot", "sources", "data"):
+        if key not in raw:
+            raise RecipeError(f"{where}: missing `{key}`")
+
+    def model(entry: Any, at: str) -> ModelEntry:
+        m = _build(ModelEntry, entry, at)
+        local = (base / m.path).resolve()
+        if not local.is_dir():
+            raise RecipeError(f"{at}: model directory {local} does not exist")
+        return ModelEntry(m.name, str(local), m.chat_template, m.gguf_file)
+
+    pivot = model(raw["pivot"], f"{where}: pivot")
+    if not isinstance(raw["sources"], list) or not raw["sources"]:
+        raise RecipeError(f"{where}: `sources` must be a non-empty list")
+    sources = tuple(model(s, f"{where}: sources[{i}]") for i, s in enumerate(raw["sources"]))
+    names = [pivot.name] + [s.name for s in sources]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise RecipeError(f"{where}: model name(s) used twice: {', '.join(duplicates)}; names must be unique")
+    for source in sources:
+        if source.path == pivot.path:
+            raise RecipeError(f"{where}: source {source.name!r} is the pivot itself ({pivot.path})")
+    data = _build(DataSettings, raw["data"], f"{where}: data")
+    data = DataSettings(
+        str((base / data.train).resolve()),
+        str((base / data.heldout).resolve()) if data.heldout else None,
+        data.heldout_fraction,
+        data.limit,
+    )
+    if data.heldout is None and not data.heldout_fraction:
+        raise RecipeError(f"{where}: data has no `heldout` file and no `heldout_fraction`; give one of them")
+    if data.heldout_fraction is not None and not 0 < data.heldout_fraction < 1:
+        raise RecipeError(f"{where}: data.heldout_fraction must be between 0 and 1")
+    settings = {name: _build(cls, raw.get(name) or {}, f"{where}: {name}") for name, cls in stages.items()}
+    run_dir = str((base / raw["run_dir"]).resolve()) if raw.get("run_dir") else str(default_run_dir.resolve())
+    return Recipe(pivot, sources, data, run_dir, **settings)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def model_fingerprint(path: str) -> str:
+    """Changes when the model's files change (names, sizes, modification times)."""
+    entries = sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(path).iterdir() if p.is_file()
+    )
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def file_fingerprint(path: str) -> str:
+    digest = hashlib.sha256()
+    target = Path(path)
+    files = sorted(target.rglob("*")) if target.is_dir() else [target]
+    for f in files:
+        if f.is_file():
+            digest.update(f.name.encode() + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class StageLog:
+    """What ran and what was reused in this invocation (also written to ``pipeline.json``)."""
+
+    ran: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Stages:
+    """Runs a stage into ``RUN/<stage>/<name>-<key>`` unless that folder is already complete."""
+
+    def __init__(self, run_dir: Path, log: StageLog, echo: Callable[[str], None]) -> None:
+        self.run_dir, self.log, self.echo = run_dir, log, echo
+
+    def run(
+        self, stage: str, name: str, inputs: dict[str, Any], work: Callable[[Path], Any]
+    ) -> tuple[Path, str]:
+        key = hashlib.sha256(
+            json.dumps({"stage": stage, **inputs}, sort_keys=True, default=str).encode()
+        ).hexdigest()[:12]
+        out = self.run_dir / stage / f"{name}-{key}"
+        label = f"{stage}/{name}"
+        if (out / DONE).exists():
+            self.log.reused.append(label)
+            self.echo(f"= {label}: done before ({out.name})")
+            return out, key
+        self.echo(f"> {label} ...")
+        started = time.perf_counter()
+        work(out)
+        seconds = time.perf_counter() - started
+        write_json_atomic(
+            out / DONE, {"stage": stage, "name": name, "key": key, "inputs": inputs, "seconds": seconds}
+        )
+        self.log.ran.append(label)
+        self.log.seconds[label] = seconds
+        self.echo(f"  {label}: {seconds:.1f} s")
+        return out, key
+
+
+def split_data(recipe: Recipe, stages: Stages) -> tuple[Path, Path, str]:
+    """Training and held-out files, as JSONL of normalised records (split by id hash if asked)."""
+    data = recipe.data
+    inputs = {"train": file_fingerprint(data.train), "heldout": file_fingerprint(data.heldout) if data.heldout else None,
+              "fraction": data.heldout_fraction, "limit": data.limit}  # fmt: skip
+
+    def work(out: Path) -> None:
+        records = load_conversations(data.train)
+        heldout = load_conversations(data.heldout) if data.heldout else []
+        if not data.heldout:
+            cut = int(data.heldout_fraction * 10_000)
+            in_heldout = [int(hashlib.sha256(c.id.encode()).hexdigest(), 16) % 10_000 < cut for c in records]
+            heldout = [c for c, h in zip(records, in_heldout, strict=True) if h]
+            records = [c for c, h in zip(records, in_heldout, strict=True) if not h]
+        records = records[: data.limit] if data.limit else records
+        if not records or not heldout:
+            raise RecipeError(
+                f"{data.train}: the split leaves {len(records)} training and {len(heldout)} held-out records"
+            )
+        for name, convs in (("train.jsonl", records), ("heldout.jsonl", heldout)):
+            lines = [
+                json.dumps({"id": c.id, "messages": list(c.messages), "domain": c.domain}, ensure_ascii=False)
+                for c in convs
+            ]
+            atomic_write_text(out / name, "\n".join(lines) + "\n")
+
+    out, key = stages.run("data", "split", inputs, work)
+    return out / "train.jsonl", out / "heldout.jsonl", key
+
+
+def run_pipeline(recipe: Recipe, echo: Callable[[str], None] = click.echo) -> dict[str, Any]:
+    """Run every stage the recipe needs; return the evaluation report."""
+    run_dir = Path(recipe.run_dir)
+    log = StageLog()
+    stages = Stages(run_dir, log, echo)
+    train_file, heldout_file, data_key = split_data(recipe, stages)
+
+    settings = RepresentSettings(recipe.represent.top_k, recipe.represent.max_length, "truncate", None, 256,
+                                 recipe.represent.dtype)  # fmt: skip
+
+    def represent_stage(entry: ModelEntry) -> tuple[Path, str]:
+        inputs = {"model": model_fingerprint(entry.path), "data": data_key, "settings": asdict(recipe.represent),
+                  "chat_template": entry.chat_template}  # fmt: skip
+        model_settings = RepresentSettings(**{**asdict(settings), "chat_template": entry.chat_template})
+        return stages.run("represent", entry.name, inputs, lambda out: represent(
+            entry.path, train_file, out, model_settings, gguf_file=entry.gguf_file,
+            batch_tokens=recipe.represent.batch_tokens))  # fmt: skip
+
+    def train_stage(name: str, fused: Path, fused_key: str, no_fusion: bool) -> tuple[Path, str]:
+        t = recipe.train
+        inputs = {"pivot": model_fingerprint(recipe.pivot.path), "fused": fused_key, "settings": asdict(t),
+                  "no_fusion": no_fusion}  # fmt: skip
+
+        def work(out: Path) -> None:
+            model_dir = out / "model"
+            config = TrainConfig(
+                model=recipe.pivot.path, fused=str(fused), out=str(model_dir),
+                lm_weight=1.0 if no_fusion else t.lm_weight, temperature=t.temperature, deepspeed=t.deepspeed,
+                learning_rate=t.learning_rate, epochs=t.epochs, max_steps=t.max_steps,
+                per_device_batch_size=t.per_device_batch_size, grad_accumulation=t.grad_accumulation,
+                warmup_ratio=t.warmup_ratio, scheduler=t.scheduler, gradient_checkpointing=t.gradient_checkpointing,
+                bf16=t.bf16, seed=t.seed, resume=(out / "model.work").exists(),
+            )  # fmt: skip
+            code = launch(config, t.nproc, None, None)
+            if code != 0:
+                raise RuntimeError(
+                    f"training {name} failed (exit code {code}); rerun the recipe to resume it"
+                )
+
+        return stages.run("train", name, inputs, work)
+
+    pivot_repr, pivot_key = represent_stage(recipe.pivot)
+    targets: dict[str, tuple[Path, str]] = {}
+    first_fused: tuple[Path, str] | None = None
+    for source in recipe.sources:
+        source_repr, source_key = represent_stage(source)
+        aligned, aligned_key = stages.run(
+            "align", source.name, {"pivot": pivot_key, "source": source_key, "settings": asdict(recipe.align)},
+            lambda out, s=source_repr: align(pivot_repr, s, out, recipe.align.token_align, recipe.align.vocab_map),
+        )  # fmt: skip
+        fused, fused_key = stages.run(
+            "fuse", source.name, {"pivot": pivot_key, "aligned": [aligned_key], "settings": asdict(recipe.fuse)},
+            lambda out, a=aligned: fuse(pivot_repr, [a], out, recipe.fuse.criterion, recipe.fuse.ce_unit),
+        )  # fmt: skip
+        first_fused = first_fused or (fused, fused_key)
+        out, key = train_stage(f"target-{source.name}", fused, fused_key, no_fusion=False)
+        targets[source.name] = (out / "model", key)
+    baseline = None
+    if recipe.train.clm_baseline and first_fused:  # the fused data carries the pivot's tokens: same data
+        out, _ = train_stage("clm-baseline", *first_fused, no_fusion=True)
+        baseline = out / "model"
+
+    merges = merge_targets(recipe, stages, targets)
+    models = [ModelSpec(recipe.pivot.name, recipe.pivot.path, "pivot", recipe.pivot.chat_template)]
+    models += [ModelSpec(s.name, s.path, "source", s.chat_template) for s in recipe.sources]
+    models += [ModelSpec(f"target-{name}", str(path), "target") for name, (path, _) in targets.items()]
+    models += [ModelSpec("clm-baseline", str(baseline), "baseline")] if baseline else []
+    models += [ModelSpec(f"merge-{method}", str(path), "merge") for method, path in merges.items()]
+    echo("> evaluate ...")
+    started = time.perf_counter()
+    report = evaluate(models, heldout_file, run_dir / "evaluate", max_length=recipe.evaluate.max_length,
+                      batch_tokens=recipe.evaluate.batch_tokens)  # fmt: skip
+    log.seconds["evaluate"] = time.perf_counter() - started
+    write_comparison(report, run_dir, merges)
+    write_json_atomic(run_dir / "pipeline.json", asdict(log))
+    echo(f"report: {run_dir / 'report.md'}")
+    return report
+
+
+def merge_config(method: str, pivot: str, targets: list[str], dtype: str) -> dict[str, Any]:
+    """A shipped ``merge_configs/`` file for any number of targets: the per-model settings of
+    the shipped entries are reused for every target, placeholders become paths."""
+    from varm_merge.cli import PIVOT_PLACEHOLDER, TARGET_PLACEHOLDER, resolve_config
+
+    config = yaml.safe_load(resolve_config(method).read_text(encoding="utf-8"))
+
+    def path_of(value: Any) -> Any:
+        if value == PIVOT_PLACEHOLDER:
+            return pivot
+        found = TARGET_PLACEHOLDER.fullmatch(str(value))
+        return targets[int(found.group(1)) - 1] if found else value
+
+    shipped = config["models"]
+    config["models"] = [{**shipped[min(i, len(shipped) - 1)], "model": t} for i, t in enumerate(targets)]
+    if "base_model" in config:
+        config["base_model"] = path_of(config["base_model"])
+    config["dtype"] = dtype
+    return config
+
+
+def merge_targets(recipe: Recipe, stages: Stages, targets: dict[str, tuple[Path, str]]) -> dict[str, Path]:
+    """Merge the targets with every method listed, through mergekit (``python -m varm_merge``)."""
+    from varm_merge.cli import resolve_config
+    from varm_merge.weights import analyse
+
+    merged: dict[str, Path] = {}
+    paths = [str(path) for path, _ in targets.values()]
+    target_keys = [key for _, key in targets.values()]
+    for method in recipe.merge.methods:
+        if method in TWO_TARGET_METHODS and len(paths) != 2:
+            click.echo(f"- merge/{method}: skipped, it interpolates exactly two targets ({len(paths)} here)")
+            continue
+        inputs = {"pivot": model_fingerprint(recipe.pivot.path), "targets": target_keys, "dtype": recipe.merge.dtype,
+                  "config": file_fingerprint(str(resolve_config(method)))}  # fmt: skip
+
+        def work(out: Path, method: str = method) -> None:
+            out.mkdir(parents=True, exist_ok=True)
+            config = merge_config(method, recipe.pivot.path, paths, recipe.merge.dtype)
+            (out / "config.yml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+            staged = out / "model.tmp"
+            shutil.rmtree(staged, ignore_errors=True)
+            command = [sys.executable, "-m", "varm_merge", str(out / "config.yml"), str(staged)]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"merge {method} failed:\n{result.stderr[-3000:]}")
+            staged.rename(out / "model")
+
+        out, _ = stages.run("merge", method, inputs, work)
+        merged[method] = out / "model"
+    if "varm" in merged:  # which target dominates which matrix
+        stages.run("merge", "varm-weights", {"pivot": model_fingerprint(recipe.pivot.path), "targets": target_keys},
+                   lambda out: analyse(recipe.pivot.path, paths, out))  # fmt: skip
+    return merged
+
+
+def write_comparison(report: dict[str, Any], run_dir: Path, merges: dict[str, Path]) -> None:
+    """``report.md`` at the run's top: the evaluation table, merges ranked, the VaRM heatmap."""
+    from fusion_train.evaluate import markdown_report
+
+    shutil.copy(run_dir / "evaluate" / "report.png", run_dir / "report.png")
+    lines = ["# Fusion run report", "", markdown_report(report), "![bits per byte](report.png)", ""]
+    merge_rows = sorted(
+        (r for r in report["models"] if r["role"] == "merge"), key=lambda r: r["bits_per_byte"]["value"]
+    )
+    if merge_rows:
+        lines += ["## Merge methods, best first", ""]
+        lines += [
+            f"{i}. {r['name']}: {r['bits_per_byte']['value']:.4f} bits/byte"
+            for i, r in enumerate(merge_rows, 1)
+        ]
+        lines.append("")
+    heatmaps = sorted((run_dir / "merge").glob("varm-weights-*/varm_weights.png")) if merges else []
+    if heatmaps:
+        shutil.copy(heatmaps[-1], run_dir / "varm_weights.png")
+        lines += ["## VaRM weights per matrix", "", "![VaRM weights](varm_weights.png)", ""]
+    atomic_write_text(run_dir / "report.md", "\n".join(lines))
+
+
+@click.command("run")
+@click.argument("recipe_path", type=click.Path(exists=True, dir_okay=False), metavar="RECIPE.yaml")
+def run_command(recipe_path: str) -> None:
+    """Run the whole fusion from a recipe (see docs/recipe.md); finished stages are reused."""
+    try:
+        recipe = load_recipe(recipe_path)
+    except RecipeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    run_pipeline(recipe)
