@@ -23,6 +23,7 @@ from varm_fixtures import (
     load_numpy,
     make_base,
     make_target,
+    make_tied_family,
     make_wide_target,
     save_model,
     tiny_config,
@@ -154,6 +155,16 @@ def test_single_target_returns_that_target(models, tmp_path, granularity):
         tmp_path / "c.yml", models["base"], [models["t1"]], parameters={"granularity": granularity}
     )
     assert_same(run_ok(config, tmp_path / "out"), load_numpy(models["t1"]))
+
+
+@pytest.mark.parametrize("granularity", ["matrix", "layer"])
+def test_tied_embeddings(tmp_path, granularity):
+    """SmolLM2-style checkpoints without lm_head: mergekit skips it, VaRM merges the rest."""
+    base, *targets = make_tied_family(tmp_path / "models")
+    config = write_config(tmp_path / "c.yml", base, targets, parameters={"granularity": granularity})
+    merged = run_ok(config, tmp_path / "out")
+    assert "lm_head.weight" not in merged
+    assert_same(merged, by_hand_merge(load_numpy(base), [load_numpy(t) for t in targets], granularity))
 
 
 def test_weights_command_agrees_with_merge(models, tmp_path):

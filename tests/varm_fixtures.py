@@ -152,3 +152,26 @@ def make_wide_target(
         state[name] = torch.cat([state[name], rows])
     save_model(path, state, tiny_config(VOCAB + extra))
     return state
+
+
+def make_tied_family(root: Path, targets: int = 2) -> list[Path]:
+    """A pivot and targets with tied embeddings (as SmolLM2): the checkpoints hold no lm_head."""
+    config = tiny_config()
+    config.tie_word_embeddings = True
+    torch.manual_seed(10)
+    base = {k: v.detach().clone() for k, v in LlamaForCausalLM(config).state_dict().items()}
+    base.pop("lm_head.weight")
+    paths = []
+    for k in range(targets + 1):
+        gen = torch.Generator().manual_seed(100 + k)
+        scales = {
+            name: 0.0 if k == 0 else 10 ** (-3 + 2 * torch.rand((), generator=gen).item()) for name in base
+        }
+        state = {name: t + scales[name] * torch.randn(t.shape, generator=gen) for name, t in base.items()}
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(state, strict=False)
+        model.tie_weights()
+        paths.append(root / ("base" if k == 0 else f"t{k}"))
+        model.save_pretrained(paths[-1], safe_serialization=True)
+        save_tokenizer(paths[-1], config.vocab_size)
+    return paths
