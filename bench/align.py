@@ -130,7 +130,7 @@ def main() -> None:
             )
             print(
                 f"gemma3 -> SmolLM2 real distributions, {report['examples_aligned']} examples, --vocab-map {method}: "
-                f"1:1 {report['tokens_aligned_share']:.1%}, mapped top-k mass {report['mapped_topk_mass']:.1%}, "
+                f"1:1 {report['tokens_aligned_share']:.1%}, mapped top-k mass {report['mapped_topk_mass_share']:.1%}, "
                 f"align stage {report['seconds']:.1f} s"
             )
 

@@ -271,10 +271,11 @@ def align(
     iterator = _pairs(pivot_data, source_data, source_rows)
     for p, s in tqdm(iterator, total=len(pivot_ids & source_rows.keys()), desc="align", disable=not progress):
         pivot_index, source_index = token_pairs(p, s)
-        mapped = mapping.apply(
-            s["topk_ids"][source_index], np.exp(s["topk_logprobs"][source_index].astype(np.float32))
-        )
-        ids, probs, mass = mapped.ids, mapped.probs, mapped.mass
+        source_probs = np.exp(s["topk_logprobs"][source_index].astype(np.float32))
+        mapped = mapping.apply(s["topk_ids"][source_index], source_probs)
+        # The share of each row's top-k probability that lands on pivot ids.
+        ids, probs = mapped.ids, mapped.probs
+        mass = mapped.mass / np.maximum(source_probs.sum(axis=1), np.finfo(np.float32).tiny)
         keep = mass > 0  # nothing of the source's top-k maps to pivot ids: no distribution to offer
         zero_mass += int((~keep).sum())
         pivot_tokens += len(p["target_logprob"])
@@ -309,7 +310,7 @@ def align(
         "tokens_aligned": aligned_tokens,
         "tokens_aligned_share": aligned_tokens / max(1, pivot_tokens),
         "tokens_without_mapped_mass": zero_mass,
-        "mapped_topk_mass": mass_sum / max(1, aligned_tokens),
+        "mapped_topk_mass_share": mass_sum / max(1, aligned_tokens),
         "vocab_map_counts": mapping.counts,
         "seconds": time.perf_counter() - started,
     }
@@ -324,7 +325,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"examples aligned {report['examples_aligned']} ({report['examples_aligned_share']:.1%}; "
         f"missing in source {report['missing_in_source']['count']}, in pivot {report['missing_in_pivot']['count']}), "
         f"pivot tokens aligned one-to-one {report['tokens_aligned_share']:.1%}, "
-        f"mapped top-k mass {report['mapped_topk_mass']:.1%}, {report['seconds']:.1f} s"
+        f"mapped top-k mass {report['mapped_topk_mass_share']:.1%}, {report['seconds']:.1f} s"
     )
 
 

@@ -424,8 +424,8 @@ class MappedTopK:
 
     ``ids``/``probs`` keep the input's [n, k] shape: entries that landed on one pivot id are
     added into one slot, rows are sorted by probability (descending), and empty slots (merged
-    duplicates, unmapped tokens) hold id -1 and probability 0 at the end. ``mass`` is the share
-    of each row's input probability that mapped to a pivot id.
+    duplicates, unmapped tokens) hold id -1 and probability 0 at the end. ``mass`` is each row's
+    input probability that mapped to a pivot id (in the input's units, not a share of the row).
     """
 
     ids: np.ndarray
