@@ -10,6 +10,7 @@ import click
 
 from fusion_train import __version__
 from fusion_train.align import align_command
+from fusion_train.demo import demo_command
 from fusion_train.evaluate import evaluate_command
 from fusion_train.fuse import fuse_command
 from fusion_train.pipeline import run_command
@@ -35,3 +36,4 @@ main.add_command(fuse_command)
 main.add_command(train_command)
 main.add_command(evaluate_command)
 main.add_command(run_command)
+main.add_command(demo_command)
