@@ -1,0 +1,126 @@
+"""`fusion-train run`: recipe validation, and one end-to-end run on tiny models with two real
+tokenizers and 2 DeepSpeed ranks: killed and resumed, re-run (nothing to do), a source added
+(only its stages and the merges run), and a report that matches a direct evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from fusion_train import pipeline
+from fusion_train.chat import load_conversations
+from fusion_train.evaluate import bits_per_byte, response_losses
+from fusion_train.pipeline import RecipeError, load_recipe, parse_recipe, run_pipeline
+
+
+def write_recipe(root: Path, sources: list[str], **overrides) -> Path:
+    recipe = {
+        "pivot": {"name": "pivot", "path": "m-smollm2"},
+        "sources": [{"name": s, "path": f"m-{s}"} for s in sources],
+        "data": {"train": "chats.json", "heldout_fraction": 0.25},
+        "run_dir": "run",
+        "represent": {"top_k": 4, "max_length": 96},
+        "train": {"nproc": 2, "max_steps": 2, "learning_rate": 1.0e-3, "warmup_ratio": 0.0},
+        "merge": {"methods": ["varm", "task_arithmetic"]},
+        "evaluate": {"max_length": 96},
+        **overrides,
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tokenizer_dirs: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import build_tiny_model
+
+    root = tmp_path_factory.mktemp("pipeline")
+    for seed, name in enumerate(("smollm2", "mistral", "qwen")):
+        build_tiny_model(tokenizer_dirs[name], root / f"m-{name}", seed=seed, hidden=16)
+    records = [
+        {"instruction": f"What is {i} + {i}?", "output": f"{i} + {i} = {2 * i}." + " Indeed." * (i % 3),
+         "dataset": ["math", "chat"][i % 2]}
+        for i in range(16)
+    ]  # fmt: skip
+    (root / "chats.json").write_text(json.dumps(records))
+    return root
+
+
+def test_recipe_errors_name_the_problem(workspace: Path) -> None:
+    base = yaml.safe_load(write_recipe(workspace, ["mistral"]).read_text())
+
+    def fails(change: dict, message: str) -> None:
+        with pytest.raises(RecipeError, match=message):
+            parse_recipe({**base, **change}, base=workspace, default_run_dir=workspace / "r")
+
+    fails({"trian": {}}, "unknown key.*trian")
+    fails({"train": {"lerning_rate": 1}}, r"train: unknown key\(s\) lerning_rate")
+    fails({"sources": [{"name": "x", "path": "nowhere"}]}, "nowhere does not exist")
+    fails({"sources": [{"name": "pivot", "path": "m-mistral"}]}, "used twice: pivot")
+    fails({"sources": [{"name": "same", "path": "m-smollm2"}]}, "is the pivot itself")
+    fails({"data": {"train": "chats.json"}}, "no `heldout` file and no `heldout_fraction`")
+    fails({"sources": []}, "non-empty list")
+
+
+def stage_log(run_dir: Path) -> dict:
+    return json.loads((run_dir / "pipeline.json").read_text())
+
+
+def test_end_to_end_resume_rerun_and_added_source(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = load_recipe(write_recipe(workspace, ["mistral"]))
+    run_dir = Path(recipe.run_dir)
+
+    # Killed in the middle: fuse fails after represent and align finished.
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "fuse", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(recipe, echo=lambda _: None)
+    assert len(list((run_dir / "represent").glob("*/.done.json"))) == 2
+    assert not (run_dir / "fuse").exists() or not list((run_dir / "fuse").glob("*/.done.json"))
+
+    # Resumed: the finished stages are reused, the rest runs.
+    report = run_pipeline(recipe, echo=lambda _: None)
+    log = stage_log(run_dir)
+    assert sorted(log["reused"]) == ["align/mistral", "data/split", "represent/mistral", "represent/pivot"]
+    assert sorted(log["ran"]) == ["fuse/mistral", "merge/task_arithmetic", "merge/varm", "merge/varm-weights",
+                                  "train/clm-baseline", "train/target-mistral"]  # fmt: skip
+    for artefact in ("report.md", "report.png", "varm_weights.png", "evaluate/report.json"):
+        assert (run_dir / artefact).exists(), artefact
+    names = [row["name"] for row in report["models"]]
+    assert names == [
+        "pivot",
+        "mistral",
+        "target-mistral",
+        "clm-baseline",
+        "merge-varm",
+        "merge-task_arithmetic",
+    ]
+
+    # The report's numbers are a direct evaluation of the same model on the held-out split.
+    target_dir = next((run_dir / "train").glob("target-mistral-*")) / "model"
+    AutoModelForCausalLM.from_pretrained(target_dir)  # a normal HF directory
+    heldout = next((run_dir / "data").glob("split-*")) / "heldout.jsonl"
+    direct = bits_per_byte(
+        response_losses(target_dir, load_conversations(heldout), max_length=96, progress=False)
+    )
+    row = next(r for r in report["models"] if r["name"] == "target-mistral")
+    assert row["bits_per_byte"]["value"] == pytest.approx(direct.value, rel=1e-9)
+    assert row["bits_per_byte"]["examples"] == direct.examples == len(load_conversations(heldout))
+
+    # A second run has nothing to do.
+    run_pipeline(recipe, echo=lambda _: None)
+    assert stage_log(run_dir)["ran"] == []
+
+    # A third model: only its own stages and the merges run.
+    run_pipeline(load_recipe(write_recipe(workspace, ["mistral", "qwen"])), echo=lambda _: None)
+    log = stage_log(run_dir)
+    assert sorted(log["ran"]) == ["align/qwen", "fuse/qwen", "merge/task_arithmetic", "merge/varm",
+                                  "merge/varm-weights", "represent/qwen", "train/target-qwen"]  # fmt: skip
+    assert "train/clm-baseline" in log["reused"] and "represent/pivot" in log["reused"]
