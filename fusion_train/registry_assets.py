@@ -145,10 +145,14 @@ def converted_model_dir(gguf: Path, name: str) -> Path:
 
     target = cache_dir() / "models" / name
     if (target / "config.json").exists():
+        _drop_quantization_config(target / "config.json")  # directories converted by older versions
         return target
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    fresh = AutoModelForCausalLM.from_config(loaded.config)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantised: a plain float model
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict(loaded.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -157,6 +161,18 @@ def converted_model_dir(gguf: Path, name: str) -> Path:
         tokenizer.save_pretrained(staged)
         os.replace(staged, target)
     return target
+
+
+def _drop_quantization_config(config_path: Path) -> None:
+    """A converted model is plain floats; a leftover GGUF ``quantization_config`` would make
+    transformers refuse to save any model loaded from it."""
+    import json
+
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.pop("quantization_config", None) is not None:
+        staged = config_path.with_suffix(".json.tmp")
+        staged.write_text(json.dumps(config, indent=2), encoding="utf-8")
+        os.replace(staged, config_path)
 
 
 def smollm2_instruct_dir() -> Path:
