@@ -24,7 +24,7 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from fusion_train import vocab
+from fusion_train import options, vocab
 from fusion_train.chat import resolve_chat_template
 from fusion_train.dtw import dtw_align
 from fusion_train.models import load_tokenizer
@@ -330,13 +330,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 @click.command("align")
-@click.option(
-    "--pivot",
-    "pivot_dir",
-    required=True,
-    type=click.Path(exists=True, file_okay=False),
-    help="The pivot's representation (output of `fusion-train represent`).",
-)
+@options.pivot_representation
 @click.option(
     "--source",
     "source_dir",
@@ -344,7 +338,7 @@ def format_report(report: dict[str, Any]) -> str:
     type=click.Path(exists=True, file_okay=False),
     help="A source model's representation of the same data.",
 )
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@options.output_directory()
 @click.option(
     "--token-align",
     type=click.Choice(TOKEN_ALIGN),

@@ -21,6 +21,7 @@ import click
 import numpy as np
 from tqdm.auto import tqdm
 
+from fusion_train import options
 from fusion_train.chat import Conversation, data_fingerprint, load_conversations, resolve_chat_template
 from fusion_train.models import load_model, load_tokenizer
 from fusion_train.represent import batches_by_length, encode_conversation, score_batch
@@ -206,13 +207,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
 
 
 @click.command("evaluate")
-@click.option(
-    "--data",
-    "data_path",
-    required=True,
-    type=click.Path(exists=True),
-    help="Held-out chat data (same formats as represent).",
-)
+@options.chat_data
 @click.option(
     "--model",
     "models",
@@ -221,9 +216,9 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     metavar="NAME=DIR[:ROLE]",
     help="A model to score, repeatable: a name for the report, its directory, optionally a role.",
 )
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report directory.")
-@click.option("--max-length", default=2048, help="Longest tokenized conversation, in each model's tokens.")
-@click.option("--batch-tokens", default=4096, help="Padded tokens per forward batch.")
+@options.output_directory("Report directory; models scored before are reused.")
+@options.max_length
+@options.batch_tokens
 def evaluate_command(data_path: str, models: tuple[str, ...], out_dir: str, max_length: int, batch_tokens: int) -> None:  # fmt: skip
     """Compare models by the bits per byte they need for the reference responses."""
     specs = []

@@ -21,6 +21,7 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
+from fusion_train import options
 from fusion_train.represent import RepresentationError, example_arrays, load_representation
 from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
 
@@ -263,13 +264,7 @@ def fuse(
 
 
 @click.command("fuse")
-@click.option(
-    "--pivot",
-    "pivot_dir",
-    required=True,
-    type=click.Path(exists=True, file_okay=False),
-    help="The pivot's representation (output of `fusion-train represent`).",
-)
+@options.pivot_representation
 @click.option(
     "--aligned",
     "aligned_dirs",
@@ -278,7 +273,7 @@ def fuse(
     type=click.Path(exists=True, file_okay=False),
     help="An aligned source (output of `fusion-train align`); repeat for several sources.",
 )
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@options.output_directory()
 @click.option(
     "--criterion",
     type=click.Choice(CRITERIA),

@@ -29,6 +29,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from fusion_train import options
 from fusion_train.chat import (
     Conversation,
     data_fingerprint,
@@ -517,31 +518,19 @@ def example_arrays(data: datasets.Dataset, index: int) -> dict[str, np.ndarray]:
     type=click.Path(exists=True, file_okay=False),
     help="Local model directory (safetensors, or the folder holding --gguf-file).",
 )
-@click.option(
-    "--data",
-    "data_path",
-    required=True,
-    type=click.Path(exists=True),
-    help="Chat data: JSON/JSONL file or a datasets directory (messages / conversations / alpaca).",
-)
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Output directory; rerunning with the same arguments resumes it.",
-)
+@options.chat_data
+@options.output_directory()
 @click.option(
     "--top-k", default=10, help="Entries of each next-token distribution to keep (the papers use 10)."
 )
-@click.option("--max-length", default=2048, help="Longest tokenized conversation, in this model's tokens.")
+@options.max_length
 @click.option(
     "--overflow",
     type=click.Choice(["truncate", "skip"]),
     default="truncate",
     help="Longer conversations: cut the end (counted in the summary) or leave them out.",
 )
-@click.option("--batch-tokens", default=4096, help="Padded tokens per forward batch (length-sorted batches).")
+@options.batch_tokens
 @click.option("--limit", type=int, default=None, help="Use only the first N records.")
 @click.option(
     "--chat-template",
