@@ -2,9 +2,9 @@
 
 Sources: SmolLM2-135M-Instruct (byte-level BPE, ChatML) and Gemma-3-270m (262k SentencePiece-
 style vocabulary, a base model without a chat template), both from package-index packages.
-Pivot: SmolLM2-135M-Instruct with every other decoder layer removed (15 of 30): a smaller model
-than its sources, which is where fusion should help most, and one whose tokenizer is shared by
-one source but not the other, so both the trivial and the cross-tokenizer path are exercised.
+Pivot: SmolLM2-135M-Instruct with 6 of its 30 decoder layers removed: a weaker model than its
+sources, which is where fusion should help most, and one whose tokenizer is shared by one
+source but not the other, so both the trivial and the cross-tokenizer path are exercised.
 Data: the 805 instruction/response pairs of alpaca-eval 0.6.6's example outputs, split into
 training and held-out records by a hash of their ids.
 """
@@ -42,16 +42,23 @@ DEFAULT = {
 }
 
 
-def halved_pivot() -> Path:
-    """SmolLM2-135M-Instruct keeping decoder layers 0, 2, 4, ... (built once, cached)."""
+# Spread out, away from the first and last layers. Measured on alpaca-eval responses (nats per
+# token): all 30 layers 3.0; these 6 removed 4.3; every other layer removed 13.3; a block of 4
+# consecutive layers removed 10.2. SmolLM2's thin layers do not survive heavier pruning.
+DROPPED_LAYERS = (5, 9, 13, 17, 21, 25)
+
+
+def pruned_pivot() -> Path:
+    """SmolLM2-135M-Instruct without the decoder layers in DROPPED_LAYERS (built once, cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct-half"
+    source = smollm2_instruct_dir()
+    layers = json.loads((source / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"]
+    keep = [i for i in range(layers) if i not in DROPPED_LAYERS]
+    target = cache_dir() / "models" / f"SmolLM2-135M-Instruct-{len(keep)}L"
     if (target / "config.json").exists():
         return target
-    source = smollm2_instruct_dir()
     model = AutoModelForCausalLM.from_pretrained(source)
-    keep = list(range(0, model.config.num_hidden_layers, 2))
     model.model.layers = type(model.model.layers)([model.model.layers[i] for i in keep])
     for new_index, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = new_index
@@ -75,7 +82,7 @@ def demo_recipe(out_dir: Path, quick: bool) -> dict:
         records = json.loads(fetch(ALPACA_EVAL_OUTPUTS).read_text(encoding="utf-8"))
         data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     return {
-        "pivot": {"name": "pivot-smollm2-half", "path": str(halved_pivot())},
+        "pivot": {"name": "pivot-smollm2-24l", "path": str(pruned_pivot())},
         "sources": [
             {"name": "smollm2-135m", "path": str(smollm2_instruct_dir())},
             {"name": "gemma3-270m", "path": str(gemma3_270m_dir())},
@@ -98,7 +105,7 @@ def demo_recipe(out_dir: Path, quick: bool) -> dict:
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Run directory. Default: runs/demo-quick or runs/demo.")  # fmt: skip
 def demo_command(quick: bool, out_dir: str | None) -> None:
-    """Fuse SmolLM2-135M-Instruct and Gemma-3-270m into a halved SmolLM2 on alpaca-eval data."""
+    """Fuse SmolLM2-135M-Instruct and Gemma-3-270m into a pruned SmolLM2 on alpaca-eval data."""
     out = Path(out_dir or ("runs/demo-quick" if quick else "runs/demo")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     recipe = demo_recipe(out, quick)

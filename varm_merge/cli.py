@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from mergekit.scripts import run_yaml
 from varm_merge.method import DEFAULT_EPSILON, GROUPED_GRANULARITIES, ensure_registered
 from varm_merge.weights import REPORT_GRANULARITIES, analyse
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "merge_configs"
+CONFIG_DIR = Path(str(resources.files("merge_configs")))
 PIVOT_PLACEHOLDER = "PIVOT_MODEL"
 TARGET_PLACEHOLDER = re.compile(r"\bTARGET_MODEL_(\d+)\b")
 ANALYSIS_DIR = "varm_weights"
