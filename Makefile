@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo demo-quick bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,14 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fusion-train demo $(DEMO_ARGS)
 
+demo-quick: $(STAMP)
+	$(BIN)/fusion-train demo --quick
+
 bench: $(STAMP)
 	$(BIN)/python bench/represent.py
+	$(BIN)/python bench/align.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/merge.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

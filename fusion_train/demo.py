@@ -29,7 +29,7 @@ from fusion_train.registry_assets import (
 )
 
 QUICK = {
-    "data": {"limit": 12, "heldout_fraction": 0.02},
+    "data": {"limit": 12, "heldout_fraction": 0.01},
     "represent": {"top_k": 10, "max_length": 256, "batch_tokens": 2048},
     "train": {"max_steps": 3, "learning_rate": 2.0e-5, "warmup_ratio": 0.0},
     "evaluate": {"max_length": 256, "batch_tokens": 2048},
