@@ -275,3 +275,22 @@ def test_real_smollm2_matches_its_own_forward_pass(chats: Path, tmp_path: Path) 
         torch.testing.assert_close(
             torch.tensor(arrays["topk_logprobs"]).float(), values, atol=3e-2, rtol=3e-3
         )
+
+
+@pytest.mark.slow
+def test_gguf_file_loads_like_its_converted_directory(chats: Path, tmp_path: Path) -> None:
+    """--gguf-file: the dequantised GGUF model records what its converted HF directory records."""
+    from fusion_train.registry_assets import SMOLLM2_135M_INSTRUCT_GGUF, fetch, smollm2_instruct_dir
+
+    gguf = fetch(SMOLLM2_135M_INSTRUCT_GGUF)
+    settings = RepresentSettings(top_k=5)
+    represent(gguf.parent, chats, tmp_path / "gguf", settings, gguf_file=gguf.name, limit=2, progress=False)
+    represent(smollm2_instruct_dir(), chats, tmp_path / "dir", settings, limit=2, progress=False)
+    from_gguf, from_dir = load_representation(tmp_path / "gguf"), load_representation(tmp_path / "dir")
+    manifest = json.loads((tmp_path / "gguf" / "manifest.json").read_text())
+    assert manifest["model"]["gguf_file"] == gguf.name
+    for index in range(2):
+        a, b = example_arrays(from_gguf, index), example_arrays(from_dir, index)
+        assert a["input_ids"].tolist() == b["input_ids"].tolist()
+        assert (a["topk_ids"] == b["topk_ids"]).mean() > 0.99
+        assert a["nll"] == pytest.approx(b["nll"], rel=1e-4)
