@@ -436,8 +436,8 @@ def prepare(config: TrainConfig, world_size: int, rank: int = 0) -> Prepared:
     fused = load_fused(config.fused, tokenizer)
     ds_config = deepspeed_config(config.deepspeed, config, world_size)
     last = get_last_checkpoint(str(work)) if work.is_dir() else None
-    if config.resume and last is None:
-        raise TrainInputError(f"--resume: no checkpoint in {work}; start without --resume.")
+    if config.resume and last is None:  # killed before its first checkpoint: nothing to skip
+        log.warning("--resume: no checkpoint in %s yet; training starts from the beginning.", work)
     if not config.resume and last is not None:
         raise TrainInputError(
             f"{work} holds checkpoints of an earlier run ({Path(last).name}); pass --resume to continue it, "
@@ -718,7 +718,11 @@ def launch(config: TrainConfig, nproc: int | None, hostfile: str | None, master_
 @click.option("--logging-steps", default=10)
 @click.option("--save-steps", default=500, help="Checkpoint every N optimizer steps (in OUT.work/).")
 @click.option("--save-total-limit", default=2, help="Checkpoints kept (0: all).")
-@click.option("--resume/--no-resume", default=False, help="Continue from the last checkpoint in OUT.work/.")
+@click.option(
+    "--resume/--no-resume",
+    default=False,
+    help="Continue from the last checkpoint in OUT.work/ (from the start if it has none yet).",
+)
 @click.option("--seed", default=42)
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True)
 def train_command(

@@ -257,8 +257,8 @@ def test_presets_agree_with_the_defaults_and_bad_specs_are_refused(pivot, good_f
 
 def test_output_and_checkpoint_state_are_checked(pivot, good_fused, tmp_path):
     config = _config(pivot, good_fused, tmp_path)
-    with pytest.raises(TrainInputError, match="no checkpoint"):
-        prepare(_config(pivot, good_fused, tmp_path, resume=True), world_size=1)
+    assert prepare(_config(pivot, good_fused, tmp_path, resume=True), world_size=1).resume_from is None
+    shutil.rmtree(work_dir(config.out))
     (work_dir(config.out) / "checkpoint-3").mkdir(parents=True)
     with pytest.raises(TrainInputError, match="pass --resume"):
         prepare(config, world_size=1)

@@ -1,0 +1,223 @@
+"""Benchmark `fusion-train train`: fusion against CLM-only training, sparse against dense-target loss.
+
+    .venv/bin/python bench/train.py [--records 48] [--max-length 384] [--steps 12] [--batch 2]
+
+Model: SmolLM2-135M-Instruct (from the package index, converted once). Data: the first N
+records of alpaca-eval 0.6.6's example outputs, represented by the model itself and stored as
+fused targets (the pivot as the winning candidate: real top-10 distributions). Figures:
+- training step time and peak memory of fusion training (lm weight 0.9) against CLM-only
+  training (lm weight 1.0): ``FusionTrainer.compute_loss`` + backward + AdamW, both modes on
+  the same batches, alternating, in one process (goal: at most 1.10x each). DeepSpeed is left
+  out: its per-step work is the same for both modes;
+- peak extra memory of one forward + backward of the loss at N positions: our sparse loss against
+  the reference code's dense-target loss (a [N, vocab] target and a full log-softmax), at the
+  model's vocabulary and at Gemma-3's 262,144 (ratio reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fusion_train.losses import fused_weights, supervised_loss_sums
+from fusion_train.registry_assets import ALPACA_EVAL_OUTPUTS, fetch, smollm2_instruct_dir
+from fusion_train.represent import RepresentSettings, load_representation, represent
+from fusion_train.storage import read_json, write_json_atomic
+from fusion_train.train import FusionCollator, FusionTrainer, load_fused
+
+GEMMA3_VOCAB = 262_144
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak() -> None:
+    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS (Linux)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def build_fused(model_dir: Path, records: int, max_length: int, top_k: int, root: Path) -> Path:
+    """Fused targets in the documented format: the model's own representation, the pivot winning."""
+    data = root / "chats.json"
+    data.write_text(json.dumps(json.loads(fetch(ALPACA_EVAL_OUTPUTS).read_text())[:records]))
+    settings = RepresentSettings(top_k=top_k, max_length=max_length, chunk_size=64)
+    represent(model_dir, data, root / "repr", settings, progress=False)
+    table = load_representation(root / "repr")
+    columns = [
+        "id",
+        "domain",
+        "input_ids",
+        "run_message",
+        "run_start",
+        "run_length",
+        "topk_ids",
+        "topk_logprobs",
+    ]
+    fused = table.select_columns(columns)
+    fused = fused.add_column("winner", [0] * len(fused))
+    out = root / "fused"
+    fused.save_to_disk(str(out / "data"))
+    pivot = read_json(root / "repr" / "manifest.json")["model"]
+    manifest = {"format": "fusion-train/fused@1", "pivot": pivot, "top_k": top_k, "criterion": "pivot only"}
+    write_json_atomic(out / "manifest.json", {**manifest, "sources": []})
+    return out
+
+
+def trainable_copy(model_dir: Path, root: Path) -> Path:
+    """The model directory without the ``quantization_config`` its GGUF conversion left in config.json.
+
+    The weights are dequantised float32, but transformers' Trainer refuses a model whose config
+    names a quantization; the copy links the weights and drops that entry.
+    """
+    copy = root / model_dir.name
+    copy.mkdir()
+    for item in model_dir.iterdir():
+        (copy / item.name).symlink_to(item)
+    config = read_json(model_dir / "config.json")
+    config.pop("quantization_config", None)
+    (copy / "config.json").unlink()
+    write_json_atomic(copy / "config.json", config)
+    return copy
+
+
+# --------------------------------------------------------------------------- training steps
+
+
+def paired_steps(model_dir: Path, fused: Path, root: Path, steps: int, batch: int) -> dict[float, list[dict]]:
+    """Training steps of both modes on the same batches, alternating, in one process.
+
+    Each batch is trained as CLM-only, then as fusion (the order flips every batch), each a full
+    step: forward, loss, backward, AdamW update. On a machine shared with other jobs, timing the
+    two modes back to back on the same batch is what keeps their ratio meaningful. The peak RSS
+    of each step is measured from a reset high-water mark.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = load_fused(fused, tokenizer).data
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    trainer = FusionTrainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(root / "trainer"), report_to=[], use_cpu=True),
+        lm_weight=0.9,
+        temperature=1.0,
+        tokenizer_size=len(tokenizer),
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    collate = FusionCollator(tokenizer.pad_token_id)
+    results: dict[float, list[dict]] = {1.0: [], 0.9: []}
+    for index in range(steps + 1):  # the first batch warms up and is not counted
+        rows = [data[(index * batch + i) % len(data)] for i in range(batch)]
+        inputs = collate(rows)
+        for lm_weight in (1.0, 0.9) if index % 2 == 0 else (0.9, 1.0):
+            trainer.lm_weight = lm_weight
+            reset_peak()
+            started = time.perf_counter()
+            trainer.compute_loss(model, inputs).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - started
+            if index:
+                results[lm_weight].append({"seconds": seconds, "peak_kib": rss_kib("VmHWM")})
+    return results
+
+
+# --------------------------------------------------------------------------- loss memory
+
+
+def dense_target_loss(logits, labels, topk_ids, topk_logprobs, lm_weight: float) -> torch.Tensor:
+    """The reference code's way: a dense [N, vocab] target distribution and a full log-softmax."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    target = torch.zeros_like(log_probs)
+    target.scatter_add_(1, topk_ids.clamp(min=0), fused_weights(topk_ids, topk_logprobs, 1.0))
+    fusion = -(target * log_probs).sum(-1).mean()
+    clm = torch.nn.functional.nll_loss(log_probs, labels)
+    return lm_weight * clm + (1 - lm_weight) * fusion
+
+
+def sparse_loss(logits, labels, topk_ids, topk_logprobs, lm_weight: float) -> torch.Tensor:
+    sums = supervised_loss_sums(logits, labels, logits.shape[1], topk_ids, topk_logprobs)
+    return (lm_weight * sums.clm + (1 - lm_weight) * sums.fusion) / len(labels)
+
+
+def loss_peak_mib(loss_fn, positions: int, vocab: int, top_k: int) -> tuple[float, float]:
+    """Peak RSS above the logits themselves during forward + backward, and the logits' size (MiB)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(positions, vocab, generator=generator).requires_grad_()
+    labels = torch.randint(0, vocab, (positions,), generator=generator)
+    topk_ids = torch.randint(0, vocab, (positions, top_k), generator=generator)
+    topk_logprobs = torch.log_softmax(torch.randn(positions, top_k, generator=generator), -1)
+    reset_peak()
+    base = rss_kib("VmRSS")
+    loss_fn(logits, labels, topk_ids, topk_logprobs, 0.9).backward()
+    extra = (rss_kib("VmHWM") - base) / 1024
+    return extra, logits.numel() * 4 / 2**20
+
+
+# --------------------------------------------------------------------------- report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--records", type=int, default=48)
+    parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--loss-positions", type=int, default=2048)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model_dir = trainable_copy(smollm2_instruct_dir(), root)
+        fused = build_fused(model_dir, args.records, args.max_length, args.top_k, root)
+        results = paired_steps(model_dir, fused, root, args.steps, args.batch)
+        tokens = sum(len(t) for t in load_representation(root / "repr")["topk_ids"])
+
+    clm, fusion = results[1.0], results[0.9]
+    time_ratio = statistics.median(f["seconds"] / c["seconds"] for c, f in zip(clm, fusion, strict=True))
+    print(
+        f"SmolLM2-135M-Instruct, {args.records} chats (<= {args.max_length} tokens), {tokens} supervised tokens,"
+    )
+    print(
+        f"batch {args.batch}, {args.steps} step pairs (after one warm-up pair), {torch.get_num_threads()} threads"
+    )
+    print(f"{'':22}{'median step s':>14}{'peak RSS MiB':>14}")
+    for name, runs in (("CLM only (lm 1.0)", clm), ("fusion (lm 0.9)", fusion)):
+        median = statistics.median(r["seconds"] for r in runs)
+        print(f"{name:22}{median:14.2f}{max(r['peak_kib'] for r in runs) / 1024:14.0f}")
+    peak_ratio = max(r["peak_kib"] for r in fusion) / max(r["peak_kib"] for r in clm)
+    print(f"{'ratio fusion / CLM':22}{time_ratio:14.3f}{peak_ratio:14.3f}  (goal <= 1.10)")
+    print("(time ratio: median over batches of fusion / CLM on the same batch, timed back to back)")
+
+    vocab = read_json(smollm2_instruct_dir() / "config.json")["vocab_size"]
+    print(
+        f"\nloss forward + backward at {args.loss_positions} positions, top-{args.top_k}: peak RSS above the logits"
+    )
+    for size in (vocab, GEMMA3_VOCAB):
+        dense, logits_mib = loss_peak_mib(dense_target_loss, args.loss_positions, size, args.top_k)
+        sparse, _ = loss_peak_mib(sparse_loss, args.loss_positions, size, args.top_k)
+        print(
+            f"vocab {size:>7}: logits {logits_mib:7.0f} MiB | dense target {dense:7.0f} MiB | "
+            f"sparse {sparse:7.0f} MiB | ratio sparse / dense {sparse / dense:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
