@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from fusion_train.fuse import fused_features
 from fusion_train.models import tokenizer_hash
 
 DIALOGUES = [
@@ -29,23 +30,6 @@ DIALOGUES = [
     ("What do bees make?", "Bees make honey and wax."),
     ("Which planet is red?", "Mars is the red planet."),
 ]
-
-
-def fused_features(top_k: int) -> datasets.Features:
-    seq, value = datasets.Sequence, datasets.Value
-    return datasets.Features(
-        {
-            "id": value("string"),
-            "domain": value("string"),
-            "input_ids": seq(value("int32")),
-            "run_message": seq(value("int32")),
-            "run_start": seq(value("int32")),
-            "run_length": seq(value("int32")),
-            "topk_ids": seq(seq(value("int32"), length=top_k)),
-            "topk_logprobs": seq(seq(value("float16"), length=top_k)),
-            "winner": value("int32"),
-        }
-    )
 
 
 def _targets(gold: int, rng: np.random.Generator, top_k: int, vocab: int, pad: int) -> tuple[list, list]:
