@@ -28,7 +28,7 @@ from fusion_train import options, vocab
 from fusion_train.chat import resolve_chat_template
 from fusion_train.dtw import dtw_align
 from fusion_train.models import load_tokenizer
-from fusion_train.represent import RepresentationError, example_arrays, load_representation
+from fusion_train.represent import RepresentationError, example_arrays, load_representation, topk_columns
 from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
 
 FORMAT = "fusion-train/aligned@1"
@@ -46,8 +46,7 @@ def aligned_features(top_k: int) -> datasets.Features:
         {
             "id": value("string"),
             "aligned_index": seq(value("int32")),
-            "topk_ids": seq(seq(value("int32"), length=top_k)),
-            "topk_logprobs": seq(seq(value("float16"), length=top_k)),
+            **topk_columns(top_k),
             "mapped_mass": seq(value("float16")),
             "target_logprob": seq(value("float16")),
             "source_nll": value("float64"),

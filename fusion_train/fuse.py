@@ -22,7 +22,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fusion_train import options
-from fusion_train.represent import RepresentationError, example_arrays, load_representation
+from fusion_train.represent import (
+    RepresentationError,
+    example_arrays,
+    load_representation,
+    sequence_columns,
+    topk_columns,
+)
 from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
 
 FORMAT = "fusion-train/fused@1"
@@ -36,20 +42,7 @@ class FusionError(ValueError):
 
 
 def fused_features(top_k: int) -> datasets.Features:
-    seq, value = datasets.Sequence, datasets.Value
-    return datasets.Features(
-        {
-            "id": value("string"),
-            "domain": value("string"),
-            "input_ids": seq(value("int32")),
-            "run_message": seq(value("int32")),
-            "run_start": seq(value("int32")),
-            "run_length": seq(value("int32")),
-            "topk_ids": seq(seq(value("int32"), length=top_k)),
-            "topk_logprobs": seq(seq(value("float16"), length=top_k)),
-            "winner": value("int32"),
-        }
-    )
+    return datasets.Features({**sequence_columns(), **topk_columns(top_k), "winner": datasets.Value("int32")})
 
 
 @dataclass

@@ -72,23 +72,39 @@ class RepresentSettings:
             raise ValueError("--overflow must be 'truncate' or 'skip'")
 
 
+def sequence_columns() -> dict[str, Any]:
+    """The conversation as a model tokenized it and where its supervised tokens are (shared by
+    the representation and the fused targets)."""
+    seq, value = datasets.Sequence, datasets.Value
+    return {
+        "id": value("string"),
+        "domain": value("string"),
+        "input_ids": seq(value("int32")),
+        "run_message": seq(value("int32")),
+        "run_start": seq(value("int32")),
+        "run_length": seq(value("int32")),
+    }
+
+
+def topk_columns(top_k: int) -> dict[str, Any]:
+    """One top-k distribution per supervised token: ids and log-probabilities (every stage's format)."""
+    seq, value = datasets.Sequence, datasets.Value
+    return {
+        "topk_ids": seq(seq(value("int32"), length=top_k)),
+        "topk_logprobs": seq(seq(value("float16"), length=top_k)),
+    }
+
+
 def representation_features(top_k: int) -> datasets.Features:
     """The Arrow schema of one representation (see docs/formats.md)."""
-    seq = datasets.Sequence
-    value = datasets.Value
+    seq, value = datasets.Sequence, datasets.Value
     return datasets.Features(
         {
-            "id": value("string"),
-            "domain": value("string"),
-            "input_ids": seq(value("int32")),
-            "run_message": seq(value("int32")),
-            "run_start": seq(value("int32")),
-            "run_length": seq(value("int32")),
+            **sequence_columns(),
             "char_start": seq(value("int32")),
             "char_end": seq(value("int32")),
             "target_logprob": seq(value("float16")),
-            "topk_ids": seq(seq(value("int32"), length=top_k)),
-            "topk_logprobs": seq(seq(value("float16"), length=top_k)),
+            **topk_columns(top_k),
             "nll": value("float64"),
             "num_target_tokens": value("int32"),
             "num_target_bytes": value("int32"),
