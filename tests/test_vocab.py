@@ -374,3 +374,20 @@ def test_cache_is_keyed_by_hashes_and_hit_the_second_time(
     assert len(names) == 5 and not [n for n in names if n.endswith(".tmp")]
     with np.load(tmp_path / files[0], allow_pickle=False) as saved:
         assert set(saved.files) == {"source_to_pivot", "counts"}
+
+
+def test_added_tokens_are_text_and_added_special_tokens_are_not(tokenizer_dirs: dict, tmp_path: Path) -> None:
+    """Vocabularies grown with add_tokens: a plain added token maps by its bytes, an added special
+    token without a counterpart in the pivot maps nowhere."""
+    source = AutoTokenizer.from_pretrained(tokenizer_dirs["mistral"])
+    pivot = AutoTokenizer.from_pretrained(tokenizer_dirs["smollm2"])
+    source.add_tokens(["fusionword"])
+    source.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    pivot.add_tokens(["fusionword"])
+    word, tool = source.convert_tokens_to_ids("fusionword"), source.convert_tokens_to_ids("<|tool|>")
+    pieces = vocab.token_bytes(source).pieces
+    assert pieces[word] == b"fusionword" and pieces[tool] is None
+    mapping = vocab.build_vocab_map(source, pivot, cache_dir=tmp_path).source_to_pivot
+    assert len(mapping) == len(source)
+    assert mapping[word] == pivot.convert_tokens_to_ids("fusionword")
+    assert mapping[tool] == -1
