@@ -94,6 +94,28 @@ def test_zero2_two_ranks_through_the_cli_launcher(setup, tmp_path):
     assert parameters["held_per_rank"] == [parameters["total"]] * 2
 
 
+def test_zero3_offload_two_ranks_trains_with_states_in_cpu_memory(setup, tmp_path):
+    """The zero3-offload preset (parameters and optimizer states offloaded) runs and learns."""
+    pivot, fused, rows = setup
+    out = tmp_path / "target-zero3-offload"
+    command = [str(VENV_BIN / "fusion-train"), "train", "--model", str(pivot), "--fused", str(fused)]
+    command += [
+        "--out",
+        str(out),
+        "--nproc",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "--deepspeed",
+        "zero3-offload",
+    ]
+    result = _run([*command, *_options({**SETTINGS, "per_device_batch_size": 2})])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    summary = _check_output(out, pivot, rows)
+    assert summary["world_size"] == 2
+    assert summary["deepspeed"]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
 def test_zero3_two_ranks_partitions_and_saves_full_tensors(setup, tmp_path):
     pivot, fused, rows = setup
     out = tmp_path / "target-zero3"
