@@ -288,7 +288,16 @@ def deepspeed_config(spec: str, config: TrainConfig, world_size: int) -> dict[st
 
 
 def resolve_bf16(bf16: bool | None) -> bool:
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if bf16 is None else bf16
+    """bf16 where the accelerator supports it. Asking for it where it does not is an input error
+    here, before launching, rather than transformers' refusal later inside every rank."""
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    supported = is_torch_bf16_gpu_available()
+    if bf16 and not supported:
+        raise TrainInputError(
+            "--bf16: no accelerator with bf16 support here; leave it out (the default is bf16 where supported)"
+        )
+    return supported if bf16 is None else bf16
 
 
 # --------------------------------------------------------------------------- batches and loss
