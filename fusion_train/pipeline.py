@@ -325,6 +325,8 @@ def run_pipeline(recipe: Recipe, echo: Callable[[str], None] = click.echo) -> di
                 raise RuntimeError(
                     f"training {name} failed (exit code {code}); rerun the recipe to resume it"
                 )
+            for checkpoint in (out / "model.work").glob("checkpoint-*"):  # only needed to resume
+                shutil.rmtree(checkpoint)
 
         return stages.run("train", name, inputs, work)
 

@@ -106,6 +106,7 @@ def test_end_to_end_resume_rerun_and_added_source(workspace: Path, monkeypatch: 
     # The report's numbers are a direct evaluation of the same model on the held-out split.
     target_dir = next((run_dir / "train").glob("target-mistral-*")) / "model"
     AutoModelForCausalLM.from_pretrained(target_dir)  # a normal HF directory
+    assert not list(target_dir.parent.glob("model.work/checkpoint-*"))  # finished: checkpoints removed
     heldout = next((run_dir / "data").glob("split-*")) / "heldout.jsonl"
     direct = bits_per_byte(
         response_losses(target_dir, load_conversations(heldout), max_length=96, progress=False)
