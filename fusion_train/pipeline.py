@@ -12,13 +12,16 @@ A killed run resumes: finished stages are kept, and represent/train resume insid
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,10 @@ TWO_TARGET_METHODS = {"slerp", "nuslerp"}  # interpolate exactly two models
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names the key and the fix."""
+
+
+class DiskFullError(RuntimeError):
+    """The disk filled up during a stage; finished stages are kept and a rerun resumes."""
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -226,6 +233,42 @@ class StageLog:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+DISK_FULL_TEXT = os.strerror(errno.ENOSPC)  # what a child process prints: "No space left on device"
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error it was raised from, says the disk is full."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        if DISK_FULL_TEXT in str(error):  # a stage that runs a subprocess reports its stderr
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def free_gigabytes(path: Path) -> float:
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return shutil.disk_usage(existing).free / 1e9
+
+
+@contextmanager
+def disk_full_explained(label: str, out: Path) -> Iterator[None]:
+    """Turn a full disk inside ``label`` into a DiskFullError that says what is kept and what to do."""
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise DiskFullError(
+            f"{label}: the disk holding {out} filled up ({free_gigabytes(out):.1f} GB free now). "
+            "Nothing finished is lost: completed stages are kept, and this one resumes from its last "
+            "finished part or checkpoint. Free some space (or point `run_dir` at a larger disk and "
+            "move the run there), then run the same command again."
+        ) from error
+
+
 class Stages:
     """Runs a stage into ``RUN/<stage>/<name>-<key>`` unless that folder is already complete."""
 
@@ -246,7 +289,8 @@ class Stages:
             return out, key
         self.echo(f"> {label} ...")
         started = time.perf_counter()
-        work(out)
+        with disk_full_explained(label, out):
+            work(out)
         seconds = time.perf_counter() - started
         write_json_atomic(
             out / DONE, {"stage": stage, "name": name, "key": key, "inputs": inputs, "seconds": seconds}
@@ -323,7 +367,8 @@ def run_pipeline(recipe: Recipe, echo: Callable[[str], None] = click.echo) -> di
             code = launch(config, t.nproc, None, None)
             if code != 0:
                 raise RuntimeError(
-                    f"training {name} failed (exit code {code}); rerun the recipe to resume it"
+                    f"training {name} failed (exit code {code}; {free_gigabytes(out):.1f} GB free on the run's "
+                    "disk): see the log above, then rerun the recipe to resume from the last checkpoint"
                 )
             for checkpoint in (out / "model.work").glob("checkpoint-*"):  # only needed to resume
                 shutil.rmtree(checkpoint)
@@ -359,11 +404,12 @@ def run_pipeline(recipe: Recipe, echo: Callable[[str], None] = click.echo) -> di
     models += [ModelSpec(f"merge-{method}", str(path), "merge") for method, path in merges.items()]
     echo("> evaluate ...")
     started = time.perf_counter()
-    report = evaluate(models, heldout_file, run_dir / "evaluate", max_length=recipe.evaluate.max_length,
-                      batch_tokens=recipe.evaluate.batch_tokens)  # fmt: skip
-    log.seconds["evaluate"] = time.perf_counter() - started
-    write_comparison(report, run_dir, merges)
-    write_json_atomic(run_dir / "pipeline.json", asdict(log))
+    with disk_full_explained("evaluate", run_dir / "evaluate"):  # per-model results are cached
+        report = evaluate(models, heldout_file, run_dir / "evaluate", max_length=recipe.evaluate.max_length,
+                          batch_tokens=recipe.evaluate.batch_tokens)  # fmt: skip
+        log.seconds["evaluate"] = time.perf_counter() - started
+        write_comparison(report, run_dir, merges)
+        write_json_atomic(run_dir / "pipeline.json", asdict(log))
     echo(f"report: {run_dir / 'report.md'}")
     return report
 
@@ -452,7 +498,6 @@ def write_comparison(report: dict[str, Any], run_dir: Path, merges: dict[str, Pa
 def run_command(recipe_path: str) -> None:
     """Run the whole fusion from a recipe (see docs/recipe.md); finished stages are reused."""
     try:
-        recipe = load_recipe(recipe_path)
-    except RecipeError as exc:
+        run_pipeline(load_recipe(recipe_path))
+    except (RecipeError, DiskFullError) as exc:
         raise click.ClickException(str(exc)) from exc
-    run_pipeline(recipe)

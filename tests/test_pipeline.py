@@ -1,14 +1,19 @@
 """`fusion-train run`: recipe validation, and one end-to-end run on tiny models with two real
 tokenizers and 2 DeepSpeed ranks: killed and resumed, re-run (nothing to do), a source added
-(only its stages and the merges run), and a report that matches a direct evaluation."""
+(only its stages and the merges run) while the disk fills up, and a report that matches a direct
+evaluation."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
+import datasets
 import pytest
 import yaml
+from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from fusion_train import pipeline
@@ -119,9 +124,35 @@ def test_end_to_end_resume_rerun_and_added_source(workspace: Path, monkeypatch: 
     run_pipeline(recipe, echo=lambda _: None)
     assert stage_log(run_dir)["ran"] == []
 
-    # A third model: only its own stages and the merges run.
-    run_pipeline(load_recipe(write_recipe(workspace, ["mistral", "qwen"])), echo=lambda _: None)
+    # A third model, and the disk fills up while its fused data is being written: the command
+    # fails with an error that says what happened and what to do, and nothing is lost.
+    recipe_path = write_recipe(workspace, ["mistral", "qwen"])
+    report_before = (run_dir / "report.md").read_text()
+    save_to_disk = datasets.Dataset.save_to_disk
+
+    def disk_fills_up(self, path, *args, **kwargs):
+        if f"{os.sep}fuse{os.sep}qwen-" not in str(path):
+            return save_to_disk(self, path, *args, **kwargs)
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "data-00000-of-00001.arrow").write_bytes(b"\0" * 4096)  # a partial write
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(datasets.Dataset, "save_to_disk", disk_fills_up)
+        result = CliRunner().invoke(pipeline.run_command, [str(recipe_path)])
+    assert result.exit_code == 1, result.output
+    assert "Error: fuse/qwen: the disk holding" in result.output
+    assert "run the same command again" in result.output
+    assert (run_dir / "report.md").read_text() == report_before  # the last finished report stands
+    for stage in ("represent", "align"):
+        assert len(list((run_dir / stage).glob("qwen-*/.done.json"))) == 1
+    (fuse_dir,) = (run_dir / "fuse").glob("qwen-*")
+    assert sorted(p.name for p in fuse_dir.iterdir()) == ["manifest.json"]  # no partial data left
+
+    # After the fix, the rerun finishes: over both runs only the new source's stages and the
+    # merges ran.
+    run_pipeline(load_recipe(recipe_path), echo=lambda _: None)
     log = stage_log(run_dir)
-    assert sorted(log["ran"]) == ["align/qwen", "fuse/qwen", "merge/task_arithmetic", "merge/varm",
-                                  "merge/varm-weights", "represent/qwen", "train/target-qwen"]  # fmt: skip
-    assert "train/clm-baseline" in log["reused"] and "represent/pivot" in log["reused"]
+    assert sorted(log["ran"]) == ["fuse/qwen", "merge/task_arithmetic", "merge/varm", "merge/varm-weights",
+                                  "train/target-qwen"]  # fmt: skip
+    assert {"represent/qwen", "align/qwen", "train/clm-baseline", "represent/pivot"} <= set(log["reused"])
