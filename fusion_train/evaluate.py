@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -75,16 +76,41 @@ def response_losses(
     return [losses[e.conv.id] for e in encoded]
 
 
-def bits_per_byte(losses: list[ExampleLoss], seed: int = 0) -> BitsPerByte:
-    """Total nats over total bytes, in bits, with a 95% bootstrap interval over examples."""
+def _bootstrap(statistic: Callable[[np.ndarray], np.ndarray], examples: int, seed: int) -> BitsPerByte:
+    """``statistic`` of all examples, with a 95% interval from resampling examples.
+
+    ``statistic`` maps index arrays of shape [draws, examples] to one value per draw."""
+    value = statistic(np.arange(examples)[None, :])[0]
+    draws = np.random.default_rng(seed).integers(0, examples, size=(BOOTSTRAP_SAMPLES, examples))
+    low, high = np.percentile(statistic(draws), [2.5, 97.5])
+    return BitsPerByte(float(value), float(low), float(high), examples)
+
+
+def _bits_per_byte_of(losses: list[ExampleLoss]) -> Callable[[np.ndarray], np.ndarray]:
     nll = np.array([x.nll for x in losses])
     num_bytes = np.array([x.num_bytes for x in losses], dtype=np.float64)
-    value = nll.sum() / num_bytes.sum() / math.log(2)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(losses), size=(BOOTSTRAP_SAMPLES, len(losses)))
-    resampled = nll[draws].sum(axis=1) / num_bytes[draws].sum(axis=1) / math.log(2)
-    low, high = np.percentile(resampled, [2.5, 97.5])
-    return BitsPerByte(float(value), float(low), float(high), len(losses))
+    return lambda index: nll[index].sum(axis=1) / num_bytes[index].sum(axis=1) / math.log(2)
+
+
+def bits_per_byte(losses: list[ExampleLoss], seed: int = 0) -> BitsPerByte:
+    """Total nats over total bytes, in bits, with a 95% bootstrap interval over examples."""
+    return _bootstrap(_bits_per_byte_of(losses), len(losses), seed)
+
+
+def bits_per_byte_difference(
+    losses: list[ExampleLoss], reference: list[ExampleLoss], seed: int = 0
+) -> BitsPerByte:
+    """bits/byte of ``losses`` minus those of ``reference`` on the same examples, resampled in pairs.
+
+    Two models scored on the same text share most of their per-example variation (hard
+    examples are hard for both), so the paired interval is far narrower than the two separate
+    intervals suggest: it is what says whether one model is better than another."""
+    if [x.id for x in losses] != [x.id for x in reference]:
+        raise ValueError(
+            "a paired difference needs both models' losses on the same examples, in the same order"
+        )
+    model, base = _bits_per_byte_of(losses), _bits_per_byte_of(reference)
+    return _bootstrap(lambda index: model(index) - base(index), len(losses), seed)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -107,17 +133,23 @@ def evaluate(
     *,
     max_length: int = 2048,
     batch_tokens: int = 4096,
+    compare_to: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score every model on the same responses; write report.json, report.md and report.png.
 
     Per-model losses are cached in ``out_dir/losses/`` (keyed by model path and data), so adding
     a model to a finished evaluation scores only the new one. Figures are computed over the
-    examples every model could score, so all rows describe the same text.
+    examples every model could score, so all rows describe the same text. With ``compare_to``
+    (a model's name), every row also gets its paired difference to that model.
     """
     out_dir = Path(out_dir)
     if len({m.name for m in models}) < len(models):
         raise ValueError("two models have the same name; names label the report's rows")
+    if compare_to is not None and compare_to not in {m.name for m in models}:
+        raise ValueError(
+            f"compare_to={compare_to!r} is not one of the models: {', '.join(m.name for m in models)}"
+        )
     conversations = load_conversations(data_path)
     fingerprint = data_fingerprint(conversations)
     per_model: dict[str, list[ExampleLoss]] = {}
@@ -137,18 +169,25 @@ def evaluate(
     common = set.intersection(*({x.id for x in losses} for losses in per_model.values()))
     if not common:
         raise ValueError(f"{data_path}: no example could be scored by every model")
-    domains = sorted(
-        {x.domain for losses in per_model.values() for x in losses if x.id in common and x.domain}
-    )
+    order = [c.id for c in conversations if c.id in common]
+    common_losses = {}
+    for name, losses in per_model.items():
+        by_id = {x.id: x for x in losses}
+        common_losses[name] = [by_id[i] for i in order]
+    domains = sorted({x.domain for losses in common_losses.values() for x in losses if x.domain})
     rows = []
     for spec in models:
-        losses = [x for x in per_model[spec.name] if x.id in common]
+        losses = common_losses[spec.name]
         by_domain = {d: asdict(bits_per_byte([x for x in losses if x.domain == d])) for d in domains}
-        rows.append({**asdict(spec), "bits_per_byte": asdict(bits_per_byte(losses)), "by_domain": by_domain})
+        row = {**asdict(spec), "bits_per_byte": asdict(bits_per_byte(losses)), "by_domain": by_domain}
+        if compare_to is not None:
+            row["difference"] = asdict(bits_per_byte_difference(losses, common_losses[compare_to]))
+        rows.append(row)
     report = {
         "data": str(Path(data_path).resolve()),
         "examples": len(common),
         "domains": domains,
+        "compare_to": compare_to,
         "models": rows,
     }
     write_json_atomic(out_dir / "report.json", report)
@@ -160,10 +199,22 @@ def evaluate(
 def markdown_report(report: dict[str, Any]) -> str:
     """The comparison table a person reads: lower bits per byte is better."""
     domains = report["domains"]
-    header = ["model", "role", "bits/byte (95% CI)", *domains]
+    reference = report.get("compare_to")
+    header = [
+        "model",
+        "role",
+        "bits/byte (95% CI)",
+        *([f"minus {reference} (paired 95% CI)"] if reference else []),
+        *domains,
+    ]
     lines = [
         f"Cross-entropy of the reference responses in bits per UTF-8 byte on {report['examples']} held-out "
         "examples (lower is better; comparable across tokenizers).",
+        *(
+            [f"A difference below zero whose interval excludes zero means better than {reference}."]
+            if reference
+            else []
+        ),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -171,6 +222,9 @@ def markdown_report(report: dict[str, Any]) -> str:
     for row in sorted(report["models"], key=lambda r: r["bits_per_byte"]["value"]):
         bpb = row["bits_per_byte"]
         cells = [row["name"], row["role"], f"{bpb['value']:.4f} ({bpb['low']:.4f}-{bpb['high']:.4f})"]
+        if reference:
+            diff = row["difference"]
+            cells.append(f"{diff['value']:+.4f} ({diff['low']:+.4f} to {diff['high']:+.4f})")
         cells += [f"{row['by_domain'][d]['value']:.4f}" for d in domains]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -216,10 +270,16 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     metavar="NAME=DIR[:ROLE]",
     help="A model to score, repeatable: a name for the report, its directory, optionally a role.",
 )
+@click.option(
+    "--compare-to",
+    default=None,
+    metavar="NAME",
+    help="Also give every model's paired difference to this one (e.g. the CLM-only baseline).",
+)
 @options.output_directory("Report directory; models scored before are reused.")
 @options.max_length
 @options.batch_tokens
-def evaluate_command(data_path: str, models: tuple[str, ...], out_dir: str, max_length: int, batch_tokens: int) -> None:  # fmt: skip
+def evaluate_command(data_path: str, models: tuple[str, ...], compare_to: str | None, out_dir: str, max_length: int, batch_tokens: int) -> None:  # fmt: skip
     """Compare models by the bits per byte they need for the reference responses."""
     specs = []
     for item in models:
@@ -228,6 +288,10 @@ def evaluate_command(data_path: str, models: tuple[str, ...], out_dir: str, max_
             raise click.BadParameter(f"expected NAME=DIR[:ROLE], got {item!r}", param_hint="--model")
         path, _, role = rest.partition(":")
         specs.append(ModelSpec(name, path, role or "model"))
-    report = evaluate(specs, data_path, out_dir, max_length=max_length, batch_tokens=batch_tokens)
+    try:
+        report = evaluate(specs, data_path, out_dir, max_length=max_length, batch_tokens=batch_tokens,
+                          compare_to=compare_to)  # fmt: skip
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(markdown_report(report))
     click.echo(f"written: {Path(out_dir) / 'report.md'}, report.json, report.png")

@@ -349,9 +349,14 @@ def run_pipeline(recipe: Recipe, echo: Callable[[str], None] = click.echo) -> di
             entry.path, train_file, out, model_settings, gguf_file=entry.gguf_file,
             batch_tokens=recipe.represent.batch_tokens))  # fmt: skip
 
-    def train_stage(name: str, fused: Path, fused_key: str, no_fusion: bool) -> tuple[Path, str]:
+    def train_stage(name: str, fused: Path, data_key: str, no_fusion: bool) -> tuple[Path, str]:
+        """``data_key``: the fused data's key, or for the baseline (which reads only the pivot's
+        tokens from it) the pivot representation's key, so fusion settings never retrain it."""
         t = recipe.train
-        inputs = {"pivot": model_fingerprint(recipe.pivot.path), "fused": fused_key, "settings": asdict(t),
+        settings = asdict(t)
+        if no_fusion:
+            settings = {k: v for k, v in settings.items() if k not in ("lm_weight", "temperature")}
+        inputs = {"pivot": model_fingerprint(recipe.pivot.path), "data": data_key, "settings": settings,
                   "no_fusion": no_fusion}  # fmt: skip
 
         def work(out: Path) -> None:
@@ -377,7 +382,7 @@ def run_pipeline(recipe: Recipe, echo: Callable[[str], None] = click.echo) -> di
 
     pivot_repr, pivot_key = represent_stage(recipe.pivot)
     targets: dict[str, tuple[Path, str]] = {}
-    first_fused: tuple[Path, str] | None = None
+    first_fused: Path | None = None
     for source in recipe.sources:
         source_repr, source_key = represent_stage(source)
         aligned, aligned_key = stages.run(
@@ -388,12 +393,12 @@ def run_pipeline(recipe: Recipe, echo: Callable[[str], None] = click.echo) -> di
             "fuse", source.name, {"pivot": pivot_key, "aligned": [aligned_key], "settings": asdict(recipe.fuse)},
             lambda out, a=aligned: fuse(pivot_repr, [a], out, recipe.fuse.criterion, recipe.fuse.ce_unit),
         )  # fmt: skip
-        first_fused = first_fused or (fused, fused_key)
+        first_fused = first_fused or fused
         out, key = train_stage(f"target-{source.name}", fused, fused_key, no_fusion=False)
         targets[source.name] = (out / "model", key)
     baseline = None
     if recipe.train.clm_baseline and first_fused:  # the fused data carries the pivot's tokens: same data
-        out, _ = train_stage("clm-baseline", *first_fused, no_fusion=True)
+        out, _ = train_stage("clm-baseline", first_fused, pivot_key, no_fusion=True)
         baseline = out / "model"
 
     merges = merge_targets(recipe, stages, targets)
@@ -406,7 +411,8 @@ def run_pipeline(recipe: Recipe, echo: Callable[[str], None] = click.echo) -> di
     started = time.perf_counter()
     with disk_full_explained("evaluate", run_dir / "evaluate"):  # per-model results are cached
         report = evaluate(models, heldout_file, run_dir / "evaluate", max_length=recipe.evaluate.max_length,
-                          batch_tokens=recipe.evaluate.batch_tokens)  # fmt: skip
+                          batch_tokens=recipe.evaluate.batch_tokens,
+                          compare_to="clm-baseline" if baseline else recipe.pivot.name)  # fmt: skip
         log.seconds["evaluate"] = time.perf_counter() - started
         write_comparison(report, run_dir, merges)
         write_json_atomic(run_dir / "pipeline.json", asdict(log))

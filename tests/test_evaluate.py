@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -13,7 +14,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusion_train import evaluate as evaluate_module
 from fusion_train.cli import main
-from fusion_train.evaluate import ModelSpec, bits_per_byte, evaluate, response_losses
+from fusion_train.evaluate import (
+    ExampleLoss,
+    ModelSpec,
+    bits_per_byte,
+    bits_per_byte_difference,
+    evaluate,
+    response_losses,
+)
 
 RECORDS = [
     {"instruction": "Greet", "output": "Hello there, friend! 👋", "dataset": "chat"},
@@ -64,6 +72,30 @@ def test_bits_per_byte_equals_a_by_hand_computation(name: str, tiny_models: dict
     assert result.low <= result.value <= result.high and result.examples == 3
 
 
+def test_paired_difference_in_bits_per_byte() -> None:
+    rng = np.random.default_rng(3)
+    num_bytes = rng.integers(20, 400, size=40)
+    base = [
+        ExampleLoss(str(i), "", float(rng.uniform(0.3, 3.0) * n), int(n)) for i, n in enumerate(num_bytes)
+    ]
+    # Better by exactly 0.1 nats on every byte: the difference is -0.1/ln 2 bits whichever examples
+    # are drawn, so the paired interval has no width, while the separate intervals are wide.
+    better = [ExampleLoss(x.id, "", x.nll - 0.1 * x.num_bytes, x.num_bytes) for x in base]
+    diff = bits_per_byte_difference(better, base)
+    assert diff.value == pytest.approx(-0.1 / math.log(2)) and diff.examples == 40
+    assert diff.high - diff.low == pytest.approx(0, abs=1e-12)
+    assert bits_per_byte(base).high - bits_per_byte(base).low > 0.1
+    # Noisy per-example changes: the value is the difference of the two by-hand ratios, the
+    # interval holds it, and it is narrower than either model's own interval.
+    noisy = [ExampleLoss(x.id, "", x.nll * rng.uniform(0.9, 1.0), x.num_bytes) for x in base]
+    diff = bits_per_byte_difference(noisy, base)
+    by_hand = (sum(x.nll for x in noisy) - sum(x.nll for x in base)) / num_bytes.sum() / math.log(2)
+    assert diff.value == pytest.approx(by_hand) and diff.low <= diff.value <= diff.high < 0
+    assert diff.high - diff.low < bits_per_byte(noisy).high - bits_per_byte(noisy).low
+    with pytest.raises(ValueError, match="same examples"):
+        bits_per_byte_difference(noisy[1:], base[:-1])
+
+
 def test_report_caches_models_and_compares_them(
     tiny_models: dict, heldout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -78,7 +110,7 @@ def test_report_caches_models_and_compares_them(
         chat = row["by_domain"]["chat"]
         assert chat["examples"] == 2 and chat["low"] <= chat["value"] <= chat["high"]
     table = (tmp_path / "report.md").read_text()
-    assert "| pivot | pivot |" in table and "bits per UTF-8 byte" in table
+    assert "| pivot | pivot |" in table and "bits per UTF-8 byte" in table and "paired" not in table
     assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
 
     scored = []
@@ -90,6 +122,17 @@ def test_report_caches_models_and_compares_them(
     again = evaluate(extra, heldout, tmp_path, progress=False)
     assert scored == [str(tiny_models["mistral"])]  # only the new model is scored
     assert again["models"][0]["bits_per_byte"] == report["models"][0]["bits_per_byte"]
+
+    # Paired differences to one model: zero for itself, the difference of the two values otherwise.
+    paired = evaluate(extra, heldout, tmp_path, compare_to="pivot", progress=False)
+    rows = {r["name"]: r for r in paired["models"]}
+    assert rows["pivot"]["difference"] == {"value": 0.0, "low": 0.0, "high": 0.0, "examples": 3}
+    assert rows["src"]["difference"]["value"] == pytest.approx(
+        rows["src"]["bits_per_byte"]["value"] - rows["pivot"]["bits_per_byte"]["value"]
+    )
+    assert "minus pivot (paired 95% CI)" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="not one of the models"):
+        evaluate(extra, heldout, tmp_path, compare_to="nobody", progress=False)
 
 
 def test_evaluate_command(tiny_models: dict, heldout: Path, tmp_path: Path) -> None:

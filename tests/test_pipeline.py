@@ -156,3 +156,11 @@ def test_end_to_end_resume_rerun_and_added_source(workspace: Path, monkeypatch: 
     assert sorted(log["ran"]) == ["fuse/qwen", "merge/task_arithmetic", "merge/varm", "merge/varm-weights",
                                   "train/target-qwen"]  # fmt: skip
     assert {"represent/qwen", "align/qwen", "train/clm-baseline", "represent/pivot"} <= set(log["reused"])
+
+    # A changed fusion setting retrains the targets, not the CLM-only baseline that ignores it.
+    run_pipeline(load_recipe(write_recipe(workspace, ["mistral", "qwen"], train={
+        **yaml.safe_load(recipe_path.read_text())["train"], "lm_weight": 0.5})), echo=lambda _: None)  # fmt: skip
+    log = stage_log(run_dir)
+    assert sorted(log["ran"]) == ["merge/task_arithmetic", "merge/varm", "merge/varm-weights",
+                                  "train/target-mistral", "train/target-qwen"]  # fmt: skip
+    assert "train/clm-baseline" in log["reused"]
