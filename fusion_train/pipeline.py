@@ -356,7 +356,8 @@ def run_pipeline(recipe: Recipe, echo: Callable[[str], None] = click.echo) -> di
         settings = asdict(t)
         if no_fusion:
             settings = {k: v for k, v in settings.items() if k not in ("lm_weight", "temperature")}
-        inputs = {"pivot": model_fingerprint(recipe.pivot.path), "data": data_key, "settings": settings,
+        # "fused" holds data_key under its first name, so targets of existing runs keep their keys
+        inputs = {"pivot": model_fingerprint(recipe.pivot.path), "fused": data_key, "settings": settings,
                   "no_fusion": no_fusion}  # fmt: skip
 
         def work(out: Path) -> None:
