@@ -15,6 +15,7 @@ from fusion_train.evaluate import evaluate_command
 from fusion_train.fuse import fuse_command
 from fusion_train.pipeline import run_command
 from fusion_train.represent import represent_command
+from fusion_train.sweep import sweep_command
 from fusion_train.train import train_command
 
 
@@ -36,4 +37,5 @@ main.add_command(fuse_command)
 main.add_command(train_command)
 main.add_command(evaluate_command)
 main.add_command(run_command)
+main.add_command(sweep_command)
 main.add_command(demo_command)

@@ -134,12 +134,13 @@ def evaluate(
     max_length: int = 2048,
     batch_tokens: int = 4096,
     compare_to: str | None = None,
+    cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score every model on the same responses; write report.json, report.md and report.png.
 
-    Per-model losses are cached in ``out_dir/losses/`` (keyed by model path and data), so adding
-    a model to a finished evaluation scores only the new one. Figures are computed over the
+    Per-model losses are cached in ``cache_dir`` (default ``out_dir/losses/``; keyed by model
+    path and data), so adding a model to a finished evaluation scores only the new one. Figures are computed over the
     examples every model could score, so all rows describe the same text. With ``compare_to``
     (a model's name), every row also gets its paired difference to that model.
     """
@@ -157,7 +158,7 @@ def evaluate(
         key = hashlib.sha256(
             json.dumps([str(Path(spec.path).resolve()), spec.chat_template, fingerprint, max_length]).encode()
         ).hexdigest()[:16]
-        cached = out_dir / "losses" / f"{key}.json"
+        cached = Path(cache_dir or out_dir / "losses") / f"{key}.json"
         if cached.exists():
             per_model[spec.name] = [ExampleLoss(**x) for x in read_json(cached)]
             continue

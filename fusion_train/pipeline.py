@@ -133,6 +133,10 @@ class Recipe:
     evaluate: EvaluateStage = EvaluateStage()
 
 
+STAGE_SETTINGS = {"represent": RepresentStage, "align": AlignStage, "fuse": FuseStage, "train": TrainStage,
+                  "merge": MergeStage, "evaluate": EvaluateStage}  # fmt: skip
+
+
 def _build(cls: type, raw: Any, where: str) -> Any:
     """A dataclass from a mapping, refusing unknown keys and naming where they were found."""
     if not isinstance(raw, dict):
@@ -160,9 +164,7 @@ def load_recipe(path: str | Path) -> Recipe:
 def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "recipe") -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: expected a mapping at the top level")
-    stages = {"represent": RepresentStage, "align": AlignStage, "fuse": FuseStage, "train": TrainStage,
-              "merge": MergeStage, "evaluate": EvaluateStage}  # fmt: skip
-    unknown = sorted(set(raw) - {"pivot", "sources", "data", "run_dir", *stages})
+    unknown = sorted(set(raw) - {"pivot", "sources", "data", "run_dir", *STAGE_SETTINGS})
     if unknown:
         raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}")
     for key in ("pivot", "sources", "data"):
@@ -198,7 +200,9 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
         raise RecipeError(f"{where}: data has no `heldout` file and no `heldout_fraction`; give one of them")
     if data.heldout_fraction is not None and not 0 < data.heldout_fraction < 1:
         raise RecipeError(f"{where}: data.heldout_fraction must be between 0 and 1")
-    settings = {name: _build(cls, raw.get(name) or {}, f"{where}: {name}") for name, cls in stages.items()}
+    settings = {
+        name: _build(cls, raw.get(name) or {}, f"{where}: {name}") for name, cls in STAGE_SETTINGS.items()
+    }
     run_dir = str((base / raw["run_dir"]).resolve()) if raw.get("run_dir") else str(default_run_dir.resolve())
     return Recipe(pivot, sources, data, run_dir, **settings)
 
@@ -331,9 +335,15 @@ def split_data(recipe: Recipe, stages: Stages) -> tuple[Path, Path, str]:
     return out / "train.jsonl", out / "heldout.jsonl", key
 
 
-def run_pipeline(recipe: Recipe, echo: Callable[[str], None] = click.echo) -> dict[str, Any]:
-    """Run every stage the recipe needs; return the evaluation report."""
+def run_pipeline(
+    recipe: Recipe, echo: Callable[[str], None] = click.echo, report_dir: Path | None = None
+) -> dict[str, Any]:
+    """Run every stage the recipe needs; return the evaluation report.
+
+    The report goes to ``report_dir`` (default: the run directory); scored models are cached in
+    the run directory either way, so variants of a recipe (``fusion-train sweep``) share them."""
     run_dir = Path(recipe.run_dir)
+    report_dir = report_dir or run_dir
     log = StageLog()
     stages = Stages(run_dir, log, echo)
     train_file, heldout_file, data_key = split_data(recipe, stages)
@@ -402,7 +412,7 @@ def run_pipeline(recipe: Recipe, echo: Callable[[str], None] = click.echo) -> di
         out, _ = train_stage("clm-baseline", first_fused, pivot_key, no_fusion=True)
         baseline = out / "model"
 
-    merges = merge_targets(recipe, stages, targets)
+    merges, varm_heatmap = merge_targets(recipe, stages, targets)
     models = [ModelSpec(recipe.pivot.name, recipe.pivot.path, "pivot", recipe.pivot.chat_template)]
     models += [ModelSpec(s.name, s.path, "source", s.chat_template) for s in recipe.sources]
     models += [ModelSpec(f"target-{name}", str(path), "target") for name, (path, _) in targets.items()]
@@ -410,14 +420,14 @@ def run_pipeline(recipe: Recipe, echo: Callable[[str], None] = click.echo) -> di
     models += [ModelSpec(f"merge-{method}", str(path), "merge") for method, path in merges.items()]
     echo("> evaluate ...")
     started = time.perf_counter()
-    with disk_full_explained("evaluate", run_dir / "evaluate"):  # per-model results are cached
-        report = evaluate(models, heldout_file, run_dir / "evaluate", max_length=recipe.evaluate.max_length,
-                          batch_tokens=recipe.evaluate.batch_tokens,
+    with disk_full_explained("evaluate", report_dir / "evaluate"):
+        report = evaluate(models, heldout_file, report_dir / "evaluate", max_length=recipe.evaluate.max_length,
+                          batch_tokens=recipe.evaluate.batch_tokens, cache_dir=run_dir / "evaluate" / "losses",
                           compare_to="clm-baseline" if baseline else recipe.pivot.name)  # fmt: skip
         log.seconds["evaluate"] = time.perf_counter() - started
-        write_comparison(report, run_dir, merges)
-        write_json_atomic(run_dir / "pipeline.json", asdict(log))
-    echo(f"report: {run_dir / 'report.md'}")
+        write_comparison(report, report_dir, varm_heatmap)
+        write_json_atomic(report_dir / "pipeline.json", asdict(log))
+    echo(f"report: {report_dir / 'report.md'}")
     return report
 
 
@@ -442,8 +452,11 @@ def merge_config(method: str, pivot: str, targets: list[str], dtype: str) -> dic
     return config
 
 
-def merge_targets(recipe: Recipe, stages: Stages, targets: dict[str, tuple[Path, str]]) -> dict[str, Path]:
-    """Merge the targets with every method listed, through mergekit (``python -m varm_merge``)."""
+def merge_targets(
+    recipe: Recipe, stages: Stages, targets: dict[str, tuple[Path, str]]
+) -> tuple[dict[str, Path], Path | None]:
+    """Merge the targets with every method listed, through mergekit (``python -m varm_merge``);
+    return the merged models and, when VaRM is among them, its weight heatmap."""
     from varm_merge.cli import resolve_config
     from varm_merge.weights import analyse
 
@@ -471,17 +484,22 @@ def merge_targets(recipe: Recipe, stages: Stages, targets: dict[str, tuple[Path,
 
         out, _ = stages.run("merge", method, inputs, work)
         merged[method] = out / "model"
-    if "varm" in merged:  # which target dominates which matrix
-        stages.run("merge", "varm-weights", {"pivot": model_fingerprint(recipe.pivot.path), "targets": target_keys},
-                   lambda out: analyse(recipe.pivot.path, paths, out))  # fmt: skip
-    return merged
+    if "varm" not in merged:
+        return merged, None
+    weights, _ = stages.run(  # which target dominates which matrix
+        "merge",
+        "varm-weights",
+        {"pivot": model_fingerprint(recipe.pivot.path), "targets": target_keys},
+        lambda out: analyse(recipe.pivot.path, paths, out),
+    )
+    return merged, weights / "varm_weights.png"
 
 
-def write_comparison(report: dict[str, Any], run_dir: Path, merges: dict[str, Path]) -> None:
-    """``report.md`` at the run's top: the evaluation table, merges ranked, the VaRM heatmap."""
+def write_comparison(report: dict[str, Any], report_dir: Path, varm_heatmap: Path | None) -> None:
+    """``report.md`` at the report's top: the evaluation table, merges ranked, the VaRM heatmap."""
     from fusion_train.evaluate import markdown_report
 
-    shutil.copy(run_dir / "evaluate" / "report.png", run_dir / "report.png")
+    shutil.copy(report_dir / "evaluate" / "report.png", report_dir / "report.png")
     lines = ["# Fusion run report", "", markdown_report(report), "![bits per byte](report.png)", ""]
     merge_rows = sorted(
         (r for r in report["models"] if r["role"] == "merge"), key=lambda r: r["bits_per_byte"]["value"]
@@ -493,11 +511,10 @@ def write_comparison(report: dict[str, Any], run_dir: Path, merges: dict[str, Pa
             for i, r in enumerate(merge_rows, 1)
         ]
         lines.append("")
-    heatmaps = sorted((run_dir / "merge").glob("varm-weights-*/varm_weights.png")) if merges else []
-    if heatmaps:
-        shutil.copy(heatmaps[-1], run_dir / "varm_weights.png")
+    if varm_heatmap:
+        shutil.copy(varm_heatmap, report_dir / "varm_weights.png")
         lines += ["## VaRM weights per matrix", "", "![VaRM weights](varm_weights.png)", ""]
-    atomic_write_text(run_dir / "report.md", "\n".join(lines))
+    atomic_write_text(report_dir / "report.md", "\n".join(lines))
 
 
 @click.command("run")

@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import click
 import datasets
 import pytest
 import yaml
@@ -20,6 +21,7 @@ from fusion_train import pipeline
 from fusion_train.chat import load_conversations
 from fusion_train.evaluate import bits_per_byte, response_losses
 from fusion_train.pipeline import RecipeError, load_recipe, parse_recipe, run_pipeline
+from fusion_train.sweep import parse_variation, sweep_command, variants
 
 
 def write_recipe(root: Path, sources: list[str], **overrides) -> Path:
@@ -164,3 +166,43 @@ def test_end_to_end_resume_rerun_and_added_source(workspace: Path, monkeypatch: 
     assert sorted(log["ran"]) == ["merge/task_arithmetic", "merge/varm", "merge/varm-weights",
                                   "train/target-mistral", "train/target-qwen"]  # fmt: skip
     assert "train/clm-baseline" in log["reused"]
+
+    # A sweep back to 0.9 (the recipe file now says 0.5), for one source: both variants were
+    # trained above, so nothing runs; the summary puts each target next to its baseline.
+    result = CliRunner().invoke(
+        sweep_command, [str(recipe_path), "--vary", "train.lm_weight=0.9", "--source", "mistral"]
+    )
+    assert result.exit_code == 0, result.output
+    sweep_dir = run_dir / "sweep"
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [(r["variant"], r["target"]) for r in summary["rows"]] == [
+        ("recipe as written", "target-mistral"),
+        ("train.lm_weight=0.9", "target-mistral"),
+    ]
+    for row, folder in zip(summary["rows"], ("recipe_as_written", "train.lm_weight=0.9"), strict=True):
+        assert stage_log(sweep_dir / folder)["ran"] == []
+        models = {
+            m["name"]: m
+            for m in json.loads((sweep_dir / folder / "evaluate" / "report.json").read_text())["models"]
+        }
+        assert row["minus_baseline"]["value"] == pytest.approx(
+            models["target-mistral"]["bits_per_byte"]["value"]
+            - models["clm-baseline"]["bits_per_byte"]["value"]
+        )
+    assert summary["rows"][0]["bits_per_byte"] != summary["rows"][1]["bits_per_byte"]  # two different models
+    assert "| train.lm_weight=0.9 | target-mistral |" in result.output
+    assert (sweep_dir / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_settings_are_checked() -> None:
+    assert parse_variation("train.lm_weight=0.5,0") == ("train", "lm_weight", [0.5, 0])
+    assert parse_variation("align.vocab_map=mined") == ("align", "vocab_map", ["mined"])
+    for bad, message in (("lm_weight=0.5", "STAGE.KEY=VALUE"), ("train.lm_wieght=1", "not a recipe setting"),
+                         ("merge.methods=varm", "not a recipe setting")):  # fmt: skip
+        with pytest.raises(click.BadParameter, match=message):
+            parse_variation(bad)
+    raw = {"train": {"lm_weight": 0.9, "epochs": 1}, "merge": {"methods": ["varm"]}}
+    found = variants(raw, [("train", "lm_weight", [0.5, 0.0])])
+    assert list(found) == ["recipe as written", "train.lm_weight=0.5", "train.lm_weight=0.0"]
+    assert found["train.lm_weight=0.0"]["train"] == {"lm_weight": 0.0, "epochs": 1}
+    assert all(v["merge"]["methods"] == [] for v in found.values()) and raw["merge"]["methods"] == ["varm"]
