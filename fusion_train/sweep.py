@@ -177,6 +177,7 @@ def sweep(
     "--source",
     "sources",
     multiple=True,
+    metavar="NAME",
     help="Only this source's target (repeatable); default: every source in the recipe.",
 )
 def sweep_command(recipe_path: Path, variations: tuple[str, ...], sources: tuple[str, ...]) -> None:
