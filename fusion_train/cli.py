@@ -28,6 +28,8 @@ def main() -> None:
     align (map a source's distributions onto the pivot's tokens), fuse (pick or blend
     candidates per sequence), train (distil into the pivot on DeepSpeed ZeRO), then
     evaluate (bits per byte of held-out responses, comparable across tokenizers).
+    `run` does all of them (and the merges) from one recipe, `sweep` tries settings
+    against the CLM-only baseline, `demo` runs a recipe on real small models.
     """
 
 
