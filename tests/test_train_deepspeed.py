@@ -3,6 +3,7 @@ killed single-rank run resumed from its checkpoint. Each run is a subprocess wit
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -17,7 +18,7 @@ from train_driver import PROBE_TOKENS
 from train_fixtures import batch_from_rows, build_fused, dense_reference_losses, fused_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fusion_train.train import SUMMARY, work_dir
+from fusion_train.train import SUMMARY, TrainConfig, prepare, to_arguments, work_dir
 
 VENV_BIN = Path(sys.executable).parent
 DRIVER = Path(__file__).with_name("train_driver.py")
@@ -170,3 +171,30 @@ def test_killed_run_resumes_from_its_checkpoint(setup, tmp_path):
     resumed_weights = load_file(out / "model.safetensors")
     for name, tensor in load_file(uninterrupted / "model.safetensors").items():
         torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_two_nodes_through_the_per_node_launcher(setup, tmp_path):
+    """A 2-node ZeRO-3 run: what `deepspeed --hostfile` starts on each node (through pdsh),
+    here two per-node launchers on one machine, one rank each, meeting over TCP."""
+    pivot, fused, rows = setup
+    out = tmp_path / "target-two-nodes"
+    config = TrainConfig(model=str(pivot), fused=str(fused), out=str(out), deepspeed="zero3",
+                         **{**SETTINGS, "per_device_batch_size": 2})  # fmt: skip
+    prepare(config, world_size=2)  # what `fusion-train train --hostfile` checks before launching
+    world_info = base64.urlsafe_b64encode(json.dumps({"node-a": [0], "node-b": [0]}).encode()).decode()
+    port = _free_port()
+    launcher = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+                "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
+    module = ["--module", "fusion_train.train", *to_arguments(config)]
+    nodes = [[*launcher, f"--node_rank={rank}", *module] for rank in (0, 1)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    running = [subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+               for node in nodes]  # fmt: skip
+    outputs = [process.communicate(timeout=TIMEOUT)[0] for process in running]
+    assert [p.returncode for p in running] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+
+    summary = _check_output(out, pivot, rows)
+    assert summary["world_size"] == 2
+    parameters = summary["parameters"]
+    for held in parameters["held_per_rank"]:  # each node holds about half of the parameters
+        assert 0.45 * parameters["total"] <= held <= 0.55 * parameters["total"], parameters
