@@ -31,7 +31,7 @@ from varm_fixtures import (
 
 from varm_merge import method
 from varm_merge.cli import fill_placeholders, main
-from varm_merge.weights import CSV_NAME, JSON_NAME, PNG_NAME
+from varm_merge.weights import CSV_NAME, JSON_NAME, PNG_NAME, distinct_names
 
 REPO = Path(__file__).resolve().parent.parent
 ZEROED = ("model.norm.weight", "model.layers.1.input_layernorm.weight")
@@ -358,3 +358,9 @@ def test_python_dash_m_is_run(models, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = by_hand_merge(load_numpy(models["base"]), [load_numpy(t) for t in targets], "matrix")
     assert_same(load_numpy(out), expected)
+
+
+def test_heatmap_panels_are_named_by_what_tells_the_models_apart() -> None:
+    trained = ["/runs/demo/train/target-a-1f2e/model", "/runs/demo/train/target-b-9c0d/model"]
+    assert distinct_names(trained) == ["target-a-1f2e/model", "target-b-9c0d/model"]
+    assert distinct_names(["models/first", "models/second"]) == ["first", "second"]

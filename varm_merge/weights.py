@@ -211,6 +211,16 @@ def csv_rows(report: dict[str, Any]) -> Iterator[list[Any]]:
             ]
 
 
+def distinct_names(paths: list[str]) -> list[str]:
+    """The shortest trailing parts of each path that tell the models apart (``a/model``, ``b/model``)."""
+    parts = [Path(p).parts or (p,) for p in paths]
+    for depth in range(1, max(len(x) for x in parts) + 1):
+        names = ["/".join(x[-depth:]) for x in parts]
+        if len(set(names)) == len(names):
+            return names
+    return paths
+
+
 def plot_heatmap(report: dict[str, Any], path: Path) -> bool:
     """Layers x matrix types, one panel per model; False when no tensor sits in a numbered layer."""
     import matplotlib
@@ -234,9 +244,10 @@ def plot_heatmap(report: dict[str, Any], path: Path) -> bool:
     height = max(3.0, 0.18 * len(layers) + 2.0)
     fig, axes = plt.subplots(1, n_models, figsize=(width * n_models, height), squeeze=False)
     labels = [m.removesuffix(".weight") for m in matrices]
+    titles = distinct_names([str(m) for m in report["models"]])
     for k, ax in enumerate(axes[0]):
         image = ax.imshow(grid[k], vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
-        ax.set_title(Path(str(report["models"][k])).name or str(report["models"][k]), fontsize=9)
+        ax.set_title(titles[k], fontsize=9)
         ax.set_xticks(range(len(matrices)), labels, rotation=60, ha="right", fontsize=7)
         step = max(1, len(layers) // 16)
         ax.set_yticks(range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)])
