@@ -32,10 +32,26 @@ from fusion_train.train import (
     work_dir,
 )
 
+# (device, dtype) pairs the loss is checked on: float32 and bf16 on the CPU, and bf16 on a CUDA GPU
+# where the machine has one (CI's machines do not; run the suite on a GPU machine to cover it).
+PRECISIONS = [
+    pytest.param("cpu", torch.float32, id="cpu-float32"),
+    pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+]  # fmt: skip
 
-def _trainer(model_dir: Path, tmp_path: Path, lm_weight: float, temperature: float = 1.0):
+
+def _trainer(
+    model_dir: Path,
+    tmp_path: Path,
+    lm_weight: float,
+    temperature: float = 1.0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     args = TrainingArguments(output_dir=str(tmp_path / "trainer"), report_to=[], use_cpu=True)
     trainer = FusionTrainer(
         model=model,
@@ -64,32 +80,45 @@ def _collated(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return FusionCollator(pad_id)(as_numpy)
 
 
+@pytest.mark.parametrize(("device", "dtype"), PRECISIONS)
 @pytest.mark.parametrize("name", ["mistral", "qwen"])
 @pytest.mark.parametrize(("lm_weight", "temperature"), [(0.0, 1.0), (0.5, 2.0)])
 def test_sparse_loss_matches_dense_reference(
-    tiny_models, tmp_path, monkeypatch, name, lm_weight, temperature
+    tiny_models, tmp_path, monkeypatch, name, lm_weight, temperature, device, dtype
 ):
-    """Value and gradient, on an ordinary and a padded vocabulary (qwen: 151,936 rows > 151,851 ids)."""
+    """Value and gradient, on an ordinary and a padded vocabulary (qwen: 151,936 rows > 151,851 ids).
+
+    In bf16 both losses read the same bf16 logits and compute in float32/float64; their logit
+    gradients are rounded to bf16 (ours adds the one-hot terms after rounding the softmax, the
+    reference rounds once), so the parameter gradients agree to about a bf16 step.
+    """
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 100_000)  # several row chunks, one row for qwen
-    trainer, model, tokenizer = _trainer(tiny_models[name], tmp_path, lm_weight, temperature)
+    trainer, model, tokenizer = _trainer(tiny_models[name], tmp_path, lm_weight, temperature, device, dtype)
     rows = fused_rows(tiny_models[name], examples=3, top_k=4)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    sparse = trainer.compute_loss(model, _collated(rows, pad_id))
+    sparse = trainer.compute_loss(model, {k: v.to(device) for k, v in _collated(rows, pad_id).items()})
     sparse.backward()
     sparse_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
-    batch = batch_from_rows(rows, pad_id)
+    batch = {k: v.to(device) for k, v in batch_from_rows(rows, pad_id).items()}
     logits = model(**batch).logits
     clm, fusion = dense_reference_losses(logits, rows, len(tokenizer), temperature)
     dense = lm_weight * clm + (1 - lm_weight) * fusion
     dense.backward()
 
     assert sparse.item() == pytest.approx(dense.item(), rel=1e-5)
+    bf16_step = 2.0**-7  # relative spacing of bf16 numbers; measured differences stay within one
     for parameter_name, parameter in model.named_parameters():
+        expected = parameter.grad.float()
+        rtol, atol = (
+            (1e-4, 1e-6)
+            if dtype == torch.float32
+            else (2 * bf16_step, 2 * bf16_step * expected.abs().max().item())
+        )
         torch.testing.assert_close(
-            sparse_grads[parameter_name], parameter.grad.float(), rtol=1e-4, atol=1e-6, msg=parameter_name
+            sparse_grads[parameter_name].float(), expected, rtol=rtol, atol=atol, msg=parameter_name
         )
     if name == "qwen":  # padded rows are never fusion targets, but the CLM softmax includes them
         padded_rows = sparse_grads["lm_head.weight"][len(tokenizer) :]

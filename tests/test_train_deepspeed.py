@@ -39,11 +39,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+def _env(gpus: bool = False) -> dict[str, str]:
+    """The launched ranks' environment: CPU ranks (gloo) see no GPU, also on a machine that has one."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env, **kwargs)
+    if not gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def _run(command: list[str], gpus: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=_env(gpus))
 
 
 def _options(settings: dict) -> list[str]:
@@ -187,8 +194,7 @@ def test_two_nodes_through_the_per_node_launcher(setup, tmp_path):
                 "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
     module = ["--module", "fusion_train.train", *to_arguments(config)]
     nodes = [[*launcher, f"--node_rank={rank}", *module] for rank in (0, 1)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    running = [subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    running = [subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
                for node in nodes]  # fmt: skip
     outputs = [process.communicate(timeout=TIMEOUT)[0] for process in running]
     assert [p.returncode for p in running] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
@@ -198,3 +204,29 @@ def test_two_nodes_through_the_per_node_launcher(setup, tmp_path):
     parameters = summary["parameters"]
     for held in parameters["held_per_rank"]:  # each node holds about half of the parameters
         assert 0.45 * parameters["total"] <= held <= 0.55 * parameters["total"], parameters
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 training needs a CUDA GPU (CI has none)")
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_bf16_on_gpus(setup, tmp_path, stage):
+    """bf16 mixed precision on the machine's GPUs (NCCL, up to 2 ranks): learns, and the saved bf16
+    weights give the engine's logits."""
+    pivot, fused, rows = setup
+    ranks = min(2, torch.cuda.device_count())
+    out = tmp_path / f"target-{stage}-bf16"
+    config = {"model": str(pivot), "fused": str(fused), "out": str(out), "deepspeed": stage, "bf16": True}
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps({**config, **SETTINGS, "per_device_batch_size": 4 // ranks}))
+    engine_logits = tmp_path / "engine-logits.safetensors"
+    command = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port())]
+    result = _run([*command, str(DRIVER), str(config_path), "logits", str(engine_logits)], gpus=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+    summary = _check_output(out, pivot, rows)
+    assert summary["world_size"] == ranks
+    assert summary["bf16"] is True
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).cuda()
+    with torch.no_grad():
+        logits = model(input_ids=PROBE_TOKENS.cuda()).logits.float().cpu()
+    torch.testing.assert_close(logits, load_file(engine_logits)["logits"], rtol=1e-2, atol=1e-2)

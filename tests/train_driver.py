@@ -31,7 +31,7 @@ class EngineLogits(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         model.eval()
         with torch.no_grad():
-            logits = model(input_ids=PROBE_TOKENS, use_cache=False).logits.float()
+            logits = model(input_ids=PROBE_TOKENS.to(args.device), use_cache=False).logits.float().cpu()
         if state.is_world_process_zero:
             save_file({"logits": logits.contiguous()}, self.path)
 

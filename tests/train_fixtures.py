@@ -126,8 +126,8 @@ def dense_reference_losses(
     over every row for the CLM term.
     """
     batch, length, vocab = logits.shape
-    labels = torch.full((batch, length), -100)
-    dense_target = torch.zeros(batch, length, vocab, dtype=torch.float64)
+    labels = torch.full((batch, length), -100, device=logits.device)
+    dense_target = torch.zeros(batch, length, vocab, dtype=torch.float64, device=logits.device)
     for b, row in enumerate(rows):
         positions = [
             p for s, n in zip(row["run_start"], row["run_length"], strict=True) for p in range(s, s + n)
@@ -150,7 +150,7 @@ def dense_reference_losses(
     )
     log_q = torch.log_softmax(logits[..., :tokenizer_size].double(), dim=-1)
     per_position = -(dense_target[..., :tokenizer_size] * log_q).sum(-1)
-    supervised = torch.zeros(batch, length, dtype=torch.bool)
+    supervised = torch.zeros(batch, length, dtype=torch.bool, device=logits.device)
     supervised[:, :-1] = shift_labels != -100
     fusion = per_position[supervised].mean()
     return clm, fusion
