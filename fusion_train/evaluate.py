@@ -232,7 +232,8 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:
-    """Horizontal bars with 95% intervals, best model on top."""
+    """Horizontal bars with 95% intervals, best model on top; with a reference model, a second
+    panel of paired differences to it, the figure that says which model is better."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,7 +245,12 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
               [r["bits_per_byte"]["high"] - v for v, r in zip(values, rows, strict=True)]]  # fmt: skip
     roles = sorted({r["role"] for r in rows})
     colours = {role: plt.get_cmap("tab10")(i) for i, role in enumerate(roles)}
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.5))
+    reference = report.get("compare_to")
+    panels = 2 if reference else 1
+    fig, axes = plt.subplots(
+        1, panels, figsize=(7 * panels, 0.45 * len(rows) + 1.5), sharey=True, squeeze=False
+    )
+    ax = axes[0][0]
     ax.barh(
         [r["name"] for r in rows], values, xerr=errors, color=[colours[r["role"]] for r in rows], capsize=3
     )
@@ -253,12 +259,44 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[role]) for role in roles]
     ax.legend(handles, roles, loc="lower right", fontsize="small")
     ax.set_title(f"Held-out cross-entropy, {report['examples']} examples")
+    if reference:
+        _plot_differences(axes[0][1], rows, reference, [colours[r["role"]] for r in rows])
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _plot_differences(ax: Any, rows: list[dict[str, Any]], reference: str, colours: list[Any]) -> None:
+    """Paired differences to ``reference`` with their intervals, one row per model.
+
+    Models fine-tuned from one start differ by far less than models of different sizes, so the
+    axis is scaled to the median model's interval and larger differences are written at the edge
+    rather than drawn: otherwise a source model's gap would flatten every target's to a dot.
+    """
+    extents = sorted(
+        max(abs(r["difference"]["low"]), abs(r["difference"]["high"])) for r in rows if r["name"] != reference
+    )
+    limit = 1.3 * extents[(len(extents) - 1) // 2] if extents else 0.0
+    limit = limit if limit > 0 else 1.0
+    for y, (row, colour) in enumerate(zip(rows, colours, strict=True)):
+        diff = row["difference"]
+        if row["name"] == reference:
+            ax.text(0, y, " reference", va="center", fontsize="small", color="grey")
+        elif abs(diff["value"]) > limit:
+            side = 1 if diff["value"] > 0 else -1
+            label = f"{diff['value']:+.3f} →" if side > 0 else f"← {diff['value']:+.3f}"
+            ax.text(side * limit, y, label, va="center", ha="right" if side > 0 else "left",
+                    fontsize="small", color=colour)  # fmt: skip
+        else:
+            ax.errorbar(diff["value"], y, xerr=[[diff["value"] - diff["low"]], [diff["high"] - diff["value"]]],
+                        fmt="o", color=colour, capsize=3)  # fmt: skip
+    ax.axvline(0, color="grey", linewidth=1)
+    ax.set_xlim(-limit, limit)
+    ax.set_xlabel(f"bits/byte minus {reference}, paired 95% CI (left of 0: better)")
+    ax.set_title(f"Difference to {reference}")
 
 
 @click.command("evaluate")

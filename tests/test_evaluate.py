@@ -154,3 +154,28 @@ def test_evaluate_command(tiny_models: dict, heldout: Path, tmp_path: Path) -> N
         main, ["evaluate", "--data", str(heldout), "--model", "nodir", "--out", str(tmp_path)]
     )
     assert result.exit_code != 0 and "NAME=DIR" in result.output
+
+
+def test_difference_panel_zooms_on_small_differences_and_labels_large_ones():
+    """A source far ahead of the reference must not flatten the targets' small differences."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def row(name: str, value: float, half_width: float) -> dict:
+        return {
+            "name": name,
+            "difference": {"value": value, "low": value - half_width, "high": value + half_width},
+        }
+
+    rows = [row("source", -0.28, 0.03), row("target-a", -0.003, 0.0005), row("target-b", -0.002, 0.001),
+            row("baseline", 0.0, 0.0), row("pivot", 0.2, 0.02)]  # fmt: skip
+    fig, ax = plt.subplots()
+    evaluate_module._plot_differences(ax, rows, "baseline", ["C0"] * len(rows))
+    low, high = ax.get_xlim()
+    assert -0.01 < low < -0.003 and 0.003 < high < 0.01  # the targets' scale, not the source's
+    labels = sorted(text.get_text() for text in ax.texts)
+    assert labels == [" reference", "+0.200 →", "← -0.280"]
+    assert len(ax.lines) >= 2  # the two targets drawn as points
+    plt.close(fig)
