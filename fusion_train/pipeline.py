@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,13 @@ class ModelEntry:
     path: str
     chat_template: str | None = None
     gguf_file: str | None = None
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # sources only: SOURCE_SETTINGS
+
+
+# What a source may set for its own stages, over the recipe's stage settings. Other training
+# settings would give its target another schedule than the shared CLM-only baseline's.
+SOURCE_SETTINGS = {"align": ("token_align", "vocab_map"), "fuse": ("criterion", "ce_unit"),
+                   "train": ("lm_weight", "temperature")}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,12 @@ class Recipe:
     merge: MergeStage = MergeStage()
     evaluate: EvaluateStage = EvaluateStage()
 
+    def stages_for(self, source: ModelEntry) -> tuple[AlignStage, FuseStage, TrainStage]:
+        """The align, fuse and train settings of one source: the recipe's, with its own over them."""
+        own = source.settings
+        return (replace(self.align, **own.get("align", {})), replace(self.fuse, **own.get("fuse", {})),
+                replace(self.train, **own.get("train", {})))  # fmt: skip
+
 
 STAGE_SETTINGS = {"represent": RepresentStage, "align": AlignStage, "fuse": FuseStage, "train": TrainStage,
                   "merge": MergeStage, "evaluate": EvaluateStage}  # fmt: skip
@@ -150,6 +163,29 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         return cls(**values)
     except TypeError as exc:
         raise RecipeError(f"{where}: {exc}") from exc
+
+
+def _source_settings(raw: Any, at: str) -> dict[str, dict[str, Any]]:
+    """A source's own settings, checked against SOURCE_SETTINGS."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{at}: settings: expected a mapping such as {{train: {{lm_weight: 0.5}}}}")
+    for stage, values in raw.items():
+        allowed = SOURCE_SETTINGS.get(stage)
+        if allowed is None:
+            raise RecipeError(
+                f"{at}: settings.{stage}: not a per-source stage; one of {', '.join(SOURCE_SETTINGS)}"
+            )
+        if not isinstance(values, dict):
+            raise RecipeError(f"{at}: settings.{stage}: expected a mapping")
+        unknown = sorted(set(values) - set(allowed))
+        if unknown:
+            raise RecipeError(
+                f"{at}: settings.{stage}: {', '.join(unknown)} cannot be set per source (only "
+                f"{', '.join(allowed)}); set it under the top-level `{stage}` for every source"
+            )
+    return raw
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -176,9 +212,13 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
         local = (base / m.path).resolve()
         if not local.is_dir():
             raise RecipeError(f"{at}: model directory {local} does not exist")
-        return ModelEntry(m.name, str(local), m.chat_template, m.gguf_file)
+        return replace(m, path=str(local), settings=_source_settings(m.settings, at))
 
     pivot = model(raw["pivot"], f"{where}: pivot")
+    if pivot.settings:
+        raise RecipeError(
+            f"{where}: pivot: `settings` are per source; set the pivot's stages at the top level"
+        )
     if not isinstance(raw["sources"], list) or not raw["sources"]:
         raise RecipeError(f"{where}: `sources` must be a non-empty list")
     sources = tuple(model(s, f"{where}: sources[{i}]") for i, s in enumerate(raw["sources"]))
@@ -359,10 +399,11 @@ def run_pipeline(
             entry.path, train_file, out, model_settings, gguf_file=entry.gguf_file,
             batch_tokens=recipe.represent.batch_tokens))  # fmt: skip
 
-    def train_stage(name: str, fused: Path, data_key: str, no_fusion: bool) -> tuple[Path, str]:
+    def train_stage(
+        name: str, fused: Path, data_key: str, t: TrainStage, no_fusion: bool
+    ) -> tuple[Path, str]:
         """``data_key``: the fused data's key, or for the baseline (which reads only the pivot's
         tokens from it) the pivot representation's key, so fusion settings never retrain it."""
-        t = recipe.train
         settings = asdict(t)
         if no_fusion:
             settings = {k: v for k, v in settings.items() if k not in ("lm_weight", "temperature")}
@@ -395,21 +436,22 @@ def run_pipeline(
     targets: dict[str, tuple[Path, str]] = {}
     first_fused: Path | None = None
     for source in recipe.sources:
+        align_settings, fuse_settings, train_settings = recipe.stages_for(source)
         source_repr, source_key = represent_stage(source)
         aligned, aligned_key = stages.run(
-            "align", source.name, {"pivot": pivot_key, "source": source_key, "settings": asdict(recipe.align)},
-            lambda out, s=source_repr: align(pivot_repr, s, out, recipe.align.token_align, recipe.align.vocab_map),
+            "align", source.name, {"pivot": pivot_key, "source": source_key, "settings": asdict(align_settings)},
+            lambda out, s=source_repr, a=align_settings: align(pivot_repr, s, out, a.token_align, a.vocab_map),
         )  # fmt: skip
         fused, fused_key = stages.run(
-            "fuse", source.name, {"pivot": pivot_key, "aligned": [aligned_key], "settings": asdict(recipe.fuse)},
-            lambda out, a=aligned: fuse(pivot_repr, [a], out, recipe.fuse.criterion, recipe.fuse.ce_unit),
+            "fuse", source.name, {"pivot": pivot_key, "aligned": [aligned_key], "settings": asdict(fuse_settings)},
+            lambda out, a=aligned, f=fuse_settings: fuse(pivot_repr, [a], out, f.criterion, f.ce_unit),
         )  # fmt: skip
         first_fused = first_fused or fused
-        out, key = train_stage(f"target-{source.name}", fused, fused_key, no_fusion=False)
+        out, key = train_stage(f"target-{source.name}", fused, fused_key, train_settings, no_fusion=False)
         targets[source.name] = (out / "model", key)
     baseline = None
     if recipe.train.clm_baseline and first_fused:  # the fused data carries the pivot's tokens: same data
-        out, _ = train_stage("clm-baseline", first_fused, pivot_key, no_fusion=True)
+        out, _ = train_stage("clm-baseline", first_fused, pivot_key, recipe.train, no_fusion=True)
         baseline = out / "model"
 
     merges, varm_heatmap = merge_targets(recipe, stages, targets)

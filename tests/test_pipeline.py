@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -71,6 +72,24 @@ def test_recipe_errors_name_the_problem(workspace: Path) -> None:
     fails({"sources": [{"name": "same", "path": "m-smollm2"}]}, "is the pivot itself")
     fails({"data": {"train": "chats.json"}}, "no `heldout` file and no `heldout_fraction`")
     fails({"sources": []}, "non-empty list")
+    mistral = {"name": "mistral", "path": "m-mistral"}
+    fails(
+        {"sources": [{**mistral, "settings": {"train": {"learning_rate": 1}}}]},
+        r"sources\[0\]: settings.train: learning_rate cannot be set per source \(only lm_weight, temperature\)",
+    )
+    fails(
+        {"sources": [{**mistral, "settings": {"represent": {"top_k": 5}}}]},
+        "settings.represent: not a per-source stage; one of align, fuse, train",
+    )
+    fails({"sources": [{**mistral, "settings": [0.5]}]}, "settings: expected a mapping")
+    fails(
+        {"pivot": {**base["pivot"], "settings": {"train": {"lm_weight": 0.5}}}},
+        "pivot: `settings` are per source",
+    )
+    own = parse_recipe({**base, "sources": [{**mistral, "settings": {"train": {"lm_weight": 0.5}}}]},
+                       base=workspace, default_run_dir=workspace / "r")  # fmt: skip
+    align_settings, _, train_settings = own.stages_for(own.sources[0])
+    assert train_settings == replace(own.train, lm_weight=0.5) and align_settings == own.align
 
 
 def stage_log(run_dir: Path) -> dict:
@@ -166,6 +185,23 @@ def test_end_to_end_resume_rerun_and_added_source(workspace: Path, monkeypatch: 
     assert sorted(log["ran"]) == ["merge/task_arithmetic", "merge/varm", "merge/varm-weights",
                                   "train/target-mistral", "train/target-qwen"]  # fmt: skip
     assert "train/clm-baseline" in log["reused"]
+
+    # A source's own setting wins over the recipe's: mistral back at 0.9 while qwen keeps the
+    # recipe's 0.5. Both targets were trained with these settings above, so no training runs;
+    # the merges run, as this pair of targets is new.
+    per_source = yaml.safe_load(recipe_path.read_text())
+    per_source["train"]["lm_weight"] = 0.5
+    per_source["sources"][0]["settings"] = {"train": {"lm_weight": 0.9}}
+    per_source_path = recipe_path.with_name("per-source.yaml")
+    per_source_path.write_text(yaml.safe_dump(per_source))
+    report = run_pipeline(load_recipe(per_source_path), echo=lambda _: None)
+    log = stage_log(run_dir)
+    assert sorted(log["ran"]) == ["merge/task_arithmetic", "merge/varm", "merge/varm-weights"]
+    assert {"train/target-mistral", "train/target-qwen", "train/clm-baseline"} <= set(log["reused"])
+    paths = {row["name"]: Path(row["path"]) for row in report["models"]}
+    for name, weight in (("mistral", 0.9), ("qwen", 0.5)):
+        summary = json.loads((paths[f"target-{name}"] / "training_summary.json").read_text())
+        assert summary["config"]["lm_weight"] == weight, name
 
     # A sweep back to 0.9 (the recipe file now says 0.5), for one source: both variants were
     # trained above, so nothing runs; the summary puts each target next to its baseline.
