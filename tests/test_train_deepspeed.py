@@ -53,6 +53,18 @@ def _run(command: list[str], gpus: bool = False) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=_env(gpus))
 
 
+def _train_keeping_engine_logits(tmp_path: Path, config: dict, ranks: int, gpus: bool = False) -> Path:
+    """Train under the ``deepspeed`` launcher through the test driver; return the file holding the
+    engine's logits on PROBE_TOKENS at the end of training."""
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config))
+    engine_logits = tmp_path / "engine-logits.safetensors"
+    command = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port())]
+    result = _run([*command, str(DRIVER), str(config_path), "logits", str(engine_logits)], gpus=gpus)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return engine_logits
+
+
 def _options(settings: dict) -> list[str]:
     return [part for name, value in settings.items() for part in (f"--{name.replace('_', '-')}", str(value))]
 
@@ -128,12 +140,9 @@ def test_zero3_two_ranks_partitions_and_saves_full_tensors(setup, tmp_path):
     pivot, fused, rows = setup
     out = tmp_path / "target-zero3"
     config = {"model": str(pivot), "fused": str(fused), "out": str(out), "deepspeed": "zero3"}
-    config_path = tmp_path / "config.json"
-    config_path.write_text(json.dumps({**config, **SETTINGS, "per_device_batch_size": 2}))
-    engine_logits = tmp_path / "engine-logits.safetensors"
-    command = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port())]
-    result = _run([*command, str(DRIVER), str(config_path), "logits", str(engine_logits)])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    engine_logits = _train_keeping_engine_logits(
+        tmp_path, {**config, **SETTINGS, "per_device_batch_size": 2}, 2
+    )
 
     summary = _check_output(out, pivot, rows)
     parameters = summary["parameters"]
@@ -215,12 +224,8 @@ def test_bf16_on_gpus(setup, tmp_path, stage):
     ranks = min(2, torch.cuda.device_count())
     out = tmp_path / f"target-{stage}-bf16"
     config = {"model": str(pivot), "fused": str(fused), "out": str(out), "deepspeed": stage, "bf16": True}
-    config_path = tmp_path / "config.json"
-    config_path.write_text(json.dumps({**config, **SETTINGS, "per_device_batch_size": 4 // ranks}))
-    engine_logits = tmp_path / "engine-logits.safetensors"
-    command = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port())]
-    result = _run([*command, str(DRIVER), str(config_path), "logits", str(engine_logits)], gpus=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    settings = {**config, **SETTINGS, "per_device_batch_size": 4 // ranks}
+    engine_logits = _train_keeping_engine_logits(tmp_path, settings, ranks, gpus=True)
 
     summary = _check_output(out, pivot, rows)
     assert summary["world_size"] == ranks
