@@ -77,7 +77,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
-    bf16: bool | None = None  # None: where the accelerator supports it
+    bf16: bool | None = None  # None: on GPUs that support it (on CPU hosts only when asked)
     report_to: str = "none"
     logging_steps: int = 10
     save_steps: int = 500
@@ -287,17 +287,37 @@ def deepspeed_config(spec: str, config: TrainConfig, world_size: int) -> dict[st
     return ds_config
 
 
-def resolve_bf16(bf16: bool | None) -> bool:
-    """bf16 where the accelerator supports it. Asking for it where it does not is an input error
-    here, before launching, rather than transformers' refusal later inside every rank."""
-    from transformers.utils import is_torch_bf16_gpu_available
+def on_cpu_host() -> bool:
+    """Whether DeepSpeed found no accelerator: training then runs on CPU processes with gloo."""
+    from deepspeed.accelerator import get_accelerator
 
+    return get_accelerator().device_name() == "cpu"
+
+
+def bf16_support() -> tuple[bool, bool]:
+    """(whether bf16 training can run here, whether it is the default).
+
+    On GPUs bf16 is the default where the GPU supports it. On a host without accelerators it runs
+    only when asked: CPUs without bf16 matrix units are slower in bf16 than in float32, but the run
+    takes the same mixed-precision path as on a GPU (DeepSpeed's bf16 optimizer, bf16 weights saved).
+    """
+    from transformers.utils import is_torch_bf16_available_on_device, is_torch_bf16_gpu_available
+
+    if on_cpu_host():
+        return is_torch_bf16_available_on_device("cpu"), False
     supported = is_torch_bf16_gpu_available()
+    return supported, supported
+
+
+def resolve_bf16(bf16: bool | None) -> bool:
+    """``--bf16/--no-bf16``, or the default here. Asking for bf16 where it cannot run is an input
+    error here, before launching, rather than transformers' refusal later inside every rank."""
+    supported, default = bf16_support()
     if bf16 and not supported:
         raise TrainInputError(
-            "--bf16: no accelerator with bf16 support here; leave it out (the default is bf16 where supported)"
+            "--bf16: this machine cannot train in bf16 (no GPU or CPU support); leave it out"
         )
-    return supported if bf16 is None else bf16
+    return default if bf16 is None else bf16
 
 
 # --------------------------------------------------------------------------- batches and loss
@@ -469,19 +489,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _count_cpu_processes(args: TrainingArguments) -> None:
-    """Correct accelerate's process count for DeepSpeed on hosts without accelerators.
-
-    accelerate 1.x lets DeepSpeed start the gloo process group there but records a world of one,
-    so every rank would read all the data and save as the main process. The process group is right.
-    """
-    state = args.distributed_state
-    if torch.distributed.is_initialized() and state.num_processes != torch.distributed.get_world_size():
-        state.num_processes = torch.distributed.get_world_size()
-        state.process_index = torch.distributed.get_rank()
-        state.local_process_index = int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def _parameters_held(model: torch.nn.Module) -> dict[str, Any]:
     """Parameter elements in the model and held by each rank (under ZeRO-3, each rank's partition)."""
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
@@ -498,7 +505,7 @@ def _loss_record(history: list[dict[str, Any]], which: int) -> dict[str, Any] | 
     if not entries:
         return None
     entry = entries[which]
-    return {k: entry[k] for k in ("step", "loss", "clm_loss", "fusion_loss") if k in entry}
+    return {k: entry[k] for k in ("step", "loss", "clm_loss", "fusion_loss", "grad_norm") if k in entry}
 
 
 def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any] | None:
@@ -541,9 +548,8 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any] 
         seed=config.seed,
         remove_unused_columns=False,  # the fused columns are not model.forward arguments
         label_names=["labels"],
-        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=on_cpu_host(),  # CPU processes: gloo, no pinned memory, bf16 only when asked
     )
-    _count_cpu_processes(args)
     model = load_model(config.model)
     model.config.use_cache = False
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -720,7 +726,11 @@ def launch(config: TrainConfig, nproc: int | None, hostfile: str | None, master_
 @click.option("--weight-decay", default=0.0)
 @click.option("--max-grad-norm", default=1.0, help="Gradient clipping.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False)
-@click.option("--bf16/--no-bf16", default=None, help="Default: bf16 where the accelerator supports it.")
+@click.option(
+    "--bf16/--no-bf16",
+    default=None,
+    help="bf16 mixed precision. Default: on GPUs that support it; on CPU-only machines only when asked.",
+)
 @click.option(
     "--report-to", default="none", help="none, tensorboard, wandb, ... (transformers integrations)."
 )

@@ -327,12 +327,24 @@ def test_cli_reports_bad_input_before_training(pivot, tmp_path):
     )
     assert result.exit_code == 2
     assert "--no-fusion means --lm-weight 1.0" in result.output
-    if not torch.cuda.is_available():  # bf16 asked for where no accelerator supports it
-        good = build_fused(pivot, tmp_path / "good", rows=fused_rows(pivot, examples=2, top_k=4))
-        args = ["train", "--model", str(pivot), "--fused", str(good), "--out", str(tmp_path / "b"), "--bf16"]
-        result = runner.invoke(main, args)
-        assert result.exit_code != 0 and "--bf16: no accelerator with bf16 support" in result.output
-        assert not work_dir(tmp_path / "b").exists()
+
+
+def test_bf16_where_it_cannot_run_is_refused_before_training(pivot, good_fused, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "bf16_support", lambda: (False, False))
+    args = [
+        "train",
+        "--model",
+        str(pivot),
+        "--fused",
+        str(good_fused),
+        "--out",
+        str(tmp_path / "b"),
+        "--bf16",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "--bf16: this machine cannot train in bf16" in result.output
+    assert not work_dir(tmp_path / "b").exists()
+    assert train_module.resolve_bf16(None) is False and train_module.resolve_bf16(False) is False
 
 
 def test_launcher_problems_are_reported_before_starting(pivot, good_fused, tmp_path, monkeypatch):

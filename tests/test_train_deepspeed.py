@@ -113,6 +113,21 @@ def test_zero2_two_ranks_through_the_cli_launcher(setup, tmp_path):
     parameters = summary["parameters"]  # ZeRO-2 partitions optimizer states, not parameters
     assert parameters["held_per_rank"] == [parameters["total"]] * 2
 
+    # Data parallelism changes nothing: one process with the whole global batch of 4 takes the same
+    # steps (loss normalised over all ranks' tokens; the gradient norm would show a scale error,
+    # which Adam's updates would hide).
+    single = tmp_path / "target-one-process"
+    base = [sys.executable, "-m", "fusion_train.train", "--model", str(pivot), "--fused", str(fused)]
+    result = _run([*base, "--out", str(single), *_options({**SETTINGS, "per_device_batch_size": 4})])
+    assert result.returncode == 0, result.stderr[-5000:]
+    reference = json.loads((single / SUMMARY).read_text())
+    for which in ("start", "end"):
+        for name in ("loss", "clm_loss", "fusion_loss", "grad_norm"):
+            assert summary["loss"][which][name] == pytest.approx(reference["loss"][which][name], rel=1e-4)
+    weights = load_file(out / "model.safetensors")
+    for name, tensor in load_file(single / "model.safetensors").items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
 
 def test_zero3_offload_two_ranks_trains_with_states_in_cpu_memory(setup, tmp_path):
     """The zero3-offload preset (parameters and optimizer states offloaded) runs and learns."""
@@ -215,23 +230,29 @@ def test_two_nodes_through_the_per_node_launcher(setup, tmp_path):
         assert 0.45 * parameters["total"] <= held <= 0.55 * parameters["total"], parameters
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 training needs a CUDA GPU (CI has none)")
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_bf16_on_gpus(setup, tmp_path, stage):
-    """bf16 mixed precision on the machine's GPUs (NCCL, up to 2 ranks): learns, and the saved bf16
-    weights give the engine's logits."""
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+    ],
+)
+def test_bf16_mixed_precision(setup, tmp_path, stage, device):
+    """bf16 mixed precision (DeepSpeed's bf16 path) on 2 CPU ranks, and on the machine's GPUs (NCCL,
+    up to 2 ranks) where it has any: learns, and the saved bf16 weights give the engine's logits."""
     pivot, fused, rows = setup
-    ranks = min(2, torch.cuda.device_count())
+    ranks = 2 if device == "cpu" else min(2, torch.cuda.device_count())
     out = tmp_path / f"target-{stage}-bf16"
     config = {"model": str(pivot), "fused": str(fused), "out": str(out), "deepspeed": stage, "bf16": True}
     settings = {**config, **SETTINGS, "per_device_batch_size": 4 // ranks}
-    engine_logits = _train_keeping_engine_logits(tmp_path, settings, ranks, gpus=True)
+    engine_logits = _train_keeping_engine_logits(tmp_path, settings, ranks, gpus=device == "cuda")
 
     summary = _check_output(out, pivot, rows)
     assert summary["world_size"] == ranks
     assert summary["bf16"] is True
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).cuda()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).to(device)
     with torch.no_grad():
-        logits = model(input_ids=PROBE_TOKENS.cuda()).logits.float().cpu()
+        logits = model(input_ids=PROBE_TOKENS.to(device)).logits.float().cpu()
     torch.testing.assert_close(logits, load_file(engine_logits)["logits"], rtol=1e-2, atol=1e-2)
