@@ -299,7 +299,7 @@ def bf16_support() -> tuple[bool, bool]:
 
     On GPUs bf16 is the default where the GPU supports it. On a host without accelerators it runs
     only when asked: CPUs without bf16 matrix units are slower in bf16 than in float32, but the run
-    takes the same mixed-precision path as on a GPU (DeepSpeed's bf16 optimizer, bf16 weights saved).
+    takes the same path as on a GPU (DeepSpeed's bf16 mixed precision, bf16 weights saved).
     """
     from transformers.utils import is_torch_bf16_available_on_device, is_torch_bf16_gpu_available
 

@@ -1,5 +1,6 @@
-"""`fusion-train train` as real DeepSpeed jobs: 2 CPU ranks (gloo) for ZeRO-2 and ZeRO-3, and a
-killed single-rank run resumed from its checkpoint. Each run is a subprocess with its own port."""
+"""`fusion-train train` as real DeepSpeed jobs: 2 CPU ranks (gloo) for ZeRO-2 and ZeRO-3, in float32
+and bf16, two node ranks, and a killed single-rank run resumed from its checkpoint; bf16 on GPUs
+(NCCL) where the machine has any. Each run is a subprocess with its own port."""
 
 from __future__ import annotations
 
