@@ -20,6 +20,8 @@ from varm_fixtures import (
     VOCAB,
     by_hand_matrix_weights,
     by_hand_merge,
+    by_hand_scores,
+    group_name,
     load_numpy,
     make_base,
     make_target,
@@ -263,6 +265,84 @@ def test_uniform_fallback_uses_priors_and_epsilon(monkeypatch):
     (above,) = varm((group,), parameters={"weight": [1.0, 3.0], "epsilon": 0.0})
     w = np.array([1e-8, 3 * 4e-8]) / (1e-8 + 3 * 4e-8)
     torch.testing.assert_close(above, base + float(w[0] * 1e-4 + w[1] * 2e-4))
+
+
+@pytest.mark.parametrize("granularity", ["matrix", "element"])
+def test_fallback_threshold_scales_with_the_sum_of_priors(monkeypatch, granularity: str) -> None:
+    """The fallback test is `sum_k p_k s_k <= epsilon * sum_k p_k`, not `<= epsilon`.
+
+    Priors [1, 3] make the two thresholds differ by 4x. Deltas 1e-4 and 2e-4 times a per-element
+    factor a give sum_k p_k s_k = 1.3e-7 a^2: with epsilon 6.5e-8 the documented rule falls back
+    where a^2 <= 2, comparing with epsilon alone only where a^2 <= 0.5; a = 1 tells them apart.
+    """
+    monkeypatch.setattr(method, "_warned_uniform", True)
+    priors, epsilon = [1.0, 3.0], 6.5e-8
+    factor = torch.tensor([[1.0, 10.0], [0.5, 3.0]]) if granularity == "element" else torch.ones(2, 2)
+    base = torch.zeros(2, 2, dtype=torch.float64)
+    targets = [base + 1e-4 * factor, base + 2e-4 * factor]
+    group = TensorGroup.from_tensors([base, *targets], base_index=0, name="w")
+    params = {"weight": priors, "epsilon": epsilon, "granularity": granularity}
+    (merged,) = get("varm")((group,), parameters=params)
+    expected = by_hand_merge({"w": base.numpy()}, [{"w": t.numpy()} for t in targets], granularity,
+                             priors, epsilon)["w"]  # fmt: skip
+    np.testing.assert_allclose(merged.numpy(), expected, rtol=1e-9)
+    # Where the rule falls back, the merge is the prior-weighted mean delta (0.25, 0.75): 1.75e-4 a.
+    fallback = (1.3e-7 * factor.double() ** 2 <= epsilon * sum(priors)).numpy()
+    assert fallback[0, 0] and (granularity == "matrix" or not fallback[0, 1])
+    np.testing.assert_allclose(merged.numpy()[fallback], (1.75e-4 * factor.double()).numpy()[fallback])
+
+
+@pytest.mark.parametrize("granularity", ["matrix", "layer", "model"])
+def test_weights_report_matches_statistics_read_from_the_safetensors(
+    models, tmp_path, granularity: str
+) -> None:
+    """`varm-merge weights`: mean squared deltas, group scores and weights, JSON and CSV, against
+    numpy over the checkpoint files (layer/model groups mix tensors of different sizes, so an
+    unweighted mean of per-tensor means would not pass)."""
+    targets = [models["t1"], models["t2"]]
+    priors = np.array([1.0, 3.0])
+    args = [
+        "weights",
+        "--base",
+        models["base"],
+        "--out",
+        tmp_path,
+        "--no-heatmap",
+        "--granularity",
+        granularity,
+    ]
+    args += [a for t, p in zip(targets, priors, strict=True) for a in ("--model", t, "--prior", p)]
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / JSON_NAME).read_text())
+    base, tgt = load_numpy(models["base"]), [load_numpy(t) for t in targets]
+    scores = by_hand_scores(base, tgt, granularity)
+    assert sorted(report["tensors"]) == sorted(base)
+    groups: dict[str, set[str]] = {}
+    for name, entry in report["tensors"].items():
+        mean_sq = [np.mean((t[name] - base[name]) ** 2) for t in tgt]
+        np.testing.assert_allclose(entry["mean_sq_delta"], mean_sq, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(entry["scores"], scores[name], rtol=1e-5, err_msg=name)
+        weights = priors * scores[name] / np.sum(priors * scores[name])
+        np.testing.assert_allclose(entry["weights"], weights, rtol=1e-5, err_msg=name)
+        groups.setdefault(entry["group"], set()).add(name)
+    # The reported groups are the README's: every tensor of one group, and nothing else.
+    by_hand_groups: dict[str, set[str]] = {}
+    for name in base:
+        by_hand_groups.setdefault(group_name(name, granularity), set()).add(name)
+    assert sorted(map(sorted, groups.values())) == sorted(map(sorted, by_hand_groups.values()))
+
+    with open(tmp_path / CSV_NAME, newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == len(base) * len(targets)
+    for row in rows:
+        k = [str(t) for t in targets].index(row["model"])
+        name = row["tensor"]
+        assert float(row["mean_sq_delta"]) == pytest.approx(
+            np.mean((tgt[k][name] - base[name]) ** 2), rel=1e-5
+        )
+        assert float(row["score"]) == pytest.approx(scores[name][k], rel=1e-5)
+        assert float(row["prior"]) == priors[k]
 
 
 def test_vocabulary_axis_goes_through_mergekit_tokenizer_handling(models, tmp_path):

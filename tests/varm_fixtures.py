@@ -93,9 +93,14 @@ def load_numpy(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _normalise(scores: np.ndarray, priors: np.ndarray) -> np.ndarray:
-    prior_scores = scores * priors.reshape((-1,) + (1,) * (scores.ndim - 1))
-    return prior_scores / prior_scores.sum(axis=0)
+def _normalise(scores: np.ndarray, priors: np.ndarray, epsilon: float = 0.0) -> np.ndarray:
+    """p_k s_k / sum_j p_j s_j, or p / sum(p) where sum_j p_j s_j <= epsilon * sum(p) (README)."""
+    p = priors.reshape((-1,) + (1,) * (scores.ndim - 1))
+    prior_scores = scores * p
+    total = prior_scores.sum(axis=0)
+    fallback = total <= epsilon * priors.sum()
+    uniform = np.broadcast_to(p / priors.sum(), prior_scores.shape)
+    return np.where(fallback, uniform, prior_scores / np.where(fallback, 1.0, total))
 
 
 def by_hand_matrix_weights(base: np.ndarray, targets: list[np.ndarray], priors: np.ndarray) -> np.ndarray:
@@ -103,40 +108,49 @@ def by_hand_matrix_weights(base: np.ndarray, targets: list[np.ndarray], priors: 
     return _normalise(scores, priors)
 
 
+def group_name(name: str, granularity: str) -> str:
+    """The README's grouping: one group per ``layers.N.``, or the whole model; else the tensor alone."""
+    if granularity == "model":
+        return "all"
+    if granularity == "layer":
+        match = re.search(r"layers\.(\d+)\.", name)
+        return f"layer {match.group(1)}" if match else name
+    return name
+
+
+def by_hand_scores(
+    base: dict[str, np.ndarray], targets: list[dict[str, np.ndarray]], granularity: str
+) -> dict[str, np.ndarray]:
+    """Per tensor, its group's score per target: the group's sum of squared deltas / its size."""
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for name in sorted(base):
+        g = group_name(name, granularity)
+        sq = np.array([np.sum((t[name] - base[name]) ** 2) for t in targets])
+        sums[g] = sums.get(g, 0) + sq
+        counts[g] = counts.get(g, 0) + base[name].size
+    return {
+        name: sums[group_name(name, granularity)] / counts[group_name(name, granularity)] for name in base
+    }
+
+
 def by_hand_merge(
     base: dict[str, np.ndarray],
     targets: list[dict[str, np.ndarray]],
     granularity: str,
     priors: list[float] | None = None,
+    epsilon: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """theta_0 + sum_k w_k * (theta_k - theta_0), with w from the mean squared deltas of each group."""
     p = np.ones(len(targets)) if priors is None else np.asarray(priors, dtype=np.float64)
-    names = sorted(base)
-
-    def group_of(name: str) -> str:
-        if granularity == "model":
-            return "all"
-        if granularity == "layer":
-            match = re.search(r"layers\.(\d+)\.", name)
-            return f"layer {match.group(1)}" if match else name
-        return name
-
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    for name in names:
-        g = group_of(name)
-        sq = np.array([np.sum((t[name] - base[name]) ** 2) for t in targets])
-        sums[g] = sums.get(g, 0) + sq
-        counts[g] = counts.get(g, 0) + base[name].size
-
+    scores = by_hand_scores(base, targets, granularity)
     merged = {}
-    for name in names:
+    for name in sorted(base):
         deltas = np.stack([t[name] - base[name] for t in targets])
         if granularity == "element":
-            w = _normalise(deltas**2, p)
+            w = _normalise(deltas**2, p, epsilon)
         else:
-            g = group_of(name)
-            w = _normalise(sums[g] / counts[g], p).reshape((-1,) + (1,) * base[name].ndim)
+            w = _normalise(scores[name], p, epsilon).reshape((-1,) + (1,) * base[name].ndim)
         merged[name] = base[name] + np.sum(w * deltas, axis=0)
     return merged
 
