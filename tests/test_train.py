@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from train_fixtures import batch_from_rows, build_fused, dense_reference_losses, fused_rows
+from train_fixtures import batch_from_rows, build_fused, dense_loss_sums, dense_reference_losses, fused_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from fusion_train import losses
@@ -149,6 +149,52 @@ def test_loss_is_normalised_by_the_accumulated_token_count(tiny_models, tmp_path
     mean = trainer.compute_loss(model, inputs)
     scaled = trainer.compute_loss(model, inputs, num_items_in_batch=torch.tensor(4 * tokens))
     assert scaled.item() == pytest.approx(mean.item() / 4, rel=1e-6)
+
+
+PADDING_ROW = ([-1, -1, -1], [-math.inf, -math.inf, -math.inf])
+
+
+@pytest.mark.parametrize("vocab", [11, 13], ids=["unpadded", "padded"])
+def test_rows_whose_targets_are_all_padding_add_nothing_to_the_fusion_loss(vocab: int) -> None:
+    """Rows with only padding targets (-1, -inf): finite losses equal to the dense sums, value and
+    gradient; such a row's fusion gradient is zero, so its logits get the CLM gradient only."""
+    torch.manual_seed(0)
+    size = 11  # tokenizer ids; with vocab 13 the last two rows are padding rows of the embedding
+    logits = (3 * torch.randn(5, vocab, dtype=torch.float64)).float().requires_grad_()
+    labels = torch.tensor([1, 4, 7, 2, 9])
+    topk_ids = [[4, 0, 9], PADDING_ROW[0], [3, 7, -1], PADDING_ROW[0], [10, 9, 8]]
+    topk_logprobs = [[-0.5, -1.5, -2.0], PADDING_ROW[1], [-0.2, -2.5, -math.inf], PADDING_ROW[1],
+                     [-1.0, -1.1, -3.0]]  # fmt: skip
+    sums = losses.supervised_loss_sums(
+        logits, labels, size, torch.tensor(topk_ids), torch.tensor(topk_logprobs), temperature=2.0
+    )
+    assert torch.isfinite(sums.clm) and torch.isfinite(sums.fusion)
+    (0.3 * sums.clm + 0.7 * sums.fusion).backward()
+    grad = logits.grad.clone()
+
+    reference = logits.detach().clone().requires_grad_()
+    clm, fusion = dense_loss_sums(reference, labels, topk_ids, topk_logprobs, size, temperature=2.0)
+    (0.3 * clm + 0.7 * fusion).backward()
+    assert sums.clm.item() == pytest.approx(clm.item(), rel=1e-6)
+    assert sums.fusion.item() == pytest.approx(fusion.item(), rel=1e-6)
+    torch.testing.assert_close(grad, reference.grad.float(), rtol=1e-5, atol=1e-6)
+    clm_only = torch.softmax(logits.detach().double(), -1) - torch.nn.functional.one_hot(labels, vocab)
+    torch.testing.assert_close(grad[[1, 3]].double(), 0.3 * clm_only[[1, 3]], rtol=1e-5, atol=1e-7)
+
+
+def test_trainer_loss_with_all_padding_target_rows_matches_the_dense_reference(tiny_models, tmp_path):
+    """The same through the Trainer: all-padding rows still count in the token normaliser."""
+    trainer, model, tokenizer = _trainer(tiny_models["mistral"], tmp_path, lm_weight=0.25)
+    rows = fused_rows(tiny_models["mistral"], examples=2, top_k=3)
+    for row in rows:
+        for j in range(0, len(row["topk_ids"]), 3):
+            row["topk_ids"][j], row["topk_logprobs"][j] = list(PADDING_ROW[0]), list(PADDING_ROW[1])
+    sparse = trainer.compute_loss(model, _collated(rows, tokenizer.eos_token_id))
+    assert torch.isfinite(sparse)
+    clm, fusion = dense_reference_losses(
+        model(**batch_from_rows(rows, tokenizer.eos_token_id)).logits, rows, len(tokenizer)
+    )
+    assert sparse.item() == pytest.approx((0.25 * clm + 0.75 * fusion).item(), rel=1e-5)
 
 
 # --------------------------------------------------------------------------- bad input

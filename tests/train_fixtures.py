@@ -154,3 +154,30 @@ def dense_reference_losses(
     supervised[:, :-1] = shift_labels != -100
     fusion = per_position[supervised].mean()
     return clm, fusion
+
+
+def dense_loss_sums(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    topk_ids: list[list[int]],
+    topk_logprobs: list[list[float]],
+    tokenizer_size: int,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CLM and fusion losses of logits [N, V], one row at a time, in float64.
+
+    A row whose targets are all padding has no fused distribution: it adds nothing to the fusion
+    sum (no normaliser, no log q). Written from the formula, sharing nothing with the loss code.
+    """
+    log_p = torch.log_softmax(logits.double(), dim=-1)
+    log_q = torch.log_softmax(logits[:, :tokenizer_size].double(), dim=-1)
+    clm = -log_p[torch.arange(len(labels)), labels].sum()
+    fusion = logits.new_zeros((), dtype=torch.float64)
+    for row, (ids, logprobs) in enumerate(zip(topk_ids, topk_logprobs, strict=True)):
+        valid = [(i, lp) for i, lp in zip(ids, logprobs, strict=True) if i >= 0]
+        if not valid:
+            continue
+        weights = torch.softmax(torch.tensor([lp for _, lp in valid], dtype=torch.float64) / temperature, 0)
+        for (i, _), weight in zip(valid, weights, strict=True):
+            fusion = fusion - weight * log_q[row, i]
+    return clm, fusion
