@@ -34,7 +34,11 @@ END_OF_TURN_NAMES = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|
 
 METHODS = ("exact", "mined", "stats")
 COUNT_KEYS = ("exact", "special", "mined", "stats", "unmapped")
-CACHE_VERSION = 1  # bump when the mapping rules change, so old cache files are not reused
+# Part of every cache key: bump it when the mapping rules (map_vocabularies, mined_matches) change.
+# Changes to how tokens are read need no bump: the key also holds a digest of the bytes read.
+CACHE_VERSION = 1
+#: Environment variable naming the vocabulary-map cache directory (tests point it at a temporary one).
+CACHE_ENV = "FUSION_TRAIN_VOCAB_MAPS"
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -84,10 +88,16 @@ class TokenBytes:
         """The lowest id carrying ``role``, or None."""
         return next((i for i, s in sorted(self.specials.items()) if role in s.roles), None)
 
-    def roles_digest(self) -> str:
-        """A hash of the special tokens' roles, which depend on settings outside ``tokenizer.json``."""
-        text = json.dumps(sorted((i, s.content, s.roles) for i, s in self.specials.items()))
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    def digest(self) -> str:
+        """A hash of everything read: every token's bytes, the byte pieces, the leading-space
+        convention and the special tokens' roles (which depend on settings outside
+        ``tokenizer.json``). Cached maps keyed by it go stale whenever the reading rules change."""
+        digest = hashlib.sha256()
+        for piece in self.pieces:
+            digest.update(b"\xff" * 4 if piece is None else len(piece).to_bytes(4, "little") + piece)
+        specials = sorted((i, s.content, s.roles) for i, s in self.specials.items())
+        digest.update(json.dumps([specials, sorted(self.byte_pieces), self.prepends_space]).encode("utf-8"))
+        return digest.hexdigest()[:16]
 
 
 def _walk(node: Any) -> list[dict[str, Any]]:
@@ -590,12 +600,23 @@ def vocab_map_path(
     cache: Path, source: Any, pivot: Any, source_bytes: TokenBytes, pivot_bytes: TokenBytes, method: str,
     cooccurrence: Cooccurrence | None = None,
 ) -> Path:  # fmt: skip
-    """Cache file of one map: both tokenizers' hashes and the method in the name; the special
-    tokens' roles (set outside ``tokenizer.json``), the counts and the rules' version in a digest."""
-    settings = [CACHE_VERSION, source_bytes.roles_digest(), pivot_bytes.roles_digest(),
-                _cooccurrence_digest(cooccurrence)]  # fmt: skip
+    """Cache file of one map: both tokenizers' hashes and the method in the name; the mapping
+    rules' version (CACHE_VERSION), the bytes and roles read from each tokenizer (see
+    ``TokenBytes.digest``) and the counts in a digest."""
+    settings = [
+        CACHE_VERSION,
+        source_bytes.digest(),
+        pivot_bytes.digest(),
+        _cooccurrence_digest(cooccurrence),
+    ]
     digest = hashlib.sha256(json.dumps(settings).encode("utf-8")).hexdigest()[:12]
     return cache / f"{tokenizer_hash(source)}-{tokenizer_hash(pivot)}-{method}-{digest}.npz"
+
+
+def default_cache_dir() -> Path:
+    """``$FUSION_TRAIN_VOCAB_MAPS``, else ``vocab-maps`` under the asset cache (``registry_assets.cache_dir()``)."""
+    override = os.environ.get(CACHE_ENV)
+    return Path(override) if override else registry_assets.cache_dir() / "vocab-maps"
 
 
 def build_vocab_map(
@@ -609,12 +630,12 @@ def build_vocab_map(
 ) -> VocabMap:
     """The source-to-pivot map of two tokenizers, computed once per pair and cached on disk.
 
-    ``cache_dir`` defaults to ``registry_assets.cache_dir() / "vocab-maps"``; the templates
+    ``cache_dir`` defaults to :func:`default_cache_dir`; the templates
     override each tokenizer's own chat template when finding its end-of-turn token.
     """
     source_bytes = token_bytes(source_tok, source_template)
     pivot_bytes = token_bytes(pivot_tok, pivot_template)
-    cache = Path(cache_dir) if cache_dir is not None else registry_assets.cache_dir() / "vocab-maps"
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = vocab_map_path(cache, source_tok, pivot_tok, source_bytes, pivot_bytes, method, cooccurrence)
     if path.exists():
         with np.load(path, allow_pickle=False) as saved:

@@ -8,7 +8,9 @@ what the stages compute is checked against independent computations, not against
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,31 @@ import torch
 
 from fusion_train import registry_assets as assets
 from fusion_train.represent import RepresentSettings, represent
+from fusion_train.vocab import CACHE_ENV
 
 QWEN_PADDED_VOCAB = 151936  # Qwen's embedding has more rows than its 151,851 tokens
+
+
+@pytest.fixture(scope="session", autouse=True)
+def vocab_map_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Vocabulary maps never go to the user's cache (~/.cache/fusion-train/vocab-maps): session-
+    and module-scoped fixtures write into this temporary directory (the environment variable also
+    reaches subprocesses). The asset cache (real tokenizers, models) is left where it is."""
+    root = tmp_path_factory.mktemp("vocab-maps")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(root / "shared"))
+        yield root
+
+
+_test_number = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def vocab_map_cache(vocab_map_cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own (not yet created) vocabulary-map cache, so no test sees another's maps."""
+    path = vocab_map_cache_root / f"test-{next(_test_number)}"
+    monkeypatch.setenv(CACHE_ENV, str(path))
+    return path
 
 
 def build_tiny_model(tokenizer_dir: Path, out: Path, seed: int = 0, vocab_size: int | None = None,

@@ -3,15 +3,16 @@ the mined rule against a brute-force search, the top-k application, and the on-d
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from fusion_train import vocab
+from fusion_train import registry_assets, vocab
 from fusion_train.dtw import edit_distance
 from fusion_train.models import tokenizer_hash
 from fusion_train.vocab import build_vocab_map, map_vocabularies, mined_matches, token_bytes
@@ -144,6 +145,59 @@ def test_mined_map_between_real_tokenizers(real: dict) -> None:
         piece = source_bytes.pieces[index]
         chosen = pivot_bytes.pieces[vocab_map.source_to_pivot[index]]
         assert chosen == pivot_strings[_expected_mined(piece, pivot_strings)]
+
+
+# --------------------------------------------------------------------------- Metaspace decoders
+
+METASPACE_CORPUS = [
+    VARIED_TEXT,
+    "the quick brown fox jumps over the lazy dog, the quick brown fox again",
+    "hello world, hello there; return the value of the function",
+]
+
+
+def _metaspace_tokenizer(replacement: str, prepend_scheme: str, split: bool) -> PreTrainedTokenizerFast:
+    """A Unigram model trained here, with a Metaspace pre-tokenizer and decoder, as several real
+    SentencePiece conversions have (T5-style, Llama's non-legacy conversion): the word marker
+    is undone by the decoder itself, with no Replace step to read it from."""
+    backend = Tokenizer(models.Unigram())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement, prepend_scheme=prepend_scheme, split=split)
+    backend.decoder = decoders.Metaspace(replacement, prepend_scheme=prepend_scheme, split=split)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=300, special_tokens=["<unk>", "</s>"], unk_token="<unk>", show_progress=False
+    )
+    backend.train_from_iterator(METASPACE_CORPUS * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize(
+    ("replacement", "prepend_scheme", "split"),
+    [("▁", "always", False), ("▁", "first", True), ("▁", "never", True), ("▂", "always", False)],
+)
+def test_metaspace_decoder_token_bytes(replacement: str, prepend_scheme: str, split: bool) -> None:
+    """Each token's bytes are what the tokenizers library's own Metaspace decoder makes of it (as
+    a non-first token, so no leading space is stripped), and encodings add up to the text."""
+    tokenizer = _metaspace_tokenizer(replacement, prepend_scheme, split)
+    table = token_bytes(tokenizer)
+    decoder = tokenizer.backend_tokenizer.decoder
+    marked = 0
+    for index, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if index in table.specials:
+            assert table.pieces[index] is None
+            continue
+        assert table.pieces[index] == decoder.decode(["x", token])[1:].encode("utf-8"), token
+        marked += replacement in token and len(token) > 1
+    assert marked >= 5  # the marker occurs inside longer pieces, not only on its own
+    assert table.prepends_space == (prepend_scheme != "never")
+    for text in [*METASPACE_CORPUS, "hello world", "x"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+        joined = b"".join(table.pieces[i] for i in ids)
+        assert joined == (b" " if table.prepends_space else b"") + text.encode("utf-8")
+        # The library's decoder drops every marker of the first token (not only a leading one),
+        # so the whole encoding is decoded after a sentinel token.
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        assert joined == decoder.decode(["x", *tokens])[1:].encode("utf-8")
 
 
 # --------------------------------------------------------------------------- hand-built tokenizers
@@ -374,6 +428,40 @@ def test_cache_is_keyed_by_hashes_and_hit_the_second_time(
     assert len(names) == 5 and not [n for n in names if n.endswith(".tmp")]
     with np.load(tmp_path / files[0], allow_pickle=False) as saved:
         assert set(saved.files) == {"source_to_pivot", "counts"}
+
+
+def test_cache_key_changes_with_the_rules_version_and_the_bytes_read(
+    tiny: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached map is reused only under the same mapping rules (CACHE_VERSION) and the same token
+    bytes: a change to how tokens are read gives another file instead of a stale map."""
+    source, pivot = tiny
+    source_bytes, pivot_bytes = token_bytes(source), token_bytes(pivot)
+
+    def path(source_table: vocab.TokenBytes = source_bytes) -> Path:
+        return vocab.vocab_map_path(Path("cache"), source, pivot, source_table, pivot_bytes, "exact")
+
+    first = path()
+    assert path() == first
+    monkeypatch.setattr(vocab, "CACHE_VERSION", vocab.CACHE_VERSION + 1)
+    assert path() != first
+    monkeypatch.undo()
+    assert path() == first
+    pieces = list(source_bytes.pieces)
+    pieces[5] = b"\xe2\x96\x81" + pieces[5]  # as if a word marker had been left in
+    assert path(dataclasses.replace(source_bytes, pieces=pieces)) != first
+    assert path(dataclasses.replace(source_bytes, prepends_space=True)) != first
+
+
+def test_tests_never_write_to_the_users_vocab_map_cache(tiny: tuple, vocab_map_cache: Path) -> None:
+    """conftest points the default cache at a temporary directory; the asset cache stays put."""
+    real_cache = Path.home() / ".cache" / "fusion-train" / "vocab-maps"
+    before = sorted(real_cache.iterdir()) if real_cache.exists() else []
+    assert vocab.default_cache_dir() == vocab_map_cache
+    assert registry_assets.cache_dir() != vocab_map_cache.parent
+    build_vocab_map(*tiny)
+    assert len(list(vocab_map_cache.glob("*.npz"))) == 1
+    assert (sorted(real_cache.iterdir()) if real_cache.exists() else []) == before
 
 
 def test_added_tokens_are_text_and_added_special_tokens_are_not(tokenizer_dirs: dict, tmp_path: Path) -> None:
