@@ -294,6 +294,27 @@ def on_cpu_host() -> bool:
     return get_accelerator().device_name() == "cpu"
 
 
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU communication backend from compiling its shared-memory op.
+
+    On a host without accelerators DeepSpeed's ``TorchBackend`` builds ``deepspeed_shm_comm``
+    with the system C++ compiler whenever a process group starts (30-70 s, an error without a
+    compiler), although only DeepSpeed inference's all-reduce uses it; training's collectives go
+    through gloo. DeepSpeed builds it only if its per-process table of buildable ops
+    (``deepspeed.ops.__compatible_ops__``, edits to which persist) marks it compatible, so marking
+    it not compatible gives the fallback DeepSpeed takes where the op cannot build. An op
+    installed prebuilt (``DS_BUILD_SHM_COMM=1``) needs no compiler and is left alone.
+    """
+    if not on_cpu_host():  # only the CPU accelerator has the op
+        return
+    import deepspeed.ops
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    if not installed_ops.get(ShareMemCommBuilder.NAME, False):
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def bf16_support() -> tuple[bool, bool]:
     """(whether bf16 training can run here, whether it is the default).
 
@@ -454,24 +475,53 @@ class Prepared:
     resume_from: str | None
 
 
+def checkpoints(work: Path) -> tuple[Path | None, list[Path]]:
+    """(the last complete checkpoint in ``work``, the incomplete ones), each in step order.
+
+    The Trainer writes a checkpoint's ``trainer_state.json`` last (under DeepSpeed after every
+    rank's shards), so a checkpoint without a readable one was being written when the run was
+    killed: resuming from it would crash, and transformers' ``get_last_checkpoint`` picks it.
+    """
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    found = []
+    for path in work.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if work.is_dir() else ():
+        step = path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if path.is_dir() and step.isdigit():
+            found.append((int(step), path))
+    complete, incomplete = [], []
+    for _, path in sorted(found):
+        try:
+            read_json(path / TRAINER_STATE_NAME)
+            complete.append(path)
+        except (OSError, ValueError):  # missing, or cut short (a JSONDecodeError is a ValueError)
+            incomplete.append(path)
+    return (complete[-1] if complete else None), incomplete
+
+
 def prepare(config: TrainConfig, world_size: int, rank: int = 0) -> Prepared:
     """Check every input; the main rank records the run's manifest in the work directory."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     out, work = Path(config.out), work_dir(config.out)
     if out.exists():
         raise TrainInputError(f"{out} already exists; pass another --out or delete it.")
     tokenizer = load_tokenizer(config.model)
     fused = load_fused(config.fused, tokenizer)
     ds_config = deepspeed_config(config.deepspeed, config, world_size)
-    last = get_last_checkpoint(str(work)) if work.is_dir() else None
-    if config.resume and last is None:  # killed before its first checkpoint: nothing to skip
-        log.warning("--resume: no checkpoint in %s yet; training starts from the beginning.", work)
-    if not config.resume and last is not None:
+    last, incomplete = checkpoints(work)
+    if not config.resume and (last or incomplete):
         raise TrainInputError(
-            f"{work} holds checkpoints of an earlier run ({Path(last).name}); pass --resume to continue it, "
-            "or delete the directory to start over."
+            f"{work} holds checkpoints of an earlier run ({(last or incomplete[-1]).name}); pass --resume to "
+            "continue it, or delete the directory to start over."
         )
+    if incomplete:
+        log.warning(
+            "--resume: ignoring %s (killed while being written); resuming from %s.",
+            ", ".join(p.name for p in incomplete),
+            last.name if last else "the beginning",
+        )
+    elif config.resume and last is None:  # killed before its first checkpoint: nothing to skip
+        log.warning("--resume: no checkpoint in %s yet; training starts from the beginning.", work)
     if rank == 0:
         run_manifest = {
             "format": RUN_FORMAT,
@@ -480,7 +530,7 @@ def prepare(config: TrainConfig, world_size: int, rank: int = 0) -> Prepared:
             "settings": config.run_settings(),
         }
         claim_output(work, run_manifest)
-    return Prepared(tokenizer, fused, ds_config, last)
+    return Prepared(tokenizer, fused, ds_config, str(last) if last else None)
 
 
 def _free_port() -> int:
@@ -523,6 +573,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any] 
     tokenizer, fused = prepared.tokenizer, prepared.fused
     work = work_dir(config.out)
 
+    skip_shm_comm_op()  # before TrainingArguments, which start the process group
     # TrainingArguments come first: with ZeRO-3 they make from_pretrained partition at load time.
     args = TrainingArguments(
         output_dir=str(work),

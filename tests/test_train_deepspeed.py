@@ -1,15 +1,18 @@
 """`fusion-train train` as real DeepSpeed jobs: 2 CPU ranks (gloo) for ZeRO-2 and ZeRO-3, in float32
-and bf16, two node ranks, and a killed single-rank run resumed from its checkpoint; bf16 on GPUs
-(NCCL) where the machine has any. Each run is a subprocess with its own port."""
+and bf16, two node ranks, and single-process runs killed after a step or while a checkpoint was
+being written, resumed to the weights of an uninterrupted run; bf16 on GPUs (NCCL) where the
+machine has any. Each run is a subprocess with its own port."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from fusion_train.train import SUMMARY, TrainConfig, prepare, to_arguments, work
 
 VENV_BIN = Path(sys.executable).parent
 DRIVER = Path(__file__).with_name("train_driver.py")
+KILL_DRIVER = Path(__file__).with_name("kill_driver.py")
 TIMEOUT = 420
 # A few quick steps that visibly move a tiny model: 8 examples, global batch 4.
 SETTINGS = {
@@ -40,9 +44,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _env(gpus: bool = False) -> dict[str, str]:
+def _env(gpus: bool = False, **extra: str) -> dict[str, str]:
     """The launched ranks' environment: CPU ranks (gloo) see no GPU, also on a machine that has one."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     if not gpus:
@@ -50,8 +54,8 @@ def _env(gpus: bool = False) -> dict[str, str]:
     return env
 
 
-def _run(command: list[str], gpus: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=_env(gpus))
+def _run(command: list[str], gpus: bool = False, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=_env(gpus, **env))
 
 
 def _train_keeping_engine_logits(tmp_path: Path, config: dict, ranks: int, gpus: bool = False) -> Path:
@@ -175,13 +179,64 @@ def test_zero3_two_ranks_partitions_and_saves_full_tensors(setup, tmp_path):
     torch.testing.assert_close(logits, load_file(engine_logits)["logits"], rtol=1e-5, atol=1e-4)
 
 
-def test_killed_run_resumes_from_its_checkpoint(setup, tmp_path):
+RESUME_SETTINGS = {**SETTINGS, "max_steps": 4, "save_steps": 2, "per_device_batch_size": 2}
+
+
+def _resume_options(pivot: Path, fused: Path, out: Path) -> list[str]:
+    """`fusion-train train` options of the resume tests' runs (one process)."""
+    return ["--model", str(pivot), "--fused", str(fused), "--out", str(out), *_options(RESUME_SETTINGS)]
+
+
+ONE_PROCESS = [sys.executable, "-m", "fusion_train.train"]
+
+
+@dataclass(frozen=True)
+class Uninterrupted:
+    out: Path
+    log: str
+    extensions: Path  # where torch would have put JIT-compiled ops (TORCH_EXTENSIONS_DIR)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup, tmp_path_factory) -> Uninterrupted:
+    """The resume tests' run without a kill, in one process: what a resumed run must end with."""
     pivot, fused, _ = setup
-    settings = {**SETTINGS, "max_steps": 4, "save_steps": 2, "per_device_batch_size": 2}
+    root = tmp_path_factory.mktemp("uninterrupted")
+    extensions = root / "torch-extensions"
+    command = [*ONE_PROCESS, *_resume_options(pivot, fused, root / "target")]
+    result = _run(command, TORCH_EXTENSIONS_DIR=str(extensions))
+    assert result.returncode == 0, result.stderr[-5000:]
+    return Uninterrupted(root / "target", result.stdout + result.stderr, extensions)
+
+
+def test_cpu_training_compiles_no_deepspeed_op(uninterrupted):
+    """DeepSpeed's CPU backend would JIT-compile its shared-memory op (deepspeed_shm_comm) with the
+    system compiler at the start of every first run; training does not need it."""
+    assert "deepspeed_shm_comm" not in uninterrupted.log
+    assert not uninterrupted.extensions.exists() or not any(uninterrupted.extensions.iterdir())
+
+
+def _resume_and_compare(setup, out: Path, uninterrupted: Uninterrupted) -> tuple[dict, str]:
+    """Resume the killed run at ``out``; check it equals the uninterrupted run; return its summary
+    and log."""
+    pivot, fused, _ = setup
+    resumed = _run([*ONE_PROCESS, *_resume_options(pivot, fused, out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["steps"] == RESUME_SETTINGS["max_steps"]
+    assert summary["loss"]["start"]["step"] == 1  # the log history came back with the checkpoint
+    resumed_weights = load_file(out / "model.safetensors")
+    for name, tensor in load_file(uninterrupted.out / "model.safetensors").items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    return summary, resumed.stderr
+
+
+def test_killed_run_resumes_from_its_checkpoint(setup, tmp_path, uninterrupted):
+    pivot, fused, _ = setup
     out = tmp_path / "resumed"
     config_path = tmp_path / "config.json"
     config_path.write_text(
-        json.dumps({"model": str(pivot), "fused": str(fused), "out": str(out), **settings})
+        json.dumps({"model": str(pivot), "fused": str(fused), "out": str(out), **RESUME_SETTINGS})
     )
     torchrun = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "1", "--master_port", str(_free_port())]
     killed = _run([*torchrun, str(DRIVER), str(config_path), "kill", "3"])
@@ -189,20 +244,29 @@ def test_killed_run_resumes_from_its_checkpoint(setup, tmp_path):
     assert not out.exists()
     assert sorted(p.name for p in work_dir(out).glob("checkpoint-*")) == ["checkpoint-2"]
 
-    base = [sys.executable, "-m", "fusion_train.train", "--model", str(pivot), "--fused", str(fused)]
-    resumed = _run([*base, "--out", str(out), "--resume", *_options(settings)])
-    assert resumed.returncode == 0, resumed.stderr[-5000:]
-    summary = json.loads((out / SUMMARY).read_text())
+    summary, _ = _resume_and_compare(setup, out, uninterrupted)
     assert summary["resumed_from"] == "checkpoint-2"
-    assert summary["steps"] == 4
-    assert summary["loss"]["start"]["step"] == 1  # the log history came back with the checkpoint
 
-    uninterrupted = tmp_path / "uninterrupted"
-    reference = _run([*base, "--out", str(uninterrupted), *_options(settings)])
-    assert reference.returncode == 0, reference.stderr[-5000:]
-    resumed_weights = load_file(out / "model.safetensors")
-    for name, tensor in load_file(uninterrupted / "model.safetensors").items():
-        torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+def test_run_killed_while_saving_a_checkpoint_resumes_from_the_last_complete_one(
+    setup, tmp_path, uninterrupted
+):
+    """Killed while checkpoint-4 was being written (weights, optimizer and RNG states saved, the
+    Trainer's state not yet): --resume ignores it, says so, and resumes from checkpoint-2."""
+    pivot, fused, _ = setup
+    out = tmp_path / "resumed"
+    state = "transformers.trainer_callback:TrainerState.save_to_json"  # a checkpoint's last file
+    killed = _run([sys.executable, str(KILL_DRIVER), "before", state, "2", "train",
+                   *_resume_options(pivot, fused, out)])  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-5000:]
+    work = work_dir(out)
+    assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (work / "checkpoint-4" / "model.safetensors").exists()
+    assert not (work / "checkpoint-4" / "trainer_state.json").exists()
+
+    summary, log = _resume_and_compare(setup, out, uninterrupted)
+    assert summary["resumed_from"] == "checkpoint-2"
+    assert "ignoring checkpoint-4 (killed while being written); resuming from checkpoint-2" in log
 
 
 def test_two_nodes_through_the_per_node_launcher(setup, tmp_path):
