@@ -5,7 +5,8 @@ the example. ``min-ce`` (FuseChat's MinCE) keeps the candidate with the lowest c
 the gold response; ``avg-ce`` blends candidates with weights ``softmax(-CE)``; ``token-min-ce``
 decides per token by the log-probability each candidate gave the gold text. Cross-entropy is
 compared per UTF-8 byte by default: token counts differ across tokenizers, bytes do not.
-Pivot tokens a source could not align keep the pivot's own distribution.
+Pivot tokens a source could not align keep the pivot's own distribution. A candidate whose
+cross-entropy is NaN never wins under any criterion; the report counts such candidates.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fusion_train import options
+from fusion_train.align import FORMAT as ALIGNED_FORMAT
 from fusion_train.represent import (
     RepresentationError,
     example_arrays,
@@ -35,6 +37,8 @@ FORMAT = "fusion-train/fused@1"
 CRITERIA = ("min-ce", "avg-ce", "token-min-ce")
 CE_UNITS = ("byte", "token")
 REPORT = "report.json"
+NAN_IDS_KEPT = 10  # example ids listed per candidate whose cross-entropy was NaN
+NO_WINNER = "none"  # sequences_won key of examples where every candidate's cross-entropy was NaN
 
 
 class FusionError(ValueError):
@@ -92,6 +96,8 @@ def blend(
     rows, ids, probs = np.concatenate(row_parts), np.concatenate(id_parts), np.concatenate(prob_parts)
     valid = ids >= 0
     rows, ids, probs = rows[valid], ids[valid], probs[valid] / present[rows[valid]]
+    if len(ids) == 0:  # no candidate has a valid entry on any row
+        return np.full((num_rows, k), -1, dtype=np.int32), np.full((num_rows, k), -np.inf, dtype=np.float32)
     # Sum the probability of the same id within a row, then keep each row's k largest.
     keys, inverse = np.unique(rows.astype(np.int64) * (ids.max() + 1) + ids, return_inverse=True)
     summed = np.bincount(inverse, probs)
@@ -111,28 +117,44 @@ def fuse_example(
     candidates: list[Candidate], criterion: str, k: int
 ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
     """Fused ``(ids, logprobs)`` for one example, the winning candidate (-1 for mixtures), and
-    the number of tokens each candidate supplied. ``candidates[0]`` is the pivot (covers every row)."""
+    the number of tokens each candidate supplied. ``candidates[0]`` is the pivot (covers every row).
+
+    Candidates whose cross-entropy is NaN take no part (np.argmin would pick them). Rows that no
+    other candidate covers keep the pivot's distributions, also when the pivot's is NaN; if every
+    candidate's is NaN the result is the pivot's own distributions (winner 0).
+    """
     pivot = candidates[0]
     num_rows = len(pivot.rows)
     ids, logprobs = (a.copy() for a in pad_width(pivot.ids, pivot.logprobs, k))
     supplied = np.zeros(len(candidates), dtype=np.int64)
+    usable = [i for i, c in enumerate(candidates) if not np.isnan(c.cross_entropy)]
+    if not usable:
+        supplied[0] = num_rows
+        return ids, logprobs, 0 if criterion == "min-ce" else -1, supplied
     if criterion == "min-ce":
-        winner = int(np.argmin([c.cross_entropy for c in candidates]))
+        winner = min(usable, key=lambda i: candidates[i].cross_entropy)  # ties: the first, as argmin
         chosen = candidates[winner]
         ids[chosen.rows], logprobs[chosen.rows] = pad_width(chosen.ids, chosen.logprobs, k)
         supplied[winner] = len(chosen.rows)
         supplied[0] += num_rows - len(chosen.rows) if winner else 0
         return ids, logprobs, winner, supplied
     if criterion == "avg-ce":
-        scores = -np.array([c.cross_entropy for c in candidates])
-        weights = np.exp(scores - scores.max())
-        ids, logprobs = blend(candidates, weights / weights.sum(), num_rows, k)
-        supplied += [len(c.rows) for c in candidates]
+        scores = -np.array([candidates[i].cross_entropy for i in usable])
+        top = scores.max()
+        weights = np.exp(scores - top) if np.isfinite(top) else (scores == top).astype(np.float64)
+        blended = blend([candidates[i] for i in usable], weights / weights.sum(), num_rows, k)
+        covered = np.zeros(num_rows, dtype=bool)
+        for i in usable:
+            covered[candidates[i].rows] = True
+            supplied[i] = len(candidates[i].rows)
+        ids[covered], logprobs[covered] = blended[0][covered], blended[1][covered]
+        supplied[0] += int((~covered).sum())
         return ids, logprobs, -1, supplied
     # token-min-ce: per row, the candidate that gave the gold text the highest log-probability.
     best = np.full(num_rows, -np.inf)
     source_of = np.zeros(num_rows, dtype=np.int64)
-    for index, candidate in enumerate(candidates):
+    for index in usable:
+        candidate = candidates[index]
         better = candidate.target_logprob > best[candidate.rows]
         best[candidate.rows[better]] = candidate.target_logprob[better]
         source_of[candidate.rows[better]] = index
@@ -148,8 +170,11 @@ def _load_aligned(path: Path, pivot_manifest: dict[str, Any]) -> tuple[dict[str,
     if not (path / MANIFEST).exists() or not (path / "data").exists():
         raise FusionError(f"{path}: not a finished `fusion-train align` output (no manifest.json or data/).")
     manifest = read_json(path / MANIFEST)
-    if manifest.get("format") != "fusion-train/aligned@1":
-        raise FusionError(f"{path}: format {manifest.get('format')!r} is not an aligned source.")
+    if manifest.get("format") != ALIGNED_FORMAT:
+        raise FusionError(
+            f"{path}: format {manifest.get('format')!r} is not {ALIGNED_FORMAT!r}; "
+            "(re-)run `fusion-train align` with this version to make it."
+        )
     if manifest["pivot"] != pivot_manifest:
         raise FusionError(
             f"{path}: aligned against a different pivot representation ({manifest['pivot']['model']['path']}); "
@@ -201,6 +226,8 @@ def fuse(
     wins: Counter[str] = Counter()
     wins_by_domain: dict[str, Counter[str]] = {}
     tokens_from = np.zeros(len(names), dtype=np.int64)
+    nan_counts = np.zeros(len(names), dtype=np.int64)
+    nan_ids: list[list[str]] = [[] for _ in names]
     for row in tqdm(range(len(pivot_data)), desc="fuse", unit="example", disable=not progress):
         p = example_arrays(pivot_data, row)
         candidates = [
@@ -231,7 +258,14 @@ def fuse(
             present.append(s)
         ids, logprobs, winner, supplied = fuse_example(candidates, criterion, top_k)
         tokens_from[present] += supplied
+        nan = [s for s, c in zip(present, candidates, strict=True) if np.isnan(c.cross_entropy)]
+        for s in nan:
+            nan_counts[s] += 1
+            if len(nan_ids[s]) < NAN_IDS_KEPT:
+                nan_ids[s].append(str(p["id"]))
         winner_name = names[present[winner]] if winner >= 0 else "mixed"
+        if len(nan) == len(candidates):
+            winner_name = NO_WINNER
         wins[winner_name] += 1
         wins_by_domain.setdefault(str(p["domain"]), Counter())[winner_name] += 1
         for name in ("id", "domain", "input_ids", "run_message", "run_start", "run_length"):
@@ -248,6 +282,8 @@ def fuse(
         "sequences_won": dict(wins),
         "sequences_won_by_domain": {d: dict(c) for d, c in sorted(wins_by_domain.items())},
         "tokens_supplied": dict(zip(names, tokens_from.tolist(), strict=True)),
+        "nan_cross_entropy": dict(zip(names, nan_counts.tolist(), strict=True)),
+        "nan_cross_entropy_ids": dict(zip(names, nan_ids, strict=True)),
         "seconds": time.perf_counter() - started,
     }
     with atomic_directory(out_dir / "data") as tmp:
@@ -290,3 +326,11 @@ def fuse_command(pivot_dir: str, aligned_dirs: tuple[str, ...], out_dir: str, cr
     click.echo(
         f"{out_dir}: {report['examples']} examples fused ({criterion}, per {ce_unit}); sequences won: {won}"
     )
+    nan = {name: count for name, count in report.get("nan_cross_entropy", {}).items() if count}
+    if nan:
+        listed = "; ".join(
+            f"{name} {count} ({', '.join(report['nan_cross_entropy_ids'][name])}"
+            f"{', ...' if count > len(report['nan_cross_entropy_ids'][name]) else ''})"
+            for name, count in nan.items()
+        )
+        click.echo(f"NaN cross-entropy, never chosen: {listed}")
