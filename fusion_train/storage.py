@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 MANIFEST = "manifest.json"
 
@@ -23,16 +23,35 @@ class OutputMismatchError(ValueError):
     """An output directory that already holds results of a different run."""
 
 
+T = TypeVar("T")
+
+
+def _beside(target: Path, create: Callable[[Path], T]) -> tuple[Path, T]:
+    """A new, uniquely named temporary path beside ``target``, made by ``create``.
+
+    ``create`` asks for the usual modes (0666 files, 0777 directories), so the umask decides what
+    others may read once the path is renamed into place; tempfile's mkstemp and mkdtemp would
+    make every output 0600/0700, unreadable to colleagues and other nodes on shared storage.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return tmp, create(tmp)
+        except FileExistsError:  # another writer's temporary name, however unlikely
+            continue
+    raise FileExistsError(f"no free temporary name beside {target}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp, fd = _beside(path, lambda p: os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -48,8 +67,7 @@ def read_json(path: Path) -> Any:
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``target`` only if the block finishes."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp, _ = _beside(target, lambda p: p.mkdir(mode=0o777))
     try:
         yield tmp
         if target.exists():  # another process finished the same part first; results are identical
