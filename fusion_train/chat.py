@@ -16,6 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fusion_train.errors import UserError, read_text
+
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}  # fmt: skip
@@ -23,7 +25,7 @@ DOMAIN_FIELDS = ("domain", "dataset", "category", "source")
 BUILTIN_TEMPLATES = ("plain", "chatml", "llama2")
 
 
-class ChatDataError(ValueError):
+class ChatDataError(UserError, ValueError):
     """Input data that cannot be read; the message names the file, the record and the fix."""
 
 
@@ -65,7 +67,9 @@ def load_conversations(path: str | Path) -> list[Conversation]:
         seen[conv.id] = index
         conversations.append(conv)
     if not conversations:
-        raise ChatDataError(f"{path}: no records found.")
+        raise ChatDataError(
+            f"{path}: no records found (the data is empty); give a file with at least one chat record."
+        )
     return conversations
 
 
@@ -85,13 +89,15 @@ def _read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             raise ChatDataError(f"{path}: holds splits {list(data)}; pass one split's directory.")
         yield from enumerate(data)
         return
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, ChatDataError)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ChatDataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}.") from exc
+        if not isinstance(records, list):
+            raise ChatDataError(f"{path}: expected a JSON list of records, got {type(records).__name__}.")
         for index, record in enumerate(records):
             yield index, _as_dict(record, path, index)
         return
@@ -118,18 +124,18 @@ def _as_dict(record: Any, path: Path, index: int) -> dict[str, Any]:
 def normalise_record(record: dict[str, Any], where: str = "record") -> Conversation:
     """Turn an OpenAI-, ShareGPT- or Alpaca-style record into a :class:`Conversation`."""
     if "messages" in record:
-        messages = [_message(m, "role", "content", where) for m in record["messages"]]
+        messages = _messages(record, "messages", "role", "content", where)
         used = {"messages"}
     elif "conversations" in record:
-        messages = [_message(m, "from", "value", where) for m in record["conversations"]]
+        messages = _messages(record, "conversations", "from", "value", where)
         used = {"conversations"}
     elif "instruction" in record and "output" in record:
-        prompt = str(record["instruction"])
-        if record.get("input"):
+        prompt = _text(record, "instruction", where)
+        if record.get("input") is not None and _text(record, "input", where):
             prompt = f"{prompt}\n\n{record['input']}"
         messages = [
             {"role": "user", "content": prompt},
-            {"role": "assistant", "content": str(record["output"])},
+            {"role": "assistant", "content": _text(record, "output", where)},
         ]
         used = {"instruction", "input", "output"}
     else:
@@ -145,6 +151,25 @@ def normalise_record(record: dict[str, Any], where: str = "record") -> Conversat
     return Conversation(record_id, messages_tuple, domain, metadata)
 
 
+def _text(record: dict[str, Any], key: str, where: str) -> str:
+    """A field that must hold text: ``null`` or a number would otherwise train on "None" or "3"."""
+    value = record[key]
+    if not isinstance(value, str):
+        found = "null" if value is None else f"{type(value).__name__} {value!r:.60}"
+        raise ChatDataError(f"{where}: {key!r} must be text, got {found}; fix or remove the record.")
+    return value
+
+
+def _messages(
+    record: dict[str, Any], key: str, role_key: str, content_key: str, where: str
+) -> list[dict[str, str]]:
+    raw = record[key]
+    if not isinstance(raw, list):
+        found = "null" if raw is None else f"{type(raw).__name__} {raw!r:.60}"
+        raise ChatDataError(f"{where}: {key!r} must be a list of messages, got {found}.")
+    return [_message(m, role_key, content_key, f"{where}, {key}[{i}]") for i, m in enumerate(raw)]
+
+
 def _message(raw: Any, role_key: str, content_key: str, where: str) -> dict[str, str]:
     if not isinstance(raw, dict) or role_key not in raw or content_key not in raw:
         raise ChatDataError(
@@ -153,10 +178,7 @@ def _message(raw: Any, role_key: str, content_key: str, where: str) -> dict[str,
     role = SHAREGPT_ROLES.get(str(raw[role_key]).lower(), str(raw[role_key]).lower())
     if role not in ROLES:
         raise ChatDataError(f"{where}: unknown role {raw[role_key]!r}; use one of {', '.join(ROLES)}.")
-    content = raw[content_key]
-    if not isinstance(content, str):
-        raise ChatDataError(f"{where}: message content must be text, got {type(content).__name__}.")
-    return {"role": role, "content": content}
+    return {"role": role, "content": _text(raw, content_key, where)}
 
 
 def content_id(messages: tuple[dict[str, str], ...]) -> str:

@@ -11,6 +11,7 @@ import click
 from fusion_train import __version__
 from fusion_train.align import align_command
 from fusion_train.demo import demo_command
+from fusion_train.errors import Group
 from fusion_train.evaluate import evaluate_command
 from fusion_train.fuse import fuse_command
 from fusion_train.pipeline import run_command
@@ -19,7 +20,7 @@ from fusion_train.sweep import sweep_command
 from fusion_train.train import train_command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(cls=Group, context_settings={"show_default": True})
 @click.version_option(__version__, prog_name="fusion-train")
 def main() -> None:
     """Fuse the knowledge of several chat LLMs into one pivot model (FuseChat).
@@ -30,6 +31,8 @@ def main() -> None:
     evaluate (bits per byte of held-out responses, comparable across tokenizers).
     `run` does all of them (and the merges) from one recipe, `sweep` tries settings
     against the CLM-only baseline, `demo` runs a recipe on real small models.
+
+    Errors in your input are one line naming the culprit; --debug shows their traceback.
     """
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import click
 import yaml
 
-from fusion_train.pipeline import DiskFullError, RecipeError, parse_recipe, run_pipeline
+from fusion_train.errors import Command
+from fusion_train.pipeline import parse_recipe, run_pipeline
 from fusion_train.registry_assets import (
     ALPACA_EVAL_OUTPUTS,
     cache_dir,
@@ -98,7 +99,7 @@ def demo_recipe(out_dir: Path, quick: bool) -> dict:
     }
 
 
-@click.command("demo")
+@click.command("demo", cls=Command)
 @click.option(
     "--quick", is_flag=True, help="A few records and steps: the whole pipeline in minutes (CI runs it)."
 )
@@ -111,8 +112,5 @@ def demo_command(quick: bool, out_dir: str | None) -> None:
     recipe = demo_recipe(out, quick)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     click.echo(f"recipe: {out / 'recipe.yaml'}")
-    try:
-        run_pipeline(parse_recipe(recipe, base=out, default_run_dir=out, where=str(out / "recipe.yaml")))
-    except (RecipeError, DiskFullError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    run_pipeline(parse_recipe(recipe, base=out, default_run_dir=out, where=str(out / "recipe.yaml")))
     click.echo((out / "report.md").read_text(encoding="utf-8"))

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from fusion_train import options
 from fusion_train.align import FORMAT as ALIGNED_FORMAT
+from fusion_train.errors import Command, UserError
 from fusion_train.represent import (
-    RepresentationError,
     example_arrays,
     load_representation,
     sequence_columns,
@@ -41,7 +41,7 @@ NAN_IDS_KEPT = 10  # example ids listed per candidate whose cross-entropy was Na
 NO_WINNER = "none"  # sequences_won key of examples where every candidate's cross-entropy was NaN
 
 
-class FusionError(ValueError):
+class FusionError(UserError, ValueError):
     """Inputs that cannot be fused together."""
 
 
@@ -292,7 +292,7 @@ def fuse(
     return report
 
 
-@click.command("fuse")
+@click.command("fuse", cls=Command)
 @options.pivot_representation
 @click.option(
     "--aligned",
@@ -318,10 +318,7 @@ def fuse(
 )
 def fuse_command(pivot_dir: str, aligned_dirs: tuple[str, ...], out_dir: str, criterion: str, ce_unit: str) -> None:  # fmt: skip
     """Fuse the pivot's and the aligned sources' distributions into training targets."""
-    try:
-        report = fuse(pivot_dir, list(aligned_dirs), out_dir, criterion, ce_unit)
-    except (FusionError, RepresentationError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    report = fuse(pivot_dir, list(aligned_dirs), out_dir, criterion, ce_unit)
     won = ", ".join(f"{name} {count}" for name, count in report["sequences_won"].items())
     click.echo(
         f"{out_dir}: {report['examples']} examples fused ({criterion}, per {ce_unit}); sequences won: {won}"

@@ -1,8 +1,22 @@
-"""Command-line options that several stage commands share, declared once."""
+"""Command-line options that several stage commands share, declared once.
+
+The value types (ranges, choices) are also what recipes are checked against, so a setting
+accepts the same values as a flag or as a recipe key, and ``--help`` shows the range.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import click
+
+POSITIVE_INT = click.IntRange(min=1)
+MAX_LENGTH = click.IntRange(min=2)  # a prompt token and one supervised token
+FRACTION = click.FloatRange(0.0, 1.0)
+POSITIVE_FLOAT = click.FloatRange(min=0.0, min_open=True)
+NON_NEGATIVE_FLOAT = click.FloatRange(min=0.0)
+MODEL_DTYPES = click.Choice(["float32", "bfloat16", "float16", "auto"])
 
 pivot_representation = click.option(
     "--pivot",
@@ -19,12 +33,17 @@ chat_data = click.option(
     help="Chat data: JSON/JSONL file or a datasets directory (messages / conversations / alpaca).",
 )
 max_length = click.option(
-    "--max-length", default=2048, help="Longest tokenized conversation, in each model's tokens."
+    "--max-length",
+    type=MAX_LENGTH,
+    default=2048,
+    help="Longest tokenized conversation, in each model's tokens.",
 )
 batch_tokens = click.option(
-    "--batch-tokens", default=4096, help="Padded tokens per forward batch (length-sorted)."
+    "--batch-tokens", type=POSITIVE_INT, default=4096, help="Padded tokens per forward batch (length-sorted)."
 )
 
 
-def output_directory(help: str = "Output directory; rerunning with the same arguments reuses or resumes it."):
+def output_directory(
+    help: str = "Output directory; rerunning with the same arguments reuses or resumes it.",
+) -> Callable[[Any], Any]:
     return click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help=help)

@@ -16,6 +16,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,29 +25,37 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from types import NoneType, UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import click
 import yaml
 
-from fusion_train.align import align
-from fusion_train.chat import load_conversations
-from fusion_train.evaluate import ModelSpec, evaluate
-from fusion_train.fuse import fuse
-from fusion_train.represent import RepresentSettings, represent
+from fusion_train import options
+from fusion_train.align import align, align_command
+from fusion_train.chat import BUILTIN_TEMPLATES, load_conversations
+from fusion_train.errors import Command, UserError, read_yaml
+from fusion_train.evaluate import ModelSpec, evaluate, evaluate_command
+from fusion_train.fuse import fuse, fuse_command
+from fusion_train.models import model_fingerprint
+from fusion_train.represent import RepresentSettings, represent, represent_command
 from fusion_train.storage import atomic_write_text, write_json_atomic
-from fusion_train.train import TrainConfig, launch
+from fusion_train.train import PRESETS, TrainConfig, launch, train_command
 
 DONE = ".done.json"
 TWO_TARGET_METHODS = {"slerp", "nuslerp"}  # interpolate exactly two models
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe that cannot run; the message names the key and the fix."""
 
 
-class DiskFullError(RuntimeError):
+class DiskFullError(UserError, RuntimeError):
     """The disk filled up during a stage; finished stages are kept and a rerun resumes."""
+
+
+class StageError(UserError, RuntimeError):
+    """A stage's own process failed; what it printed above says why, and a rerun resumes."""
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -148,25 +157,95 @@ class Recipe:
 
 STAGE_SETTINGS = {"represent": RepresentStage, "align": AlignStage, "fuse": FuseStage, "train": TrainStage,
                   "merge": MergeStage, "evaluate": EvaluateStage}  # fmt: skip
+# A stage's keys accept what the same flags of its command accept (one set of ranges and choices).
+STAGE_COMMANDS = {RepresentStage: represent_command, AlignStage: align_command, FuseStage: fuse_command,
+                  TrainStage: train_command, EvaluateStage: evaluate_command}  # fmt: skip
+RECIPE_ONLY_TYPES: dict[type, dict[str, click.ParamType]] = {
+    DataSettings: {"limit": options.POSITIVE_INT,
+                   "heldout_fraction": click.FloatRange(0.0, 1.0, min_open=True, max_open=True)},
+    MergeStage: {"dtype": click.Choice(["float32", "float16", "bfloat16"])},
+}  # fmt: skip
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # names become folder names
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
-    """A dataclass from a mapping, refusing unknown keys and naming where they were found."""
+def _value_types(cls: type) -> dict[str, click.ParamType]:
+    command = STAGE_COMMANDS.get(cls)
+    flags = {p.name: p.type for p in command.params if p.name} if command else {}
+    return {**flags, **RECIPE_ONLY_TYPES.get(cls, {})}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as YAML read it) has the annotated type; an int is no bool, a float may be an int."""
+    origin = get_origin(hint)
+    if origin in (Union, UnionType):
+        return any(_fits(value, arg) for arg in get_args(hint))
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_fits(v, get_args(hint)[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is NoneType:
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "text", NoneType: "null"}
+    if get_origin(hint) in (Union, UnionType):
+        return " or ".join(_describe(arg) for arg in get_args(hint))
+    if get_origin(hint) is tuple:
+        return f"a list of {_describe(get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}"
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_values(cls: type, values: dict[str, Any], where: str, key: str) -> None:
+    """Refuse a value of the wrong type or out of range, naming the recipe key (``train.lm_weight``)."""
+    hints, types = get_type_hints(cls), _value_types(cls)
+    for name, value in values.items():
+        if not _fits(value, hints[name]):
+            hint = ""
+            if (
+                isinstance(value, str)
+                and _fits(1.0, hints[name])
+                and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", value)
+            ):
+                hint = (
+                    f" (YAML reads {value} as text; write it with a decimal point, e.g. {float(value):.1e})"
+                )
+            raise RecipeError(
+                f"{where}: {key}.{name}: expected {_describe(hints[name])}, got {value!r}{hint}"
+            )
+        if name in types and value is not None:
+            try:
+                types[name].convert(value, None, None)
+            except click.BadParameter as error:
+                raise RecipeError(f"{where}: {key}.{name}: {error.message}") from None
+
+
+def _build(cls: type, raw: Any, where: str, key: str) -> Any:
+    """A dataclass from the mapping at ``key``, refusing unknown keys and bad values by name."""
     if not isinstance(raw, dict):
-        raise RecipeError(f"{where}: expected a mapping, got {type(raw).__name__}")
+        raise RecipeError(f"{where}: {key}: expected a mapping, got {type(raw).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise RecipeError(
+            f"{where}: {key}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    check_values(cls, raw, where, key)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
     try:
         return cls(**values)
     except TypeError as exc:
-        raise RecipeError(f"{where}: {exc}") from exc
+        raise RecipeError(f"{where}: {key}: {exc}") from exc
 
 
-def _source_settings(raw: Any, at: str) -> dict[str, dict[str, Any]]:
-    """A source's own settings, checked against SOURCE_SETTINGS."""
+def _source_settings(raw: Any, where: str, key: str) -> dict[str, dict[str, Any]]:
+    """A source's own settings, checked against SOURCE_SETTINGS and the stages' value types."""
+    at = f"{where}: {key}"
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -185,19 +264,31 @@ def _source_settings(raw: Any, at: str) -> dict[str, dict[str, Any]]:
                 f"{at}: settings.{stage}: {', '.join(unknown)} cannot be set per source (only "
                 f"{', '.join(allowed)}); set it under the top-level `{stage}` for every source"
             )
+        check_values(STAGE_SETTINGS[stage], values, where, f"{key}.settings.{stage}")
     return raw
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe; relative paths are relative to the recipe file."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     return parse_recipe(
-        raw, base=path.parent, default_run_dir=path.parent / "runs" / path.stem, where=str(path)
+        read_yaml(path, RecipeError),
+        base=path.parent,
+        default_run_dir=path.parent / "runs" / path.stem,
+        where=str(path),
     )
 
 
+def _local_file(base: Path, value: str, where: str, key: str, what: str) -> str:
+    """An existing file or directory named relative to the recipe, as an absolute path."""
+    local = (base / Path(value).expanduser()).resolve()
+    if not local.exists():
+        raise RecipeError(f"{where}: {key}: {what} {local} does not exist")
+    return str(local)
+
+
 def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "recipe") -> Recipe:
+    """Check the whole recipe, every key and value, before any stage runs; paths become absolute."""
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: expected a mapping at the top level")
     unknown = sorted(set(raw) - {"pivot", "sources", "data", "run_dir", *STAGE_SETTINGS})
@@ -207,21 +298,37 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
         if key not in raw:
             raise RecipeError(f"{where}: missing `{key}`")
 
-    def model(entry: Any, at: str) -> ModelEntry:
-        m = _build(ModelEntry, entry, at)
+    def model(entry: Any, key: str) -> ModelEntry:
+        m = _build(ModelEntry, entry, where, key)
+        if not NAME.fullmatch(m.name):
+            raise RecipeError(
+                f"{where}: {key}.name: {m.name!r} names folders: use letters, digits, '.', '_' and '-'"
+            )
         local = (base / m.path).resolve()
         if not local.is_dir():
-            raise RecipeError(f"{at}: model directory {local} does not exist")
-        return replace(m, path=str(local), settings=_source_settings(m.settings, at))
+            raise RecipeError(f"{where}: {key}.path: model directory {local} does not exist")
+        if m.gguf_file is not None and not (local / m.gguf_file).is_file():
+            raise RecipeError(f"{where}: {key}.gguf_file: {local / m.gguf_file} does not exist")
+        template = m.chat_template
+        if template is not None and template not in BUILTIN_TEMPLATES:
+            if not (base / template).is_file():
+                raise RecipeError(
+                    f"{where}: {key}.chat_template: {template!r} is neither a built-in template "
+                    f"({', '.join(BUILTIN_TEMPLATES)}) nor a file next to the recipe"
+                )
+            template = str((base / template).resolve())
+        return replace(
+            m, path=str(local), chat_template=template, settings=_source_settings(m.settings, where, key)
+        )
 
-    pivot = model(raw["pivot"], f"{where}: pivot")
+    pivot = model(raw["pivot"], "pivot")
     if pivot.settings:
         raise RecipeError(
             f"{where}: pivot: `settings` are per source; set the pivot's stages at the top level"
         )
     if not isinstance(raw["sources"], list) or not raw["sources"]:
         raise RecipeError(f"{where}: `sources` must be a non-empty list")
-    sources = tuple(model(s, f"{where}: sources[{i}]") for i, s in enumerate(raw["sources"]))
+    sources = tuple(model(s, f"sources[{i}]") for i, s in enumerate(raw["sources"]))
     names = [pivot.name] + [s.name for s in sources]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -229,33 +336,37 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
     for source in sources:
         if source.path == pivot.path:
             raise RecipeError(f"{where}: source {source.name!r} is the pivot itself ({pivot.path})")
-    data = _build(DataSettings, raw["data"], f"{where}: data")
+    data = _build(DataSettings, raw["data"], where, "data")
     data = DataSettings(
-        str((base / data.train).resolve()),
-        str((base / data.heldout).resolve()) if data.heldout else None,
+        _local_file(base, data.train, where, "data.train", "training data"),
+        _local_file(base, data.heldout, where, "data.heldout", "held-out data") if data.heldout else None,
         data.heldout_fraction,
         data.limit,
     )
     if data.heldout is None and not data.heldout_fraction:
         raise RecipeError(f"{where}: data has no `heldout` file and no `heldout_fraction`; give one of them")
-    if data.heldout_fraction is not None and not 0 < data.heldout_fraction < 1:
-        raise RecipeError(f"{where}: data.heldout_fraction must be between 0 and 1")
-    settings = {
-        name: _build(cls, raw.get(name) or {}, f"{where}: {name}") for name, cls in STAGE_SETTINGS.items()
-    }
+    settings = {name: _build(cls, raw.get(name) or {}, where, name) for name, cls in STAGE_SETTINGS.items()}
+    train = settings["train"]
+    if train.deepspeed not in PRESETS:
+        deepspeed = _local_file(base, train.deepspeed, where, "train.deepspeed",
+                                f"neither a preset ({', '.join(PRESETS)}) nor a file:")  # fmt: skip
+        settings["train"] = replace(train, deepspeed=deepspeed)
+    if train.epochs <= 0 and train.max_steps <= 0:
+        raise RecipeError(f"{where}: train.epochs: must be positive (or set train.max_steps)")
+    from varm_merge.cli import resolve_config
+
+    for method in settings["merge"].methods:
+        try:
+            resolve_config(method)
+        except click.BadParameter as error:
+            raise RecipeError(f"{where}: merge.methods: {error.message}") from None
+    if not isinstance(raw.get("run_dir") or "", str):
+        raise RecipeError(f"{where}: run_dir: expected a folder name, got {raw['run_dir']!r}")
     run_dir = str((base / raw["run_dir"]).resolve()) if raw.get("run_dir") else str(default_run_dir.resolve())
     return Recipe(pivot, sources, data, run_dir, **settings)
 
 
 # --------------------------------------------------------------------------- stages
-
-
-def model_fingerprint(path: str) -> str:
-    """Changes when the model's files change (names, sizes, modification times)."""
-    entries = sorted(
-        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(path).iterdir() if p.is_file()
-    )
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 def file_fingerprint(path: str) -> str:
@@ -423,7 +534,7 @@ def run_pipeline(
             )  # fmt: skip
             code = launch(config, t.nproc, None, None)
             if code != 0:
-                raise RuntimeError(
+                raise StageError(
                     f"training {name} failed (exit code {code}; {free_gigabytes(out):.1f} GB free on the run's "
                     "disk): see the log above, then rerun the recipe to resume from the last checkpoint"
                 )
@@ -521,7 +632,7 @@ def merge_targets(
             command = [sys.executable, "-m", "varm_merge", str(out / "config.yml"), str(staged)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
-                raise RuntimeError(f"merge {method} failed:\n{result.stderr[-3000:]}")
+                raise StageError(f"merge {method} failed:\n{result.stderr[-3000:]}")
             staged.rename(out / "model")
 
         out, _ = stages.run("merge", method, inputs, work)
@@ -559,11 +670,10 @@ def write_comparison(report: dict[str, Any], report_dir: Path, varm_heatmap: Pat
     atomic_write_text(report_dir / "report.md", "\n".join(lines))
 
 
-@click.command("run")
+@click.command("run", cls=Command)
 @click.argument("recipe_path", type=click.Path(exists=True, dir_okay=False), metavar="RECIPE.yaml")
 def run_command(recipe_path: str) -> None:
-    """Run the whole fusion from a recipe (see docs/recipe.md); finished stages are reused."""
-    try:
-        run_pipeline(load_recipe(recipe_path))
-    except (RecipeError, DiskFullError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    """Run the whole fusion from a recipe (see docs/recipe.md); finished stages are reused.
+
+    The whole recipe is checked before any stage runs."""
+    run_pipeline(load_recipe(recipe_path))

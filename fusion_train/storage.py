@@ -16,10 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fusion_train.errors import UserError
+
 MANIFEST = "manifest.json"
 
 
-class OutputMismatchError(ValueError):
+class OutputMismatchError(UserError, ValueError):
     """An output directory that already holds results of a different run."""
 
 

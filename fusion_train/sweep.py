@@ -20,14 +20,8 @@ from typing import Any
 import click
 import yaml
 
-from fusion_train.pipeline import (
-    STAGE_SETTINGS,
-    DiskFullError,
-    RecipeError,
-    load_recipe,
-    parse_recipe,
-    run_pipeline,
-)
+from fusion_train.errors import Command, read_yaml
+from fusion_train.pipeline import STAGE_SETTINGS, RecipeError, load_recipe, parse_recipe, run_pipeline
 from fusion_train.storage import atomic_write_text, write_json_atomic
 
 BASE = "recipe as written"
@@ -135,9 +129,11 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
 def sweep(
     recipe_path: Path, variations: list[tuple[str, str, list[Any]]], sources: tuple[str, ...] = ()
 ) -> Path:
-    """Run every variant (finished stages are reused) and write ``RUN/sweep/``; return that folder."""
-    raw = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
+    """Run every variant (finished stages are reused) and write ``RUN/sweep/``; return that folder.
+
+    Every variant is checked before the first one runs: a bad value fails at once, not hours in."""
     recipe = load_recipe(recipe_path)  # validates the recipe as written
+    raw = read_yaml(recipe_path, RecipeError)
     if sources:
         unknown = sorted(set(sources) - {s.name for s in recipe.sources})
         if unknown:
@@ -146,14 +142,16 @@ def sweep(
     raw["train"] = {**(raw.get("train") or {}), "clm_baseline": True}
     raw["run_dir"] = recipe.run_dir
     out = Path(recipe.run_dir) / "sweep"
+    parsed = {
+        name: parse_recipe(variant, base=recipe_path.parent, default_run_dir=Path(recipe.run_dir),
+                           where=f"{recipe_path} with --vary {name}")
+        for name, variant in variants(raw, variations).items()
+    }  # fmt: skip
     reports = {}
-    for name, variant in variants(raw, variations).items():
+    for name, variant_recipe in parsed.items():
         click.echo(f"== {name}")
         folder = re.sub(r"[^\w.=-]+", "_", name)
-        parsed = parse_recipe(
-            variant, base=recipe_path.parent, default_run_dir=Path(recipe.run_dir), where=name
-        )
-        reports[name] = run_pipeline(parsed, report_dir=out / folder)
+        reports[name] = run_pipeline(variant_recipe, report_dir=out / folder)
     summary = summarise(reports)
     write_json_atomic(out / "sweep.json", summary)
     plot_summary(summary, out / "sweep.png")
@@ -161,7 +159,7 @@ def sweep(
     return out
 
 
-@click.command("sweep")
+@click.command("sweep", cls=Command)
 @click.argument(
     "recipe_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="RECIPE.yaml"
 )
@@ -186,9 +184,5 @@ def sweep_command(recipe_path: Path, variations: tuple[str, ...], sources: tuple
     Writes RUN/sweep/report.md (table), sweep.json and sweep.png, and each variant's full
     evaluation under RUN/sweep/<variant>/.
     """
-    parsed = [parse_variation(v) for v in variations]
-    try:
-        out = sweep(recipe_path, parsed, sources)
-    except (RecipeError, DiskFullError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    out = sweep(recipe_path, [parse_variation(v) for v in variations], sources)
     click.echo((out / "report.md").read_text(encoding="utf-8"))

@@ -37,9 +37,11 @@ import pyarrow.compute as pc
 import torch
 from transformers import SchedulerType, Trainer, TrainingArguments
 
+from fusion_train.errors import Command, UserError
 from fusion_train.losses import supervised_loss_sums
-from fusion_train.models import ModelLoadError, load_model, load_tokenizer, tokenizer_hash
-from fusion_train.storage import MANIFEST, OutputMismatchError, claim_output, read_json, write_json_atomic
+from fusion_train.models import load_model, load_tokenizer, tokenizer_hash
+from fusion_train.options import FRACTION, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
+from fusion_train.storage import MANIFEST, claim_output, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ FUSED_COLUMNS = ("input_ids", "run_start", "run_length", "topk_ids", "topk_logpr
 NOT_IN_RUN_MANIFEST = ("out", "resume", "report_to", "logging_steps", "save_steps", "save_total_limit")
 
 
-class TrainInputError(ValueError):
+class TrainInputError(UserError, ValueError):
     """An input that would make training fail or silently train the wrong thing."""
 
 
@@ -735,7 +737,7 @@ def launch(config: TrainConfig, nproc: int | None, hostfile: str | None, master_
 # --------------------------------------------------------------------------- command
 
 
-@click.command("train")
+@click.command("train", cls=Command)
 @click.option(
     "--model", required=True, type=click.Path(exists=True, file_okay=False), help="The pivot model directory."
 )
@@ -751,31 +753,48 @@ def launch(config: TrainConfig, nproc: int | None, hostfile: str | None, master_
     type=click.Path(file_okay=False),
     help="The trained model directory (published when done; checkpoints go to OUT.work/).",
 )
-@click.option("--lm-weight", default=0.9, help="lambda in lambda * CLM + (1 - lambda) * fusion.")
+@click.option(
+    "--lm-weight", type=FRACTION, default=0.9, help="lambda in lambda * CLM + (1 - lambda) * fusion."
+)
 @click.option("--no-fusion", is_flag=True, help="The CLM-only baseline: same as --lm-weight 1.0.")
-@click.option("--temperature", default=1.0, help="T in softmax(stored log-probabilities / T).")
+@click.option(
+    "--temperature", type=POSITIVE_FLOAT, default=1.0, help="T in softmax(stored log-probabilities / T)."
+)
 @click.option(
     "--deepspeed",
     default="zero2",
     help=f"ZeRO preset ({', '.join(PRESETS)}) or a DeepSpeed JSON config file.",
 )
-@click.option("--nproc", type=int, default=None, help="Processes (GPUs) per node: start under `deepspeed`.")
+@click.option(
+    "--nproc", type=POSITIVE_INT, default=None, help="Processes (GPUs) per node: start under `deepspeed`."
+)
 @click.option("--hostfile", default=None, help="DeepSpeed hostfile (`HOST slots=N` lines) for several nodes.")
 @click.option("--master-port", type=int, default=None, help="Rendezvous port (default: a free one locally).")
-@click.option("--learning-rate", "--lr", "learning_rate", default=5e-6, help="Peak learning rate.")
-@click.option("--epochs", default=3.0, help="Passes over the data.")
-@click.option("--max-steps", default=-1, help="Optimizer steps; > 0 overrides --epochs.")
-@click.option("--per-device-batch-size", default=1, help="Sequences per process per micro-step.")
-@click.option("--grad-accumulation", default=1, help="Micro-steps per optimizer step.")
-@click.option("--warmup-ratio", default=0.03, help="Share of the steps with a linear warmup.")
+@click.option(
+    "--learning-rate", "--lr", "learning_rate", type=POSITIVE_FLOAT, default=5e-6, help="Peak learning rate."
+)
+@click.option("--epochs", type=NON_NEGATIVE_FLOAT, default=3.0, help="Passes over the data.")
+@click.option(
+    "--max-steps", type=click.IntRange(min=-1), default=-1, help="Optimizer steps; > 0 overrides --epochs."
+)
+@click.option(
+    "--per-device-batch-size", type=POSITIVE_INT, default=1, help="Sequences per process per micro-step."
+)
+@click.option("--grad-accumulation", type=POSITIVE_INT, default=1, help="Micro-steps per optimizer step.")
+@click.option(
+    "--warmup-ratio",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=0.03,
+    help="Share of the steps with a linear warmup.",
+)
 @click.option(
     "--scheduler",
     type=click.Choice([s.value for s in SchedulerType]),
     default="cosine",
     help="transformers learning-rate schedule.",
 )
-@click.option("--weight-decay", default=0.0)
-@click.option("--max-grad-norm", default=1.0, help="Gradient clipping.")
+@click.option("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.0)
+@click.option("--max-grad-norm", type=NON_NEGATIVE_FLOAT, default=1.0, help="Gradient clipping.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False)
 @click.option(
     "--bf16/--no-bf16",
@@ -785,9 +804,11 @@ def launch(config: TrainConfig, nproc: int | None, hostfile: str | None, master_
 @click.option(
     "--report-to", default="none", help="none, tensorboard, wandb, ... (transformers integrations)."
 )
-@click.option("--logging-steps", default=10)
-@click.option("--save-steps", default=500, help="Checkpoint every N optimizer steps (in OUT.work/).")
-@click.option("--save-total-limit", default=2, help="Checkpoints kept (0: all).")
+@click.option("--logging-steps", type=POSITIVE_INT, default=10)
+@click.option(
+    "--save-steps", type=POSITIVE_INT, default=500, help="Checkpoint every N optimizer steps (in OUT.work/)."
+)
+@click.option("--save-total-limit", type=click.IntRange(min=0), default=2, help="Checkpoints kept (0: all).")
 @click.option(
     "--resume/--no-resume",
     default=False,
@@ -811,16 +832,13 @@ def train_command(
         options["lm_weight"] = 1.0
     if master_port is not None and nproc is None and hostfile is None:
         os.environ.setdefault("MASTER_PORT", str(master_port))
-    try:
-        config = TrainConfig(**options)
-        if nproc is not None or hostfile is not None:
-            code = launch(config, nproc, hostfile, master_port)
-            if code != 0:
-                raise click.ClickException(f"the deepspeed launcher exited with status {code}.")
-            return
-        summary = train(config)
-    except (TrainInputError, OutputMismatchError, ModelLoadError) as error:
-        raise click.ClickException(str(error)) from error
+    config = TrainConfig(**options)
+    if nproc is not None or hostfile is not None:
+        code = launch(config, nproc, hostfile, master_port)
+        if code != 0:
+            raise click.ClickException(f"the deepspeed launcher exited with status {code}.")
+        return
+    summary = train(config)
     if summary is not None:
         end = summary["loss"]["end"] or {}
         click.echo(f"{config.out}: {summary['steps']} steps, final loss {end.get('loss')}.")
