@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from fusion_train import options
 from fusion_train.chat import Conversation, data_fingerprint, load_conversations, resolve_chat_template
-from fusion_train.models import load_model, load_tokenizer
+from fusion_train.models import load_model, load_tokenizer, model_fingerprint
 from fusion_train.represent import batches_by_length, encode_conversation, score_batch
 from fusion_train.storage import atomic_write_text, read_json, write_json_atomic
 
@@ -126,6 +126,18 @@ class ModelSpec:
     chat_template: str | None = None
 
 
+def losses_key(spec: ModelSpec, data_fingerprint: str, max_length: int) -> str:
+    """Names a model's cached losses by everything they depend on: the model's files (not its path,
+    so a model replaced at the same path is scored again), the text of a chat template given
+    for it, the data and the length limit."""
+    template = None
+    if spec.chat_template:  # a built-in name or a .jinja file, whose text may change
+        text, _ = resolve_chat_template(None, spec.chat_template)
+        template = hashlib.sha256(text.encode()).hexdigest()[:16]
+    key = [model_fingerprint(spec.path), template, data_fingerprint, max_length]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
 def evaluate(
     models: list[ModelSpec],
     data_path: str | Path,
@@ -139,8 +151,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score every model on the same responses; write report.json, report.md and report.png.
 
-    Per-model losses are cached in ``cache_dir`` (default ``out_dir/losses/``; keyed by model
-    path and data), so adding a model to a finished evaluation scores only the new one. Figures are computed over the
+    Per-model losses are cached in ``cache_dir`` (default ``out_dir/losses/``; see
+    :func:`losses_key`), so adding a model to a finished evaluation scores only the new one. Figures are computed over the
     examples every model could score, so all rows describe the same text. With ``compare_to``
     (a model's name), every row also gets its paired difference to that model.
     """
@@ -155,10 +167,7 @@ def evaluate(
     fingerprint = data_fingerprint(conversations)
     per_model: dict[str, list[ExampleLoss]] = {}
     for spec in models:
-        key = hashlib.sha256(
-            json.dumps([str(Path(spec.path).resolve()), spec.chat_template, fingerprint, max_length]).encode()
-        ).hexdigest()[:16]
-        cached = Path(cache_dir or out_dir / "losses") / f"{key}.json"
+        cached = Path(cache_dir or out_dir / "losses") / f"{losses_key(spec, fingerprint, max_length)}.json"
         if cached.exists():
             per_model[spec.name] = [ExampleLoss(**x) for x in read_json(cached)]
             continue

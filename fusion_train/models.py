@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,15 +40,21 @@ def tokenizer_hash(tokenizer: Any) -> str:
     return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()[:16]
 
 
-def load_tokenizer(path: str | Path, gguf_file: str | None = None, trust_remote_code: bool = False) -> Any:
-    """A fast tokenizer from a local directory (or the GGUF file inside it); never the hub."""
-    from transformers import AutoTokenizer
-
+def model_directory(path: str | Path) -> Path:
+    """``path``, refused unless it is a local directory (names on the hub are never fetched)."""
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(
             f"{path}: not a directory. Pass a local model directory (hub names are not fetched)."
         )
+    return path
+
+
+def load_tokenizer(path: str | Path, gguf_file: str | None = None, trust_remote_code: bool = False) -> Any:
+    """A fast tokenizer from a local directory (or the GGUF file inside it); never the hub."""
+    from transformers import AutoTokenizer
+
+    path = model_directory(path)
     has_tokenizer = any(
         (path / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")
     )
@@ -99,3 +106,18 @@ def identify(
         tokenizer_size=len(tokenizer),
         vocab_size=model.get_output_embeddings().weight.shape[0],
     )
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """Changes when the model directory's files change (names, sizes, modification times).
+
+    Results computed from a model are stored under it (the pipeline's stages, evaluation's cached
+    losses), so a model replaced at the same path is never mistaken for the old one; weights,
+    tokenizer and chat template files all count. Cheap: no file is read.
+    """
+    entries = sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in model_directory(path).iterdir()
+        if p.is_file()
+    )
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]

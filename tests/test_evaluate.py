@@ -135,6 +135,45 @@ def test_report_caches_models_and_compares_them(
         evaluate(extra, heldout, tmp_path, compare_to="nobody", progress=False)
 
 
+def test_a_model_replaced_at_the_same_path_is_scored_again(
+    tokenizer_dirs: dict, heldout: Path, tmp_path: Path
+) -> None:
+    """Cached losses are keyed by the model's files, not its path: a model retrained into the same
+    directory (same file names and sizes) gets its own score, not the old model's."""
+    from conftest import build_tiny_model
+
+    from fusion_train.chat import builtin_template, load_conversations
+
+    model = build_tiny_model(tokenizer_dirs["smollm2"], tmp_path / "model", seed=0)
+    spec = ModelSpec("m", str(model))
+
+    def score(spec: ModelSpec) -> float:
+        return evaluate([spec], heldout, tmp_path / "eval", progress=False)["models"][0]["bits_per_byte"][
+            "value"
+        ]
+
+    first = score(spec)
+    assert first == pytest.approx(by_hand_bits_per_byte(model), rel=1e-5)
+    build_tiny_model(tokenizer_dirs["smollm2"], model, seed=1)  # overwrites the same files
+    second = score(spec)
+    assert second == pytest.approx(by_hand_bits_per_byte(model), rel=1e-5)
+    assert second != pytest.approx(first, rel=1e-3)
+
+    # A chat template given as a file: its text counts, so an edited template is scored again.
+    template = tmp_path / "template.jinja"
+    conversations = load_conversations(heldout)
+    for text in (
+        builtin_template("plain"),
+        builtin_template("plain").replace("| capitalize }}:", "| upper }} says:"),
+    ):
+        template.write_text(text)
+        direct = bits_per_byte(
+            response_losses(model, conversations, chat_template=str(template), progress=False)
+        )
+        assert score(ModelSpec("m", str(model), chat_template=str(template))) == pytest.approx(direct.value)
+    assert len(list((tmp_path / "eval" / "losses").iterdir())) == 4
+
+
 def test_evaluate_command(tiny_models: dict, heldout: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(
         main,
