@@ -50,9 +50,11 @@ def read_yaml(path: str | Path, error_class: type[UserError] = UserError) -> Any
     try:
         return yaml.safe_load(read_text(path, error_class))
     except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = " ".join(filter(None, (error.context, error.problem)))
+        found, began = error.problem_mark, error.context_mark
+        where = f", line {found.line + 1}, column {found.column + 1}" if found else ""
+        problem = error.problem or "syntax error"
+        if error.context:  # e.g. "while parsing a flow sequence", which began elsewhere
+            problem += f", {error.context}" + (f" that began at line {began.line + 1}" if began else "")
         raise error_class(f"{path}{where}: not valid YAML ({problem}).") from error
     except yaml.YAMLError as error:
         raise error_class(f"{path}: not valid YAML ({error}).") from error
