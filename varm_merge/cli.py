@@ -132,7 +132,12 @@ def localise(data: Any, config_file: str, allow_pickle: bool) -> dict[str, Any]:
             if part is None:
                 continue
             local = Path(part.path).expanduser()
-            if part.revision or not local.exists():
+            if part.revision:
+                raise MergeInputError(
+                    f"{config_file}: model {str(part)!r} names a hub revision; varm-merge merges local model "
+                    "directories only: download that revision first and give its folder."
+                )
+            if not local.exists():
                 hint = "" if local.is_absolute() else f" (relative paths are read from {Path.cwd()})"
                 raise MergeInputError(
                     f"{config_file}: model {str(part)!r} does not exist{hint}. varm-merge merges local model "
