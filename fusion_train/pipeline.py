@@ -196,6 +196,8 @@ def _describe(hint: Any) -> str:
     names = {int: "an integer", float: "a number", bool: "true or false", str: "text", NoneType: "null"}
     if get_origin(hint) in (Union, UnionType):
         return " or ".join(_describe(arg) for arg in get_args(hint))
+    if get_origin(hint) is dict:
+        return "a mapping"
     if get_origin(hint) is tuple:
         return f"a list of {_describe(get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}"
     return names.get(hint, getattr(hint, "__name__", str(hint)))
