@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
+from fusion_train.errors import UserError
 
-class ModelLoadError(ValueError):
+
+class ModelLoadError(UserError, ValueError):
     """A model directory that cannot be used; the message says what is missing and how to fix it."""
 
 
