@@ -24,11 +24,17 @@ from tqdm.auto import tqdm
 
 from fusion_train import options
 from fusion_train.chat import Conversation, data_fingerprint, load_conversations, resolve_chat_template
+from fusion_train.errors import Command, UserError
 from fusion_train.models import load_model, load_tokenizer, model_fingerprint
 from fusion_train.represent import batches_by_length, encode_conversation, score_batch
 from fusion_train.storage import atomic_write_text, read_json, write_json_atomic
 
 BOOTSTRAP_SAMPLES = 1000
+ROLES = ("pivot", "source", "target", "baseline", "merge", "model")  # how the report groups rows
+
+
+class EvaluateError(UserError, ValueError):
+    """Models or options that cannot be compared as given."""
 
 
 @dataclass(frozen=True)
@@ -158,9 +164,9 @@ def evaluate(
     """
     out_dir = Path(out_dir)
     if len({m.name for m in models}) < len(models):
-        raise ValueError("two models have the same name; names label the report's rows")
+        raise EvaluateError("two models have the same name; names label the report's rows")
     if compare_to is not None and compare_to not in {m.name for m in models}:
-        raise ValueError(
+        raise EvaluateError(
             f"compare_to={compare_to!r} is not one of the models: {', '.join(m.name for m in models)}"
         )
     conversations = load_conversations(data_path)
@@ -178,7 +184,7 @@ def evaluate(
 
     common = set.intersection(*({x.id for x in losses} for losses in per_model.values()))
     if not common:
-        raise ValueError(f"{data_path}: no example could be scored by every model")
+        raise EvaluateError(f"{data_path}: no example could be scored by every model")
     order = [c.id for c in conversations if c.id in common]
     common_losses = {}
     for name, losses in per_model.items():
@@ -308,7 +314,23 @@ def _plot_differences(ax: Any, rows: list[dict[str, Any]], reference: str, colou
     ax.set_title(f"Difference to {reference}")
 
 
-@click.command("evaluate")
+def parse_model_option(item: str) -> ModelSpec:
+    """``NAME=DIR[:ROLE]``. DIR may hold ':' (and '='): the text after the last ':' is the role only
+    when it is one of ROLES and DIR is not itself a directory."""
+    name, sep, rest = item.partition("=")
+    if not sep or not name or not rest:
+        raise click.BadParameter(f"expected NAME=DIR[:ROLE], got {item!r}", param_hint="--model")
+    path, sep, role = rest.rpartition(":")
+    if Path(rest).is_dir() or not sep or role not in ROLES:
+        path, role = rest, "model"
+    if not Path(path).is_dir():
+        head, sep, tail = rest.rpartition(":")
+        hint = f" (unknown role {tail!r}; roles: {', '.join(ROLES)})" if sep and Path(head).is_dir() else ""
+        raise click.BadParameter(f"{item!r}: no model directory {path}{hint}", param_hint="--model")
+    return ModelSpec(name, path, role)
+
+
+@click.command("evaluate", cls=Command)
 @options.chat_data
 @click.option(
     "--model",
@@ -316,7 +338,8 @@ def _plot_differences(ax: Any, rows: list[dict[str, Any]], reference: str, colou
     required=True,
     multiple=True,
     metavar="NAME=DIR[:ROLE]",
-    help="A model to score, repeatable: a name for the report, its directory, optionally a role.",
+    help=f"A model to score, repeatable: a name for the report, its directory, optionally a role "
+    f"({', '.join(ROLES)}).",
 )
 @click.option(
     "--compare-to",
@@ -329,17 +352,8 @@ def _plot_differences(ax: Any, rows: list[dict[str, Any]], reference: str, colou
 @options.batch_tokens
 def evaluate_command(data_path: str, models: tuple[str, ...], compare_to: str | None, out_dir: str, max_length: int, batch_tokens: int) -> None:  # fmt: skip
     """Compare models by the bits per byte they need for the reference responses."""
-    specs = []
-    for item in models:
-        name, sep, rest = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected NAME=DIR[:ROLE], got {item!r}", param_hint="--model")
-        path, _, role = rest.partition(":")
-        specs.append(ModelSpec(name, path, role or "model"))
-    try:
-        report = evaluate(specs, data_path, out_dir, max_length=max_length, batch_tokens=batch_tokens,
-                          compare_to=compare_to)  # fmt: skip
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+    specs = [parse_model_option(item) for item in models]
+    report = evaluate(specs, data_path, out_dir, max_length=max_length, batch_tokens=batch_tokens,
+                      compare_to=compare_to)  # fmt: skip
     click.echo(markdown_report(report))
     click.echo(f"written: {Path(out_dir) / 'report.md'}, report.json, report.png")
