@@ -6,14 +6,80 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
+import datasets
 import pytest
+import yaml
 from train_fixtures import build_fused
 
-from fusion_train.train import TrainConfig, TrainInputError, checkpoints, prepare, work_dir
+from fusion_train.align import align
+from fusion_train.fuse import fuse
+from fusion_train.pipeline import load_recipe, run_pipeline
+from fusion_train.represent import RepresentSettings, represent
+from fusion_train.train import SUMMARY, TrainConfig, TrainInputError, checkpoints, prepare, work_dir
 
 KILL_DRIVER = Path(__file__).with_name("kill_driver.py")
+SAVE = "datasets:Dataset.save_to_disk"  # writes a part's or an output's data into its temporary folder
+
+
+def run_killed(when: str, target: str, n: int, arguments: list[str]) -> subprocess.CompletedProcess:
+    """``fusion-train ARGUMENTS`` in a subprocess, SIGKILLed at the planned call (and nowhere else).
+
+    It gets this process's environment (thread counts, visible devices), so that what it computes
+    is bit for bit what the same stage computes here."""
+    command = [sys.executable, str(KILL_DRIVER), when, target, str(n), *map(str, arguments)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stdout[-2000:] + result.stderr[-5000:]
+    assert f"SIGKILL {when} call {n} of {target}" in result.stderr
+    return result
+
+
+TIMINGS = {"seconds", "wall_time_s", "train_runtime_s"}  # JSON keys that differ in every run
+
+
+def _without_timings(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k not in TIMINGS}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def assert_same_output(got: Path, expected: Path, ignore: tuple[str, ...] = ()) -> None:
+    """The same files (temporaries left by a kill and ``ignore``d paths aside), data sets with the
+    same rows, JSON equal but for timings, other files byte for byte."""
+
+    def listing(root: Path) -> list[Path]:
+        paths = (p.relative_to(root) for p in root.rglob("*"))
+        return sorted(p for p in paths if not any(_temporary(part) for part in p.parts) and
+                      not any(p.is_relative_to(i) for i in ignore))  # fmt: skip
+
+    assert listing(got) == listing(expected)
+    data_sets = [p.parent for p in listing(expected) if p.name == "state.json"]
+    for relative in data_sets:
+        a, b = datasets.load_from_disk(str(got / relative)), datasets.load_from_disk(str(expected / relative))
+        assert a.features == b.features and a.to_dict() == b.to_dict(), relative
+    for relative in listing(expected):
+        if (expected / relative).is_dir() or any(relative.is_relative_to(d) for d in data_sets):
+            continue  # data set files: compared by content above (their state.json holds a random fingerprint)
+        a, b = got / relative, expected / relative
+        if relative.name.endswith(".json"):
+            assert _without_timings(json.loads(a.read_text())) == _without_timings(
+                json.loads(b.read_text())
+            ), relative
+        else:
+            assert a.read_bytes() == b.read_bytes(), relative
+
+
+def _temporary(name: str) -> bool:
+    """A temporary file or folder of storage.py's atomic writes (a kill leaves it behind)."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 def _checkpoint(work: Path, step: int, state: str | None) -> Path:
@@ -51,3 +117,183 @@ def test_checkpoints_killed_while_being_written_are_ignored(tiny_models, tmp_pat
     assert "resuming from the beginning" in caplog.text
     with pytest.raises(TrainInputError, match=r"earlier run \(checkpoint-14\); pass --resume"):
         prepare(TrainConfig(**{**config.__dict__, "resume": False}), world_size=1)
+
+
+# --------------------------------------------------------------------------- represent, align, fuse
+
+
+def test_represent_killed_while_writing_a_part_resumes(tiny_models, chats, represented, tmp_path):
+    """SIGKILL while part 1 is being written (its data saved in the temporary folder, not renamed):
+    the rerun keeps part 0, writes parts 1 and 2, and equals the uninterrupted representation."""
+    out = tmp_path / "repr"
+    options = ["--model", tiny_models["mistral"], "--data", chats, "--out", out, "--top-k", 5, "--chunk-size", 3,
+               "--batch-tokens", 256]  # fmt: skip
+    run_killed("after", SAVE, 2, ["represent", *options])
+    assert sorted(p.name for p in (out / "parts").iterdir() if not p.name.startswith(".")) == ["part-00000"]
+    assert not (out / "summary.json").exists()
+
+    summary = represent(tiny_models["mistral"], chats, out, RepresentSettings(top_k=5, chunk_size=3),
+                        batch_tokens=256, progress=False)  # fmt: skip
+    assert summary is not None and summary.examples == 7
+    assert_same_output(out, represented["mistral"])
+
+
+@pytest.fixture(scope="module")
+def aligned(represented, tmp_path_factory) -> Path:
+    """mistral's representation aligned to smollm2's, uninterrupted."""
+    out = tmp_path_factory.mktemp("aligned") / "aligned"
+    align(represented["smollm2"], represented["mistral"], out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fused(represented, aligned, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fused") / "fused"
+    fuse(represented["smollm2"], [aligned], out, progress=False)
+    return out
+
+
+# Where an align or fuse run dies: while its data is written (before the rename into place), or
+# after the data is in place but before report.json.
+KILL_POINTS = {"writing data": ("after", SAVE), "before the report": ("before", "{module}:write_json_atomic")}
+REPORT_MISSING = pytest.mark.xfail(
+    strict=True,
+    raises=FileNotFoundError,
+    reason="align/fuse take an existing data/ for a finished output and read its report.json, which "
+    "a kill just before it leaves missing; fix in align.py/fuse.py: skip only when report.json "
+    "(written last) exists",
+)
+POINTS = [pytest.param("writing data"), pytest.param("before the report", marks=REPORT_MISSING)]
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_align_killed_mid_write_resumes(represented, aligned, tmp_path, point):
+    out = tmp_path / "aligned"
+    when, target = KILL_POINTS[point]
+    run_killed(when, target.format(module="fusion_train.align"), 1,
+               ["align", "--pivot", represented["smollm2"], "--source", represented["mistral"], "--out", out])  # fmt: skip
+    assert not (out / "report.json").exists()
+
+    report = align(represented["smollm2"], represented["mistral"], out, progress=False)
+    assert report["examples_aligned"] == 7
+    assert_same_output(out, aligned)
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_fuse_killed_mid_write_resumes(represented, aligned, fused, tmp_path, point):
+    out = tmp_path / "fused"
+    when, target = KILL_POINTS[point]
+    run_killed(when, target.format(module="fusion_train.fuse"), 1,
+               ["fuse", "--pivot", represented["smollm2"], "--aligned", aligned, "--out", out])  # fmt: skip
+    assert not (out / "report.json").exists()
+
+    report = fuse(represented["smollm2"], [aligned], out, progress=False)
+    assert report["examples"] == 7
+    assert_same_output(out, fused)
+
+
+# --------------------------------------------------------------------------- a recipe
+
+
+def write_recipe(root: Path) -> Path:
+    """The smallest whole run: one source, two training steps in one process, one merge."""
+    recipe = {
+        "pivot": {"name": "pivot", "path": "m-smollm2"},
+        "sources": [{"name": "mistral", "path": "m-mistral"}],
+        "data": {"train": "chats.json", "heldout_fraction": 0.25},
+        "run_dir": "run",
+        "represent": {"top_k": 4, "max_length": 96},
+        "train": {
+            "nproc": 1,
+            "max_steps": 2,
+            "learning_rate": 1.0e-3,
+            "warmup_ratio": 0.0,
+            "clm_baseline": False,
+        },
+        "merge": {"methods": ["task_arithmetic"]},
+        "evaluate": {"max_length": 96},
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def recipe(tokenizer_dirs, tmp_path_factory) -> Path:
+    from conftest import build_tiny_model
+
+    root = tmp_path_factory.mktemp("recipe")
+    for seed, name in enumerate(("smollm2", "mistral")):
+        build_tiny_model(tokenizer_dirs[name], root / f"m-{name}", seed=seed, hidden=16)
+    records = [{"instruction": f"What is {i} + {i}?", "output": f"{i} + {i} = {2 * i}." + " Indeed." * (i % 3)}
+               for i in range(12)]  # fmt: skip
+    (root / "chats.json").write_text(json.dumps(records))
+    return write_recipe(root)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(recipe) -> Path:
+    """The recipe run without a kill, moved aside so that killed runs use the same paths."""
+    run_pipeline(load_recipe(recipe), echo=lambda _: None)
+    reference = recipe.parent / "uninterrupted"
+    (recipe.parent / "run").rename(reference)
+    return reference
+
+
+def assert_same_run(got: Path, expected: Path) -> None:
+    """Every stage's output equal. Aside: pipeline.json, the log of what the last invocation ran,
+    and the names of cached losses (keyed by the models' file times, which differ between runs)."""
+
+    def losses(run: Path) -> list[str]:
+        return sorted(path.read_text() for path in (run / "evaluate" / "losses").iterdir())
+
+    assert losses(got) == losses(expected)
+    assert_same_output(got, expected, ignore=("pipeline.json", "evaluate/losses"))
+
+
+@pytest.mark.slow
+def test_recipe_killed_mid_stage_resumes(recipe, uninterrupted_run):
+    """`fusion-train run` SIGKILLed while the source's representation part was being written, then
+    again after evaluation had cached its first model's losses: the third run finishes, and
+    every stage's output and the report equal the uninterrupted run's."""
+    run = recipe.parent / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    run_killed("after", SAVE, 2, ["run", recipe])  # 1: the pivot's part, 2: the source's
+    assert len(list((run / "represent").glob("pivot-*/.done.json"))) == 1
+    assert not list((run / "represent").glob("mistral-*/.done.json"))
+    assert not (run / "train").exists()
+
+    run_killed("after", "fusion_train.evaluate:write_json_atomic", 1, ["run", recipe])
+    assert len(list((run / "evaluate" / "losses").iterdir())) == 1
+    assert not (run / "report.md").exists()
+
+    report = run_pipeline(load_recipe(recipe), echo=lambda _: None)
+    assert json.loads((run / "pipeline.json").read_text())["ran"] == []  # only the evaluation was left
+    assert [r["name"] for r in report["models"]] == [
+        "pivot",
+        "mistral",
+        "target-mistral",
+        "merge-task_arithmetic",
+    ]
+    assert_same_run(run, uninterrupted_run)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    raises=TrainInputError,
+    reason="the train stage relaunches training into the published model, which `train` refuses "
+    "(OUT already exists); fix in pipeline.py's train stage: skip the launch when model/ holds "
+    "training_summary.json (train publishes it whole, by a rename)",
+)
+def test_recipe_killed_after_training_published_its_model_resumes(recipe, uninterrupted_run):
+    """`fusion-train run` SIGKILLed after training published the target but before the stage was
+    marked done (the checkpoints not yet removed): the rerun finishes like the uninterrupted run."""
+    run = recipe.parent / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    run_killed("after", "fusion_train.pipeline:launch", 1, ["run", recipe])
+    (target,) = (run / "train").glob("target-mistral-*")
+    assert (target / "model" / SUMMARY).exists() and not (target / ".done.json").exists()
+
+    run_pipeline(load_recipe(recipe), echo=lambda _: None)
+    assert_same_run(run, uninterrupted_run)
