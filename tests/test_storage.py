@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fusion_train.represent import RepresentSettings, represent
-from fusion_train.storage import atomic_directory, atomic_write_text
+from fusion_train.storage import atomic_directory, atomic_file, atomic_write_text
 
 
 @pytest.fixture(params=[0o022, 0o002, 0o077], ids=lambda m: f"umask-{m:03o}")
@@ -29,12 +29,16 @@ def _mode(path: Path) -> int:
 
 def test_atomic_outputs_follow_the_umask(tmp_path: Path, umask: int) -> None:
     atomic_write_text(tmp_path / "report.json", "{}\n")
+    with atomic_file(tmp_path / "map.npz") as handle:
+        handle.write(b"\x93NUMPY")
     with atomic_directory(tmp_path / "part-00000") as tmp:
         (tmp / "data.arrow").write_bytes(b"rows")
-    assert _mode(tmp_path / "report.json") == 0o666 & ~umask
+    assert _mode(tmp_path / "report.json") == _mode(tmp_path / "map.npz") == 0o666 & ~umask
     assert _mode(tmp_path / "part-00000") == 0o777 & ~umask
     assert (tmp_path / "report.json").read_text() == "{}\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000", "report.json"]  # no temporaries
+    assert (tmp_path / "map.npz").read_bytes() == b"\x93NUMPY"
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["map.npz", "part-00000", "report.json"]  # no temporaries left
 
 
 def test_failed_writes_leave_nothing(tmp_path: Path) -> None:
@@ -43,6 +47,9 @@ def test_failed_writes_leave_nothing(tmp_path: Path) -> None:
         raise RuntimeError("killed")
     with pytest.raises(TypeError):  # fails inside the write
         atomic_write_text(tmp_path / "report.json", b"not text")  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError), atomic_file(tmp_path / "map.npz") as handle:
+        handle.write(b"half")
+        raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
 
 
