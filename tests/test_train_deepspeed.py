@@ -209,6 +209,7 @@ def uninterrupted(setup, tmp_path_factory) -> Uninterrupted:
     return Uninterrupted(root / "target", result.stdout + result.stderr, extensions)
 
 
+@pytest.mark.slow
 def test_cpu_training_compiles_no_deepspeed_op(uninterrupted):
     """DeepSpeed's CPU backend would JIT-compile its shared-memory op (deepspeed_shm_comm) with the
     system compiler at the start of every first run; training does not need it."""
@@ -248,6 +249,7 @@ def test_killed_run_resumes_from_its_checkpoint(setup, tmp_path, uninterrupted):
     assert summary["resumed_from"] == "checkpoint-2"
 
 
+@pytest.mark.slow
 def test_run_killed_while_saving_a_checkpoint_resumes_from_the_last_complete_one(
     setup, tmp_path, uninterrupted
 ):
