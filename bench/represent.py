@@ -24,7 +24,13 @@ import torch
 from fusion_train.chat import load_conversations, resolve_chat_template
 from fusion_train.models import load_model, load_tokenizer
 from fusion_train.registry_assets import ALPACA_EVAL_OUTPUTS, fetch, smollm2_instruct_dir
-from fusion_train.represent import RepresentSettings, batches_by_length, encode_conversation, represent
+from fusion_train.represent import (
+    ChatTokenizer,
+    RepresentSettings,
+    batches_by_length,
+    encode_conversation,
+    represent,
+)
 
 
 def directory_bytes(path: Path) -> int:
@@ -39,12 +45,11 @@ def plain_forward_seconds(
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir)
     template, _ = resolve_chat_template(tokenizer, None)
+    chat = ChatTokenizer.of(tokenizer, template)
     encoded = [
         e
         for conv in load_conversations(data)
-        if not isinstance(
-            e := encode_conversation(tokenizer, template, conv, settings.max_length, "truncate"), str
-        )
+        if not isinstance(e := encode_conversation(chat, conv, settings.max_length, "truncate"), str)
     ]
     chunks = [encoded[i : i + settings.chunk_size] for i in range(0, len(encoded), settings.chunk_size)]
     batches = []

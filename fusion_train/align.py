@@ -1,12 +1,15 @@
 """Stage 2: move a source model's recorded distributions onto the pivot's tokens and vocabulary.
 
-Token alignment uses the character spans both representations recorded: a pivot token and a
-source token covering exactly the same characters of the same assistant message predict the
-same text, so the source's distribution can stand for the pivot's token. That is exact and
-linear in length. Tokens whose spans differ (one token covering several of the other's, or
-byte pieces of one character) get no source distribution: the pivot's own stands in for them
-later, and they are counted. ``--token-align dtw`` is the reference method (dynamic time warping
-over token strings), kept for comparison and for data recorded without spans.
+Token alignment uses the byte spans both representations recorded. A pivot token receives a
+source token's distribution only when the two cover exactly the same bytes of the rendered text
+(counted from the first byte of the same assistant message, template text before or after the
+answer included) and stand for the same bytes, or are both the end-of-turn token (matched by
+role). Both distributions then predict the same text after the same text: exact, and linear in
+length. Everything else gets no source distribution: a token covering several of the other's,
+byte pieces of one character, and the first token of an answer when one template puts a space
+before it (``Hello`` against ``▁Hello``); the pivot's own distribution stands in for them in
+``fuse``, and the report counts them. ``--token-align dtw`` is the reference method (dynamic time
+warping over token strings), kept for comparison.
 
 Vocabulary mapping (which pivot id a source id means) compares tokens as raw bytes; see
 ``fusion_train.vocab``.
@@ -15,6 +18,7 @@ Vocabulary mapping (which pivot id a source id means) compares tokens as raw byt
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,16 +31,17 @@ from tqdm.auto import tqdm
 from fusion_train import options, vocab
 from fusion_train.chat import resolve_chat_template
 from fusion_train.dtw import dtw_align
+from fusion_train.errors import Command, UserError
 from fusion_train.models import load_tokenizer
-from fusion_train.represent import RepresentationError, example_arrays, load_representation, topk_columns
-from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
+from fusion_train.represent import example_arrays, load_representation, read_manifest, topk_columns
+from fusion_train.storage import atomic_directory, claim_output, read_json, write_json_atomic
 
-FORMAT = "fusion-train/aligned@1"
+FORMAT = "fusion-train/aligned@2"  # @2: pairs cover the same bytes of the rendered text
 TOKEN_ALIGN = ("spans", "dtw")
 REPORT = "report.json"
 
 
-class AlignmentError(ValueError):
+class AlignmentError(UserError, ValueError):
     """Representations that cannot be aligned with each other."""
 
 
@@ -58,6 +63,10 @@ def aligned_features(top_k: int) -> datasets.Features:
 
 # --------------------------------------------------------------------------- token alignment
 
+SPAN_BITS = 24  # byte offsets within +-8 MiB of a message's start; 15 bits of message index
+SPAN_BIAS = 1 << (SPAN_BITS - 1)
+MAX_MESSAGES = 1 << (63 - 2 * SPAN_BITS)
+
 
 def supervised_positions(arrays: dict[str, np.ndarray]) -> np.ndarray:
     """Positions of the supervised tokens, in order, from the stored runs."""
@@ -68,29 +77,78 @@ def supervised_positions(arrays: dict[str, np.ndarray]) -> np.ndarray:
     return offsets + np.arange(lengths.sum())
 
 
-def span_keys(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """One int64 per supervised token: (message, start, end) packed so that equal spans are equal keys."""
+def span_keys(arrays: dict[str, np.ndarray], clip: bool = False) -> np.ndarray:
+    """One int64 per supervised token: (message, byte start, byte end) packed, so that equal
+    spans are equal keys and key order is span order.
+
+    ``clip=True`` gives the spans cut to the answer's own bytes (start at 0, end at the
+    end-of-turn token's offset): the former rule, which paired tokens covering different bytes
+    of the rendered text; kept only to count in the report the pairs it would have made.
+    """
     messages = np.repeat(arrays["run_message"], arrays["run_length"]).astype(np.int64)
-    return (
-        (messages << 44) | (arrays["char_start"].astype(np.int64) << 22) | arrays["char_end"].astype(np.int64)
-    )
+    start, end = arrays["byte_start"].astype(np.int64), arrays["byte_end"].astype(np.int64)
+    if clip:
+        limit = np.full(len(end), np.iinfo(np.int32).max, dtype=np.int64)
+        end_of_turn = start == end
+        for message, offset in zip(messages[end_of_turn], start[end_of_turn], strict=True):
+            limit[messages == message] = offset
+        start, end = np.clip(start, 0, limit), np.clip(end, 0, limit)
+    start, end = start + SPAN_BIAS, end + SPAN_BIAS
+    if len(messages) and (
+        messages.max() >= MAX_MESSAGES or min(start.min(), end.min()) < 0 or end.max() >= 1 << SPAN_BITS
+    ):
+        raise AlignmentError(
+            f"an example with a message longer than {SPAN_BIAS:,} bytes or more than {MAX_MESSAGES:,} "
+            "messages cannot be aligned by spans; use --token-align dtw."
+        )
+    return (messages << (2 * SPAN_BITS)) | (start << SPAN_BITS) | end
 
 
-def align_by_spans(pivot_keys: np.ndarray, source_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs ``(pivot_i, source_j)`` of tokens with identical, unambiguous spans.
+def token_codes(pivot: vocab.TokenBytes, source: vocab.TokenBytes) -> tuple[np.ndarray, np.ndarray]:
+    """Per token id of each tokenizer, a number equal across the two exactly when the tokens stand
+    for the same bytes (text tokens) or play the same role (end of turn, eos, bos).
 
-    A span shared by several tokens on one side (byte pieces of one character) is ambiguous: it
-    is left unaligned rather than guessed. Keys come in position order, which is span order, so
-    one pass finds duplicates and a binary search finds matches.
+    Other special tokens and ids without a token get -1 (pivot) and -2 (source): never equal.
+    """
+    codes: dict[bytes | str, int] = {}
+
+    def table(token_bytes: vocab.TokenBytes, unmatched: int) -> np.ndarray:
+        out = np.full(len(token_bytes), unmatched, dtype=np.int64)
+        for index, piece in enumerate(token_bytes.pieces):
+            special = token_bytes.specials.get(index)
+            role = next((r for r in special.roles if r in vocab.MATCHED_ROLES), None) if special else None
+            key = piece if piece is not None else role
+            if key is not None:
+                out[index] = codes.setdefault(key, len(codes))
+        return out
+
+    return table(pivot, -1), table(source, -2)
+
+
+def align_by_spans(
+    pivot_keys: np.ndarray,
+    source_keys: np.ndarray,
+    pivot_codes: np.ndarray | None = None,
+    source_codes: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(pivot_i, source_j)`` of tokens with identical, unambiguous spans that stand
+    for the same bytes (equal ``token_codes`` of their ids, when given).
+
+    A span shared by several tokens on one side is ambiguous: it is left unaligned rather than
+    guessed. Keys come in position order, which is span order, so one pass finds duplicates and
+    a binary search finds matches.
     """
     if len(pivot_keys) == 0 or len(source_keys) == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     source_order = None
-    if np.any(source_keys[1:] < source_keys[:-1]):  # not from a representation: sort first
+    if np.any(source_keys[1:] < source_keys[:-1]):  # not in span order: sort first
         source_order = np.argsort(source_keys, kind="stable")
         source_keys = source_keys[source_order]
+        source_codes = None if source_codes is None else source_codes[source_order]
     found = np.minimum(np.searchsorted(source_keys, pivot_keys), len(source_keys) - 1)
     match = (source_keys[found] == pivot_keys) & _unambiguous(pivot_keys) & _unambiguous(source_keys)[found]
+    if pivot_codes is not None and source_codes is not None:
+        match &= source_codes[found] == pivot_codes
     pivot_index, source_index = np.flatnonzero(match), found[match]
     return pivot_index, (source_index if source_order is None else source_order[source_index])
 
@@ -112,11 +170,15 @@ def align_by_dtw(
     source_arrays: dict[str, np.ndarray],
     pivot_text: list[str],
     source_text: list[str],
+    pivot_codes: np.ndarray,
+    source_codes: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The reference alignment: DTW over the token strings of each assistant message.
 
-    A pivot token paired with one source token takes it; one paired with several takes the
-    first (as the reference implementation does).
+    A pivot token on a one-to-one step of the path takes its source token. Where the path
+    pairs several tokens with one (many-to-one, either way), a pivot token takes the first of
+    its source tokens that stands for the same text (equal ``token_codes``), and none if no
+    such token exists: a token covering part of another's text predicts something else.
     """
     pivot_ids = pivot_arrays["input_ids"][supervised_positions(pivot_arrays)]
     source_ids = source_arrays["input_ids"][supervised_positions(source_arrays)]
@@ -131,8 +193,14 @@ def align_by_dtw(
         path = dtw_align(
             [source_text[i] for i in source_ids[s_rows]], [pivot_text[i] for i in pivot_ids[p_rows]]
         )
+        p_steps = Counter(p for _, p in path)
+        s_steps = Counter(s for s, _ in path)
         for s, p in path:
-            pairs.setdefault(int(p_rows[p]), int(s_rows[s]))
+            pivot_row, source_row = int(p_rows[p]), int(s_rows[s])
+            one_to_one = p_steps[p] == 1 and s_steps[s] == 1
+            same_text = pivot_codes[pivot_ids[pivot_row]] == source_codes[source_ids[source_row]]
+            if one_to_one or same_text:
+                pairs.setdefault(pivot_row, source_row)
     pivot_index = np.array(sorted(pairs), dtype=np.int64)
     return pivot_index, np.array([pairs[i] for i in pivot_index], dtype=np.int64)
 
@@ -169,12 +237,6 @@ def check_pair(pivot: dict[str, Any], source: dict[str, Any], pivot_dir: Path, s
             f"{pivot_dir} and {source_dir} used different --max-length "
             f"({pivot['settings']['max_length']} vs {source['settings']['max_length']}); use the same for both."
         )
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    if not (path / MANIFEST).exists():
-        raise AlignmentError(f"{path}: no manifest.json; is it the output of `fusion-train represent`?")
-    return read_json(path / MANIFEST)
 
 
 def _tokenizer_and_template(manifest: dict[str, Any]) -> tuple[Any, str]:
@@ -215,7 +277,7 @@ def align(
     if vocab_map not in vocab.METHODS:
         raise AlignmentError(f"unknown --vocab-map {vocab_map!r}; choose one of {', '.join(vocab.METHODS)}")
     pivot_dir, source_dir, out_dir = Path(pivot_dir), Path(source_dir), Path(out_dir)
-    pivot_manifest, source_manifest = _read_manifest(pivot_dir), _read_manifest(source_dir)
+    pivot_manifest, source_manifest = read_manifest(pivot_dir), read_manifest(source_dir)
     check_pair(pivot_manifest, source_manifest, pivot_dir, source_dir)
     top_k = source_manifest["settings"]["top_k"]
     manifest = {
@@ -226,7 +288,7 @@ def align(
         "top_k": top_k,
     }
     claim_output(out_dir, manifest)
-    if (out_dir / "data").exists():
+    if (out_dir / REPORT).exists():  # written last: the output is complete
         return read_json(out_dir / REPORT)
 
     started = time.perf_counter()
@@ -236,20 +298,32 @@ def align(
     source_rows = {id_: i for i, id_ in enumerate(source_data["id"])}
     pivot_ids = set(pivot_data["id"])
 
+    pivot_bytes = vocab.token_bytes(pivot_tok, pivot_template)
+    source_bytes = vocab.token_bytes(source_tok, source_template)
+    pivot_table, source_table = token_codes(pivot_bytes, source_bytes)
     if token_align == "dtw":
-        pivot_text = token_strings(vocab.token_bytes(pivot_tok, pivot_template))
-        source_text = token_strings(vocab.token_bytes(source_tok, source_template))
+        pivot_text, source_text = token_strings(pivot_bytes), token_strings(source_bytes)
+
+    def codes(arrays: dict[str, np.ndarray], table: np.ndarray) -> np.ndarray:
+        return table[arrays["input_ids"][supervised_positions(arrays)]]
 
     def token_pairs(p: dict[str, np.ndarray], s: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        p_codes, s_codes = codes(p, pivot_table), codes(s, source_table)
         if token_align == "spans":
-            return align_by_spans(span_keys(p), span_keys(s))
-        return align_by_dtw(p, s, pivot_text, source_text)
+            return align_by_spans(span_keys(p), span_keys(s), p_codes, s_codes)
+        return align_by_dtw(p, s, pivot_text, source_text, pivot_table, source_table)
 
     cooccurrence = None
-    if vocab_map == "stats":  # FuseChat-2.0: count which pivot token each source token aligns with
+    if vocab_map == "stats":
+        # FuseChat-2.0: count which pivot token each source token aligns with. Source tokens that
+        # need these counts have no pivot token with their bytes, so no byte-exact pair shows them:
+        # count the pivot token that covers the same bytes of the answer instead.
         source_gold, pivot_gold = [], []
         for p, s in _pairs(pivot_data, source_data, source_rows):
-            pivot_index, source_index = token_pairs(p, s)
+            if token_align == "spans":
+                pivot_index, source_index = align_by_spans(span_keys(p, clip=True), span_keys(s, clip=True))
+            else:
+                pivot_index, source_index = token_pairs(p, s)
             source_gold.append(s["input_ids"][supervised_positions(s)][source_index])
             pivot_gold.append(p["input_ids"][supervised_positions(p)][pivot_index])
         source_all, pivot_all = np.concatenate(source_gold), np.concatenate(pivot_gold)
@@ -265,11 +339,14 @@ def align(
 
     features = aligned_features(top_k)
     columns: dict[str, list[Any]] = {name: [] for name in features}
-    pivot_tokens = aligned_tokens = zero_mass = 0
+    pivot_tokens = aligned_tokens = zero_mass = refused = 0
     mass_sum = 0.0
     iterator = _pairs(pivot_data, source_data, source_rows)
     for p, s in tqdm(iterator, total=len(pivot_ids & source_rows.keys()), desc="align", disable=not progress):
         pivot_index, source_index = token_pairs(p, s)
+        if token_align == "spans":  # what the former rule (spans clipped to the answer) would have paired
+            answer_pairs = align_by_spans(span_keys(p, clip=True), span_keys(s, clip=True))[0]
+            refused += len(np.setdiff1d(answer_pairs, pivot_index))
         source_probs = np.exp(s["topk_logprobs"][source_index].astype(np.float32))
         mapped = mapping.apply(s["topk_ids"][source_index], source_probs)
         # The share of each row's top-k probability that lands on pivot ids.
@@ -308,6 +385,7 @@ def align(
         "pivot_supervised_tokens": pivot_tokens,
         "tokens_aligned": aligned_tokens,
         "tokens_aligned_share": aligned_tokens / max(1, pivot_tokens),
+        "pairs_refused_by_byte_rule": refused,
         "tokens_without_mapped_mass": zero_mass,
         "mapped_topk_mass_share": mass_sum / max(1, aligned_tokens),
         "vocab_map_counts": mapping.counts,
@@ -323,12 +401,13 @@ def format_report(report: dict[str, Any]) -> str:
     return (
         f"examples aligned {report['examples_aligned']} ({report['examples_aligned_share']:.1%}; "
         f"missing in source {report['missing_in_source']['count']}, in pivot {report['missing_in_pivot']['count']}), "
-        f"pivot tokens aligned one-to-one {report['tokens_aligned_share']:.1%}, "
+        f"pivot tokens aligned one-to-one {report['tokens_aligned_share']:.1%} "
+        f"({report['pairs_refused_by_byte_rule']} same-answer-text pairs refused: other bytes), "
         f"mapped top-k mass {report['mapped_topk_mass_share']:.1%}, {report['seconds']:.1f} s"
     )
 
 
-@click.command("align")
+@click.command("align", cls=Command)
 @options.pivot_representation
 @click.option(
     "--source",
@@ -353,8 +432,5 @@ def format_report(report: dict[str, Any]) -> str:
 )
 def align_command(pivot_dir: str, source_dir: str, out_dir: str, token_align: str, vocab_map: str) -> None:  # fmt: skip
     """Map a source's recorded distributions onto the pivot's tokens and vocabulary."""
-    try:
-        report = align(pivot_dir, source_dir, out_dir, token_align, vocab_map)
-    except (AlignmentError, RepresentationError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    report = align(pivot_dir, source_dir, out_dir, token_align, vocab_map)
     click.echo(f"{out_dir}: {format_report(report)}")

@@ -1,8 +1,8 @@
 """Reference token alignment: dynamic time warping over token strings (FuseLLM / FuseChat).
 
 This is the public reference code's algorithm, kept plain on purpose: it is the baseline the
-span alignment is compared and benchmarked against, and the fallback for data recorded without
-character spans. Time and memory are O(len(source) * len(pivot)), in Python.
+span alignment is compared and benchmarked against. Time and memory are
+O(len(source) * len(pivot)), in Python.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ def dtw_align(source_tokens: list[str], pivot_tokens: list[str]) -> list[tuple[i
     ``(len(source) - 1, len(pivot) - 1)``, ordered by both indices; consecutive pairs advance
     one index or both. Every token of each sequence appears in at least one pair: a source index
     repeated with several pivot indices is a one-to-many match, a pivot index repeated with several
-    source indices a many-to-one match. The path is traced back from the end preferring, as the
-    reference code does, the diagonal step, then the step back in the source, then in the pivot.
-    An empty sequence gives an empty list.
+    source indices a many-to-one match. The path is traced back from the end; among steps of equal
+    cost it takes the diagonal, then a step back in the pivot, then in the source. (FuseLLM's
+    ``dtw(blending, base)`` ranks the source step before the pivot step; both orders give optimal
+    paths, which differ only where costs tie.) An empty sequence gives an empty list.
     """
     n, m = len(source_tokens), len(pivot_tokens)
     if n == 0 or m == 0:
@@ -53,10 +54,10 @@ def dtw_align(source_tokens: list[str], pivot_tokens: list[str]) -> list[tuple[i
         best = min(diagonal, up, left)
         if diagonal == best:
             i, j = i - 1, j - 1
-        elif up == best:
-            i -= 1
-        else:
+        elif left == best:
             j -= 1
+        else:
+            i -= 1
         path.append((i - 1, j - 1))
     path.reverse()
     return path

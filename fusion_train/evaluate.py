@@ -26,7 +26,7 @@ from fusion_train import options
 from fusion_train.chat import Conversation, data_fingerprint, load_conversations, resolve_chat_template
 from fusion_train.errors import Command, UserError
 from fusion_train.models import load_model, load_tokenizer, model_fingerprint
-from fusion_train.represent import batches_by_length, encode_conversation, score_batch
+from fusion_train.represent import ChatTokenizer, batches_by_length, encode_conversation, score_batch
 from fusion_train.storage import atomic_write_text, read_json, write_json_atomic
 
 BOOTSTRAP_SAMPLES = 1000
@@ -67,14 +67,15 @@ def response_losses(
     tokenizer = load_tokenizer(model_dir, gguf_file)
     template, _ = resolve_chat_template(tokenizer, chat_template)
     model = load_model(model_dir, gguf_file)
-    encoded = [e for c in conversations if not isinstance(e := encode_conversation(tokenizer, template, c, max_length, "truncate"), str)]  # fmt: skip
+    chat = ChatTokenizer.of(tokenizer, template)
+    encoded = [e for c in conversations if not isinstance(e := encode_conversation(chat, c, max_length, "truncate"), str)]  # fmt: skip
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     losses: dict[str, ExampleLoss] = {}
     batches = list(batches_by_length(encoded, batch_tokens))
     for batch in tqdm(batches, desc=f"evaluate {Path(model_dir).name}", unit="batch", disable=not progress):
         for scored in score_batch(model, batch, 1, len(tokenizer), pad_id):
             example = scored.example
-            text_tokens = np.array(example.char_end) > np.array(example.char_start)  # not end-of-turn
+            text_tokens = np.array(example.byte_end) > np.array(example.byte_start)  # not end-of-turn
             nll = -float(scored.target_logprob[text_tokens].astype(np.float64).sum())
             losses[example.conv.id] = ExampleLoss(
                 example.conv.id, example.conv.domain, nll, example.num_bytes

@@ -38,6 +38,7 @@ from fusion_train.errors import Command, UserError, read_yaml
 from fusion_train.evaluate import ModelSpec, evaluate, evaluate_command
 from fusion_train.fuse import fuse, fuse_command
 from fusion_train.models import model_fingerprint
+from fusion_train.represent import FORMAT as REPRESENTATION_FORMAT
 from fusion_train.represent import RepresentSettings, represent, represent_command
 from fusion_train.storage import atomic_write_text, write_json_atomic
 from fusion_train.train import PRESETS, TrainConfig, launch, train_command
@@ -505,8 +506,9 @@ def run_pipeline(
                                  recipe.represent.dtype)  # fmt: skip
 
     def represent_stage(entry: ModelEntry) -> tuple[Path, str]:
+        # The format joins the key: a representation of an older format is never reused.
         inputs = {"model": model_fingerprint(entry.path), "data": data_key, "settings": asdict(recipe.represent),
-                  "chat_template": entry.chat_template}  # fmt: skip
+                  "chat_template": entry.chat_template, "format": REPRESENTATION_FORMAT}  # fmt: skip
         model_settings = RepresentSettings(**{**asdict(settings), "chat_template": entry.chat_template})
         return stages.run("represent", entry.name, inputs, lambda out: represent(
             entry.path, train_file, out, model_settings, gguf_file=entry.gguf_file,
@@ -534,7 +536,11 @@ def run_pipeline(
                 warmup_ratio=t.warmup_ratio, scheduler=t.scheduler, gradient_checkpointing=t.gradient_checkpointing,
                 bf16=t.bf16, seed=t.seed, resume=(out / "model.work").exists(),
             )  # fmt: skip
-            code = launch(config, t.nproc, None, None)
+            # A run killed after training published its model (whole, by a rename) only lacks
+            # the stage's done mark: nothing to train again.
+            code = (
+                0 if (model_dir / "training_summary.json").exists() else launch(config, t.nproc, None, None)
+            )
             if code != 0:
                 raise StageError(
                     f"training {name} failed (exit code {code}; {free_gigabytes(out):.1f} GB free on the run's "

@@ -29,7 +29,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from fusion_train import options
+from fusion_train import options, vocab
 from fusion_train.chat import (
     Conversation,
     data_fingerprint,
@@ -37,18 +37,19 @@ from fusion_train.chat import (
     render,
     resolve_chat_template,
 )
+from fusion_train.errors import Command, UserError
 from fusion_train.models import identify, load_model, load_tokenizer
 from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-FORMAT = "fusion-train/representation@1"
+FORMAT = "fusion-train/representation@2"  # @2: byte spans replace clipped character spans
 PARTS_DIR = "parts"
 SUMMARY = "summary.json"
 LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits materialised at once when scoring
 
 
-class RepresentationError(ValueError):
+class RepresentationError(UserError, ValueError):
     """Representations that are missing, incomplete or inconsistent."""
 
 
@@ -101,8 +102,8 @@ def representation_features(top_k: int) -> datasets.Features:
     return datasets.Features(
         {
             **sequence_columns(),
-            "char_start": seq(value("int32")),
-            "char_end": seq(value("int32")),
+            "byte_start": seq(value("int32")),
+            "byte_end": seq(value("int32")),
             "target_logprob": seq(value("float16")),
             **topk_columns(top_k),
             "nll": value("float64"),
@@ -116,6 +117,21 @@ def representation_features(top_k: int) -> datasets.Features:
 # --------------------------------------------------------------------------- encoding
 
 
+@dataclass(frozen=True)
+class ChatTokenizer:
+    """A tokenizer with the chat template it renders conversations in, and the raw bytes each of
+    its token ids stands for (``fusion_train.vocab.token_bytes``; ``None`` for special tokens):
+    what ``encode_conversation`` needs to place every token on the bytes of the rendered text."""
+
+    tokenizer: Any
+    template: str
+    pieces: Sequence[bytes | None]
+
+    @classmethod
+    def of(cls, tokenizer: Any, template: str) -> ChatTokenizer:
+        return cls(tokenizer, template, vocab.token_bytes(tokenizer, template).pieces)
+
+
 @dataclass
 class EncodedExample:
     """A conversation tokenized in one model's template, with its supervised tokens located."""
@@ -124,14 +140,57 @@ class EncodedExample:
     input_ids: list[int]
     positions: list[int]  # supervised positions p (>= 1): logits at p - 1 predict input_ids[p]
     messages: list[int]  # index of the assistant message each supervised token belongs to
-    char_start: list[int]  # span inside that message's content; end-of-turn tokens: start = end = len
-    char_end: list[int]
+    # The bytes each token covers, counted from the first byte of that message's content, not
+    # clipped to it: a token that also covers template text before the answer starts below 0.
+    # End-of-turn tokens: start = end = the content's length in bytes.
+    byte_start: list[int]
+    byte_end: list[int]
     num_bytes: int
     truncated: bool
 
 
+def char_to_byte_offsets(text: str) -> np.ndarray:
+    """``offsets[c]`` is where character ``c`` of ``text`` starts in its UTF-8 encoding (and
+    ``offsets[len(text)]`` the encoding's length)."""
+    code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    widths = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
+    return np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+
+
+def token_byte_spans(
+    text: str, ids: Sequence[int], offsets: Sequence[tuple[int, int]], pieces: Sequence[bytes | None]
+) -> tuple[list[int], list[int]]:
+    """The bytes of ``text.encode()`` each token covers, as ``[start, end)`` lists.
+
+    A tokenizer reports character offsets, which cannot tell the byte pieces of one character
+    apart (both pieces of a split emoji claim the whole emoji). The tokens' own bytes can: walking
+    the text with a cursor, a token whose bytes are the next bytes of the text, within its
+    character span, covers exactly those. A token whose bytes are not in the text there (special
+    tokens, text changed by a normaliser, the space SentencePiece adds at the start) gets its
+    character span in bytes; it then stands for other bytes than it covers, and alignment, which
+    compares both, never pairs it with a token that stands for the text.
+    """
+    data = text.encode("utf-8")
+    char_bytes = char_to_byte_offsets(text)
+    starts, ends = [], []
+    cursor = 0
+    for token, (a, b) in zip(ids, offsets, strict=True):
+        low, high = int(char_bytes[a]), int(char_bytes[b])
+        piece = pieces[token] if 0 <= token < len(pieces) else None
+        if piece and cursor < high and cursor + len(piece) > low and data.startswith(piece, cursor):
+            start, end = cursor, cursor + len(piece)
+        elif piece and low >= cursor and data.startswith(piece, low):  # the tokenizer skipped text
+            start, end = low, low + len(piece)
+        else:
+            start, end = low, high
+        starts.append(start)
+        ends.append(end)
+        cursor = max(cursor, end)
+    return starts, ends
+
+
 def encode_conversation(
-    tokenizer: Any, template: str, conv: Conversation, max_length: int, overflow: str
+    chat: ChatTokenizer, conv: Conversation, max_length: int, overflow: str
 ) -> EncodedExample | str:
     """Tokenize ``conv`` and find its supervised tokens; a string is the reason to skip it."""
     assistant = conv.assistant_indices
@@ -139,39 +198,44 @@ def encode_conversation(
         return "no assistant message"
     if any(not conv.messages[i]["content"].strip() for i in assistant):
         return "empty assistant message"
-    rendered = render(tokenizer, template, conv)
-    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    rendered = render(chat.tokenizer, chat.template, conv)
+    enc = chat.tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
     offsets: list[tuple[int, int]] = enc["offset_mapping"]
-    special = set(tokenizer.all_special_ids)
+    token_start, token_end = token_byte_spans(rendered.text, ids, offsets, chat.pieces)
+    char_bytes = char_to_byte_offsets(rendered.text)
+    special = set(chat.tokenizer.all_special_ids)
 
     positions, messages, starts, ends = [], [], [], []
+    covered: dict[int, tuple[int, int]] = {}  # message -> the verbatim content's bytes, relative
     cursor = 0
     for m in assistant:
         text_start, content_start, length = rendered.content_offsets[m]
-        text_end = text_start + length
-        while cursor < len(ids) and offsets[cursor][1] <= text_start:
+        content = conv.messages[m]["content"]
+        first, last = int(char_bytes[text_start]), int(char_bytes[text_start + length])
+        base = first - len(content[:content_start].encode("utf-8"))  # where the content's byte 0 would be
+        covered[m] = (first - base, last - base)
+        while cursor < len(ids) and token_end[cursor] <= first:
             cursor += 1
-        while cursor < len(ids) and offsets[cursor][0] < text_end:
-            a, b = offsets[cursor]
-            if b > a:  # zero-width tokens cover no content
+        while cursor < len(ids) and token_start[cursor] < last:
+            if token_end[cursor] > max(token_start[cursor], first):  # zero-width tokens cover nothing
                 positions.append(cursor)
                 messages.append(m)
-                starts.append(max(a, text_start) - text_start + content_start)
-                ends.append(min(b, text_end) - text_start + content_start)
+                starts.append(token_start[cursor] - base)
+                ends.append(token_end[cursor] - base)
             cursor += 1
         # The special token that closes the turn (<|im_end|>, </s>, <end_of_turn>) is supervised too:
         # a model must learn to stop. It may follow only whitespace that the template adds.
         if (
             cursor < len(ids)
             and ids[cursor] in special
-            and not rendered.text[text_end : offsets[cursor][0]].strip()
+            and not rendered.text[text_start + length : offsets[cursor][0]].strip()
         ):
-            content_length = len(conv.messages[m]["content"])
+            content_bytes = len(content.encode("utf-8"))
             positions.append(cursor)
             messages.append(m)
-            starts.append(content_length)
-            ends.append(content_length)
+            starts.append(content_bytes)
+            ends.append(content_bytes)
             cursor += 1
 
     truncated = len(ids) > max_length
@@ -182,24 +246,28 @@ def encode_conversation(
         keep = sum(p < max_length for p in positions)
         positions, messages, starts, ends = positions[:keep], messages[:keep], starts[:keep], ends[:keep]
     # Position 0 has no preceding logits to predict it.
-    first = next((i for i, p in enumerate(positions) if p >= 1), len(positions))
-    positions, messages, starts, ends = positions[first:], messages[first:], starts[first:], ends[first:]
+    first_kept = next((i for i, p in enumerate(positions) if p >= 1), len(positions))
+    positions, messages = positions[first_kept:], messages[first_kept:]
+    starts, ends = starts[first_kept:], ends[first_kept:]
     if not positions:
         return "no supervised token within --max-length" if truncated else "no supervised token"
-    num_bytes = _covered_bytes(conv, messages, starts, ends)
+    num_bytes = _covered_bytes(covered, messages, starts, ends)
     return EncodedExample(conv, ids, positions, messages, starts, ends, num_bytes, truncated)
 
 
-def _covered_bytes(conv: Conversation, messages: list[int], starts: list[int], ends: list[int]) -> int:
-    """UTF-8 bytes of the assistant text the supervised tokens cover (the union of their spans)."""
+def _covered_bytes(
+    verbatim: dict[int, tuple[int, int]], messages: list[int], starts: list[int], ends: list[int]
+) -> int:
+    """UTF-8 bytes of the assistant text the supervised tokens cover (the union of their spans,
+    within the part of each message the template reproduces)."""
     total = 0
     for m in sorted(set(messages)):
-        content = conv.messages[m]["content"]
-        covered = np.zeros(len(content), dtype=bool)
+        low, high = verbatim[m]
+        hit = np.zeros(high - low, dtype=bool)
         for msg, a, b in zip(messages, starts, ends, strict=True):
             if msg == m:
-                covered[a:b] = True
-        total += sum(len(ch.encode("utf-8")) for ch, hit in zip(content, covered, strict=True) if hit)
+                hit[max(a, low) - low : max(min(b, high), low) - low] = True
+        total += int(hit.sum())
     return total
 
 
@@ -318,8 +386,8 @@ def to_row(scored: ScoredExample) -> dict[str, Any]:
         "run_message": run_message,
         "run_start": run_start,
         "run_length": run_length,
-        "char_start": np.asarray(e.char_start, dtype=np.int32),
-        "char_end": np.asarray(e.char_end, dtype=np.int32),
+        "byte_start": np.asarray(e.byte_start, dtype=np.int32),
+        "byte_end": np.asarray(e.byte_end, dtype=np.int32),
         "target_logprob": scored.target_logprob.astype(np.float16),
         "topk_ids": scored.topk_ids,
         "topk_logprobs": scored.topk_logprobs.astype(np.float16),
@@ -411,13 +479,20 @@ def represent(
     ]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     features = representation_features(settings.top_k)
+    chat = ChatTokenizer.of(tokenizer, template)
     for chunk in tqdm(mine, desc=f"represent {Path(model_path).name}", unit="part", disable=not progress):
         begin = chunk * settings.chunk_size
         _write_part(
-            model, tokenizer, template, conversations[begin : begin + settings.chunk_size], settings,
+            model, chat, conversations[begin : begin + settings.chunk_size], settings,
             identity.tokenizer_size, pad_id, batch_tokens, features, _part_path(out_dir, chunk),
         )  # fmt: skip
-    return finalize(out_dir)
+    summary = finalize(out_dir)
+    if summary is not None and summary.represented == 0:
+        raise RepresentationError(
+            f"{data_path}: none of the {summary.examples} records could be represented (skipped: "
+            f"{summary.skipped}); every record needs a non-empty assistant reply within --max-length."
+        )
+    return summary
 
 
 def _part_path(out_dir: Path, chunk: int) -> Path:
@@ -426,8 +501,7 @@ def _part_path(out_dir: Path, chunk: int) -> Path:
 
 def _write_part(
     model: torch.nn.Module,
-    tokenizer: Any,
-    template: str,
+    chat: ChatTokenizer,
     conversations: list[Conversation],
     settings: RepresentSettings,
     tokenizer_size: int,
@@ -440,7 +514,7 @@ def _write_part(
     encoded: list[EncodedExample] = []
     skipped_ids: dict[str, list[str]] = {}
     for conv in conversations:
-        result = encode_conversation(tokenizer, template, conv, settings.max_length, settings.overflow)
+        result = encode_conversation(chat, conv, settings.max_length, settings.overflow)
         if isinstance(result, str):
             log.warning("skipping record %r: %s", conv.id, result)
             skipped_ids.setdefault(result, []).append(conv.id)
@@ -483,26 +557,52 @@ def finalize(out_dir: Path) -> RepresentSummary | None:
     return summary
 
 
-def load_representation(out_dir: str | Path) -> datasets.Dataset:
-    """The complete representation in ``out_dir`` as one memory-mapped data set, in input order."""
-    out_dir = Path(out_dir)
+def read_manifest(out_dir: Path) -> dict[str, Any]:
+    """The manifest of a representation this version can read, or a clear error."""
     if not (out_dir / MANIFEST).exists():
         raise RepresentationError(
-            f"{out_dir}: no {MANIFEST}; run `fusion-train represent --out {out_dir}` first."
+            f"{out_dir}: no {MANIFEST}; is it the output of `fusion-train represent --out {out_dir}`?"
         )
     manifest = read_json(out_dir / MANIFEST)
     if manifest.get("format") != FORMAT:
-        raise RepresentationError(f"{out_dir}: format {manifest.get('format')!r} is not {FORMAT!r}.")
+        raise RepresentationError(
+            f"{out_dir}: format {manifest.get('format')!r}, this version reads {FORMAT!r}; "
+            "run `fusion-train represent` again into a new --out directory."
+        )
+    return manifest
+
+
+def load_representation(out_dir: str | Path) -> datasets.Dataset:
+    """The complete representation in ``out_dir`` as one memory-mapped data set, in input order."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
     missing = [c for c in range(manifest["num_parts"]) if not _part_path(out_dir, c).exists()]
     if missing:
         raise RepresentationError(
             f"{out_dir}: {len(missing)} of {manifest['num_parts']} parts are missing (first: {missing[0]}); "
             "rerun `fusion-train represent` with the same arguments (every shard) to finish it."
         )
-    parts = [
-        datasets.load_from_disk(str(_part_path(out_dir, c) / "data")) for c in range(manifest["num_parts"])
-    ]
-    return datasets.concatenate_datasets(parts)
+    parts = [_load_part(_part_path(out_dir, c)) for c in range(manifest["num_parts"])]
+    non_empty = [part for part in parts if part is not None]
+    if not non_empty:
+        raise RepresentationError(
+            f"{out_dir}: no example was represented (see skipped in {SUMMARY}); check the data and --max-length."
+        )
+    return datasets.concatenate_datasets(non_empty)
+
+
+def _load_part(part: Path) -> datasets.Dataset | None:
+    """One part's rows; None for a part in which every record was skipped (``datasets`` saves
+    such a data set without any Arrow file, and cannot read it back)."""
+    if (part / "data").is_dir() and not any((part / "data").glob("*.arrow")):
+        return None
+    try:
+        return datasets.load_from_disk(str(part / "data"))
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
+        raise RepresentationError(
+            f"{part}: unreadable ({type(exc).__name__}: {exc}); delete this part and rerun "
+            "`fusion-train represent` with the same arguments, which writes it again."
+        ) from exc
 
 
 def example_arrays(data: datasets.Dataset, index: int) -> dict[str, np.ndarray]:
@@ -526,7 +626,7 @@ def example_arrays(data: datasets.Dataset, index: int) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- command
 
 
-@click.command("represent")
+@click.command("represent", cls=Command)
 @click.option(
     "--model",
     "model_path",
@@ -537,7 +637,10 @@ def example_arrays(data: datasets.Dataset, index: int) -> dict[str, np.ndarray]:
 @options.chat_data
 @options.output_directory()
 @click.option(
-    "--top-k", default=10, help="Entries of each next-token distribution to keep (the papers use 10)."
+    "--top-k",
+    type=options.POSITIVE_INT,
+    default=10,
+    help="Entries of each next-token distribution to keep (the papers use 10).",
 )
 @options.max_length
 @click.option(
@@ -547,7 +650,7 @@ def example_arrays(data: datasets.Dataset, index: int) -> dict[str, np.ndarray]:
     help="Longer conversations: cut the end (counted in the summary) or leave them out.",
 )
 @options.batch_tokens
-@click.option("--limit", type=int, default=None, help="Use only the first N records.")
+@click.option("--limit", type=options.POSITIVE_INT, default=None, help="Use only the first N records.")
 @click.option(
     "--chat-template",
     default=None,
@@ -557,11 +660,16 @@ def example_arrays(data: datasets.Dataset, index: int) -> dict[str, np.ndarray]:
 @click.option("--gguf-file", default=None, help="GGUF file name inside --model (dequantised on load).")
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16", "auto"]),
+    type=options.MODEL_DTYPES,
     default="float32",
     help="Weights' dtype for the forward passes; log-softmax always runs in float32.",
 )
-@click.option("--chunk-size", default=256, help="Examples per part file (the unit of resuming and sharding).")
+@click.option(
+    "--chunk-size",
+    type=options.POSITIVE_INT,
+    default=256,
+    help="Examples per part file (the unit of resuming and sharding).",
+)
 @click.option(
     "--shard",
     default=None,

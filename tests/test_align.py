@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from byte_reference import BYTE_LEVEL, content_place, reference_places, reference_token_bytes
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 
+from fusion_train import registry_assets as assets
 from fusion_train import vocab
 from fusion_train.align import (
     AlignmentError,
@@ -19,12 +22,13 @@ from fusion_train.align import (
     align_by_spans,
     span_keys,
     supervised_positions,
-    token_strings,
+    token_codes,
 )
-from fusion_train.chat import normalise_record, resolve_chat_template
+from fusion_train.chat import load_conversations, normalise_record, resolve_chat_template
 from fusion_train.cli import main
 from fusion_train.fuse import FusionError, fuse
 from fusion_train.represent import (
+    ChatTokenizer,
     RepresentSettings,
     encode_conversation,
     example_arrays,
@@ -44,17 +48,17 @@ def arrays_from_spans(spans: list[tuple[int, int, int]], first_position: int = 1
         "run_message": np.array(run_message),
         "run_start": np.array(run_start),
         "run_length": np.array(run_length),
-        "char_start": np.array([a for _, a, _ in spans], dtype=np.int32),
-        "char_end": np.array([b for _, _, b in spans], dtype=np.int32),
+        "byte_start": np.array([a for _, a, _ in spans], dtype=np.int32),
+        "byte_end": np.array([b for _, _, b in spans], dtype=np.int32),
     }
 
 
 def test_spans_align_only_identical_unambiguous_spans() -> None:
-    # Text "Hello world👋!" in message 1, then the end-of-turn token (empty span at the end).
+    # Bytes of "Hello world?!" in message 1, then the end-of-turn token (empty span at the end).
     pivot = [(1, 0, 5), (1, 5, 11), (1, 11, 12), (1, 11, 12), (1, 12, 13), (1, 13, 13)]
-    #        "Hello"    " world"    byte pieces of 👋 (ambiguous)  "!"       end of turn
+    #        "Hello"    " world"    two tokens on one span (ambiguous)  "!"  end of turn
     source = [(1, 0, 2), (1, 2, 5), (1, 5, 11), (1, 11, 12), (1, 12, 13), (1, 13, 13)]
-    #         "He"       "llo"      " world"    👋 whole      "!"         end of turn
+    #         "He"       "llo"      " world"    "?"          "!"         end of turn
     pivot_index, source_index = align_by_spans(
         span_keys(arrays_from_spans(pivot)), span_keys(arrays_from_spans(source))
     )
@@ -79,60 +83,193 @@ def test_same_span_in_another_message_is_not_a_match() -> None:
     assert supervised_positions(source).tolist() == [7]
 
 
-def encoded_pair(pivot_dir: Path, source_dir: Path, records: list[dict]) -> list[tuple]:
-    pairs = []
-    for name in (pivot_dir, source_dir):
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        template, _ = resolve_chat_template(tokenizer, None)
-        pairs.append(
-            (
-                tokenizer,
-                [
-                    encode_conversation(tokenizer, template, normalise_record(r), 4096, "truncate")
-                    for r in records
-                ],
-            )
-        )
-    return pairs
-
-
-@pytest.mark.parametrize("source", ["mistral", "qwen"])
-def test_spans_agree_with_dtw_where_both_are_unambiguous(
-    source: str, tokenizer_dirs: dict[str, Path]
-) -> None:
-    records = [
-        {
-            "instruction": "Explain",
-            "output": "The quick brown fox jumps over the lazy dog. It is 2024-01-01 now.",
-        },
-        {"instruction": "Code", "output": "def add(a, b):\n    return a + b  # sum\n\nprint(add(1, 2))"},
-        {"instruction": "Mixed", "output": "Café, naïve résumé — 你好 and emoji 😀 at the end!"},
-    ]
-    (pivot_tok, pivot_enc), (source_tok, source_enc) = encoded_pair(
-        tokenizer_dirs["smollm2"], tokenizer_dirs[source], records
+def test_same_span_but_other_bytes_is_not_a_match() -> None:
+    # Both sides cover bytes 0-5 of message 1, but one token stands for other bytes (text a
+    # normaliser changed, a space SentencePiece added): never paired. Codes -1/-2: never equal.
+    pivot = arrays_from_spans([(1, 0, 5), (1, 5, 6), (1, 6, 6)])
+    source = arrays_from_spans([(1, 0, 5), (1, 5, 6), (1, 6, 6)])
+    pivot_index, source_index = align_by_spans(
+        span_keys(pivot), span_keys(source), np.array([10, 11, -1]), np.array([12, 11, -2])
     )
-    pivot_text = token_strings(vocab.token_bytes(pivot_tok))
-    source_text = token_strings(vocab.token_bytes(source_tok))
-    compared = 0
-    for p_example, s_example in zip(pivot_enc, source_enc, strict=True):
-        p, s = (
-            {
-                **arrays_from_spans(list(zip(e.messages, e.char_start, e.char_end, strict=True))),
-                "input_ids": np.array(e.input_ids),
-                "run_start": np.array(position_runs(e.positions, e.messages)[1]),
+    assert pivot_index.tolist() == [1] and source_index.tolist() == [1]
+
+
+def test_supervised_positions_of_several_runs() -> None:
+    # Three assistant turns: runs at positions 5-7, 12-13 and 20 (a multi-turn conversation).
+    arrays = {"run_start": np.array([5, 12, 20]), "run_length": np.array([3, 2, 1])}
+    assert supervised_positions(arrays).tolist() == [5, 6, 7, 12, 13, 20]
+    assert (
+        supervised_positions({"run_start": np.array([], int), "run_length": np.array([], int)}).tolist() == []
+    )
+
+
+def test_token_codes_match_bytes_and_end_of_turn_roles(tokenizer_dirs: dict[str, Path]) -> None:
+    pivot_tok = AutoTokenizer.from_pretrained(tokenizer_dirs["smollm2"])
+    source_tok = AutoTokenizer.from_pretrained(tokenizer_dirs["mistral"])
+    pivot_bytes = vocab.token_bytes(pivot_tok)
+    pivot_table, source_table = token_codes(pivot_bytes, vocab.token_bytes(source_tok))
+    pivot_id, source_id = pivot_tok.convert_tokens_to_ids, source_tok.convert_tokens_to_ids
+    assert pivot_table[pivot_id("ĠHello")] == source_table[source_id("▁Hello")]  # b" Hello" both
+    assert pivot_table[pivot_id("Hello")] != source_table[source_id("▁Hello")]
+    assert pivot_table[pivot_id("<|im_end|>")] == source_table[source_id("</s>")]  # both end the turn
+    assert source_table[source_id("<unk>")] == -2  # unknown text: nothing to compare
+    others = [i for i, special in pivot_bytes.specials.items() if special.roles == (vocab.OTHER_SPECIAL,)]
+    assert others and (pivot_table[others] == -1).all()  # specials without a matched role
+
+
+ANSWERS = ["Hello world.", " Leading space, then words.", "42 is the answer.", "😀 smiles first.",
+           "中文回答，然后 English.", "    indented = code()\n    return indented"]  # fmt: skip
+MULTI_TURN = {"messages": [
+    {"role": "user", "content": "First?"}, {"role": "assistant", "content": "Hello first."},
+    {"role": "user", "content": "Second?"}, {"role": "assistant", "content": "2nd: 😀 and 中文."},
+    {"role": "user", "content": "Third?"}, {"role": "assistant", "content": "    code()\n\nend"}]}  # fmt: skip
+RECORDS = [normalise_record({"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": a}]})
+           for i, a in enumerate(ANSWERS)] + [normalise_record(MULTI_TURN)]  # fmt: skip
+
+
+def _reference_supervised(tokenizer: Any, template: str, conv: Any, byte_level: bool) -> dict:
+    """Per assistant message, (relative start, end, bytes) of every token overlapping its
+    bytes, by the independent reading; and the message's end-of-turn special token, if any."""
+    text = tokenizer.apply_chat_template(list(conv.messages), chat_template=template, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    places = reference_places(tokenizer, ids, text, byte_level)
+    found, after = {}, 0
+    for m, message in enumerate(conv.messages):
+        base, first, last = content_place(text, message["content"], after)
+        after = last
+        if message["role"] == "assistant":
+            rows = [p for p, x in enumerate(places) if x.end > max(x.start, first) and x.start < last]
+            tokens = [(p, places[p].start - base, places[p].end - base, places[p].stands_for) for p in rows]
+            closing = places[rows[-1] + 1] if rows[-1] + 1 < len(places) else None
+            found[m] = (tokens, closing is not None and closing.special is not None, rows[-1] + 1)
+    return found
+
+
+def _arrays(example: Any) -> dict[str, np.ndarray]:
+    run_message, run_start, run_length = position_runs(example.positions, example.messages)
+    return {
+        "input_ids": np.array(example.input_ids), "run_message": np.array(run_message),
+        "run_start": np.array(run_start), "run_length": np.array(run_length),
+        "byte_start": np.array(example.byte_start), "byte_end": np.array(example.byte_end),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizers(tokenizer_dirs: dict[str, Path]) -> dict[tuple[str, str | None], tuple]:
+    """(name, template) -> (tokenizer, ChatTokenizer, TokenBytes); built once, token bytes are slow."""
+    dirs = {**tokenizer_dirs, "gemma3": assets.gemma3_270m_dir()}
+    cache: dict = {}
+
+    def get(name: str, template_name: str | None) -> tuple:
+        if (name, template_name) not in cache:
+            tokenizer = AutoTokenizer.from_pretrained(dirs[name])
+            template, _ = resolve_chat_template(tokenizer, template_name)
+            chat = ChatTokenizer.of(tokenizer, template)
+            cache[name, template_name] = (tokenizer, chat, vocab.token_bytes(tokenizer, template))
+        return cache[name, template_name]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    ("source", "template"),
+    [("mistral", None), ("qwen", None), ("gemma3", None), ("smollm2", "plain"), ("mistral", "chatml")],
+    ids=["mistral-llama2", "qwen-chatml", "gemma3-plain", "smollm2-plain", "mistral-chatml"],
+)
+def test_pairs_cover_the_same_bytes_of_the_rendered_text(
+    source: str, template: str | None, chat_tokenizers
+) -> None:
+    """Pivot SmolLM2 (ChatML) against real tokenizers and templates that put other text before
+    the answer: the expected pairs come from the rendered bytes, read independently."""
+    pivot_tok, pivot_chat, pivot_bytes = chat_tokenizers("smollm2", None)
+    source_tok, source_chat, source_bytes = chat_tokenizers(source, template)
+    pivot_table, source_table = token_codes(pivot_bytes, source_bytes)
+    total = first_tokens_paired = 0
+    for conv in RECORDS:
+        pivot_ref = _reference_supervised(pivot_tok, pivot_chat.template, conv, BYTE_LEVEL["smollm2"])
+        source_ref = _reference_supervised(source_tok, source_chat.template, conv, BYTE_LEVEL[source])
+        expected = set()
+        for m, (pivot_tokens, pivot_closed, pivot_end) in pivot_ref.items():
+            source_tokens, source_closed, source_end = source_ref[m]
+            by_span = {(a, b, piece): p for p, a, b, piece in source_tokens}
+            expected |= {
+                (p, by_span[a, b, piece]) for p, a, b, piece in pivot_tokens if (a, b, piece) in by_span
             }
-            for e in (p_example, s_example)
-        )
-        spans = dict(zip(*align_by_spans(span_keys(p), span_keys(s)), strict=True))
-        dtw_p, dtw_s = align_by_dtw(p, s, pivot_text, source_text)
-        # DTW pairs that are one-to-one on both sides are its unambiguous decisions.
-        p_counts = np.bincount(dtw_p, minlength=len(p["char_start"]))
-        s_counts = np.bincount(dtw_s, minlength=len(s["char_start"]))
-        for i, j in zip(dtw_p, dtw_s, strict=True):
-            if p_counts[i] == 1 and s_counts[j] == 1 and i in spans:
-                assert spans[i] == j
-                compared += 1
-    assert compared >= 40
+            if pivot_closed and source_closed:
+                expected.add((pivot_end, source_end))
+            first_tokens_paired += any(p == pivot_tokens[0][0] for p, _ in expected)
+        p_enc = encode_conversation(pivot_chat, conv, 4096, "truncate")
+        s_enc = encode_conversation(source_chat, conv, 4096, "truncate")
+        p, s = _arrays(p_enc), _arrays(s_enc)
+        pivot_index, source_index = align_by_spans(
+            span_keys(p), span_keys(s),
+            pivot_table[p["input_ids"][p_enc.positions]], source_table[s["input_ids"][s_enc.positions]],
+        )  # fmt: skip
+        got = {
+            (p_enc.positions[i], s_enc.positions[j]) for i, j in zip(pivot_index, source_index, strict=True)
+        }
+        assert got == expected, conv.messages
+        total += len(got)
+    assert total >= 30
+    # ChatML before the answer on both sides: first tokens that cover the same bytes pair up.
+    # Any other template puts other bytes before the answer ("[/INST] ", "Assistant: "), and a
+    # source token covering one of them next to the answer's first word is never paired.
+    chatml = source == "qwen" or template == "chatml"
+    if chatml:
+        assert first_tokens_paired >= 5
+    else:
+        hello = pivot_tok.convert_tokens_to_ids("Hello")
+        p_enc = encode_conversation(pivot_chat, RECORDS[0], 4096, "truncate")
+        s_enc = encode_conversation(source_chat, RECORDS[0], 4096, "truncate")
+        assert p_enc.input_ids[p_enc.positions[0]] == hello and s_enc.byte_start[0] < 0
+        pairs = align_by_spans(span_keys(_arrays(p_enc)), span_keys(_arrays(s_enc)),
+                               pivot_table[np.array(p_enc.input_ids)[p_enc.positions]],
+                               source_table[np.array(s_enc.input_ids)[s_enc.positions]])  # fmt: skip
+        assert 0 not in pairs[0].tolist()
+
+
+def test_byte_pieces_of_one_character_pair_only_with_the_same_pieces(chat_tokenizers) -> None:
+    # SmolLM2 splits " 😀" into b" \xf0\x9f\x98" and b"\x80"; Mistral has " " and "😀" whole
+    # (and "▁Hi" covers the space "[/INST] " puts before the answer): only the end of turn pairs.
+    conv = normalise_record(
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi 😀"}]}
+    )
+    _, pivot_chat, pivot_bytes = chat_tokenizers("smollm2", None)
+    _, mistral_chat, mistral_bytes = chat_tokenizers("mistral", None)
+    p = encode_conversation(pivot_chat, conv, 4096, "truncate")
+    pieces = [pivot_bytes.pieces[p.input_ids[q]] for q in p.positions]
+    assert pieces[1:3] == [b" \xf0\x9f\x98", b"\x80"]
+    assert list(zip(p.byte_start, p.byte_end, strict=True))[1:3] == [(2, 6), (6, 7)]
+    for other_chat, other_bytes, expected in (
+        (mistral_chat, mistral_bytes, [3]),
+        (pivot_chat, pivot_bytes, [0, 1, 2, 3]),
+    ):
+        s = encode_conversation(other_chat, conv, 4096, "truncate")
+        pivot_table, source_table = token_codes(pivot_bytes, other_bytes)
+        pivot_index, _ = align_by_spans(span_keys(_arrays(p)), span_keys(_arrays(s)),
+                                        pivot_table[np.array(p.input_ids)[p.positions]],
+                                        source_table[np.array(s.input_ids)[s.positions]])  # fmt: skip
+        assert pivot_index.tolist() == expected
+
+
+def test_dtw_takes_many_to_one_pairs_only_where_texts_agree() -> None:
+    # Pivot "Hel" "lo" " world" against source "Hello" " world": DTW pairs both pivot pieces with
+    # "Hello" (many-to-one): neither stands for "Hello", so neither takes its distribution.
+    # Pivot "a" "a" against source "a": both pair with it and stand for the same text: both take it.
+    texts = ["Hel", "lo", " world", "Hello", "a"]
+    table = np.arange(len(texts))
+
+    def arrays(ids: list[int]) -> dict[str, np.ndarray]:
+        return {"input_ids": np.array([0, *ids]), "run_message": np.array([1]),
+                "run_start": np.array([1]), "run_length": np.array([len(ids)])}  # fmt: skip
+
+    pivot_index, source_index = align_by_dtw(arrays([0, 1, 2]), arrays([3, 2]), texts, texts, table, table)
+    assert list(zip(pivot_index.tolist(), source_index.tolist(), strict=True)) == [(2, 1)]
+    pivot_index, source_index = align_by_dtw(arrays([4, 4]), arrays([4]), texts, texts, table, table)
+    assert list(zip(pivot_index.tolist(), source_index.tolist(), strict=True)) == [(0, 0), (1, 0)]
+    # One-to-one steps are taken whatever the texts (the reference method's behaviour).
+    pivot_index, _ = align_by_dtw(arrays([0, 2]), arrays([3, 2]), texts, texts, table, table)
+    assert pivot_index.tolist() == [0, 1]
 
 
 @pytest.fixture(scope="module")
@@ -143,35 +280,74 @@ def aligned(represented: dict, tmp_path_factory: pytest.TempPathFactory) -> dict
     return {source: root / source for source in ("mistral", "qwen")}
 
 
+def _expected_pivot_ids(source_tok: Any, pivot_tok: Any, source: str) -> dict[int, int]:
+    """The exact vocabulary map, read independently: source ids to the pivot id with the same
+    bytes; the source's end-of-turn and bos tokens to the pivot's."""
+    pivot_by_bytes = {
+        piece: i for i in range(len(pivot_tok))
+        if (piece := reference_token_bytes(pivot_tok, i, BYTE_LEVEL["smollm2"])) is not None
+    }  # fmt: skip
+    by_role = {source_tok.eos_token: pivot_tok.convert_tokens_to_ids("<|im_end|>")}
+    if source_tok.bos_token:
+        by_role[source_tok.bos_token] = pivot_tok.convert_tokens_to_ids(pivot_tok.bos_token)
+    expected = {}
+    for i in range(len(source_tok)):
+        piece = reference_token_bytes(source_tok, i, BYTE_LEVEL[source])
+        target = (
+            pivot_by_bytes.get(piece)
+            if piece is not None
+            else by_role.get(source_tok.convert_ids_to_tokens(i))
+        )
+        if target is not None:
+            expected[i] = target
+    return expected
+
+
 @pytest.mark.parametrize("source", ["mistral", "qwen"])
 def test_aligned_distributions_are_the_sources_mapped_independently(
-    source: str, represented: dict, aligned: dict, tokenizer_dirs: dict
+    source: str, represented: dict, aligned: dict, tokenizer_dirs: dict, chats: Path
 ) -> None:
+    """Pairs from the rendered bytes (byte_reference), the map from independently read token
+    bytes: the stored distributions must be the source's, moved onto exactly those tokens."""
+    pivot_tok = AutoTokenizer.from_pretrained(tokenizer_dirs["smollm2"])
+    source_tok = AutoTokenizer.from_pretrained(tokenizer_dirs[source])
+    pivot_template, _ = resolve_chat_template(pivot_tok, None)
+    source_template, _ = resolve_chat_template(source_tok, None)
+    mapping = _expected_pivot_ids(source_tok, pivot_tok, source)
+    conversations = {c.id: c for c in load_conversations(chats)}
     pivot_data = load_representation(represented["smollm2"])
     source_data = load_representation(represented[source])
     out = load_representation_like(aligned[source])
     report = json.loads((aligned[source] / "report.json").read_text())
-    mapping = vocab.build_vocab_map(
-        AutoTokenizer.from_pretrained(tokenizer_dirs[source]),
-        AutoTokenizer.from_pretrained(tokenizer_dirs["smollm2"]),
-    ).source_to_pivot
     assert report["examples_aligned"] == len(pivot_data) == len(out)
     total_aligned = 0
     for row in range(len(out)):
-        a = example_arrays(out, row)
-        p = example_arrays(pivot_data, row)
-        s = example_arrays(source_data, row)
+        a, p, s = (example_arrays(d, row) for d in (out, pivot_data, source_data))
         assert a["id"] == p["id"] == s["id"]
-        source_rows = {key: j for j, key in enumerate(span_keys(s).tolist())}
-        pivot_keys = span_keys(p)
-        for out_row, pivot_row in enumerate(a["aligned_index"]):
-            j = source_rows[int(pivot_keys[pivot_row])]  # the source token with the very same span
+        conv = conversations[a["id"]]
+        pivot_ref = _reference_supervised(pivot_tok, pivot_template, conv, BYTE_LEVEL["smollm2"])
+        source_ref = _reference_supervised(source_tok, source_template, conv, BYTE_LEVEL[source])
+        pairs = {}  # pivot position -> source position
+        for m, (pivot_tokens, pivot_closed, pivot_end) in pivot_ref.items():
+            source_tokens, source_closed, source_end = source_ref[m]
+            by_span = {(x, y, piece): q for q, x, y, piece in source_tokens}
+            pairs.update(
+                {q: by_span[x, y, piece] for q, x, y, piece in pivot_tokens if (x, y, piece) in by_span}
+            )
+            if pivot_closed and source_closed:
+                pairs[pivot_end] = source_end
+        pivot_row = {int(q): i for i, q in enumerate(supervised_positions(p))}
+        source_row = {int(q): j for j, q in enumerate(supervised_positions(s))}
+        expected_rows = {pivot_row[q]: source_row[r] for q, r in pairs.items()}
+        # Pairs whose source top-k maps to nothing are left out of the output (counted in the report).
+        assert set(a["aligned_index"].tolist()) <= expected_rows.keys()
+        for out_row, i in enumerate(a["aligned_index"]):
+            j = expected_rows[int(i)]
             expected: dict[int, float] = {}
             for token, logprob in zip(s["topk_ids"][j], s["topk_logprobs"][j], strict=True):
-                if mapping[token] >= 0:
-                    expected[int(mapping[token])] = expected.get(int(mapping[token]), 0.0) + float(
-                        np.exp(logprob)
-                    )
+                if int(token) in mapping:
+                    target = mapping[int(token)]
+                    expected[target] = expected.get(target, 0.0) + float(np.exp(logprob))
             got = {
                 int(t): float(np.exp(lp))
                 for t, lp in zip(a["topk_ids"][out_row], a["topk_logprobs"][out_row], strict=True)
@@ -183,6 +359,8 @@ def test_aligned_distributions_are_the_sources_mapped_independently(
             share = sum(expected.values()) / float(np.exp(s["topk_logprobs"][j].astype(np.float64)).sum())
             assert float(a["mapped_mass"][out_row]) == pytest.approx(share, rel=2e-3, abs=1e-4)
             assert a["target_logprob"][out_row] == s["target_logprob"][j]
+        missing = expected_rows.keys() - set(a["aligned_index"].tolist())
+        assert all(not any(int(t) in mapping for t in s["topk_ids"][expected_rows[i]]) for i in missing)
         assert a["source_nll"] == s["nll"] and a["source_num_target_bytes"] == s["num_target_bytes"]
         total_aligned += len(a["aligned_index"])
     assert report["tokens_aligned"] == total_aligned
@@ -207,7 +385,7 @@ def test_end_of_turn_tokens_align_and_map_by_role(
     for row in range(len(out)):
         p = example_arrays(pivot_data, row)
         a = example_arrays(out, row)
-        end_of_turn = np.flatnonzero(p["char_start"] == p["char_end"])
+        end_of_turn = np.flatnonzero(p["byte_start"] == p["byte_end"])
         assert set(end_of_turn.tolist()) <= set(a["aligned_index"].tolist())
 
 
@@ -271,16 +449,62 @@ def test_fuse_min_ce_follows_the_per_byte_cross_entropies(
         fuse(represented["mistral"], [aligned["qwen"]], tmp_path / "bad", progress=False)
 
 
-def test_align_and_fuse_commands(represented: dict, tmp_path: Path) -> None:
+def test_align_and_fuse_commands(represented: dict, aligned: dict, tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(main, ["align", "--pivot", str(represented["smollm2"]), "--source", str(represented["qwen"]),
                                   "--out", str(tmp_path / "a"), "--vocab-map", "stats"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "pivot tokens aligned one-to-one" in result.output
+    # stats only adds mappings for source ids without an exact byte match: the same pairs, and
+    # every row the exact map gave keeps its ids; rows may only gain mass.
+    stats, exact = load_representation_like(tmp_path / "a"), load_representation_like(aligned["qwen"])
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["vocab_map"] == "stats"
+    for row in range(len(stats)):
+        st, ex = example_arrays(stats, row), example_arrays(exact, row)
+        assert set(ex["aligned_index"].tolist()) <= set(st["aligned_index"].tolist())
+        where = {int(i): r for r, i in enumerate(st["aligned_index"])}
+        for r, i in enumerate(ex["aligned_index"]):
+            kept = set(st["topk_ids"][where[int(i)]].tolist())
+            assert set(ex["topk_ids"][r][ex["topk_ids"][r] >= 0].tolist()) <= kept
+            assert float(st["mapped_mass"][where[int(i)]]) >= float(ex["mapped_mass"][r]) - 1e-3
+
     result = runner.invoke(main, ["fuse", "--pivot", str(represented["smollm2"]), "--aligned", str(tmp_path / "a"),
                                   "--out", str(tmp_path / "f"), "--criterion", "token-min-ce", "--ce-unit", "token"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert load_representation_like(tmp_path / "f").features["topk_ids"].feature.length == 5
+    fused = load_representation_like(tmp_path / "f")
+    assert fused.features["topk_ids"].feature.length == 5
+    # token-min-ce: each token's distribution comes from whichever candidate gave its gold text
+    # the higher log-probability (the pivot's own where the source has no aligned row).
+    pivot_data = load_representation(represented["smollm2"])
+    from_source = 0
+    for row in range(len(fused)):
+        f, p, st = example_arrays(fused, row), example_arrays(pivot_data, row), example_arrays(stats, row)
+        assert f["winner"] == -1
+        expected_ids = p["topk_ids"].copy()
+        for r, i in enumerate(st["aligned_index"]):
+            if st["target_logprob"][r] > p["target_logprob"][i]:
+                expected_ids[i] = st["topk_ids"][r]
+                from_source += 1
+        np.testing.assert_array_equal(f["topk_ids"], expected_ids)
+    assert from_source > 0
     result = runner.invoke(main, ["align", "--pivot", str(represented["smollm2"]), "--source", str(represented["smollm2"]),
                                   "--out", str(tmp_path / "x")])  # fmt: skip
     assert result.exit_code != 0 and "pivot model itself" in result.output
+
+
+def test_representation_of_the_former_format_is_refused_before_any_output(
+    represented: dict, tmp_path: Path
+) -> None:
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(represented["qwen"], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format"] = "fusion-train/representation@1"
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["align", "--pivot", str(represented["smollm2"]), "--source", str(old),
+                                       "--out", str(tmp_path / "out")])  # fmt: skip
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "representation@1" in result.output and "represent` again" in result.output
+    assert not (tmp_path / "out").exists()

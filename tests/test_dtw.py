@@ -59,10 +59,22 @@ def test_empty_sequences() -> None:
     assert dtw_align(["a"], []) == []
 
 
-def test_tie_prefers_diagonal_then_source_step() -> None:
-    # All costs are equal (every pair differs by one substitution), so every choice is a tie:
-    # the diagonal is taken whenever possible, then a step back in the source.
+def test_ties_prefer_the_diagonal() -> None:
+    # All costs are equal (every pair differs by one substitution): the diagonal is taken
+    # whenever possible.
     assert dtw_align(["a", "b", "c"], ["x", "y"]) == [(0, 0), (1, 0), (2, 1)]
+
+
+def test_ties_between_the_two_single_steps_go_to_the_pivot_step() -> None:
+    # source a b a, pivot b a b; cumulative costs D[i][j] (source i, pivot j, from 1):
+    #        b  a  b
+    #    a   1  1  2
+    #    b   1  2  1
+    #    a   2  1  2
+    # At (3, 3) the diagonal D[2][2] = 2 is worse than both single steps, which tie at 1: the
+    # step back in the pivot, to (3, 2), is taken (a source step would go to (2, 3)); then the
+    # diagonal to (2, 1), and the source step to (1, 1), the only one left.
+    assert dtw_align(["a", "b", "a"], ["b", "a", "b"]) == [(0, 0), (1, 0), (2, 1), (2, 2)]
 
 
 def test_path_is_optimal_on_random_sequences() -> None:

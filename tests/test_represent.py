@@ -8,15 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from byte_reference import BYTE_LEVEL, content_place, reference_places
 from click.testing import CliRunner
 from conftest import TRICKY_ANSWERS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusion_train import represent as represent_module
-from fusion_train.chat import ChatDataError, load_conversations
+from fusion_train.align import align
+from fusion_train.chat import ChatDataError, load_conversations, resolve_chat_template
 from fusion_train.cli import main
 from fusion_train.models import ModelLoadError
 from fusion_train.represent import (
+    RepresentationError,
     RepresentSettings,
     example_arrays,
     load_representation,
@@ -97,41 +100,49 @@ def test_padded_vocabulary_rows_are_never_reported(tiny_models: dict, chats: Pat
 
 
 @pytest.mark.parametrize("name", ["smollm2", "mistral", "qwen"])
-def test_spans_cover_exactly_the_assistant_text(
+def test_byte_spans_are_where_the_tokens_bytes_lie(
     name: str, tiny_models: dict, represented: dict, chats: Path
 ) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_models[name])
+    template, _ = resolve_chat_template(tokenizer, None)
     conversations = {c.id: c for c in load_conversations(chats)}
     data = load_representation(represented[name])
-    special = set(tokenizer.all_special_ids)
     for index in range(len(data)):
         arrays = example_arrays(data, index)
         conv = conversations[data[index]["id"]]
-        messages = supervised_messages(arrays)
-        positions = supervised_positions(arrays)
+        text = tokenizer.apply_chat_template(list(conv.messages), chat_template=template, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert arrays["input_ids"].tolist() == ids
+        places = reference_places(tokenizer, ids, text, BYTE_LEVEL[name])
+        messages, positions = supervised_messages(arrays), supervised_positions(arrays)
         assert sorted(set(messages)) == conv.assistant_indices
-        byte_total = 0
-        for m in conv.assistant_indices:
-            content = conv.messages[m]["content"]
+        after, byte_total = 0, 0
+        for m, message in enumerate(conv.messages):
+            base, verbatim_start, verbatim_end = content_place(text, message["content"], after)
+            after = verbatim_end
+            if message["role"] != "assistant":
+                continue
             rows = [i for i, msg in enumerate(messages) if msg == m]
-            spans = [(int(arrays["char_start"][i]), int(arrays["char_end"][i])) for i in rows]
-            text_spans = [s for s in spans if s[1] > s[0]]
-            # Every character of the message is covered, in order, by the content tokens' spans.
-            covered = [False] * len(content)
-            for a, b in text_spans:
-                covered[a:b] = [True] * (b - a)
-            assert all(covered), f"{name}: uncovered text in {content!r}"
-            assert text_spans == sorted(text_spans)
-            # Each content token's own text covers its span.
-            for i, (a, b) in zip(rows, spans, strict=True):
-                if b > a:
-                    piece = tokenizer.decode([int(arrays["input_ids"][positions[i]])])
-                    assert content[a:b].strip() in piece or "\ufffd" in piece
-            # The turn ends with a supervised special token, spanning nothing, at the end of the text.
-            last = rows[-1]
-            assert spans[-1] == (len(content), len(content))
-            assert int(arrays["input_ids"][positions[last]]) in special
-            byte_total += len(content.encode("utf-8"))
+            overlapping = [
+                p for p, place in enumerate(places)
+                if place.end > max(place.start, verbatim_start) and place.start < verbatim_end
+            ]  # fmt: skip
+            # Supervised: exactly the tokens overlapping the answer's bytes, then one end-of-turn token.
+            assert [positions[i] for i in rows[:-1]] == overlapping
+            for i in rows[:-1]:
+                place = places[positions[i]]
+                assert (arrays["byte_start"][i], arrays["byte_end"][i]) == (
+                    place.start - base,
+                    place.end - base,
+                )
+            end_of_turn = places[positions[rows[-1]]]
+            content_bytes = len(message["content"].encode("utf-8"))
+            assert end_of_turn.special is not None
+            assert (arrays["byte_start"][rows[-1]], arrays["byte_end"][rows[-1]]) == (
+                content_bytes,
+                content_bytes,
+            )
+            byte_total += verbatim_end - verbatim_start
         assert arrays["num_target_bytes"] == byte_total
 
 
@@ -147,8 +158,45 @@ def test_template_that_strips_content_gives_spans_in_the_original_text(
     represent(tiny_models["qwen"], data_path, tmp_path / "out", RepresentSettings(chat_template=str(template)),
               progress=False)  # fmt: skip
     arrays = example_arrays(load_representation(tmp_path / "out"), 0)
-    content_spans = [(a, b) for a, b in zip(arrays["char_start"], arrays["char_end"], strict=True) if b > a]
+    content_spans = [(a, b) for a, b in zip(arrays["byte_start"], arrays["byte_end"], strict=True) if b > a]
     assert content_spans[0][0] == 2 and content_spans[-1][1] == 2 + len("padded answer")
+    assert arrays["num_target_bytes"] == len("padded answer")
+
+
+@pytest.mark.parametrize(
+    ("closing", "ends_with_special"),
+    [("<|im_end|>\n", True), ("\nEND OF ANSWER<|im_end|>\n", False), ("\n\n", False)],
+)
+def test_one_special_end_of_turn_token_per_answer(
+    closing: str, ends_with_special: bool, tiny_models: dict, tmp_path: Path
+) -> None:
+    """A turn ends with a supervised token only where a special token closes it; plain template
+    text after the answer is never taken for one."""
+    template = tmp_path / "closing.jinja"
+    template.write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}" + closing.replace("\n", "\\n")
+        + "{% endfor %}"
+    )  # fmt: skip
+    records = [{"messages": [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "One."},
+                             {"role": "user", "content": "B?"}, {"role": "assistant", "content": "Two and 2."}]}]  # fmt: skip
+    data_path = tmp_path / "d.json"
+    data_path.write_text(json.dumps(records))
+    represent(tiny_models["qwen"], data_path, tmp_path / "out", RepresentSettings(chat_template=str(template)),
+              progress=False)  # fmt: skip
+    arrays = example_arrays(load_representation(tmp_path / "out"), 0)
+    special = set(AutoTokenizer.from_pretrained(tiny_models["qwen"]).all_special_ids)
+    messages, positions = supervised_messages(arrays), supervised_positions(arrays)
+    for m, content in ((1, "One."), (3, "Two and 2.")):
+        rows = [i for i, msg in enumerate(messages) if msg == m]
+        zero_width = [i for i in rows if arrays["byte_start"][i] == arrays["byte_end"][i]]
+        if ends_with_special:
+            assert zero_width == [rows[-1]]
+            assert int(arrays["input_ids"][positions[rows[-1]]]) in special
+            assert arrays["byte_start"][rows[-1]] == len(content)
+        else:
+            assert zero_width == []
+        text_rows = rows[:-1] if ends_with_special else rows
+        assert all(arrays["byte_start"][i] < len(content) for i in text_rows)  # no template text
 
 
 def test_kill_and_resume_gives_identical_output(
@@ -294,3 +342,34 @@ def test_gguf_file_loads_like_its_converted_directory(chats: Path, tmp_path: Pat
         assert a["input_ids"].tolist() == b["input_ids"].tolist()
         assert (a["topk_ids"] == b["topk_ids"]).mean() > 0.99
         assert a["nll"] == pytest.approx(b["nll"], rel=1e-4)
+
+
+def test_parts_without_rows_are_valid_and_unreadable_parts_are_named(
+    tiny_models: dict, tmp_path: Path
+) -> None:
+    # Chunks of one record: the second holds only a conversation without an assistant reply,
+    # the third one whose reply is blank. Both parts have no rows; align still reads the rest.
+    records = [{"instruction": "a", "output": "one"},
+               {"messages": [{"role": "user", "content": "no reply"}]},
+               {"instruction": "c", "output": "   "},
+               {"instruction": "d", "output": "four"}]  # fmt: skip
+    data_path = tmp_path / "d.json"
+    data_path.write_text(json.dumps(records))
+    settings = RepresentSettings(top_k=3, chunk_size=1)
+    for name in ("smollm2", "qwen"):
+        represent(tiny_models[name], data_path, tmp_path / name, settings, progress=False)
+    assert len(load_representation(tmp_path / "qwen")) == 2
+    report = align(tmp_path / "smollm2", tmp_path / "qwen", tmp_path / "aligned", progress=False)
+    assert report["examples_aligned"] == 2 and report["missing_in_source"]["count"] == 0
+
+    # A truncated Arrow file: the error names the part and says how to recover.
+    arrow = next((tmp_path / "qwen" / "parts" / "part-00003" / "data").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:100])
+    with pytest.raises(RepresentationError, match=r"part-00003.*delete this part and rerun"):
+        load_representation(tmp_path / "qwen")
+
+    # Nothing representable at all: represent fails, naming the data and the reasons.
+    nothing = tmp_path / "nothing.json"
+    nothing.write_text(json.dumps(records[1:3]))
+    with pytest.raises(RepresentationError, match="none of the 2 records could be represented"):
+        represent(tiny_models["qwen"], nothing, tmp_path / "none", settings, progress=False)
