@@ -217,7 +217,7 @@ def fuse(
         "top_k": top_k,
     }
     claim_output(out_dir, manifest)
-    if (out_dir / "data").exists():
+    if (out_dir / REPORT).exists():  # written last: the output is complete
         return read_json(out_dir / REPORT)
 
     started = time.perf_counter()

@@ -156,14 +156,7 @@ def fused(represented, aligned, tmp_path_factory) -> Path:
 # Where an align or fuse run dies: while its data is written (before the rename into place), or
 # after the data is in place but before report.json.
 KILL_POINTS = {"writing data": ("after", SAVE), "before the report": ("before", "{module}:write_json_atomic")}
-REPORT_MISSING = pytest.mark.xfail(
-    strict=True,
-    raises=FileNotFoundError,
-    reason="align/fuse take an existing data/ for a finished output and read its report.json, which "
-    "a kill just before it leaves missing; fix in align.py/fuse.py: skip only when report.json "
-    "(written last) exists",
-)
-POINTS = [pytest.param("writing data"), pytest.param("before the report", marks=REPORT_MISSING)]
+POINTS = ["writing data", "before the report"]
 
 
 @pytest.mark.parametrize("point", POINTS)
@@ -279,13 +272,6 @@ def test_recipe_killed_mid_stage_resumes(recipe, uninterrupted_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=TrainInputError,
-    reason="the train stage relaunches training into the published model, which `train` refuses "
-    "(OUT already exists); fix in pipeline.py's train stage: skip the launch when model/ holds "
-    "training_summary.json (train publishes it whole, by a rename)",
-)
 def test_recipe_killed_after_training_published_its_model_resumes(recipe, uninterrupted_run):
     """`fusion-train run` SIGKILLed after training published the target but before the stage was
     marked done (the checkpoints not yet removed): the rerun finishes like the uninterrupted run."""
