@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -171,61 +172,92 @@ def chat_tokenizers(tokenizer_dirs: dict[str, Path]) -> dict[tuple[str, str | No
     return get
 
 
-@pytest.mark.parametrize(
+def _expected_and_found_pairs(
+    conv: Any, pivot: tuple, source: tuple, source_name: str
+) -> tuple[set, set, bool]:
+    """Pairs of (pivot position, source position): from the independent reading of the rendered
+    bytes, and from the code under test; and whether the answers' first pivot token is paired."""
+    (pivot_tok, pivot_chat, pivot_bytes), (source_tok, source_chat, source_bytes) = pivot, source
+    pivot_ref = _reference_supervised(pivot_tok, pivot_chat.template, conv, BYTE_LEVEL["smollm2"])
+    source_ref = _reference_supervised(source_tok, source_chat.template, conv, BYTE_LEVEL[source_name])
+    expected, first_paired = set(), True
+    for m, (pivot_tokens, pivot_closed, pivot_end) in pivot_ref.items():
+        source_tokens, source_closed, source_end = source_ref[m]
+        by_span = {(a, b, piece): p for p, a, b, piece in source_tokens}
+        expected |= {(p, by_span[a, b, piece]) for p, a, b, piece in pivot_tokens if (a, b, piece) in by_span}
+        if pivot_closed and source_closed:
+            expected.add((pivot_end, source_end))
+        first_paired &= any(p == pivot_tokens[0][0] for p, _ in expected)
+    pivot_table, source_table = token_codes(pivot_bytes, source_bytes)
+    p_enc = encode_conversation(pivot_chat, conv, 4096, "truncate")
+    s_enc = encode_conversation(source_chat, conv, 4096, "truncate")
+    p, s = _arrays(p_enc), _arrays(s_enc)
+    pivot_index, source_index = align_by_spans(
+        span_keys(p), span_keys(s),
+        pivot_table[p["input_ids"][p_enc.positions]], source_table[s["input_ids"][s_enc.positions]],
+    )  # fmt: skip
+    found = {(p_enc.positions[i], s_enc.positions[j]) for i, j in zip(pivot_index, source_index, strict=True)}
+    return expected, found, first_paired
+
+
+SOURCES = pytest.mark.parametrize(
     ("source", "template"),
     [("mistral", None), ("qwen", None), ("gemma3", None), ("smollm2", "plain"), ("mistral", "chatml")],
     ids=["mistral-llama2", "qwen-chatml", "gemma3-plain", "smollm2-plain", "mistral-chatml"],
 )
+
+
+@SOURCES
 def test_pairs_cover_the_same_bytes_of_the_rendered_text(
     source: str, template: str | None, chat_tokenizers
 ) -> None:
     """Pivot SmolLM2 (ChatML) against real tokenizers and templates that put other text before
     the answer: the expected pairs come from the rendered bytes, read independently."""
-    pivot_tok, pivot_chat, pivot_bytes = chat_tokenizers("smollm2", None)
-    source_tok, source_chat, source_bytes = chat_tokenizers(source, template)
-    pivot_table, source_table = token_codes(pivot_bytes, source_bytes)
-    total = first_tokens_paired = 0
+    pivot, other = chat_tokenizers("smollm2", None), chat_tokenizers(source, template)
+    total, first_paired_by_answer = 0, {}
     for conv in RECORDS:
-        pivot_ref = _reference_supervised(pivot_tok, pivot_chat.template, conv, BYTE_LEVEL["smollm2"])
-        source_ref = _reference_supervised(source_tok, source_chat.template, conv, BYTE_LEVEL[source])
-        expected = set()
-        for m, (pivot_tokens, pivot_closed, pivot_end) in pivot_ref.items():
-            source_tokens, source_closed, source_end = source_ref[m]
-            by_span = {(a, b, piece): p for p, a, b, piece in source_tokens}
-            expected |= {
-                (p, by_span[a, b, piece]) for p, a, b, piece in pivot_tokens if (a, b, piece) in by_span
-            }
-            if pivot_closed and source_closed:
-                expected.add((pivot_end, source_end))
-            first_tokens_paired += any(p == pivot_tokens[0][0] for p, _ in expected)
-        p_enc = encode_conversation(pivot_chat, conv, 4096, "truncate")
-        s_enc = encode_conversation(source_chat, conv, 4096, "truncate")
-        p, s = _arrays(p_enc), _arrays(s_enc)
-        pivot_index, source_index = align_by_spans(
-            span_keys(p), span_keys(s),
-            pivot_table[p["input_ids"][p_enc.positions]], source_table[s["input_ids"][s_enc.positions]],
-        )  # fmt: skip
-        got = {
-            (p_enc.positions[i], s_enc.positions[j]) for i, j in zip(pivot_index, source_index, strict=True)
-        }
-        assert got == expected, conv.messages
-        total += len(got)
+        expected, found, first_paired = _expected_and_found_pairs(conv, pivot, other, source)
+        assert found == expected, conv.messages
+        total += len(found)
+        first_paired_by_answer[conv.messages[1]["content"]] = first_paired
     assert total >= 30
     # ChatML before the answer on both sides: first tokens that cover the same bytes pair up.
     # Any other template puts other bytes before the answer ("[/INST] ", "Assistant: "), and a
-    # source token covering one of them next to the answer's first word is never paired.
-    chatml = source == "qwen" or template == "chatml"
-    if chatml:
-        assert first_tokens_paired >= 5
+    # source token covering one of them with the answer's first word ("▁Hello") is never paired.
+    # (A source that splits the space off, "▁" "4", pairs its "4" with the pivot's: same bytes.)
+    if source == "qwen" or template == "chatml":
+        assert first_paired_by_answer["Hello world."] and sum(first_paired_by_answer.values()) >= 4
     else:
-        hello = pivot_tok.convert_tokens_to_ids("Hello")
-        p_enc = encode_conversation(pivot_chat, RECORDS[0], 4096, "truncate")
-        s_enc = encode_conversation(source_chat, RECORDS[0], 4096, "truncate")
-        assert p_enc.input_ids[p_enc.positions[0]] == hello and s_enc.byte_start[0] < 0
-        pairs = align_by_spans(span_keys(_arrays(p_enc)), span_keys(_arrays(s_enc)),
-                               pivot_table[np.array(p_enc.input_ids)[p_enc.positions]],
-                               source_table[np.array(s_enc.input_ids)[s_enc.positions]])  # fmt: skip
-        assert 0 not in pairs[0].tolist()
+        assert not first_paired_by_answer["Hello world."]
+        p_enc = encode_conversation(pivot[1], RECORDS[0], 4096, "truncate")
+        s_enc = encode_conversation(other[1], RECORDS[0], 4096, "truncate")
+        assert p_enc.input_ids[p_enc.positions[0]] == pivot[0].convert_tokens_to_ids("Hello")
+        assert s_enc.byte_start[0] < 0  # the source's first token also covers template text
+
+
+PIECES = ["word", " ", "  ", "\t", "\n", "\n\n", "42", "3.14", "😀", "👩‍💻", "🇫🇷", "中文", "日本語", "é", "e\u0301",
+          "مرحبا", "ß", "—", "…", "```", "    ", "x=1;", "(a)", "'s", "Ω", "\u200b", "🎉🎉"]  # fmt: skip
+
+
+@SOURCES
+def test_pairs_cover_the_same_bytes_on_random_text(
+    source: str, template: str | None, chat_tokenizers
+) -> None:
+    """The same check on random answers built from words, whitespace runs, digits, emoji (ZWJ
+    sequences and flags), CJK, combining accents, Arabic, zero-width spaces and code."""
+    rng = random.Random(f"{source}-{template}")
+    pivot, other = chat_tokenizers("smollm2", None), chat_tokenizers(source, template)
+    total = 0
+    for index in range(12):
+        answers = ["".join(rng.choice(PIECES) for _ in range(rng.randint(1, 25))) for _ in range(2)]
+        answers = [a if a.strip() else a + "ok" for a in answers]
+        conv = normalise_record({"messages": [
+            {"role": "user", "content": f"Q{index}?"}, {"role": "assistant", "content": answers[0]},
+            {"role": "user", "content": "More?"}, {"role": "assistant", "content": answers[1]}]})  # fmt: skip
+        expected, found, _ = _expected_and_found_pairs(conv, pivot, other, source)
+        assert found == expected, answers
+        total += len(found)
+    assert total >= 50
 
 
 def test_byte_pieces_of_one_character_pair_only_with_the_same_pieces(chat_tokenizers) -> None:
