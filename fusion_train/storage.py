@@ -74,15 +74,30 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def open_to_umask(tree: Path) -> None:
+    """Give every file and folder under ``tree`` the usual modes less the umask (0666 files,
+    0777 folders and executables). Libraries writing into an output folder may make their files
+    0600 (safetensors does, through tempfile); published outputs follow the umask like the rest."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [tree, *tree.rglob("*")]:
+        if path.is_symlink():
+            continue
+        full = 0o777 if path.is_dir() or path.stat().st_mode & 0o111 else 0o666
+        path.chmod(full & ~umask)
+
+
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``target`` only if the block finishes."""
+    """Yield a temporary directory that becomes ``target`` only if the block finishes, with the
+    modes the umask asks for (see :func:`open_to_umask`)."""
     tmp, _ = _beside(target, lambda p: p.mkdir(mode=0o777))
     try:
         yield tmp
         if target.exists():  # another process finished the same part first; results are identical
             shutil.rmtree(tmp)
         else:
+            open_to_umask(tmp)
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -33,6 +33,12 @@ def test_atomic_outputs_follow_the_umask(tmp_path: Path, umask: int) -> None:
         handle.write(b"\x93NUMPY")
     with atomic_directory(tmp_path / "part-00000") as tmp:
         (tmp / "data.arrow").write_bytes(b"rows")
+        (tmp / "model.safetensors").write_bytes(b"weights")
+        (tmp / "model.safetensors").chmod(0o600)  # as safetensors writes it
+        (tmp / "run.sh").write_bytes(b"#!/bin/sh\n")
+        (tmp / "run.sh").chmod(0o700)
+    assert _mode(tmp_path / "part-00000" / "model.safetensors") == 0o666 & ~umask
+    assert _mode(tmp_path / "part-00000" / "run.sh") == 0o777 & ~umask
     assert _mode(tmp_path / "report.json") == _mode(tmp_path / "map.npz") == 0o666 & ~umask
     assert _mode(tmp_path / "part-00000") == 0o777 & ~umask
     assert (tmp_path / "report.json").read_text() == "{}\n"
