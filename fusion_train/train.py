@@ -38,7 +38,7 @@ import torch
 from transformers import SchedulerType, Trainer, TrainingArguments
 
 from fusion_train.errors import Command, UserError
-from fusion_train.losses import supervised_loss_sums
+from fusion_train.losses import fused_weights, head_loss_sums
 from fusion_train.models import load_model, load_tokenizer, tokenizer_hash
 from fusion_train.options import FRACTION, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
 from fusion_train.storage import MANIFEST, claim_output, read_json, write_json_atomic
@@ -377,27 +377,73 @@ class FusionCollator:
         }
 
 
+# Config entries of models that rescale the LM head's output after the head module: the chunked
+# loss cannot see them (final_logit_softcapping, Gemma-2's, is applied inside the loss instead).
+LOGIT_RESCALING = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
 @contextmanager
-def logits_only_at(model: torch.nn.Module, positions: torch.Tensor) -> Iterator[None]:
-    """Make the LM head see the hidden states at ``positions`` (flat batch x length indices) only.
+def head_losses_at(
+    model: torch.nn.Module,
+    positions: torch.Tensor,
+    labels: torch.Tensor,
+    tokenizer_size: int,
+    topk_ids: torch.Tensor | None,
+    fused: torch.Tensor | None,
+    chunk_rows: int | None = None,
+) -> Iterator[None]:
+    """Make the model's LM head return the loss sums ``(clm, fusion)`` instead of logits.
 
-    The model then returns logits [1, N, V] for the N positions that predict a supervised token,
-    not [batch, length, V]: training's largest activation shrinks to what the losses read.
+    While the block runs, the output-embedding module's ``forward`` takes the hidden states at
+    ``positions`` (flat batch x length indices: the N positions that predict a supervised token)
+    and returns ``losses.head_loss_sums`` of them, so the model's output carries the two sums in
+    place of its logits and no ``[N, V]`` logits ever exist. The module is still *called*, so
+    DeepSpeed's hooks around it run: under ZeRO-3 the head's weight is gathered for the call,
+    gathered again for its backward, and its gradient reaches the partitioned parameter.
+    A model's ``final_logit_softcapping`` moves into the loss for the duration.
     """
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if not isinstance(head, torch.nn.Linear) and not (
+        isinstance(weight, torch.Tensor) and weight.dim() == 2
+    ):  # pragma: no cover - every causal LM transformers ships has a linear head
+        raise TrainInputError(f"the model's LM head ({type(head).__name__}) is not a linear layer.")
+    config = model.config
+    rescaled = [name for name in LOGIT_RESCALING if getattr(config, name, None) not in (None, 1, 1.0)]
+    if rescaled:
+        raise TrainInputError(
+            f"the model rescales its logits after the LM head ({', '.join(rescaled)} in its config); "
+            "the fused loss supports plain heads and final_logit_softcapping only."
+        )
+    softcap = getattr(config, "final_logit_softcapping", None)
 
-    def select(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (args[0].flatten(0, 1)[positions].unsqueeze(0), *args[1:])
+    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = hidden_states.flatten(0, -2)[positions]
+        return head_loss_sums(
+            rows, head.weight, head.bias, labels, tokenizer_size, topk_ids, fused, softcap, chunk_rows
+        )
 
-    handle = model.get_output_embeddings().register_forward_pre_hook(select)
+    previous = head.__dict__.get("forward")
+    head.forward = forward
+    if softcap is not None:
+        config.final_logit_softcapping = None
     try:
         yield
     finally:
-        handle.remove()
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
+        if softcap is not None:
+            config.final_logit_softcapping = softcap
 
 
 class FusionTrainer(Trainer):
     """transformers' Trainer with the loss ``lm_weight * CLM + (1 - lm_weight) * fusion``.
 
+    The model's LM head returns the two loss sums in place of logits (``head_losses_at``: the
+    chunked head of ``losses.head_loss_sums``, ``loss_chunk_rows`` rows at a time, by default
+    ``losses.CHUNK_ELEMENTS`` logits per chunk), so no ``[N, V]`` logits exist.
     The loss is a sum over supervised tokens divided by ``num_items_in_batch``, the Trainer's
     count of supervised tokens over the accumulation steps (and ranks), so it does not depend
     on how a global batch is split. CLM and fusion parts are logged next to the loss.
@@ -406,10 +452,17 @@ class FusionTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(
-        self, *args: Any, lm_weight: float, temperature: float, tokenizer_size: int, **kwargs: Any
+        self,
+        *args: Any,
+        lm_weight: float,
+        temperature: float,
+        tokenizer_size: int,
+        loss_chunk_rows: int | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.lm_weight = lm_weight
+        self.loss_chunk_rows = loss_chunk_rows  # None: sized by losses.CHUNK_ELEMENTS
         self.temperature = temperature
         self.tokenizer_size = tokenizer_size
         self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch
@@ -426,25 +479,31 @@ class FusionTrainer(Trainer):
         targets = labels[:, 1:]
         predicting = torch.zeros_like(labels, dtype=torch.bool)
         predicting[:, :-1] = targets != -100
-        with logits_only_at(self.accelerator.unwrap_model(model), predicting.flatten().nonzero()[:, 0]):
+        gold = targets[targets != -100]
+        fusion = self.lm_weight < 1.0
+        topk_ids = inputs["topk_ids"] if fusion else None
+        fused = (
+            fused_weights(topk_ids, inputs["topk_logprob_bits"].view(torch.float32), self.temperature)
+            if fusion
+            else None
+        )
+        unwrapped = self.accelerator.unwrap_model(model)
+        positions = predicting.flatten().nonzero()[:, 0]
+        with head_losses_at(
+            unwrapped, positions, gold, self.tokenizer_size, topk_ids, fused, self.loss_chunk_rows
+        ):
             outputs = model(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
             )
-        fusion = self.lm_weight < 1.0
-        sums = supervised_loss_sums(
-            outputs.logits[0],
-            targets[targets != -100],
-            self.tokenizer_size,
-            inputs["topk_ids"] if fusion else None,
-            inputs["topk_logprob_bits"].view(torch.float32) if fusion else None,
-            self.temperature,
-        )
-        loss = self.lm_weight * sums.clm
-        if sums.fusion is not None:
-            loss = loss + (1.0 - self.lm_weight) * sums.fusion
-        tokens = len(outputs.logits[0])
-        fusion_sum = sums.fusion if sums.fusion is not None else torch.zeros_like(sums.clm)
-        step = torch.stack([sums.clm.detach(), fusion_sum.detach(), sums.clm.new_tensor(tokens)])
+        sums = outputs.logits  # the head returned (CLM sum, fusion sum)
+        if not (isinstance(sums, tuple) and len(sums) == 2):  # pragma: no cover - checked by head_losses_at
+            raise TypeError(f"{type(unwrapped).__name__} changed its LM head's output; cannot train it.")
+        clm_sum, fusion_sum = sums
+        loss = self.lm_weight * clm_sum
+        if fusion:
+            loss = loss + (1.0 - self.lm_weight) * fusion_sum
+        tokens = len(gold)
+        step = torch.stack([clm_sum.detach(), fusion_sum.detach(), clm_sum.new_tensor(tokens)])
         self._window = self._window.to(step.device) + step.double()  # no host sync per micro-step
         if num_items_in_batch is None:  # outside the training loop: a plain mean
             loss = loss / tokens

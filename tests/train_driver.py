@@ -3,6 +3,10 @@
 Usage (under ``deepspeed`` or ``torchrun``): ``train_driver.py CONFIG.json MODE ARG`` where MODE is
 ``logits`` (save the engine's logits on fixed tokens at the end of training to ARG) or ``kill``
 (SIGKILL the process at the end of step ARG, like a crashed node).
+
+Environment: ``FUSION_TEST_LOSS=logits`` trains with the logits-based loss (the whole ``[N, V]``
+logits, then ``supervised_loss_sums``'s autograd function) in place of the chunked head, the
+reference of the chunked runs; ``FUSION_TEST_CHUNK_ELEMENTS`` sets ``losses.CHUNK_ELEMENTS``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
+from fusion_train import losses
+from fusion_train import train as train_module
 from fusion_train.train import TrainConfig, train
 
 PROBE_TOKENS = torch.arange(5, 45).reshape(2, 20)
@@ -48,5 +54,11 @@ class KillAtStep(TrainerCallback):
 if __name__ == "__main__":
     config_path, mode, argument = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     config = TrainConfig(**json.loads(Path(config_path).read_text()))
+    if os.environ.get("FUSION_TEST_LOSS") == "logits":
+        from train_fixtures import logits_loss_sums
+
+        train_module.head_loss_sums = logits_loss_sums
+    if os.environ.get("FUSION_TEST_CHUNK_ELEMENTS"):
+        losses.CHUNK_ELEMENTS = int(os.environ["FUSION_TEST_CHUNK_ELEMENTS"])
     callback = EngineLogits(argument) if mode == "logits" else KillAtStep(int(argument))
     train(config, callbacks=[callback])

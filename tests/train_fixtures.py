@@ -181,3 +181,28 @@ def dense_loss_sums(
         for (i, _), weight in zip(valid, weights, strict=True):
             fusion = fusion - weight * log_q[row, i]
     return clm, fusion
+
+
+def logits_loss_sums(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    tokenizer_size: int,
+    topk_ids: torch.Tensor | None = None,
+    fused: torch.Tensor | None = None,
+    softcap: float | None = None,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``losses.head_loss_sums`` the previous way: the whole [N, V] logits (``F.linear``, the cap as
+    Gemma-2 applies it), then the logits-based ``supervised_loss_sums`` autograd function. The
+    reference of the chunked head's tests, and what ``train_driver.py`` trains with to compare."""
+    from fusion_train.losses import _SupervisedLosses
+
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    if softcap is not None:
+        logits = torch.tanh(logits.float() / softcap) * softcap
+    if topk_ids is None or fused is None:
+        topk_ids = labels.new_zeros(len(labels), 0)
+        fused = torch.zeros(len(labels), 0, device=hidden.device)
+    return _SupervisedLosses.apply(logits, labels, topk_ids, fused, tokenizer_size)
