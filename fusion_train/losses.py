@@ -5,7 +5,8 @@ Training uses ``head_loss_sums``: from the final hidden states at the N supervis
 autograd function that computes the logits a chunk of rows at a time, in forward and again in
 backward, where it accumulates the gradients of the hidden states and of the head. The ``[N, V]``
 logits never exist; the extra memory is one chunk of logits and its work space
-(``CHUNK_ELEMENTS`` float32 logits per chunk), and O(N * k) besides. No dense target exists either:
+(``CHUNK_ELEMENTS`` float32 logits per chunk, at least ``CHUNK_MIN_ROWS`` rows), and O(N * k)
+besides. No dense target exists either:
 the fused distribution stays k ids and k weights per position. Log-probabilities are
 ``logits - logsumexp`` at those ids, and the gradient of the logits is analytic:
 
@@ -22,6 +23,11 @@ from dataclasses import dataclass
 import torch
 
 CHUNK_ELEMENTS = 2**24  # float32 logits per chunk of rows: 64 MiB (rows = CHUNK_ELEMENTS // V)
+# ... but never fewer rows than this in the chunked head: with fewer, each chunk's matrix products
+# re-read the whole [V, H] head for few rows and the step slows down (measured on CPU at V =
+# 262,144: 64-row chunks 1.7x the logits path's step time, 256-row chunks 1.1x); 256 rows of a
+# 262,144-row vocabulary are 256 MiB of float32 logits.
+CHUNK_MIN_ROWS = 256
 
 
 @dataclass
@@ -118,9 +124,11 @@ def supervised_loss_sums(
 # --------------------------------------------------------------------------- chunked LM head
 
 
-def head_chunk_rows(vocab: int, elements: int | None = None) -> int:
-    """Rows per chunk of the chunked head: ``elements`` (default ``CHUNK_ELEMENTS``) float32 logits."""
-    return max(1, (CHUNK_ELEMENTS if elements is None else elements) // max(vocab, 1))
+def head_chunk_rows(vocab: int, elements: int | None = None, min_rows: int | None = None) -> int:
+    """Rows per chunk of the chunked head: ``elements`` (default ``CHUNK_ELEMENTS``) float32 logits,
+    but at least ``min_rows`` (default ``CHUNK_MIN_ROWS``)."""
+    budget = (CHUNK_ELEMENTS if elements is None else elements) // max(vocab, 1)
+    return max(1, budget, CHUNK_MIN_ROWS if min_rows is None else min_rows)
 
 
 def _chunk_logits(hidden, weight, bias, softcap):
@@ -235,7 +243,8 @@ def head_loss_sums(
     ``hidden`` [N, H] are the final hidden states at the positions that predict a supervised token,
     ``weight`` [V, H] (and ``bias`` [V]) the head; the logits ``hidden @ weight.T + bias`` (then
     ``softcap * tanh(logits / softcap)`` where the model soft-caps, as Gemma-2) exist one chunk of
-    ``chunk_rows`` rows at a time (default: ``CHUNK_ELEMENTS`` float32 logits per chunk), in
+    ``chunk_rows`` rows at a time (default ``head_chunk_rows``: ``CHUNK_ELEMENTS`` float32 logits
+    per chunk, at least ``CHUNK_MIN_ROWS`` rows), in
     forward and again in backward, which accumulates the gradients of ``hidden``, ``weight`` and
     ``bias``. Values and gradients are those of ``supervised_loss_sums`` on the logits: the CLM
     softmax over every row, the fusion softmax over the tokenizer's ids only, with ``fused`` [N, k]

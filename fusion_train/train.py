@@ -443,7 +443,7 @@ class FusionTrainer(Trainer):
 
     The model's LM head returns the two loss sums in place of logits (``head_losses_at``: the
     chunked head of ``losses.head_loss_sums``, ``loss_chunk_rows`` rows at a time, by default
-    ``losses.CHUNK_ELEMENTS`` logits per chunk), so no ``[N, V]`` logits exist.
+    ``losses.head_chunk_rows``), so no ``[N, V]`` logits exist.
     The loss is a sum over supervised tokens divided by ``num_items_in_batch``, the Trainer's
     count of supervised tokens over the accumulation steps (and ranks), so it does not depend
     on how a global batch is split. CLM and fusion parts are logged next to the loss.
@@ -462,7 +462,7 @@ class FusionTrainer(Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.lm_weight = lm_weight
-        self.loss_chunk_rows = loss_chunk_rows  # None: sized by losses.CHUNK_ELEMENTS
+        self.loss_chunk_rows = loss_chunk_rows  # None: losses.head_chunk_rows
         self.temperature = temperature
         self.tokenizer_size = tokenizer_size
         self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch

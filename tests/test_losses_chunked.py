@@ -134,9 +134,12 @@ def test_tied_weights_collect_both_gradients():
 
 
 def test_default_chunks_follow_the_element_budget(monkeypatch):
-    assert losses.head_chunk_rows(1000, elements=10_000) == 10
-    assert losses.head_chunk_rows(10**6, elements=10) == 1
+    assert losses.head_chunk_rows(1000, elements=10_000, min_rows=1) == 10
+    assert losses.head_chunk_rows(10**6, elements=10, min_rows=1) == 1
+    assert losses.head_chunk_rows(262_144) == 256  # the floor: 2**24 // 262,144 would be 64
+    assert losses.head_chunk_rows(32_000) == 2**24 // 32_000
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 37 * 3)
+    monkeypatch.setattr(losses, "CHUNK_MIN_ROWS", 1)
     (h, w, _), labels, topk_ids, logprobs = _problem()
     seen = []
     original = losses._chunk_logits
@@ -171,6 +174,7 @@ def test_trainer_on_a_tied_soft_capped_gemma2_matches_the_dense_reference(tiny_m
     from test_train import _collated, _trainer
 
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 32000 * 5)  # chunks of 5 rows
+    monkeypatch.setattr(losses, "CHUNK_MIN_ROWS", 1)
     model_dir = _tiny_gemma2(tiny_models["mistral"], tmp_path / "gemma2")
     trainer, model, tokenizer = _trainer(model_dir, tmp_path, lm_weight=0.5, temperature=2.0)
     assert model.lm_head.weight is model.model.embed_tokens.weight

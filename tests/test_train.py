@@ -97,6 +97,7 @@ def test_sparse_loss_matches_dense_reference(
     # Several row chunks of the chunked head: 12 rows for mistral, 2 for qwen (single-row chunks
     # are matrix-vector products, whose float32 sums over 152k rows drift by ~1e-5 relative).
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 2 * 151_936)
+    monkeypatch.setattr(losses, "CHUNK_MIN_ROWS", 1)
     trainer, model, tokenizer = _trainer(tiny_models[name], tmp_path, lm_weight, temperature, device, dtype)
     rows = fused_rows(tiny_models[name], examples=3, top_k=4)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

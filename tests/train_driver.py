@@ -6,7 +6,7 @@ Usage (under ``deepspeed`` or ``torchrun``): ``train_driver.py CONFIG.json MODE 
 
 Environment: ``FUSION_TEST_LOSS=logits`` trains with the logits-based loss (the whole ``[N, V]``
 logits, then ``supervised_loss_sums``'s autograd function) in place of the chunked head, the
-reference of the chunked runs; ``FUSION_TEST_CHUNK_ELEMENTS`` sets ``losses.CHUNK_ELEMENTS``.
+reference of the chunked runs; ``FUSION_TEST_CHUNK_ELEMENTS`` sets ``losses.CHUNK_ELEMENTS`` (and no floor on the rows).
 """
 
 from __future__ import annotations
@@ -60,5 +60,6 @@ if __name__ == "__main__":
         train_module.head_loss_sums = logits_loss_sums
     if os.environ.get("FUSION_TEST_CHUNK_ELEMENTS"):
         losses.CHUNK_ELEMENTS = int(os.environ["FUSION_TEST_CHUNK_ELEMENTS"])
+        losses.CHUNK_MIN_ROWS = 1
     callback = EngineLogits(argument) if mode == "logits" else KillAtStep(int(argument))
     train(config, callbacks=[callback])
