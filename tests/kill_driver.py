@@ -2,7 +2,8 @@
 
 Usage: ``kill_driver.py WHEN TARGET N ARGS...``: kill the process on the N-th call of TARGET
 (``module:attribute.path``, e.g. ``datasets:Dataset.save_to_disk``), ``before`` it runs or
-``after`` it returned, then run ``fusion-train ARGS...``. The patch exists only in this driver:
+``after`` it returned, then run ``fusion-train ARGS...`` (``varm-merge ARGS...`` when the first
+argument is ``varm-merge``). The patch exists only in this driver:
 the project's code has no fault-injection hooks. A killed run exits with -SIGKILL, so a test
 can tell the planned kill from any other failure.
 """
@@ -52,6 +53,11 @@ def kill_at(target: str, when: str, n: int) -> None:
 if __name__ == "__main__":
     when, target, count, *arguments = sys.argv[1:]
     kill_at(target, when, int(count))
-    from fusion_train.cli import main
+    if arguments[:1] == ["varm-merge"]:
+        from varm_merge.cli import main
 
-    main(arguments, prog_name="fusion-train")
+        main(arguments[1:], prog_name="varm-merge")
+    else:
+        from fusion_train.cli import main
+
+        main(arguments, prog_name="fusion-train")

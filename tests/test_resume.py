@@ -283,3 +283,28 @@ def test_recipe_killed_after_training_published_its_model_resumes(recipe, uninte
 
     run_pipeline(load_recipe(recipe), echo=lambda _: None)
     assert_same_run(run, uninterrupted_run)
+
+
+@pytest.mark.slow
+def test_merge_killed_mid_write_resumes(tmp_path: Path) -> None:
+    """`varm-merge run` SIGKILLed once mergekit has written the weights, before the tokenizer and
+    the rename: no output folder appears, and the rerun writes what an uninterrupted merge writes."""
+    from varm_fixtures import make_base, make_target
+
+    base = make_base(tmp_path / "pivot")
+    make_target(tmp_path / "target-1", base, seed=1)
+    make_target(tmp_path / "target-2", base, seed=2)
+    config = tmp_path / "varm.yml"
+    merge = [str(Path(sys.executable).with_name("varm-merge"))]
+    subprocess.run([*merge, "config", "varm", "--pivot", tmp_path / "pivot", "--target", tmp_path / "target-1",
+                    "--target", tmp_path / "target-2", "-o", config], check=True, capture_output=True)  # fmt: skip
+    subprocess.run([*merge, "run", config, tmp_path / "merged"], check=True, capture_output=True)
+    (tmp_path / "merged").rename(tmp_path / "reference")
+
+    run_killed("after", "safetensors.torch:save_file", 1, ["varm-merge", "run", config, tmp_path / "merged"])
+    assert not (tmp_path / "merged").exists()  # complete or absent
+    subprocess.run([*merge, "run", config, tmp_path / "merged"], check=True, capture_output=True)
+    # The model card lists the merged models in set order, which differs between processes.
+    assert_same_output(tmp_path / "merged", tmp_path / "reference", ignore=(Path("README.md"),))
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert str(tmp_path / "target-1") in card and str(tmp_path / "target-2") in card
