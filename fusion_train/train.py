@@ -379,7 +379,7 @@ class FusionCollator:
 
 # Config entries of models that rescale the LM head's output after the head module: the chunked
 # loss cannot see them (final_logit_softcapping, Gemma-2's, is applied inside the loss instead).
-LOGIT_RESCALING = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+LOGIT_RESCALING = ("logit_scale", "logits_scaling")
 
 
 @contextmanager
@@ -391,7 +391,7 @@ def head_losses_at(
     topk_ids: torch.Tensor | None,
     fused: torch.Tensor | None,
     chunk_rows: int | None = None,
-) -> Iterator[None]:
+) -> Iterator[SimpleNamespace]:
     """Make the model's LM head return the loss sums ``(clm, fusion)`` instead of logits.
 
     While the block runs, the output-embedding module's ``forward`` takes the hidden states at
@@ -400,7 +400,9 @@ def head_losses_at(
     place of its logits and no ``[N, V]`` logits ever exist. The module is still *called*, so
     DeepSpeed's hooks around it run: under ZeRO-3 the head's weight is gathered for the call,
     gathered again for its backward, and its gradient reaches the partitioned parameter.
-    A model's ``final_logit_softcapping`` moves into the loss for the duration.
+    A model's ``final_logit_softcapping`` moves into the loss for the duration. Yields a record
+    whose ``returned`` says whether the head has returned (then an error means the model worked
+    on its head's output: see ``FusionTrainer.compute_loss``).
     """
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
@@ -416,19 +418,22 @@ def head_losses_at(
             "the fused loss supports plain heads and final_logit_softcapping only."
         )
     softcap = getattr(config, "final_logit_softcapping", None)
+    state = SimpleNamespace(returned=False)
 
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         rows = hidden_states.flatten(0, -2)[positions]
-        return head_loss_sums(
+        sums = head_loss_sums(
             rows, head.weight, head.bias, labels, tokenizer_size, topk_ids, fused, softcap, chunk_rows
         )
+        state.returned = True
+        return sums
 
     previous = head.__dict__.get("forward")
     head.forward = forward
     if softcap is not None:
         config.final_logit_softcapping = None
     try:
-        yield
+        yield state
     finally:
         if previous is None:
             del head.forward
@@ -491,13 +496,24 @@ class FusionTrainer(Trainer):
         positions = predicting.flatten().nonzero()[:, 0]
         with head_losses_at(
             unwrapped, positions, gold, self.tokenizer_size, topk_ids, fused, self.loss_chunk_rows
-        ):
-            outputs = model(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
-            )
+        ) as head:
+            try:
+                outputs = model(
+                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+                )
+            except (TypeError, AttributeError) as error:
+                if not head.returned:
+                    raise
+                raise TrainInputError(
+                    f"{type(unwrapped).__name__} works on its LM head's logits after the head ({error}); "
+                    "the fused loss supports models that return the head's output as their logits "
+                    "(and Gemma-2's final_logit_softcapping)."
+                ) from error
         sums = outputs.logits  # the head returned (CLM sum, fusion sum)
-        if not (isinstance(sums, tuple) and len(sums) == 2):  # pragma: no cover - checked by head_losses_at
-            raise TypeError(f"{type(unwrapped).__name__} changed its LM head's output; cannot train it.")
+        if not (isinstance(sums, tuple) and len(sums) == 2):
+            raise TrainInputError(
+                f"{type(unwrapped).__name__} changed its LM head's output; the fused loss cannot train it."
+            )
         clm_sum, fusion_sum = sums
         loss = self.lm_weight * clm_sum
         if fusion:

@@ -204,3 +204,23 @@ def test_models_that_rescale_their_logits_are_refused(tiny_models, tmp_path):
     with pytest.raises(TrainInputError, match="rescales its logits after the LM head \\(logit_scale"):
         trainer.compute_loss(model, _collated(rows, tokenizer.eos_token_id))
     assert "forward" not in vars(model.lm_head)
+
+
+def test_models_that_work_on_the_heads_output_are_refused(tiny_models, tmp_path):
+    """Granite divides its logits by ``logits_scaling`` after the head, even by 1.0: refused with
+    the reason, not a TypeError from inside the model."""
+    from test_train import _collated, _trainer
+    from transformers import AutoTokenizer, GraniteConfig, GraniteForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["mistral"])
+    config = GraniteConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, logits_scaling=1.0)  # fmt: skip
+    GraniteForCausalLM(config).save_pretrained(tmp_path / "granite")
+    tokenizer.save_pretrained(tmp_path / "granite")
+    trainer, model, _ = _trainer(tmp_path / "granite", tmp_path, lm_weight=0.5)
+    rows = fused_rows(tiny_models["mistral"], examples=1)
+    with pytest.raises(
+        TrainInputError, match="GraniteForCausalLM works on its LM head's logits after the head"
+    ):
+        trainer.compute_loss(model, _collated(rows, tokenizer.eos_token_id))
+    assert "forward" not in vars(model.lm_head)
