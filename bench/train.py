@@ -9,23 +9,40 @@ fused targets (the pivot as the winning candidate: real top-10 distributions). F
   training (lm weight 1.0): ``FusionTrainer.compute_loss`` + backward + AdamW, both modes on
   the same batches, alternating, in one process (goal: at most 1.10x each). DeepSpeed is left
   out: its per-step work is the same for both modes;
-- peak extra memory of one forward + backward of the loss at N positions: our sparse loss against
-  the reference code's dense-target loss (a [N, vocab] target and a full log-softmax), at the
-  model's vocabulary and at Gemma-3's 262,144 (ratio reported).
+- the LM head and loss alone (``--head-only`` runs just this part): one forward + backward from
+  hidden states [N, H] and a head [V, H] to the loss, on the same batch, three ways: the chunked
+  head that training uses (``losses.head_loss_sums``: no [N, V] logits), the sparse loss on the
+  whole logits (``supervised_loss_sums``, the previous training path) and the reference code's
+  dense-target loss (a [N, V] target and a full log-softmax), at V = 49,152 (SmolLM2) and 262,144
+  (Gemma-3) and N = 2,048 and 8,192: peak RSS above the inputs (each measurement in a fresh
+  process, so no freed-but-kept heap of another one hides memory) and step time. A way whose
+  estimated memory does not fit in the machine's available memory is skipped.
+
+    .venv/bin/python bench/train.py --head-only [--head-hidden 576] [--head-positions 2048,8192]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from fusion_train.losses import fused_weights, supervised_loss_sums
+from fusion_train.losses import (
+    CHUNK_ELEMENTS,
+    CHUNK_MIN_ROWS,
+    fused_weights,
+    head_chunk_rows,
+    head_loss_sums,
+    supervised_loss_sums,
+)
 from fusion_train.registry_assets import ALPACA_EVAL_OUTPUTS, fetch, smollm2_instruct_dir
 from fusion_train.represent import RepresentSettings, load_representation, represent
 from fusion_train.storage import read_json, write_json_atomic
@@ -154,18 +171,91 @@ def sparse_loss(logits, labels, topk_ids, topk_logprobs, lm_weight: float) -> to
     return (lm_weight * sums.clm + (1 - lm_weight) * sums.fusion) / len(labels)
 
 
-def loss_peak_mib(loss_fn, positions: int, vocab: int, top_k: int) -> tuple[float, float]:
-    """Peak RSS above the logits themselves during forward + backward, and the logits' size (MiB)."""
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(positions, vocab, generator=generator).requires_grad_()
+HEAD_WAYS = ("chunked", "sparse", "dense")
+
+
+def head_problem(positions: int, vocab: int, hidden: int, top_k: int, seed: int = 0) -> tuple:
+    """Hidden states [N, H] and a head [V, H] (both trainable), labels and top-k targets."""
+    generator = torch.Generator().manual_seed(seed)
+    h = torch.randn(positions, hidden, generator=generator).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=generator) * (4 / hidden**0.5)).requires_grad_()
     labels = torch.randint(0, vocab, (positions,), generator=generator)
     topk_ids = torch.randint(0, vocab, (positions, top_k), generator=generator)
     topk_logprobs = torch.log_softmax(torch.randn(positions, top_k, generator=generator), -1)
+    return h, w, labels, topk_ids, topk_logprobs
+
+
+def head_step(
+    way: str, h, w, labels, topk_ids, topk_logprobs, lm_weight: float = 0.9, chunk_elements: int | None = None
+) -> float:
+    """One forward + backward from the hidden states to the loss; returns the loss."""
+    if way == "chunked":
+        fused = fused_weights(topk_ids, topk_logprobs, 1.0)
+        rows = head_chunk_rows(w.shape[0], chunk_elements)
+        clm, fusion = head_loss_sums(h, w, None, labels, w.shape[0], topk_ids, fused, chunk_rows=rows)
+        loss = (lm_weight * clm + (1 - lm_weight) * fusion) / len(labels)
+    else:
+        logits = torch.nn.functional.linear(h, w)
+        loss = (sparse_loss if way == "sparse" else dense_target_loss)(
+            logits, labels, topk_ids, topk_logprobs, lm_weight
+        )
+        del logits
+    loss.backward()
+    return loss.item()
+
+
+def measure_head(way: str, positions: int, vocab: int, hidden: int, top_k: int, chunk_elements: int) -> dict:
+    """In this (fresh) process: peak RSS above the inputs during one step, and its time."""
+    head_step(way, *head_problem(64, vocab, hidden, top_k, seed=1))  # kernels and thread pools
+    problem = head_problem(positions, vocab, hidden, top_k)
+    gc.collect()
     reset_peak()
     base = rss_kib("VmRSS")
-    loss_fn(logits, labels, topk_ids, topk_logprobs, 0.9).backward()
-    extra = (rss_kib("VmHWM") - base) / 1024
-    return extra, logits.numel() * 4 / 2**20
+    started = time.perf_counter()
+    loss = head_step(way, *problem, chunk_elements=chunk_elements)
+    seconds = time.perf_counter() - started
+    return {"extra_mib": (rss_kib("VmHWM") - base) / 1024, "seconds": seconds, "loss": loss}
+
+
+def available_mib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def head_comparison(
+    positions: list[int], vocabs: list[int], hidden: int, top_k: int, ways: list[str], chunk_elements: int
+) -> None:
+    """The table: each (N, V, way) measured in its own process, the three ways on the same batch."""
+    print(f"\nLM head + loss, forward + backward from hidden states [N, {hidden}], top-{top_k}, "
+          f"{torch.get_num_threads()} threads; chunks of {chunk_elements} float32 logits, "
+          f">= {CHUNK_MIN_ROWS} rows")  # fmt: skip
+    print("extra: peak RSS above the inputs (hidden states, head weight, targets); it includes the")
+    print("head's weight gradient [V, H] (every way makes it) and, for the logits ways, the logits")
+    header = f"{'N':>6} {'V':>8} {'logits f32':>11} {'head grad':>10} |"
+    print(header + "".join(f" {way + ' extra':>15} {way + ' s':>11}" for way in ways))
+    for vocab in vocabs:
+        for n in positions:
+            losses_seen: list[float] = []
+            logits_mib = n * vocab * 4 / 2**20
+            need = {"chunked": 0.0, "sparse": 2.5 * logits_mib, "dense": 6 * logits_mib}
+            row = f"{n:>6} {vocab:>8} {logits_mib:>8.0f} MiB {vocab * hidden * 4 / 2**20:>6.0f} MiB |"
+            for way in ways:
+                if need[way] + vocab * hidden * 12 / 2**20 > 0.8 * available_mib():
+                    row += f" {'(no memory)':>15} {'':>11}"
+                    continue
+                command = [sys.executable, __file__, "--measure-head", way, str(n), str(vocab), str(hidden),
+                           str(top_k), str(chunk_elements)]  # fmt: skip
+                child = subprocess.run(command, check=False, capture_output=True, text=True)
+                if child.returncode != 0:  # e.g. killed for memory by the OS
+                    row += f" {'(failed: ' + str(child.returncode) + ')':>15} {'':>11}"
+                    continue
+                result = json.loads(child.stdout.strip().splitlines()[-1])
+                losses_seen.append(result["loss"])
+                row += f" {result['extra_mib']:>11.0f} MiB {result['seconds']:>9.1f} s"
+            spread = (max(losses_seen) - min(losses_seen)) / abs(losses_seen[0]) if losses_seen else 0.0
+            print(f"{row}  losses agree to {spread:.0e}", flush=True)
 
 
 # --------------------------------------------------------------------------- report
@@ -180,8 +270,31 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--loss-positions", type=int, default=2048)
+    parser.add_argument("--head-only", action="store_true", help="only the LM head + loss comparison")
+    parser.add_argument("--head-positions", default="2048,8192")
+    parser.add_argument("--head-vocabs", default=f"49152,{GEMMA3_VOCAB}")
+    parser.add_argument("--head-hidden", type=int, default=576)  # SmolLM2-135M's
+    parser.add_argument("--head-ways", default=",".join(HEAD_WAYS))
+    parser.add_argument(
+        "--head-chunk-elements", type=int, default=CHUNK_ELEMENTS, help="float32 logits per chunk"
+    )
+    parser.add_argument("--measure-head", nargs=6, help=argparse.SUPPRESS)  # WAY N V H K CHUNK, in a child
     args = parser.parse_args()
+    if args.measure_head:
+        way, *sizes = args.measure_head
+        print(json.dumps(measure_head(way, *map(int, sizes))))
+        return
+    head_args = (
+        [int(x) for x in args.head_positions.split(",")],
+        [int(x) for x in args.head_vocabs.split(",")],
+        args.head_hidden,
+        args.top_k,
+        args.head_ways.split(","),
+        args.head_chunk_elements,
+    )
+    if args.head_only:
+        head_comparison(*head_args)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -205,18 +318,7 @@ def main() -> None:
     peak_ratio = max(r["peak_kib"] for r in fusion) / max(r["peak_kib"] for r in clm)
     print(f"{'ratio fusion / CLM':22}{time_ratio:14.3f}{peak_ratio:14.3f}  (goal <= 1.10)")
     print("(time ratio: median over batches of fusion / CLM on the same batch, timed back to back)")
-
-    vocab = read_json(smollm2_instruct_dir() / "config.json")["vocab_size"]
-    print(
-        f"\nloss forward + backward at {args.loss_positions} positions, top-{args.top_k}: peak RSS above the logits"
-    )
-    for size in (vocab, GEMMA3_VOCAB):
-        dense, logits_mib = loss_peak_mib(dense_target_loss, args.loss_positions, size, args.top_k)
-        sparse, _ = loss_peak_mib(sparse_loss, args.loss_positions, size, args.top_k)
-        print(
-            f"vocab {size:>7}: logits {logits_mib:7.0f} MiB | dense target {dense:7.0f} MiB | "
-            f"sparse {sparse:7.0f} MiB | ratio sparse / dense {sparse / dense:.2f}"
-        )
+    head_comparison(*head_args)
 
 
 if __name__ == "__main__":
