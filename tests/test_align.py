@@ -226,7 +226,7 @@ def test_pairs_cover_the_same_bytes_of_the_rendered_text(
     # source token covering one of them with the answer's first word ("▁Hello") is never paired.
     # (A source that splits the space off, "▁" "4", pairs its "4" with the pivot's: same bytes.)
     if source == "qwen" or template == "chatml":
-        assert first_paired_by_answer["Hello world."] and sum(first_paired_by_answer.values()) >= 4
+        assert first_paired_by_answer["Hello world."] and sum(first_paired_by_answer.values()) >= 3
     else:
         assert not first_paired_by_answer["Hello world."]
         p_enc = encode_conversation(pivot[1], RECORDS[0], 4096, "truncate")
