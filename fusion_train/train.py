@@ -41,7 +41,7 @@ from fusion_train.errors import Command, UserError
 from fusion_train.losses import fused_weights, head_loss_sums
 from fusion_train.models import load_model, load_tokenizer, tokenizer_hash
 from fusion_train.options import FRACTION, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
-from fusion_train.storage import MANIFEST, claim_output, read_json, write_json_atomic
+from fusion_train.storage import MANIFEST, claim_output, open_to_umask, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -727,6 +727,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any] 
             "wall_time_s": time.time() - started,
         }
         write_json_atomic(staging / SUMMARY, summary)
+        open_to_umask(staging)  # safetensors writes its files 0600
         os.replace(staging, config.out)
         log.info("%s: trained %d steps; checkpoints and logs stay in %s", config.out, summary["steps"], work)
     trainer.accelerator.wait_for_everyone()

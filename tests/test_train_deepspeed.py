@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -99,6 +100,9 @@ def _check_output(out: Path, pivot: Path, rows: list[dict]) -> dict:
     assert expected <= names, names
     assert "chat_template.jinja" in names or "chat_template" in (out / "tokenizer_config.json").read_text()
     assert "training_args.bin" not in names
+    umask = os.umask(0)
+    os.umask(umask)  # every file as readable as the umask allows (safetensors itself writes 0600)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()} == {0o666 & ~umask}
     summary = json.loads((out / SUMMARY).read_text())
     assert summary["steps"] == SETTINGS["max_steps"]
     assert summary["data"]["examples"] == len(rows)
