@@ -15,6 +15,7 @@ from typing import Any
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 BYTE_LEVEL = {"smollm2": True, "qwen": True, "mistral": False, "gemma3": False}
+UNICODE_TO_BYTE = {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 def reference_token_bytes(tokenizer: Any, token_id: int, byte_level: bool) -> bytes | None:
@@ -23,8 +24,7 @@ def reference_token_bytes(tokenizer: Any, token_id: int, byte_level: bool) -> by
         return None
     token = tokenizer.convert_ids_to_tokens(token_id)
     if byte_level:
-        table = {char: byte for byte, char in bytes_to_unicode().items()}
-        return bytes(table[char] for char in token)
+        return bytes(UNICODE_TO_BYTE[char] for char in token)
     if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
         return bytes([int(token[3:5], 16)])
     return token.replace("\u2581", " ").encode("utf-8")
