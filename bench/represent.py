@@ -1,14 +1,17 @@
 """Benchmark `fusion-train represent` on a real small model against a plain forward pass.
 
     .venv/bin/python bench/represent.py [--records 200] [--max-length 512] [--top-k 10]
+        [--model smollm2|gemma3] [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16]
 
-Model: SmolLM2-135M-Instruct (from the package index, converted once). Data: the first N
-records of alpaca-eval 0.6.6's example outputs. Figures:
+Model: SmolLM2-135M-Instruct or Gemma-3-270m (from the package index, converted once). Data:
+the first N records of alpaca-eval 0.6.6's example outputs. Both sides run on the same device
+in the same dtype (`fusion_train.inference`). Figures:
 - supervised tokens per second of `represent` (encoding, scoring, writing: the parts' own
   timers) against a plain batched forward pass (`model(ids).logits`) over the same batches in
   the same run (goal: ratio >= 0.85);
 - bytes on disk per supervised token against 1.15 x (6k + 12) (goal: at or below), and the
-  reference layout (every sequence padded to 2048, int64 ids, float32 values) for scale.
+  reference layout (every sequence padded to 2048, int64 ids, float32 values) for scale;
+- on a GPU, the peak GPU memory of each side.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from pathlib import Path
 import torch
 
 from fusion_train.chat import load_conversations, resolve_chat_template
-from fusion_train.models import load_model, load_tokenizer
-from fusion_train.registry_assets import ALPACA_EVAL_OUTPUTS, fetch, smollm2_instruct_dir
+from fusion_train.inference import InferenceSettings, Scorer
+from fusion_train.models import load_tokenizer
+from fusion_train.registry_assets import ALPACA_EVAL_OUTPUTS, fetch, gemma3_270m_dir, smollm2_instruct_dir
 from fusion_train.represent import (
     ChatTokenizer,
     RepresentSettings,
@@ -39,11 +43,12 @@ def directory_bytes(path: Path) -> int:
 
 @torch.inference_mode()
 def plain_forward_seconds(
-    model_dir: Path, data: Path, settings: RepresentSettings, batch_tokens: int
+    model_dir: Path, data: Path, settings: RepresentSettings, batch_tokens: int, inference: InferenceSettings
 ) -> float:
     """Time `model(ids).logits` over exactly the batches `represent` builds (per chunk, by length)."""
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir)
+    scorer = Scorer.load(model_dir, inference)
+    model, device = scorer.model, scorer.device
     template, _ = resolve_chat_template(tokenizer, None)
     chat = ChatTokenizer.of(tokenizer, template)
     encoded = [
@@ -60,12 +65,28 @@ def plain_forward_seconds(
         for row, example in enumerate(batch):
             ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
             mask[row, : len(example.input_ids)] = 1
-        batches.append((ids, mask))
+        batches.append((ids.to(device), mask.to(device)))
     model(batches[0][0][:1, :16])  # warm-up
+    synchronize(device)
     started = time.perf_counter()
     for ids, mask in batches:
         model(input_ids=ids, attention_mask=mask).logits.float()
+    synchronize(device)
     return time.perf_counter() - started
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gpu_memory() -> str:
+    """The peak GPU memory since the last call (and resets it); empty without a GPU."""
+    if not torch.cuda.is_available():
+        return ""
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return f", peak GPU memory {peak:.2f} GiB"
 
 
 def main() -> None:
@@ -76,16 +97,23 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
 
-    model_dir = smollm2_instruct_dir()
+    model_dir = smollm2_instruct_dir() if args.model == "smollm2" else gemma3_270m_dir()
+    inference = InferenceSettings(device=args.device, dtype=args.dtype)
     records = json.loads(fetch(ALPACA_EVAL_OUTPUTS).read_text())[: args.records]
     settings = RepresentSettings(top_k=args.top_k, max_length=args.max_length, chunk_size=64)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data.json"
         data.write_text(json.dumps(records))
-        baseline = plain_forward_seconds(model_dir, data, settings, args.batch_tokens)
-        summary = represent(model_dir, data, Path(tmp) / "out", settings, batch_tokens=args.batch_tokens)
+        baseline = plain_forward_seconds(model_dir, data, settings, args.batch_tokens, inference)
+        plain_memory = peak_gpu_memory()
+        summary = represent(model_dir, data, Path(tmp) / "out", settings, inference=inference,
+                            batch_tokens=args.batch_tokens)  # fmt: skip
+        ours_memory = peak_gpu_memory()
         disk = directory_bytes(Path(tmp) / "out" / "parts")
 
     tokens = summary.supervised_tokens
@@ -93,14 +121,16 @@ def main() -> None:
     per_token = disk / tokens
     goal = 1.15 * (6 * args.top_k + 12)
     reference = summary.represented * 2048 * (8 + args.top_k * (8 + 4)) / tokens
+    placement = summary.placement
     print(
-        f"records {summary.represented}, supervised tokens {tokens}, top-k {args.top_k}, threads {torch.get_num_threads()}"
+        f"{args.model}: records {summary.represented}, supervised tokens {tokens}, top-k {args.top_k}, "
+        f"device {placement['device']}, dtype {placement['dtype']}, threads {torch.get_num_threads()}"
     )
     print(
-        f"represent      {ours:10.0f} supervised tokens/s ({summary.seconds:.1f} s, encode + score + write)"
+        f"represent      {ours:10.0f} supervised tokens/s ({summary.seconds:.1f} s, encode + score + write){ours_memory}"
     )
     print(
-        f"plain forward  {plain:10.0f} supervised tokens/s ({baseline:.1f} s, model(ids).logits, same batches)"
+        f"plain forward  {plain:10.0f} supervised tokens/s ({baseline:.1f} s, model(ids).logits, same batches){plain_memory}"
     )
     print(f"ratio          {ours / plain:10.2f}  (goal >= 0.85)")
     print(

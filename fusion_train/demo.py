@@ -93,7 +93,8 @@ def demo_recipe(out_dir: Path, quick: bool) -> dict:
         "represent": size["represent"],
         "align": {"token_align": "spans", "vocab_map": "exact"},
         "fuse": {"criterion": "min-ce", "ce_unit": "byte"},
-        "train": {"nproc": 1, "deepspeed": "zero2", "lm_weight": 0.9, **size["train"]},
+        "train": {"deepspeed": "zero2", "lm_weight": 0.9, **size["train"]},
+        "resources": {"nproc": 1},
         "merge": {"methods": ["varm", "task_arithmetic", "ties", "slerp", "sce", "linear"]},
         "evaluate": size["evaluate"],
     }

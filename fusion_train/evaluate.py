@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,21 @@ from tqdm.auto import tqdm
 from fusion_train import options
 from fusion_train.chat import Conversation, data_fingerprint, load_conversations, resolve_chat_template
 from fusion_train.errors import Command, UserError
-from fusion_train.models import load_model, load_tokenizer, model_fingerprint
-from fusion_train.represent import ChatTokenizer, batches_by_length, encode_conversation, score_batch
+from fusion_train.inference import InferenceSettings, Scorer, inference_settings
+from fusion_train.launch import (
+    Rank,
+    all_ranks,
+    barrier,
+    launch_options,
+    process_group,
+    relaunch,
+    wants_launch,
+)
+from fusion_train.models import load_tokenizer, model_fingerprint
+from fusion_train.represent import ChatTokenizer, batches_by_length, encode_conversation
 from fusion_train.storage import atomic_write_text, read_json, write_json_atomic
 
+MODULE = "fusion_train.evaluate"  # what the launcher runs in every process
 BOOTSTRAP_SAMPLES = 1000
 ROLES = ("pivot", "source", "target", "baseline", "merge", "model")  # how the report groups rows
 
@@ -61,25 +72,37 @@ def response_losses(
     max_length: int = 2048,
     batch_tokens: int = 4096,
     gguf_file: str | None = None,
+    inference: InferenceSettings | None = None,
     progress: bool = True,
 ) -> list[ExampleLoss]:
-    """Summed negative log-likelihood and byte count of every example's assistant text."""
+    """Summed negative log-likelihood and byte count of every example's assistant text.
+
+    In a launched job (inside :func:`process_group`) every rank scores every n-th batch of the
+    same length-sorted batches a single process would form, so the figures do not depend on the
+    number of ranks, and every rank returns all of them."""
     tokenizer = load_tokenizer(model_dir, gguf_file)
     template, _ = resolve_chat_template(tokenizer, chat_template)
-    model = load_model(model_dir, gguf_file)
+    scorer = Scorer.load(model_dir, inference or InferenceSettings(), gguf_file)
     chat = ChatTokenizer.of(tokenizer, template)
     encoded = [e for c in conversations if not isinstance(e := encode_conversation(chat, c, max_length, "truncate"), str)]  # fmt: skip
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rank = Rank.of_this_process()
+    mine = list(batches_by_length(encoded, batch_tokens))[rank.rank :: rank.world_size]
     losses: dict[str, ExampleLoss] = {}
-    batches = list(batches_by_length(encoded, batch_tokens))
-    for batch in tqdm(batches, desc=f"evaluate {Path(model_dir).name}", unit="batch", disable=not progress):
-        for scored in score_batch(model, batch, 1, len(tokenizer), pad_id):
+    bar = tqdm(
+        mine, desc=f"evaluate {Path(model_dir).name}", unit="batch", disable=not (progress and rank.is_main)
+    )
+    for batch in bar:
+        for scored in scorer.score(batch, 1, len(tokenizer), pad_id):
             example = scored.example
             text_tokens = np.array(example.byte_end) > np.array(example.byte_start)  # not end-of-turn
             nll = -float(scored.target_logprob[text_tokens].astype(np.float64).sum())
             losses[example.conv.id] = ExampleLoss(
                 example.conv.id, example.conv.domain, nll, example.num_bytes
             )
+    scorer.finish()
+    for share in all_ranks(losses):
+        losses.update(share)
     return [losses[e.conv.id] for e in encoded]
 
 
@@ -133,15 +156,15 @@ class ModelSpec:
     chat_template: str | None = None
 
 
-def losses_key(spec: ModelSpec, data_fingerprint: str, max_length: int) -> str:
+def losses_key(spec: ModelSpec, data_fingerprint: str, max_length: int, dtype: str) -> str:
     """Names a model's cached losses by everything they depend on: the model's files (not its path,
     so a model replaced at the same path is scored again), the text of a chat template given
-    for it, the data and the length limit."""
+    for it, the data, the length limit and the dtype the weights run in."""
     template = None
     if spec.chat_template:  # a built-in name or a .jinja file, whose text may change
         text, _ = resolve_chat_template(None, spec.chat_template)
         template = hashlib.sha256(text.encode()).hexdigest()[:16]
-    key = [model_fingerprint(spec.path), template, data_fingerprint, max_length]
+    key = [model_fingerprint(spec.path), template, data_fingerprint, max_length, dtype]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
@@ -154,16 +177,20 @@ def evaluate(
     batch_tokens: int = 4096,
     compare_to: str | None = None,
     cache_dir: str | Path | None = None,
+    inference: InferenceSettings | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score every model on the same responses; write report.json, report.md and report.png.
 
     Per-model losses are cached in ``cache_dir`` (default ``out_dir/losses/``; see
-    :func:`losses_key`), so adding a model to a finished evaluation scores only the new one. Figures are computed over the
-    examples every model could score, so all rows describe the same text. With ``compare_to``
-    (a model's name), every row also gets its paired difference to that model.
+    :func:`losses_key`), so adding a model to a finished evaluation scores only the new one.
+    Figures are computed over the examples every model could score, so all rows describe the
+    same text. With ``compare_to`` (a model's name), every row also gets its paired difference
+    to that model. In a launched job the ranks share each model's batches and rank 0 writes.
     """
     out_dir = Path(out_dir)
+    inference = inference or InferenceSettings()
+    inference.check()
     if len({m.name for m in models}) < len(models):
         raise EvaluateError("two models have the same name; names label the report's rows")
     if compare_to is not None and compare_to not in {m.name for m in models}:
@@ -172,16 +199,23 @@ def evaluate(
         )
     conversations = load_conversations(data_path)
     fingerprint = data_fingerprint(conversations)
+    dtype = str(inference.resolved_dtype()).removeprefix("torch.")
     per_model: dict[str, list[ExampleLoss]] = {}
-    for spec in models:
-        cached = Path(cache_dir or out_dir / "losses") / f"{losses_key(spec, fingerprint, max_length)}.json"
-        if cached.exists():
-            per_model[spec.name] = [ExampleLoss(**x) for x in read_json(cached)]
-            continue
-        losses = response_losses(spec.path, conversations, chat_template=spec.chat_template, max_length=max_length,
-                                 batch_tokens=batch_tokens, progress=progress)  # fmt: skip
-        write_json_atomic(cached, [asdict(x) for x in losses])
-        per_model[spec.name] = losses
+    with process_group(deepspeed=inference.deepspeed is not None) as rank:
+        for spec in models:
+            cached = (
+                Path(cache_dir or out_dir / "losses")
+                / f"{losses_key(spec, fingerprint, max_length, dtype)}.json"
+            )
+            if cached.exists():
+                per_model[spec.name] = [ExampleLoss(**x) for x in read_json(cached)]
+                continue
+            losses = response_losses(spec.path, conversations, chat_template=spec.chat_template, max_length=max_length,
+                                     batch_tokens=batch_tokens, inference=inference, progress=progress)  # fmt: skip
+            if rank.is_main:
+                write_json_atomic(cached, [asdict(x) for x in losses])
+            barrier()  # no rank looks for the next cached file before it is written
+            per_model[spec.name] = losses
 
     common = set.intersection(*({x.id for x in losses} for losses in per_model.values()))
     if not common:
@@ -207,9 +241,10 @@ def evaluate(
         "compare_to": compare_to,
         "models": rows,
     }
-    write_json_atomic(out_dir / "report.json", report)
-    atomic_write_text(out_dir / "report.md", markdown_report(report))
-    plot_report(report, out_dir / "report.png")
+    if rank.is_main:
+        write_json_atomic(out_dir / "report.json", report)
+        atomic_write_text(out_dir / "report.md", markdown_report(report))
+        plot_report(report, out_dir / "report.png")
     return report
 
 
@@ -318,9 +353,7 @@ def _plot_differences(ax: Any, rows: list[dict[str, Any]], reference: str, colou
 def parse_model_option(item: str) -> ModelSpec:
     """``NAME=DIR[:ROLE]``. DIR may hold ':' (and '='): the text after the last ':' is the role only
     when it is one of ROLES and DIR is not itself a directory."""
-    name, sep, rest = item.partition("=")
-    if not sep or not name or not rest:
-        raise click.BadParameter(f"expected NAME=DIR[:ROLE], got {item!r}", param_hint="--model")
+    name, rest = parse_pair(item, "--model", "NAME=DIR[:ROLE]")
     path, sep, role = rest.rpartition(":")
     if Path(rest).is_dir() or not sep or role not in ROLES:
         path, role = rest, "model"
@@ -348,13 +381,59 @@ def parse_model_option(item: str) -> ModelSpec:
     metavar="NAME",
     help="Also give every model's paired difference to this one (e.g. the CLM-only baseline).",
 )
+@click.option(
+    "--chat-template",
+    "chat_templates",
+    multiple=True,
+    metavar="NAME=TEMPLATE",
+    help="The chat template of the model named NAME (built-in name or .jinja file), repeatable. "
+    "Default: each tokenizer's own, else the plain fallback.",
+)
 @options.output_directory("Report directory; models scored before are reused.")
 @options.max_length
 @options.batch_tokens
-def evaluate_command(data_path: str, models: tuple[str, ...], compare_to: str | None, out_dir: str, max_length: int, batch_tokens: int) -> None:  # fmt: skip
-    """Compare models by the bits per byte they need for the reference responses."""
-    specs = [parse_model_option(item) for item in models]
-    report = evaluate(specs, data_path, out_dir, max_length=max_length, batch_tokens=batch_tokens,
-                      compare_to=compare_to)  # fmt: skip
-    click.echo(markdown_report(report))
-    click.echo(f"written: {Path(out_dir) / 'report.md'}, report.json, report.png")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where scored models' losses are kept, keyed by content (default: OUT/losses).",
+)
+@options.inference_options
+@launch_options
+def evaluate_command(**params: Any) -> None:
+    """Compare models by the bits per byte they need for the reference responses.
+
+    With --nproc N the batches of every model are split between N processes (one per GPU, or
+    CPU processes) under the deepspeed launcher; the figures do not change."""
+    templates = dict(
+        parse_pair(item, "--chat-template", "NAME=TEMPLATE") for item in params["chat_templates"]
+    )
+    specs = [parse_model_option(item) for item in params["models"]]
+    unknown = sorted(set(templates) - {spec.name for spec in specs})
+    if unknown:
+        raise click.BadParameter(f"no --model is named {unknown[0]!r}", param_hint="--chat-template")
+    specs = [replace(spec, chat_template=templates.get(spec.name)) for spec in specs]
+    if wants_launch(params):
+        load_conversations(params["data_path"])  # bad data fail here, once, not in every rank
+        inference_settings(params).check()
+        relaunch(MODULE, evaluate_command, params)
+        return
+    report = evaluate(
+        specs, params["data_path"], params["out_dir"], max_length=params["max_length"],
+        batch_tokens=params["batch_tokens"], compare_to=params["compare_to"], cache_dir=params["cache_dir"],
+        inference=inference_settings(params),
+    )  # fmt: skip
+    if Rank.of_this_process().is_main:
+        click.echo(markdown_report(report))
+        click.echo(f"written: {Path(params['out_dir']) / 'report.md'}, report.json, report.png")
+
+
+def parse_pair(item: str, option: str, metavar: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not name or not value:
+        raise click.BadParameter(f"expected {metavar}, got {item!r}", param_hint=option)
+    return name, value
+
+
+if __name__ == "__main__":
+    evaluate_command(prog_name="fusion-train evaluate")

@@ -72,13 +72,30 @@ def load_tokenizer(path: str | Path, gguf_file: str | None = None, trust_remote_
     return tokenizer
 
 
+def attention_implementation(spec: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """``auto``: FlashAttention-2 on a GPU in 16-bit when ``flash_attn`` is installed, else
+    transformers' own default (SDPA where the architecture has it); otherwise ``spec``."""
+    if spec != "auto":
+        return spec
+    from transformers.utils import is_flash_attn_2_available
+
+    half = dtype in (torch.bfloat16, torch.float16)
+    return "flash_attention_2" if device.type == "cuda" and half and is_flash_attn_2_available() else None
+
+
 def load_model(
     path: str | Path,
     gguf_file: str | None = None,
-    dtype: str = "float32",
+    dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
+    *,
+    attn_implementation: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
 ) -> torch.nn.Module:
-    """A causal LM from local safetensors (or a GGUF file, dequantised), in eval mode."""
+    """A causal LM from local safetensors (or a GGUF file, dequantised), in eval mode.
+
+    ``dtype``: a torch dtype, its name, or "auto" (the checkpoint's). ``device_map``: where to
+    load the weights (accelerate's placement; "auto" spreads them over the visible GPUs)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -86,15 +103,27 @@ def load_model(
         raise ModelLoadError(
             f"{path}: no config.json; pass a saved Hugging Face model directory or --gguf-file."
         )
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        gguf_file=gguf_file,
-        dtype=torch_dtype,
-        local_files_only=True,
-        trust_remote_code=trust_remote_code,
-        use_safetensors=None if gguf_file else True,
-    )
+    torch_dtype = dtype if not isinstance(dtype, str) or dtype == "auto" else getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            gguf_file=gguf_file,
+            dtype=torch_dtype,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if gguf_file else True,
+            attn_implementation=attn_implementation,
+            device_map=device_map,
+        )
+    except ImportError as error:  # an attention implementation or device map whose package is missing
+        raise ModelLoadError(f"{path}: {error}") from error
+    except ValueError as error:
+        if attn_implementation and "attn" in str(error).lower():
+            raise ModelLoadError(
+                f"{path}: --attn-implementation {attn_implementation} is not available for this model or "
+                f"here ({str(error).splitlines()[0]}); use auto."
+            ) from error
+        raise
     return model.eval()
 
 
@@ -106,8 +135,14 @@ def identify(
         gguf_file=gguf_file,
         tokenizer_hash=tokenizer_hash(tokenizer),
         tokenizer_size=len(tokenizer),
-        vocab_size=model.get_output_embeddings().weight.shape[0],
+        vocab_size=output_rows(model),
     )
+
+
+def output_rows(model: torch.nn.Module) -> int:
+    """Rows of the output embedding (also of a ZeRO-3 partitioned one, whose local tensor is empty)."""
+    weight = model.get_output_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]
 
 
 def model_fingerprint(path: str | Path) -> str:

@@ -18,6 +18,14 @@ POSITIVE_FLOAT = click.FloatRange(min=0.0, min_open=True)
 NON_NEGATIVE_FLOAT = click.FloatRange(min=0.0)
 MODEL_DTYPES = click.Choice(["float32", "bfloat16", "float16", "auto"])
 
+attn_implementation = click.option(
+    "--attn-implementation",
+    type=click.Choice(["auto", "sdpa", "eager", "flash_attention_2"]),
+    default="auto",
+    help="Attention kernel: auto is FlashAttention-2 on GPUs in 16-bit where flash-attn is installed, "
+    "else transformers' default (SDPA where the model has it).",
+)
+
 pivot_representation = click.option(
     "--pivot",
     "pivot_dir",
@@ -47,3 +55,39 @@ def output_directory(
     help: str = "Output directory; rerunning with the same arguments reuses or resumes it.",
 ) -> Callable[[Any], Any]:
     return click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help=help)
+
+
+def inference_options(function: Any) -> Any:
+    """Where a scoring stage (represent, evaluate) runs the model: see ``fusion_train.inference``."""
+    for option in reversed(
+        [
+            click.option(
+                "--device",
+                default="auto",
+                help="auto (this rank's GPU if there is one, else the CPU), cpu, cuda (this rank's GPU) or cuda:N.",
+            ),
+            click.option(
+                "--dtype",
+                type=MODEL_DTYPES,
+                default="auto",
+                help="Weights' dtype: auto is bfloat16 on GPUs that support it, float32 elsewhere. "
+                "Log-softmax always runs in float32.",
+            ),
+            attn_implementation,
+            click.option(
+                "--deepspeed",
+                type=click.Choice(["zero3", "zero3-offload"]),
+                default=None,
+                help="ZeRO-3 partitioned inference for models larger than one GPU: each of the --nproc "
+                "ranks holds 1/N of the weights (zero3-offload: in CPU memory) and scores its own share.",
+            ),
+            click.option(
+                "--device-map",
+                type=click.Choice(["auto"]),
+                default=None,
+                help="Spread the model over the GPUs of one process (accelerate's big-model placement).",
+            ),
+        ]
+    ):
+        function = option(function)
+    return function

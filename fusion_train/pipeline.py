@@ -35,13 +35,17 @@ from fusion_train import options
 from fusion_train.align import align, align_command
 from fusion_train.chat import BUILTIN_TEMPLATES, load_conversations
 from fusion_train.errors import Command, UserError, read_yaml
+from fusion_train.evaluate import MODULE as EVALUATE_MODULE
 from fusion_train.evaluate import ModelSpec, evaluate, evaluate_command
 from fusion_train.fuse import fuse, fuse_command
+from fusion_train.inference import InferenceSettings
+from fusion_train.launch import command_arguments, launch, world_size_of
 from fusion_train.models import model_fingerprint
 from fusion_train.represent import FORMAT as REPRESENTATION_FORMAT
+from fusion_train.represent import MODULE as REPRESENT_MODULE
 from fusion_train.represent import RepresentSettings, represent, represent_command
-from fusion_train.storage import atomic_write_text, write_json_atomic
-from fusion_train.train import PRESETS, TrainConfig, launch, train_command
+from fusion_train.storage import atomic_write_text, read_json, write_json_atomic
+from fusion_train.train import PRESETS, TrainConfig, launch_training, train_command
 
 DONE = ".done.json"
 TWO_TARGET_METHODS = {"slerp", "nuslerp"}  # interpolate exactly two models
@@ -86,11 +90,33 @@ class DataSettings:
 
 
 @dataclass(frozen=True)
+class Resources:
+    """Where represent, train and evaluate run: processes (GPUs) per node under the deepspeed
+    launcher, nodes, and how represent and evaluate place the model (``fusion_train.inference``)."""
+
+    nproc: int = 1
+    hostfile: str | None = None
+    device: str = "auto"
+    attn_implementation: str = "auto"
+    deepspeed: str | None = None  # represent and evaluate: zero3 | zero3-offload (train: train.deepspeed)
+    device_map: str | None = None
+
+    @property
+    def launches(self) -> bool:
+        return self.nproc > 1 or self.hostfile is not None
+
+    def inference(self, dtype: str = "auto") -> InferenceSettings:
+        return InferenceSettings(
+            self.device, dtype, self.attn_implementation, self.deepspeed, self.device_map
+        )
+
+
+@dataclass(frozen=True)
 class RepresentStage:
     top_k: int = 10
     max_length: int = 2048
     batch_tokens: int = 4096
-    dtype: str = "float32"
+    dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -107,7 +133,6 @@ class FuseStage:
 
 @dataclass(frozen=True)
 class TrainStage:
-    nproc: int = 1
     clm_baseline: bool = True  # also train the pivot with CLM only, on the same data and schedule
     lm_weight: float = 0.9
     temperature: float = 1.0
@@ -134,6 +159,7 @@ class MergeStage:
 class EvaluateStage:
     max_length: int = 2048
     batch_tokens: int = 4096
+    dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -148,6 +174,7 @@ class Recipe:
     train: TrainStage = TrainStage()
     merge: MergeStage = MergeStage()
     evaluate: EvaluateStage = EvaluateStage()
+    resources: Resources = Resources()
 
     def stages_for(self, source: ModelEntry) -> tuple[AlignStage, FuseStage, TrainStage]:
         """The align, fuse and train settings of one source: the recipe's, with its own over them."""
@@ -157,10 +184,11 @@ class Recipe:
 
 
 STAGE_SETTINGS = {"represent": RepresentStage, "align": AlignStage, "fuse": FuseStage, "train": TrainStage,
-                  "merge": MergeStage, "evaluate": EvaluateStage}  # fmt: skip
+                  "merge": MergeStage, "evaluate": EvaluateStage, "resources": Resources}  # fmt: skip
 # A stage's keys accept what the same flags of its command accept (one set of ranges and choices).
 STAGE_COMMANDS = {RepresentStage: represent_command, AlignStage: align_command, FuseStage: fuse_command,
-                  TrainStage: train_command, EvaluateStage: evaluate_command}  # fmt: skip
+                  TrainStage: train_command, EvaluateStage: evaluate_command,
+                  Resources: represent_command}  # fmt: skip
 RECIPE_ONLY_TYPES: dict[type, dict[str, click.ParamType]] = {
     DataSettings: {"limit": options.POSITIVE_INT,
                    "heldout_fraction": click.FloatRange(0.0, 1.0, min_open=True, max_open=True)},
@@ -348,7 +376,15 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
     )
     if data.heldout is None and not data.heldout_fraction:
         raise RecipeError(f"{where}: data has no `heldout` file and no `heldout_fraction`; give one of them")
+    if isinstance(raw.get("train"), dict) and "nproc" in raw["train"]:
+        raise RecipeError(
+            f"{where}: train.nproc: moved to resources.nproc (it also runs represent and evaluate)"
+        )
     settings = {name: _build(cls, raw.get(name) or {}, where, name) for name, cls in STAGE_SETTINGS.items()}
+    resources = settings["resources"]
+    if resources.hostfile is not None:
+        hostfile = _local_file(base, resources.hostfile, where, "resources.hostfile", "hostfile")
+        settings["resources"] = replace(resources, hostfile=hostfile)
     train = settings["train"]
     if train.deepspeed not in PRESETS:
         deepspeed = _local_file(base, train.deepspeed, where, "train.deepspeed",
@@ -502,17 +538,30 @@ def run_pipeline(
     stages = Stages(run_dir, log, echo)
     train_file, heldout_file, data_key = split_data(recipe, stages)
 
-    settings = RepresentSettings(recipe.represent.top_k, recipe.represent.max_length, "truncate", None, 256,
-                                 recipe.represent.dtype)  # fmt: skip
+    resources = recipe.resources
+    represent_inference = resources.inference(recipe.represent.dtype)
 
     def represent_stage(entry: ModelEntry) -> tuple[Path, str]:
-        # The format joins the key: a representation of an older format is never reused.
+        # The format joins the key: a representation of an older format is never reused; the
+        # dtype the weights run in (auto: by machine) changes the figures, the rest of resources not.
         inputs = {"model": model_fingerprint(entry.path), "data": data_key, "settings": asdict(recipe.represent),
-                  "chat_template": entry.chat_template, "format": REPRESENTATION_FORMAT}  # fmt: skip
-        model_settings = RepresentSettings(**{**asdict(settings), "chat_template": entry.chat_template})
-        return stages.run("represent", entry.name, inputs, lambda out: represent(
-            entry.path, train_file, out, model_settings, gguf_file=entry.gguf_file,
-            batch_tokens=recipe.represent.batch_tokens))  # fmt: skip
+                  "chat_template": entry.chat_template, "format": REPRESENTATION_FORMAT,
+                  "dtype": str(represent_inference.resolved_dtype())}  # fmt: skip
+        r = recipe.represent
+        settings = RepresentSettings(r.top_k, r.max_length, "truncate", entry.chat_template, chunk_size=256)
+
+        def work(out: Path) -> None:
+            if not resources.launches:
+                represent(entry.path, train_file, out, settings, inference=represent_inference,
+                          gguf_file=entry.gguf_file, batch_tokens=r.batch_tokens)  # fmt: skip
+                return
+            arguments = {"model_path": entry.path, "data_path": train_file, "out_dir": out, "gguf_file": entry.gguf_file,
+                         "batch_tokens": r.batch_tokens, **asdict(settings), **asdict(represent_inference)}  # fmt: skip
+            launch_stage(
+                f"represent {entry.name}", REPRESENT_MODULE, represent_command, arguments, resources, out
+            )
+
+        return stages.run("represent", entry.name, inputs, work)
 
     def train_stage(
         name: str, fused: Path, data_key: str, t: TrainStage, no_fusion: bool
@@ -524,7 +573,7 @@ def run_pipeline(
             settings = {k: v for k, v in settings.items() if k not in ("lm_weight", "temperature")}
         # "fused" holds data_key under its first name, so targets of existing runs keep their keys
         inputs = {"pivot": model_fingerprint(recipe.pivot.path), "fused": data_key, "settings": settings,
-                  "no_fusion": no_fusion}  # fmt: skip
+                  "no_fusion": no_fusion, "world_size": world_size_of(resources.nproc, resources.hostfile)}  # fmt: skip
 
         def work(out: Path) -> None:
             model_dir = out / "model"
@@ -535,11 +584,14 @@ def run_pipeline(
                 per_device_batch_size=t.per_device_batch_size, grad_accumulation=t.grad_accumulation,
                 warmup_ratio=t.warmup_ratio, scheduler=t.scheduler, gradient_checkpointing=t.gradient_checkpointing,
                 bf16=t.bf16, seed=t.seed, resume=(out / "model.work").exists(),
+                attn_implementation=resources.attn_implementation,
             )  # fmt: skip
             # A run killed after training published its model (whole, by a rename) only lacks
             # the stage's done mark: nothing to train again.
             code = (
-                0 if (model_dir / "training_summary.json").exists() else launch(config, t.nproc, None, None)
+                0
+                if (model_dir / "training_summary.json").exists()
+                else launch_training(config, resources.nproc, resources.hostfile, None)
             )
             if code != 0:
                 raise StageError(
@@ -581,15 +633,37 @@ def run_pipeline(
     models += [ModelSpec(f"merge-{method}", str(path), "merge") for method, path in merges.items()]
     echo("> evaluate ...")
     started = time.perf_counter()
-    with disk_full_explained("evaluate", report_dir / "evaluate"):
-        report = evaluate(models, heldout_file, report_dir / "evaluate", max_length=recipe.evaluate.max_length,
-                          batch_tokens=recipe.evaluate.batch_tokens, cache_dir=run_dir / "evaluate" / "losses",
-                          compare_to="clm-baseline" if baseline else recipe.pivot.name)  # fmt: skip
+    evaluate_dir, e = report_dir / "evaluate", recipe.evaluate
+    compare_to = "clm-baseline" if baseline else recipe.pivot.name
+    with disk_full_explained("evaluate", evaluate_dir):
+        if resources.launches:
+            arguments = {"data_path": heldout_file, "models": [f"{m.name}={m.path}:{m.role}" for m in models],
+                         "chat_templates": [f"{m.name}={m.chat_template}" for m in models if m.chat_template],
+                         "compare_to": compare_to, "out_dir": evaluate_dir, "max_length": e.max_length,
+                         "batch_tokens": e.batch_tokens, "cache_dir": run_dir / "evaluate" / "losses",
+                         **asdict(resources.inference(e.dtype))}  # fmt: skip
+            launch_stage("evaluate", EVALUATE_MODULE, evaluate_command, arguments, resources, evaluate_dir)
+            report = read_json(evaluate_dir / "report.json")
+        else:
+            report = evaluate(models, heldout_file, evaluate_dir, max_length=e.max_length, batch_tokens=e.batch_tokens,
+                              cache_dir=run_dir / "evaluate" / "losses", compare_to=compare_to,
+                              inference=resources.inference(e.dtype))  # fmt: skip
         log.seconds["evaluate"] = time.perf_counter() - started
         write_comparison(report, report_dir, varm_heatmap)
         write_json_atomic(report_dir / "pipeline.json", asdict(log))
     echo(f"report: {report_dir / 'report.md'}")
     return report
+
+
+def launch_stage(label: str, module: str, command: click.Command, arguments: dict[str, Any],
+                 resources: Resources, out: Path) -> None:  # fmt: skip
+    """Run a stage's command in ``resources.nproc`` processes per node under the deepspeed launcher."""
+    code = launch(module, command_arguments(command, arguments), resources.nproc, resources.hostfile, None)
+    if code != 0:
+        raise StageError(
+            f"{label} failed (exit code {code}; {free_gigabytes(out):.1f} GB free on the run's disk): see the "
+            "log above, then rerun the recipe to resume"
+        )
 
 
 def merge_config(method: str, pivot: str, targets: list[str], dtype: str) -> dict[str, Any]:

@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import click
 import datasets
 import numpy as np
 import pyarrow as pa
-import torch
 from tqdm.auto import tqdm
 
 from fusion_train import options, vocab
@@ -38,15 +37,17 @@ from fusion_train.chat import (
     resolve_chat_template,
 )
 from fusion_train.errors import Command, UserError
-from fusion_train.models import identify, load_model, load_tokenizer
+from fusion_train.inference import InferenceSettings, ScoredExample, Scorer, inference_settings
+from fusion_train.launch import barrier, launch_options, process_group, relaunch, wants_launch
+from fusion_train.models import identify, load_tokenizer
 from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
+MODULE = "fusion_train.represent"  # what the launcher runs in every process
 FORMAT = "fusion-train/representation@2"  # @2: byte spans replace clipped character spans
 PARTS_DIR = "parts"
 SUMMARY = "summary.json"
-LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits materialised at once when scoring
 
 
 class RepresentationError(UserError, ValueError):
@@ -62,7 +63,6 @@ class RepresentSettings:
     overflow: str = "truncate"  # "truncate": cut the end and count it; "skip": leave the example out
     chat_template: str | None = None  # built-in name or .jinja file; default: the tokenizer's own
     chunk_size: int = 256  # examples per part
-    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -274,14 +274,6 @@ def _covered_bytes(
 # --------------------------------------------------------------------------- scoring
 
 
-@dataclass
-class ScoredExample:
-    example: EncodedExample
-    topk_ids: np.ndarray  # [n, k] int32
-    topk_logprobs: np.ndarray  # [n, k] float32
-    target_logprob: np.ndarray  # [n] float32
-
-
 def batches_by_length(
     examples: Sequence[EncodedExample], batch_tokens: int
 ) -> Iterator[list[EncodedExample]]:
@@ -296,71 +288,6 @@ def batches_by_length(
         batch.append(example)
     if batch:
         yield batch
-
-
-def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Apply the LM head (and the final soft-capping some architectures use) to hidden states."""
-    logits = model.get_output_embeddings()(hidden).float()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
-
-
-@torch.inference_mode()
-def score_batch(
-    model: torch.nn.Module, batch: list[EncodedExample], top_k: int, tokenizer_size: int, pad_id: int
-) -> list[ScoredExample]:
-    """Top-k log-probabilities at the supervised positions of one batch.
-
-    Only the hidden states that predict supervised tokens go through the LM head, a slice at a
-    time, so memory stays O(rows x vocab) for a bounded number of rows, whatever the batch.
-    The log-softmax runs over the tokenizer's ids only: padded embedding rows are never reported.
-    """
-    device = next(model.parameters()).device
-    longest = max(len(e.input_ids) for e in batch)
-    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(batch), longest), dtype=torch.long)
-    rows, cols, targets = [], [], []
-    for b, example in enumerate(batch):
-        input_ids[b, : len(example.input_ids)] = torch.tensor(example.input_ids)
-        attention[b, : len(example.input_ids)] = 1
-        rows += [b] * len(example.positions)
-        cols += [p - 1 for p in example.positions]
-        targets += [example.input_ids[p] for p in example.positions]
-    hidden = model.base_model(
-        input_ids=input_ids.to(device), attention_mask=attention.to(device)
-    ).last_hidden_state
-    selected = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
-    target_ids = torch.tensor(targets, device=device)
-
-    slice_rows = max(1, LOGITS_BUDGET_BYTES // (4 * tokenizer_size))
-    k = min(top_k, tokenizer_size)
-    top_values, top_indices, target_values = [], [], []
-    for start in range(0, selected.shape[0], slice_rows):
-        logits = output_logits(model, selected[start : start + slice_rows])[:, :tokenizer_size]
-        logprobs = torch.log_softmax(logits, dim=-1)
-        values, indices = torch.topk(logprobs, k, dim=-1)
-        top_values.append(values)
-        top_indices.append(indices)
-        target_values.append(logprobs.gather(1, target_ids[start : start + slice_rows, None])[:, 0])
-    all_values = torch.cat(top_values).cpu().numpy()
-    all_indices = torch.cat(top_indices).cpu().numpy().astype(np.int32)
-    all_targets = torch.cat(target_values).cpu().numpy()
-
-    scored, offset = [], 0
-    for example in batch:
-        n = len(example.positions)
-        scored.append(
-            ScoredExample(
-                example,
-                all_indices[offset : offset + n],
-                all_values[offset : offset + n],
-                all_targets[offset : offset + n],
-            )
-        )
-        offset += n
-    return scored
 
 
 def position_runs(positions: list[int], messages: list[int]) -> tuple[list[int], list[int], list[int]]:
@@ -410,6 +337,7 @@ class RepresentSummary:
     skipped: dict[str, int] = field(default_factory=dict)
     skipped_ids: dict[str, list[str]] = field(default_factory=dict)
     seconds: float = 0.0
+    placement: dict[str, Any] = field(default_factory=dict)  # ranks, device, dtype, parameters held
 
     def add(self, other: dict[str, Any]) -> None:
         for key in ("examples", "represented", "supervised_tokens", "truncated"):
@@ -420,19 +348,17 @@ class RepresentSummary:
         self.seconds += other["seconds"]
 
 
-def parse_shard(shard: str | None) -> tuple[int, int]:
-    """``"i/n"``, or the launcher's RANK / WORLD_SIZE, or a single process."""
-    if shard:
-        try:
-            index, count = (int(x) for x in shard.split("/"))
-        except ValueError:
-            raise click.BadParameter(
-                f"expected i/n such as 0/2, got {shard!r}", param_hint="--shard"
-            ) from None
-        if not 0 <= index < count:
-            raise click.BadParameter(f"shard index must be in [0, {count})", param_hint="--shard")
-        return index, count
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` (None: the launcher's RANK / WORLD_SIZE, or a single process)."""
+    if not shard:
+        return None
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected i/n such as 0/2, got {shard!r}", param_hint="--shard") from None
+    if not 0 <= index < count:
+        raise click.BadParameter(f"shard index must be in [0, {count})", param_hint="--shard")
+    return index, count
 
 
 def represent(
@@ -441,52 +367,69 @@ def represent(
     out_dir: str | Path,
     settings: RepresentSettings = RepresentSettings(),
     *,
+    inference: InferenceSettings | None = None,
     gguf_file: str | None = None,
     batch_tokens: int = 4096,
     limit: int | None = None,
-    shard: tuple[int, int] = (0, 1),
+    shard: tuple[int, int] | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> RepresentSummary | None:
     """Write the representation of ``data_path`` by the model at ``model_path`` into ``out_dir``.
 
-    Returns the summary once every part exists (``None`` while other shards are still missing).
+    In a launched job every rank takes every n-th part and rank 0 writes the summary once all
+    exist; ``shard`` (i, n) splits the parts between independent processes instead. Returns
+    the summary once every part exists (``None`` on other ranks, or while shards are missing).
     """
     out_dir = Path(out_dir)
     conversations = load_conversations(data_path)[:limit]
     tokenizer = load_tokenizer(model_path, gguf_file, trust_remote_code)
     template, template_source = resolve_chat_template(tokenizer, settings.chat_template)
-    model = load_model(model_path, gguf_file, settings.dtype, trust_remote_code)
-    identity = identify(model_path, gguf_file, tokenizer, model)
-    num_chunks = -(-len(conversations) // settings.chunk_size)
-    manifest = {
-        "format": FORMAT,
-        "model": identity.to_dict(),
-        "data": {"path": str(Path(data_path).resolve()), "fingerprint": data_fingerprint(conversations)},
-        "num_examples": len(conversations),
-        "num_parts": num_chunks,
-        "chat_template": {
-            "source": template_source,
-            "sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
-        },
-        "settings": asdict(settings),
-    }
-    claim_output(out_dir, manifest)
+    inference = inference or InferenceSettings()
+    inference.check()
+    with process_group(deepspeed=inference.deepspeed is not None) as rank:
+        scorer = Scorer.load(model_path, inference, gguf_file, trust_remote_code)
+        identity = identify(model_path, gguf_file, tokenizer, scorer.model)
+        num_chunks = -(-len(conversations) // settings.chunk_size)
+        manifest = {
+            "format": FORMAT,
+            "model": identity.to_dict(),
+            "data": {"path": str(Path(data_path).resolve()), "fingerprint": data_fingerprint(conversations)},
+            "num_examples": len(conversations),
+            "num_parts": num_chunks,
+            "chat_template": {
+                "source": template_source,
+                "sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
+            },
+            "settings": asdict(settings),
+            "dtype": scorer.dtype_name,  # the weights' dtype: results differ within its precision
+        }
+        claim_output(out_dir, manifest)
 
-    shard_index, shard_count = shard
-    mine = [
-        c for c in range(num_chunks) if c % shard_count == shard_index and not _part_path(out_dir, c).exists()
-    ]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    features = representation_features(settings.top_k)
-    chat = ChatTokenizer.of(tokenizer, template)
-    for chunk in tqdm(mine, desc=f"represent {Path(model_path).name}", unit="part", disable=not progress):
-        begin = chunk * settings.chunk_size
-        _write_part(
-            model, chat, conversations[begin : begin + settings.chunk_size], settings,
-            identity.tokenizer_size, pad_id, batch_tokens, features, _part_path(out_dir, chunk),
-        )  # fmt: skip
-    summary = finalize(out_dir)
+        shard_index, shard_count = shard or (rank.rank, rank.world_size)
+        mine = [c for c in range(num_chunks) if c % shard_count == shard_index and not _part_path(out_dir, c).exists()]  # fmt: skip
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        features = representation_features(settings.top_k)
+        chat = ChatTokenizer.of(tokenizer, template)
+        bar = tqdm(
+            mine,
+            desc=f"represent {Path(model_path).name}",
+            unit="part",
+            disable=not (progress and rank.is_main),
+        )
+        for chunk in bar:
+            begin = chunk * settings.chunk_size
+            _write_part(
+                scorer, chat, conversations[begin : begin + settings.chunk_size], settings,
+                identity.tokenizer_size, pad_id, batch_tokens, features, _part_path(out_dir, chunk),
+            )  # fmt: skip
+        scorer.finish()
+        placement = {"world_size": rank.world_size, "device": str(scorer.device), "dtype": scorer.dtype_name,
+                     "deepspeed": inference.deepspeed, "parameters": scorer.parameters()}  # fmt: skip
+        barrier()
+    if not rank.is_main:
+        return None
+    summary = finalize(out_dir, placement)
     if summary is not None and summary.represented == 0:
         raise RepresentationError(
             f"{data_path}: none of the {summary.examples} records could be represented (skipped: "
@@ -500,7 +443,7 @@ def _part_path(out_dir: Path, chunk: int) -> Path:
 
 
 def _write_part(
-    model: torch.nn.Module,
+    scorer: Scorer,
     chat: ChatTokenizer,
     conversations: list[Conversation],
     settings: RepresentSettings,
@@ -522,7 +465,7 @@ def _write_part(
             encoded.append(result)
     by_id: dict[str, ScoredExample] = {}
     for batch in batches_by_length(encoded, batch_tokens):
-        for scored in score_batch(model, batch, settings.top_k, tokenizer_size, pad_id):
+        for scored in scorer.score(batch, settings.top_k, tokenizer_size, pad_id):
             by_id[scored.example.conv.id] = scored
     rows = [to_row(by_id[e.conv.id]) for e in encoded]  # back in input order: output is deterministic
     columns = {name: [row[name] for row in rows] for name in features}
@@ -544,13 +487,14 @@ def _write_part(
         write_json_atomic(tmp / "stats.json", stats)
 
 
-def finalize(out_dir: Path) -> RepresentSummary | None:
-    """Write ``summary.json`` once every part is present; return the summary (or None)."""
+def finalize(out_dir: Path, placement: dict[str, Any] | None = None) -> RepresentSummary | None:
+    """Write ``summary.json`` once every part is present; return the summary (or None).
+    ``placement``: how the last run placed the model (recorded, for the reader)."""
     manifest = read_json(out_dir / MANIFEST)
     parts = [_part_path(out_dir, c) for c in range(manifest["num_parts"])]
     if not all(p.exists() for p in parts):
         return None
-    summary = RepresentSummary()
+    summary = RepresentSummary(placement=placement or {})
     for part in parts:
         summary.add(read_json(part / "stats.json"))
     write_json_atomic(out_dir / SUMMARY, asdict(summary))
@@ -658,12 +602,7 @@ def example_arrays(data: datasets.Dataset, index: int) -> dict[str, np.ndarray]:
     "else the plain fallback ('User: ...' / 'Assistant: ...</s>' blocks).",
 )
 @click.option("--gguf-file", default=None, help="GGUF file name inside --model (dequantised on load).")
-@click.option(
-    "--dtype",
-    type=options.MODEL_DTYPES,
-    default="float32",
-    help="Weights' dtype for the forward passes; log-softmax always runs in float32.",
-)
+@options.inference_options
 @click.option(
     "--chunk-size",
     type=options.POSITIVE_INT,
@@ -677,32 +616,38 @@ def example_arrays(data: datasets.Dataset, index: int) -> dict[str, np.ndarray]:
     "the deepspeed launcher, else everything.",
 )
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
-def represent_command(
-    model_path: str,
-    data_path: str,
-    out_dir: str,
-    top_k: int,
-    max_length: int,
-    overflow: str,
-    batch_tokens: int,
-    limit: int | None,
-    chat_template: str | None,
-    gguf_file: str | None,
-    dtype: str,
-    chunk_size: int,
-    shard: str | None,
-    trust_remote_code: bool,
-) -> None:  # fmt: skip
-    """Record a model's top-k next-token distributions on every assistant token of a chat data set."""
-    settings = RepresentSettings(top_k, max_length, overflow, chat_template, chunk_size, dtype)
+@launch_options
+def represent_command(**params: Any) -> None:
+    """Record a model's top-k next-token distributions on every assistant token of a chat data set.
+
+    With --nproc N the parts are split between N processes (one per GPU, or CPU processes) under
+    the deepspeed launcher; with --deepspeed zero3 they also split the weights (ZeRO-3)."""
+    p = SimpleNamespace(**params)
+    if wants_launch(params):
+        if p.shard:
+            raise click.UsageError(
+                "--shard splits the work between processes you start; --nproc starts them. Choose one."
+            )
+        load_conversations(p.data_path)  # bad data fail here, once, not in every rank
+        load_tokenizer(p.model_path, p.gguf_file, p.trust_remote_code)
+        inference_settings(params).check()
+        relaunch(MODULE, represent_command, params)
+        return
+    settings = RepresentSettings(p.top_k, p.max_length, p.overflow, p.chat_template, p.chunk_size)
     summary = represent(
-        model_path, data_path, out_dir, settings, gguf_file=gguf_file, batch_tokens=batch_tokens,
-        limit=limit, shard=parse_shard(shard), trust_remote_code=trust_remote_code,
+        p.model_path, p.data_path, p.out_dir, settings, inference=inference_settings(params),
+        gguf_file=p.gguf_file, batch_tokens=p.batch_tokens, limit=p.limit, shard=parse_shard(p.shard),
+        trust_remote_code=p.trust_remote_code,
     )  # fmt: skip
     if summary is None:
-        click.echo(f"{out_dir}: this shard is done; other shards' parts are still missing.")
+        if p.shard:
+            click.echo(f"{p.out_dir}: this shard is done; other shards' parts are still missing.")
         return
     click.echo(
-        f"{out_dir}: {summary.represented}/{summary.examples} examples, {summary.supervised_tokens} supervised "
+        f"{p.out_dir}: {summary.represented}/{summary.examples} examples, {summary.supervised_tokens} supervised "
         f"tokens, {summary.truncated} truncated, skipped {summary.skipped or 'none'}."
     )
+
+
+if __name__ == "__main__":
+    represent_command(prog_name="fusion-train represent")

@@ -18,13 +18,10 @@ import json
 import logging
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -37,9 +34,21 @@ import pyarrow.compute as pc
 import torch
 from transformers import SchedulerType, Trainer, TrainingArguments
 
+from fusion_train import options
 from fusion_train.errors import Command, UserError
+from fusion_train.launch import (
+    as_world_of_one,
+    command_arguments,
+    launch,
+    launch_options,
+    on_cpu_host,
+    parameters_held,
+    skip_shm_comm_op,
+    wants_launch,
+    world_size_of,
+)
 from fusion_train.losses import fused_weights, head_loss_sums
-from fusion_train.models import load_model, load_tokenizer, tokenizer_hash
+from fusion_train.models import attention_implementation, load_model, load_tokenizer, tokenizer_hash
 from fusion_train.options import FRACTION, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
 from fusion_train.storage import MANIFEST, claim_output, open_to_umask, read_json, write_json_atomic
 
@@ -51,8 +60,11 @@ SUMMARY = "training_summary.json"
 CONFIG_DIR = Path(__file__).parent / "deepspeed_configs"
 PRESETS = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3-offload": "zero3_offload.json"}
 FUSED_COLUMNS = ("input_ids", "run_start", "run_length", "topk_ids", "topk_logprobs")
-# Settings that do not change the trained weights: a resumed run may change them.
-NOT_IN_RUN_MANIFEST = ("out", "resume", "report_to", "logging_steps", "save_steps", "save_total_limit")
+MODULE = "fusion_train.train"  # what the launcher runs in every process
+# Settings that do not change what is trained (the attention kernel: only in float rounding): a
+# resumed run may change them.
+NOT_IN_RUN_MANIFEST = ("out", "resume", "report_to", "logging_steps", "save_steps", "save_total_limit",
+                       "attn_implementation")  # fmt: skip
 
 
 class TrainInputError(UserError, ValueError):
@@ -80,6 +92,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     bf16: bool | None = None  # None: on GPUs that support it (on CPU hosts only when asked)
+    attn_implementation: str = "auto"
     report_to: str = "none"
     logging_steps: int = 10
     save_steps: int = 500
@@ -287,34 +300,6 @@ def deepspeed_config(spec: str, config: TrainConfig, world_size: int) -> dict[st
     # world size, while TrainingArguments would fill it before it knows the world size (as 1).
     ds_config.pop("train_batch_size", None)
     return ds_config
-
-
-def on_cpu_host() -> bool:
-    """Whether DeepSpeed found no accelerator: training then runs on CPU processes with gloo."""
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().device_name() == "cpu"
-
-
-def skip_shm_comm_op() -> None:
-    """Keep DeepSpeed's CPU communication backend from compiling its shared-memory op.
-
-    On a host without accelerators DeepSpeed's ``TorchBackend`` builds ``deepspeed_shm_comm``
-    with the system C++ compiler whenever a process group starts (30-70 s, an error without a
-    compiler), although only DeepSpeed inference's all-reduce uses it; training's collectives go
-    through gloo. DeepSpeed builds it only if its per-process table of buildable ops
-    (``deepspeed.ops.__compatible_ops__``, edits to which persist) marks it compatible, so marking
-    it not compatible gives the fallback DeepSpeed takes where the op cannot build. An op
-    installed prebuilt (``DS_BUILD_SHM_COMM=1``) needs no compiler and is left alone.
-    """
-    if not on_cpu_host():  # only the CPU accelerator has the op
-        return
-    import deepspeed.ops
-    from deepspeed.git_version_info import installed_ops
-    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-
-    if not installed_ops.get(ShareMemCommBuilder.NAME, False):
-        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 def bf16_support() -> tuple[bool, bool]:
@@ -610,23 +595,6 @@ def prepare(config: TrainConfig, world_size: int, rank: int = 0) -> Prepared:
     return Prepared(tokenizer, fused, ds_config, str(last) if last else None)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _parameters_held(model: torch.nn.Module) -> dict[str, Any]:
-    """Parameter elements in the model and held by each rank (under ZeRO-3, each rank's partition)."""
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
-    per_rank: list[Any] = [held]
-    if torch.distributed.is_initialized():
-        per_rank = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(per_rank, held)
-    return {"total": total, "held_per_rank": per_rank}
-
-
 def _loss_record(history: list[dict[str, Any]], which: int) -> dict[str, Any] | None:
     entries = [e for e in history if "loss" in e]
     if not entries:
@@ -644,9 +612,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any] 
     started = time.time()
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     prepared = prepare(config, world_size, rank)
-    if "RANK" not in os.environ:  # not under a launcher: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    as_world_of_one()
     tokenizer, fused = prepared.tokenizer, prepared.fused
     work = work_dir(config.out)
 
@@ -678,7 +644,10 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any] 
         label_names=["labels"],
         use_cpu=on_cpu_host(),  # CPU processes: gloo, no pinned memory, bf16 only when asked
     )
-    model = load_model(config.model)
+    attention = attention_implementation(
+        config.attn_implementation, args.device, torch.bfloat16 if args.bf16 else torch.float32
+    )
+    model = load_model(config.model, attn_implementation=attention)
     model.config.use_cache = False
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = FusionTrainer(
@@ -693,7 +662,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any] 
         tokenizer_size=len(tokenizer),
     )
     result = trainer.train(resume_from_checkpoint=prepared.resume_from)
-    parameters = _parameters_held(trainer.model)
+    parameters = parameters_held(trainer.model)
 
     staging = work / "final"
     if trainer.is_world_process_zero() and staging.exists():
@@ -737,77 +706,18 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any] 
 # --------------------------------------------------------------------------- launching
 
 
-def _launcher_command(nproc: int | None, hostfile: str | None, master_port: int | None) -> list[str]:
-    """The ``deepspeed`` launcher command that runs this module in every process; checked first."""
-    from deepspeed.launcher.runner import fetch_hostfile
-
-    sibling = Path(sys.executable).with_name("deepspeed")
-    launcher = str(sibling) if sibling.exists() else shutil.which("deepspeed")
-    if launcher is None:
-        raise TrainInputError(
-            "the `deepspeed` launcher is not installed next to this Python nor on PATH; "
-            "install deepspeed in this environment."
-        )
-    command = [launcher]
-    if nproc is not None:
-        if nproc < 1:
-            raise TrainInputError("--nproc must be at least 1.")
-        command += ["--num_gpus", str(nproc)]
-    if hostfile is not None:
-        if not Path(hostfile).is_file():
-            raise TrainInputError(f"--hostfile {hostfile}: no such file.")
-        try:
-            hosts = fetch_hostfile(hostfile)
-        except ValueError as error:
-            raise TrainInputError(f"--hostfile {hostfile}: {error} (lines are `HOST slots=N`).") from error
-        if not hosts:
-            raise TrainInputError(f"--hostfile {hostfile}: no hosts (lines are `HOST slots=N`).")
-        if len(hosts) > 1 and shutil.which("pdsh") is None:
-            raise TrainInputError(
-                "a multi-node --hostfile needs pdsh, the deepspeed launcher's default way to reach the "
-                "other nodes; install it, or run `deepspeed --launcher ...` yourself (see the README)."
-            )
-        command += ["--hostfile", hostfile]
-    if master_port is None and hostfile is None:
-        master_port = _free_port()
-    if master_port is not None:
-        command += ["--master_port", str(master_port)]
-    return [*command, "--module", __spec__.name if __spec__ else "fusion_train.train"]
-
-
-def _world_size(nproc: int | None, hostfile: str | None) -> int:
-    if hostfile is None:
-        return nproc or 1
-    from deepspeed.launcher.runner import fetch_hostfile
-
-    hosts = fetch_hostfile(hostfile) or {}
-    return sum(nproc or slots for slots in hosts.values())
-
-
 def to_arguments(config: TrainConfig) -> list[str]:
     """``config`` as command-line options of ``fusion-train train`` (what launched processes receive)."""
-    arguments: list[str] = []
-    for item in fields(config):
-        value, option = getattr(config, item.name), "--" + item.name.replace("_", "-")
-        if isinstance(value, bool):
-            arguments.append(option if value else "--no-" + option[2:])
-        elif value is not None:
-            arguments += [option, str(value)]
-    return arguments
+    return command_arguments(train_command, asdict(config))
 
 
-def launch(config: TrainConfig, nproc: int | None, hostfile: str | None, master_port: int | None) -> int:
-    """Check the inputs here, then run the training in ``nproc`` processes (per node) under ``deepspeed``."""
-    if "LOCAL_RANK" in os.environ:
-        raise TrainInputError("--nproc/--hostfile given inside a launched process; drop them.")
-    command = _launcher_command(nproc, hostfile, master_port)
-    prepare(config, _world_size(nproc, hostfile))
-    command += to_arguments(config)
-    log.info("launching: %s", " ".join(command))
-    try:
-        return subprocess.run(command, check=False).returncode
-    except OSError as error:
-        raise TrainInputError(f"the deepspeed launcher could not start: {error}") from error
+def launch_training(
+    config: TrainConfig, nproc: int | None, hostfile: str | None, master_port: int | None
+) -> int:
+    """Check the inputs here, then run the training in ``nproc`` processes (per node) under
+    ``deepspeed``; the launcher's exit status."""
+    prepare(config, world_size_of(nproc, hostfile))
+    return launch(MODULE, to_arguments(config), nproc, hostfile, master_port)
 
 
 # --------------------------------------------------------------------------- command
@@ -841,11 +751,7 @@ def launch(config: TrainConfig, nproc: int | None, hostfile: str | None, master_
     default="zero2",
     help=f"ZeRO preset ({', '.join(PRESETS)}) or a DeepSpeed JSON config file.",
 )
-@click.option(
-    "--nproc", type=POSITIVE_INT, default=None, help="Processes (GPUs) per node: start under `deepspeed`."
-)
-@click.option("--hostfile", default=None, help="DeepSpeed hostfile (`HOST slots=N` lines) for several nodes.")
-@click.option("--master-port", type=int, default=None, help="Rendezvous port (default: a free one locally).")
+@launch_options
 @click.option(
     "--learning-rate", "--lr", "learning_rate", type=POSITIVE_FLOAT, default=5e-6, help="Peak learning rate."
 )
@@ -877,6 +783,7 @@ def launch(config: TrainConfig, nproc: int | None, hostfile: str | None, master_
     default=None,
     help="bf16 mixed precision. Default: on GPUs that support it; on CPU-only machines only when asked.",
 )
+@options.attn_implementation
 @click.option(
     "--report-to", default="none", help="none, tensorboard, wandb, ... (transformers integrations)."
 )
@@ -891,26 +798,19 @@ def launch(config: TrainConfig, nproc: int | None, hostfile: str | None, master_
     help="Continue from the last checkpoint in OUT.work/ (from the start if it has none yet).",
 )
 @click.option("--seed", default=42)
-@click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True)
-def train_command(
-    nproc: int | None,
-    hostfile: str | None,
-    master_port: int | None,
-    no_fusion: bool,
-    local_rank: int | None,
-    **options: Any,
-) -> None:
+def train_command(no_fusion: bool, **options: Any) -> None:
     """Train a target model: the pivot fine-tuned on one source's fused targets, on DeepSpeed ZeRO."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if no_fusion:
         if options["lm_weight"] not in (0.9, 1.0):
             raise click.UsageError("--no-fusion means --lm-weight 1.0; drop one of them.")
         options["lm_weight"] = 1.0
-    if master_port is not None and nproc is None and hostfile is None:
-        os.environ.setdefault("MASTER_PORT", str(master_port))
+    relaunching = wants_launch(options)
+    nproc, hostfile, master_port = (options.pop(name) for name in ("nproc", "hostfile", "master_port"))
+    options.pop("local_rank")
     config = TrainConfig(**options)
-    if nproc is not None or hostfile is not None:
-        code = launch(config, nproc, hostfile, master_port)
+    if relaunching:
+        code = launch_training(config, nproc, hostfile, master_port)
         if code != 0:
             raise click.ClickException(f"the deepspeed launcher exited with status {code}.")
         return

@@ -32,7 +32,7 @@ def write_recipe(root: Path, sources: list[str], **overrides) -> Path:
         "data": {"train": "chats.json", "heldout_fraction": 0.25},
         "run_dir": "run",
         "represent": {"top_k": 4, "max_length": 96},
-        "train": {"nproc": 2, "max_steps": 2, "learning_rate": 1.0e-3, "warmup_ratio": 0.0},
+        "train": {"max_steps": 2, "learning_rate": 1.0e-3, "warmup_ratio": 0.0},
         "merge": {"methods": ["varm", "task_arithmetic"]},
         "evaluate": {"max_length": 96},
         **overrides,

@@ -197,7 +197,6 @@ def write_recipe(root: Path) -> Path:
         "run_dir": "run",
         "represent": {"top_k": 4, "max_length": 96},
         "train": {
-            "nproc": 1,
             "max_steps": 2,
             "learning_rate": 1.0e-3,
             "warmup_ratio": 0.0,
@@ -277,7 +276,7 @@ def test_recipe_killed_after_training_published_its_model_resumes(recipe, uninte
     marked done (the checkpoints not yet removed): the rerun finishes like the uninterrupted run."""
     run = recipe.parent / "run"
     shutil.rmtree(run, ignore_errors=True)
-    run_killed("after", "fusion_train.pipeline:launch", 1, ["run", recipe])
+    run_killed("after", "fusion_train.pipeline:launch_training", 1, ["run", recipe])
     (target,) = (run / "train").glob("target-mistral-*")
     assert (target / "model" / SUMMARY).exists() and not (target / ".done.json").exists()
 
@@ -308,3 +307,35 @@ def test_merge_killed_mid_write_resumes(tmp_path: Path) -> None:
     assert_same_output(tmp_path / "merged", tmp_path / "reference", ignore=(Path("README.md"),))
     card = (tmp_path / "merged" / "README.md").read_text()
     assert str(tmp_path / "target-1") in card and str(tmp_path / "target-2") in card
+
+
+def test_recipe_on_two_ranks_matches_one_process(recipe, uninterrupted_run, tmp_path):
+    """`resources: {nproc: 2}` runs represent, train and evaluate on 2 CPU ranks under the deepspeed
+    launcher: the representations equal one process's, training ran as a world of 2 (the only
+    stage whose result depends on it: its key holds the world size), and the pivot's figures
+    (a model no rank trained) equal one process's."""
+    raw = yaml.safe_load(recipe.read_text())
+    raw.update(run_dir=str(tmp_path / "run"), resources={"nproc": 2})
+    two_ranks = tmp_path / "recipe.yaml"
+    two_ranks.write_text(yaml.safe_dump(raw))
+    for name in ("m-smollm2", "m-mistral", "chats.json"):
+        (tmp_path / name).symlink_to(recipe.parent / name)
+    report = run_pipeline(load_recipe(two_ranks), echo=lambda _: None)
+
+    run = tmp_path / "run"
+    for folder in (run / "represent").iterdir():
+        assert json.loads((folder / "summary.json").read_text())["placement"]["world_size"] == 2
+        assert_same_output(
+            folder,
+            uninterrupted_run / "represent" / folder.name,
+            ignore=("summary.json", ".done.json", "manifest.json"),
+        )
+    (trained,) = (run / "train").glob("target-mistral-*/model")
+    assert json.loads((trained / "training_summary.json").read_text())["world_size"] == 2
+    assert not (uninterrupted_run / "train" / trained.parent.name).exists()  # another key than one rank's
+    reference = json.loads((uninterrupted_run / "evaluate" / "report.json").read_text())
+    pivot = next(r for r in report["models"] if r["name"] == "pivot")
+    assert (
+        pivot["bits_per_byte"]
+        == next(r for r in reference["models"] if r["name"] == "pivot")["bits_per_byte"]
+    )

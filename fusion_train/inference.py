@@ -1,0 +1,277 @@
+"""A model ready to score on this rank, for represent and evaluate: device, dtype, attention,
+ZeRO-3 partitioning or a device map, and the scoring of supervised positions.
+
+Where the weights live:
+- ``device``: the whole model on this rank's device (``auto``: its GPU if it has one, else the
+  CPU), the usual case and the reference.
+- ``deepspeed="zero3"``: every rank holds 1/N of the parameters (ZeRO-3 partitioned inference,
+  as transformers documents it: ``HfDeepSpeedConfig`` before loading, ``deepspeed.initialize``
+  without an optimizer), for models larger than one GPU. Each forward pass gathers the layers'
+  weights from all ranks, so every rank must run as many forward passes as the others: a rank
+  out of data joins the others' passes with a one-token batch (:meth:`Scorer.finish`).
+- ``device_map="auto"``: accelerate spreads the model over the GPUs of this one process.
+
+Log-softmax always runs in float32, whatever the weights' dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fusion_train.errors import UserError
+from fusion_train.launch import Rank, any_rank, parameters_held, resolve_device, resolve_dtype
+from fusion_train.models import attention_implementation, load_model
+
+if TYPE_CHECKING:
+    from fusion_train.represent import EncodedExample
+
+LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits materialised at once when scoring
+PARTITIONED = ("zero3", "zero3-offload")
+
+
+class InferenceSettingsError(UserError, ValueError):
+    """Options that cannot place the model as asked."""
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """Where and how a model runs; these change speed and memory, not what is computed (within
+    the float precision of ``dtype``, which is recorded with the results)."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on GPUs that support it, float32 elsewhere) | a dtype name
+    attn_implementation: str = "auto"
+    deepspeed: str | None = None  # zero3 | zero3-offload: each rank holds 1/N of the parameters
+    device_map: str | None = None  # auto: one process's model spread over its GPUs (accelerate)
+
+    def check(self) -> None:
+        if self.deepspeed is not None and self.deepspeed not in PARTITIONED:
+            raise InferenceSettingsError(
+                f"--deepspeed {self.deepspeed}: inference takes {' or '.join(PARTITIONED)} (ZeRO-3 partitions "
+                "the weights; ZeRO-1/2 only partition optimizer states and gradients, which inference has not)."
+            )
+        if self.device_map is not None and self.device_map != "auto":
+            raise InferenceSettingsError(f"--device-map {self.device_map}: only auto is supported.")
+        if self.device_map and self.deepspeed:
+            raise InferenceSettingsError(
+                "--device-map and --deepspeed place the weights two ways; choose one."
+            )
+        if self.device_map and self.device not in ("auto", "cuda"):
+            raise InferenceSettingsError(
+                f"--device-map auto spreads the model over every visible GPU; drop --device {self.device}."
+            )
+
+    def resolved_dtype(self, rank: Rank | None = None) -> torch.dtype:
+        """The dtype the weights get on this rank's device."""
+        return resolve_dtype(self.dtype, resolve_device(self.device, rank))
+
+
+def inference_settings(params: dict[str, Any]) -> InferenceSettings:
+    """The ``options.inference_options`` of a command's parsed parameters."""
+    return InferenceSettings(
+        params["device"],
+        params["dtype"],
+        params["attn_implementation"],
+        params["deepspeed"],
+        params["device_map"],
+    )
+
+
+def inference_zero3_config(dtype: torch.dtype, offload: bool) -> dict[str, Any]:
+    """A DeepSpeed config for ZeRO-3 inference: parameters partitioned, no optimizer."""
+    zero: dict[str, Any] = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 10**9,
+    }
+
+
+@dataclass
+class ScoredExample:
+    example: EncodedExample
+    topk_ids: np.ndarray  # [n, k] int32
+    topk_logprobs: np.ndarray  # [n, k] float32
+    target_logprob: np.ndarray  # [n] float32
+
+
+class Scorer:
+    """A causal LM placed as ``InferenceSettings`` ask, scoring batches on this rank."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, zero: Any = None) -> None:
+        """``zero``: DeepSpeed's ZeRO-3 parameter manager when the weights are partitioned."""
+        self.model, self.device, self.zero = model, device, zero
+
+    @property
+    def partitioned(self) -> bool:
+        return self.zero is not None
+
+    @property
+    def dtype_name(self) -> str:
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        settings: InferenceSettings,
+        gguf_file: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> Scorer:
+        settings.check()
+        rank = Rank.of_this_process()
+        device = resolve_device(settings.device, rank)
+        dtype = resolve_dtype(settings.dtype, device)
+        attention = attention_implementation(settings.attn_implementation, device, dtype)
+        if settings.deepspeed:
+            return cls._load_partitioned(
+                path, settings, device, dtype, attention, gguf_file, trust_remote_code
+            )
+        if settings.device_map:
+            model = load_model(path, gguf_file, dtype, trust_remote_code, attn_implementation=attention,
+                               device_map="auto")  # fmt: skip
+            return cls(model, model.get_input_embeddings().weight.device)
+        device_map = {"": device} if device.type != "cpu" else None  # straight onto the GPU
+        model = load_model(path, gguf_file, dtype, trust_remote_code, attn_implementation=attention,
+                           device_map=device_map)  # fmt: skip
+        return cls(model, device)
+
+    @classmethod
+    def _load_partitioned(
+        cls, path: str | Path, settings: InferenceSettings, device: torch.device, dtype: torch.dtype,
+        attention: str | None, gguf_file: str | None, trust_remote_code: bool,
+    ) -> Scorer:  # fmt: skip
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        if not torch.distributed.is_initialized():
+            raise InferenceSettingsError(
+                "--deepspeed zero3 needs the process group; start the stage with it."
+            )
+        config = inference_zero3_config(dtype, settings.deepspeed == "zero3-offload")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        hf_config = HfDeepSpeedConfig(config)  # while it lives, from_pretrained loads each rank's share only
+        model = load_model(path, gguf_file, dtype, trust_remote_code, attn_implementation=attention)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        del hf_config
+        return cls(engine.module.eval(), device, zero=engine.optimizer)
+
+    def parameters(self) -> dict[str, Any]:
+        """Parameter elements in the model and held by each rank (call on every rank together)."""
+        return parameters_held(self.model)
+
+    @torch.inference_mode()
+    def score(
+        self, batch: Sequence[EncodedExample], top_k: int, tokenizer_size: int, pad_id: int
+    ) -> list[ScoredExample]:
+        """Top-k log-probabilities at the supervised positions of one batch.
+
+        Only the hidden states that predict supervised tokens go through the LM head, a slice at
+        a time, so memory stays O(rows x vocab) for a bounded number of rows, whatever the batch.
+        The log-softmax runs over the tokenizer's ids only: padded embedding rows are never reported.
+        """
+        self._start_forward(has_data=True)
+        longest = max(len(e.input_ids) for e in batch)
+        input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), longest), dtype=torch.long)
+        rows, cols, targets = [], [], []
+        for b, example in enumerate(batch):
+            input_ids[b, : len(example.input_ids)] = torch.tensor(example.input_ids)
+            attention[b, : len(example.input_ids)] = 1
+            rows += [b] * len(example.positions)
+            cols += [p - 1 for p in example.positions]
+            targets += [example.input_ids[p] for p in example.positions]
+        hidden = self.model.base_model(
+            input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)
+        ).last_hidden_state
+        with self._head() as (weight, bias):
+            selected = hidden[
+                torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)
+            ]
+            selected = selected.to(weight.device)
+            target_ids = torch.tensor(targets, device=weight.device)
+            slice_rows = max(1, LOGITS_BUDGET_BYTES // (4 * tokenizer_size))
+            k = min(top_k, tokenizer_size)
+            top_values, top_indices, target_values = [], [], []
+            for start in range(0, selected.shape[0], slice_rows):
+                logits = self._logits(selected[start : start + slice_rows], weight, bias)[:, :tokenizer_size]
+                logprobs = torch.log_softmax(logits, dim=-1)
+                values, indices = torch.topk(logprobs, k, dim=-1)
+                top_values.append(values)
+                top_indices.append(indices)
+                target_values.append(logprobs.gather(1, target_ids[start : start + slice_rows, None])[:, 0])
+        all_values = torch.cat(top_values).cpu().numpy()
+        all_indices = torch.cat(top_indices).cpu().numpy().astype(np.int32)
+        all_targets = torch.cat(target_values).cpu().numpy()
+
+        scored, offset = [], 0
+        for example in batch:
+            n = len(example.positions)
+            scored.append(
+                ScoredExample(
+                    example,
+                    all_indices[offset : offset + n],
+                    all_values[offset : offset + n],
+                    all_targets[offset : offset + n],
+                )
+            )
+            offset += n
+        return scored
+
+    def finish(self) -> None:
+        """Under ZeRO-3, join the forward passes of the ranks that still have data until none has
+        (every rank calls this once its own batches are done); otherwise nothing to do."""
+        if not self.partitioned:
+            return
+        with torch.inference_mode():
+            while self._start_forward(has_data=False):
+                one_token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+                self.model.base_model(input_ids=one_token, attention_mask=torch.ones_like(one_token))
+                with self._head():
+                    pass
+
+    def _start_forward(self, has_data: bool) -> bool:
+        """Under ZeRO-3: whether any rank has data (then all run a forward pass together), and
+        the start of that pass for DeepSpeed, whose hook on the whole model's forward does this
+        (we run only the base model and the head)."""
+        if not self.partitioned:
+            return has_data
+        if not any_rank(has_data):
+            return False
+        self.zero.get_param_coordinator().reset_step()
+        return True
+
+    @contextlib.contextmanager
+    def _head(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The LM head's weight and bias, whole: under ZeRO-3 gathered once per batch (not once per
+        slice of rows, whose number differs between ranks)."""
+        head = self.model.get_output_embeddings()
+        params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+        if self.partitioned:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params):
+                yield head.weight, getattr(head, "bias", None)
+        else:
+            yield head.weight, getattr(head, "bias", None)
+
+    def _logits(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The LM head (and the final soft-capping some architectures use), in float32."""
+        logits = F.linear(hidden, weight, bias).float()
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits

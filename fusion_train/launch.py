@@ -1,0 +1,338 @@
+"""Running a stage in several processes, once for every stage that can (represent, evaluate, train).
+
+``--nproc N [--hostfile F] [--master-port P]`` re-run the stage's own module under DeepSpeed's
+``deepspeed`` launcher, which starts one process per GPU (or CPU slot) on every node and gives
+each ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``. Starting the module under ``torchrun`` or
+``deepspeed --module`` directly works the same way: a stage reads only these variables. The
+parent process checks the inputs first, so a bad flag fails once, before any rank starts.
+
+Also here, because every multi-process stage needs them: which device a rank uses, the process
+group (gloo on CPU hosts), and how many parameter elements each rank holds (ZeRO-3 partitions).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import torch
+
+from fusion_train.errors import UserError
+
+T = TypeVar("T")
+LAUNCH_OPTIONS = ("nproc", "hostfile", "master_port", "local_rank")  # never passed on to the ranks
+
+
+class LaunchError(UserError, ValueError):
+    """Launcher options that cannot start the processes."""
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in a launched job (a world of one when not launched)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @classmethod
+    def of_this_process(cls) -> Rank:
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """Whether this process was started by a launcher (deepspeed, torchrun)."""
+    return "LOCAL_RANK" in os.environ
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def on_cpu_host() -> bool:
+    """Whether DeepSpeed found no accelerator: stages then run on CPU processes with gloo."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cpu"
+
+
+def resolve_device(spec: str, rank: Rank | None = None) -> torch.device:
+    """``auto`` (this rank's GPU if there is one, else the CPU), ``cpu``, ``cuda`` (this rank's
+    GPU: ``cuda:LOCAL_RANK``) or ``cuda:N``; a GPU that is not there is an input error."""
+    rank = rank or Rank.of_this_process()
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if spec not in ("auto", "cuda") and not spec.startswith("cuda:"):
+        raise LaunchError(f"--device {spec}: expected auto, cpu, cuda or cuda:N.")
+    if not torch.cuda.is_available():
+        raise LaunchError(f"--device {spec}: no CUDA GPU is visible here; use --device cpu or auto.")
+    index = rank.local_rank if spec in ("auto", "cuda") else int(spec.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise LaunchError(
+            f"--device {spec}: GPU {index} asked for, {torch.cuda.device_count()} visible; "
+            "start at most one process per GPU."
+        )
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on GPUs that support it, float32 elsewhere (CPUs without bf16 matrix
+    units are slower in bf16, and float32 is the reference); else the named dtype."""
+    if spec == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return getattr(torch, spec)
+
+
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU communication backend from compiling its shared-memory op.
+
+    On a host without accelerators DeepSpeed's ``TorchBackend`` builds ``deepspeed_shm_comm``
+    with the system C++ compiler whenever a process group starts (30-70 s, an error without a
+    compiler), although only DeepSpeed inference's all-reduce uses it; our collectives go
+    through gloo. DeepSpeed builds it only if its per-process table of buildable ops
+    (``deepspeed.ops.__compatible_ops__``, edits to which persist) marks it compatible, so marking
+    it not compatible gives the fallback DeepSpeed takes where the op cannot build. An op
+    installed prebuilt (``DS_BUILD_SHM_COMM=1``) needs no compiler and is left alone.
+    """
+    if not on_cpu_host():  # only the CPU accelerator has the op
+        return
+    import deepspeed.ops
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    if not installed_ops.get(ShareMemCommBuilder.NAME, False):
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+# --------------------------------------------------------------------------- process groups
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def as_world_of_one() -> None:
+    """Give a process started without a launcher the variables a launched rank has."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+@contextmanager
+def process_group(deepspeed: bool = False) -> Iterator[Rank]:
+    """The process group of a launched job, for the time of a stage (nothing for a world of one).
+
+    ``deepspeed``: DeepSpeed's own initialisation (its backend: NCCL on GPUs, gloo on CPUs), which
+    ZeRO needs also in a world of one; otherwise a gloo group, which is all a stage needs to wait
+    for the other ranks. A group this starts is ended on the way out, and so are the variables
+    it set, so a later stage of the same process starts clean.
+    """
+    saved = dict(os.environ)
+    rank = Rank.of_this_process()
+    owned = not torch.distributed.is_initialized() and (deepspeed or rank.world_size > 1)
+    try:
+        if owned and deepspeed:
+            import deepspeed as ds
+
+            as_world_of_one()
+            skip_shm_comm_op()
+            ds.init_distributed(verbose=False)
+        elif owned:
+            torch.distributed.init_process_group("gloo")
+        yield rank
+    finally:
+        if owned and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (every rank must call this together)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    if torch.distributed.get_backend() == "nccl":
+        value = value.cuda()
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def all_ranks(value: T) -> list[T]:
+    """Every rank's ``value`` (picklable; small), in rank order (every rank must call this together)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def parameters_held(model: torch.nn.Module) -> dict[str, Any]:
+    """Parameter elements in the model and held by each rank (under ZeRO-3, each rank's partition)."""
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    return {"total": total, "held_per_rank": all_ranks(held)}
+
+
+# --------------------------------------------------------------------------- the launcher
+
+
+def read_hostfile(hostfile: str) -> dict[str, int]:
+    """Host -> slots of a DeepSpeed hostfile, or an input error naming the file."""
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    if not Path(hostfile).is_file():
+        raise LaunchError(f"--hostfile {hostfile}: no such file.")
+    try:
+        hosts = fetch_hostfile(hostfile)
+    except ValueError as error:
+        raise LaunchError(f"--hostfile {hostfile}: {error} (lines are `HOST slots=N`).") from error
+    if not hosts:
+        raise LaunchError(f"--hostfile {hostfile}: no hosts (lines are `HOST slots=N`).")
+    return dict(hosts)
+
+
+def launcher_command(
+    module: str, nproc: int | None, hostfile: str | None, master_port: int | None
+) -> list[str]:
+    """The ``deepspeed`` launcher command that runs ``module`` in every process; checked first."""
+
+    sibling = Path(sys.executable).with_name("deepspeed")
+    launcher = str(sibling) if sibling.exists() else shutil.which("deepspeed")
+    if launcher is None:
+        raise LaunchError(
+            "the `deepspeed` launcher is not installed next to this Python nor on PATH; "
+            "install deepspeed in this environment."
+        )
+    command = [launcher]
+    if nproc is not None:
+        if nproc < 1:
+            raise LaunchError("--nproc must be at least 1.")
+        command += ["--num_gpus", str(nproc)]
+    if hostfile is not None:
+        hosts = read_hostfile(hostfile)
+        if len(hosts) > 1 and shutil.which("pdsh") is None:
+            raise LaunchError(
+                "a multi-node --hostfile needs pdsh, the deepspeed launcher's default way to reach the "
+                "other nodes; install it, or run `deepspeed --launcher ...` yourself (see the README)."
+            )
+        command += ["--hostfile", hostfile]
+    if master_port is None and hostfile is None:
+        master_port = free_port()
+    if master_port is not None:
+        command += ["--master_port", str(master_port)]
+    return [*command, "--no_local_rank", "--module", module]
+
+
+def world_size_of(nproc: int | None, hostfile: str | None) -> int:
+    """The number of processes ``--nproc``/``--hostfile`` start."""
+    if hostfile is None:
+        return nproc or 1
+    return sum(nproc or slots for slots in read_hostfile(hostfile).values())
+
+
+def command_arguments(command: click.Command, values: Mapping[str, Any]) -> list[str]:
+    """``values`` (parameter name -> value) as the command line of ``command`` that parses back
+    to them; the launcher options and unset (None) values are left out."""
+    arguments: list[str] = []
+    positional: list[str] = []
+    for param in command.params:
+        value = values.get(param.name) if param.name else None
+        if param.name in LAUNCH_OPTIONS or value is None:
+            continue
+        if isinstance(param, click.Argument):
+            positional += [str(v) for v in (value if param.multiple else [value])]
+            continue
+        assert isinstance(param, click.Option)
+        option = max(param.opts, key=len)  # the long name
+        if param.is_flag and isinstance(value, bool):
+            if value:
+                arguments.append(option)
+            elif param.secondary_opts:
+                arguments.append(max(param.secondary_opts, key=len))
+        else:
+            for item in value if param.multiple else [value]:
+                arguments += [option, str(item)]
+    return arguments + positional
+
+
+def launch(module: str, arguments: list[str], nproc: int | None, hostfile: str | None,
+           master_port: int | None) -> int:  # fmt: skip
+    """Run ``python -m module *arguments`` in ``nproc`` processes per node under ``deepspeed``;
+    return the launcher's exit status (non-zero when a rank failed). Check the inputs before."""
+    if launched():
+        raise LaunchError("--nproc/--hostfile given inside a launched process; drop them.")
+    command = [*launcher_command(module, nproc, hostfile, master_port), *arguments]
+    try:
+        return subprocess.run(command, check=False).returncode
+    except OSError as error:
+        raise LaunchError(f"the deepspeed launcher could not start: {error}") from error
+
+
+def relaunch(module: str, command: click.Command, params: Mapping[str, Any]) -> None:
+    """Run a command that was given ``--nproc``/``--hostfile`` again in every rank, with the
+    same options (less the launcher's)."""
+    code = launch(module, command_arguments(command, params), params.get("nproc"), params.get("hostfile"),
+                  params.get("master_port"))  # fmt: skip
+    if code != 0:
+        raise LaunchError(
+            f"a process of `{command.name}` failed (the deepspeed launcher exited with {code}); see above."
+        )
+
+
+def launch_options(function: Any) -> Any:
+    """``--nproc``, ``--hostfile``, ``--master-port`` (and the launcher's hidden ``--local_rank``)."""
+    for option in reversed(
+        [
+            click.option(
+                "--nproc",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Processes per node (one per GPU, or CPU processes): start under the `deepspeed` launcher.",
+            ),
+            click.option(
+                "--hostfile",
+                default=None,
+                help="DeepSpeed hostfile (`HOST slots=N` lines) for several nodes.",
+            ),
+            click.option(
+                "--master-port", type=int, default=None, help="Rendezvous port (default: a free one locally)."
+            ),
+            click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
+def wants_launch(params: Mapping[str, Any]) -> bool:
+    """Whether a command's parsed options ask for the launcher."""
+    if (
+        params.get("master_port") is not None
+        and params.get("nproc") is None
+        and params.get("hostfile") is None
+    ):
+        os.environ.setdefault("MASTER_PORT", str(params["master_port"]))  # a world of one's rendezvous port
+    return params.get("nproc") is not None or params.get("hostfile") is not None

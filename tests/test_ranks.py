@@ -1,0 +1,153 @@
+"""represent and evaluate on several ranks: 2 CPU processes under the deepspeed launcher (gloo),
+against the single-process run of the same data; ZeRO-3 partitioned inference; devices.
+
+What would make these fail: a rank skipping or repeating a part or a batch, rank 0 finishing
+before the others wrote their share, ZeRO-3 ranks running different numbers of forward passes
+(a hang, caught by the timeout), a partitioned LM head scored from a rank's empty shard, options
+lost on the way to the ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fusion_train.cli import main
+from fusion_train.evaluate import ModelSpec, evaluate, evaluate_command
+from fusion_train.launch import LaunchError, command_arguments, free_port, resolve_device
+from fusion_train.represent import load_representation, represent_command
+from fusion_train.train import train_command
+
+pytestmark = pytest.mark.slow
+FUSION_TRAIN = str(Path(sys.executable).with_name("fusion-train"))
+
+
+def run_cli(*arguments: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [FUSION_TRAIN, *arguments, "--master-port", str(free_port())],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def represent_arguments(model: Path, chats: Path, out: Path) -> list[str]:
+    """The settings of conftest's ``represented`` fixture, as a command line."""
+    return ["represent", "--model", str(model), "--data", str(chats), "--out", str(out), "--top-k", "5",
+            "--chunk-size", "3", "--batch-tokens", "256"]  # fmt: skip
+
+
+def test_represent_on_two_ranks_equals_one_process(
+    tiny_models: dict, chats: Path, represented: dict, tmp_path: Path
+) -> None:
+    # 7 records in parts of 3: rank 0 writes parts 0 and 2, rank 1 part 1
+    run_cli(*represent_arguments(tiny_models["qwen"], chats, tmp_path), "--nproc", "2")
+    assert load_representation(tmp_path).to_dict() == load_representation(represented["qwen"]).to_dict()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["placement"]["world_size"] == 2 and summary["represented"] == 7
+
+
+def test_represent_zero3_holds_half_the_weights_per_rank_and_agrees(
+    tiny_models: dict, chats: Path, represented: dict, tmp_path: Path
+) -> None:
+    run_cli(
+        *represent_arguments(tiny_models["smollm2"], chats, tmp_path), "--nproc", "2", "--deepspeed", "zero3"
+    )
+    parameters = json.loads((tmp_path / "summary.json").read_text())["placement"]["parameters"]
+    total, held = parameters["total"], parameters["held_per_rank"]
+    assert len(held) == 2 and all(0.45 * total <= h <= 0.55 * total for h in held), parameters
+
+    ours = load_representation(tmp_path)
+    reference = load_representation(represented["smollm2"])
+    assert ours["id"] == reference["id"] and ours["input_ids"] == reference["input_ids"]
+    ids = np.concatenate([np.asarray(x) for x in ours["topk_ids"]])
+    reference_ids = np.concatenate([np.asarray(x) for x in reference["topk_ids"]])
+    assert (ids == reference_ids).all(axis=1).mean() >= 0.99
+    logprobs = np.concatenate([np.asarray(x, dtype=np.float32) for x in ours["topk_logprobs"]])
+    reference_logprobs = np.concatenate([np.asarray(x, dtype=np.float32) for x in reference["topk_logprobs"]])
+    step = np.spacing(np.abs(reference_logprobs).astype(np.float16)).astype(np.float32)  # one float16 step
+    assert (np.abs(logprobs - reference_logprobs) <= step).all()
+    nll, reference_nll = np.array(ours["nll"]), np.array(reference["nll"])
+    assert np.allclose(nll, reference_nll, rtol=1e-3, atol=0)
+
+
+def test_evaluate_on_two_ranks_gives_the_same_bits_per_byte(
+    tiny_models: dict, chats: Path, tmp_path: Path
+) -> None:
+    models = [ModelSpec("pivot", str(tiny_models["smollm2"]), "pivot"),
+              ModelSpec("source", str(tiny_models["mistral"]), "source", "llama2")]  # fmt: skip
+    one = evaluate(models, chats, tmp_path / "one", batch_tokens=128, compare_to="pivot", progress=False)
+    run_cli("evaluate", "--data", str(chats), "--out", str(tmp_path / "two"), "--model", f"pivot={models[0].path}:pivot",
+            "--model", f"source={models[1].path}:source", "--chat-template", "source=llama2", "--compare-to", "pivot",
+            "--batch-tokens", "128", "--nproc", "2")  # fmt: skip
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert [r["bits_per_byte"] for r in two["models"]] == [r["bits_per_byte"] for r in one["models"]]
+    assert [r["difference"] for r in two["models"]] == [r["difference"] for r in one["models"]]
+    assert two["examples"] == one["examples"] == 7
+    assert [r["chat_template"] for r in two["models"]] == [None, "llama2"]
+
+
+@pytest.mark.parametrize(
+    ("command", "arguments"),
+    [
+        (represent_command, ["--model", ".", "--data", "d.json", "--out", "o", "--top-k", "3", "--device", "cpu",
+                             "--dtype", "bfloat16", "--deepspeed", "zero3", "--nproc", "2", "--shard", "0/2"]),
+        (evaluate_command, ["--data", "d.json", "--out", "o", "--model", "a=.:pivot", "--model", "b=.",
+                            "--chat-template", "b=chatml", "--attn-implementation", "eager", "--hostfile", "h"]),
+        (train_command, ["--model", ".", "--fused", ".", "--out", "o", "--no-bf16", "--lr", "1e-4", "--resume",
+                         "--gradient-checkpointing"]),
+    ],
+)  # fmt: skip
+def test_command_arguments_parse_back_to_the_same_options(
+    command: click.Command, arguments: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What a launched rank receives: every option but the launcher's, as given."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.json").write_text("[]")
+    (tmp_path / "h").write_text("localhost slots=2\n")
+    params = command.make_context("x", list(arguments)).params
+    forwarded = command_arguments(command, params)
+    assert not {"--nproc", "--hostfile", "--master-port"} & set(forwarded)
+    again = command.make_context("x", forwarded).params
+    launcher = {"nproc", "hostfile", "master_port", "local_rank"}
+    assert {k: v for k, v in again.items() if k not in launcher} == {
+        k: v for k, v in params.items() if k not in launcher
+    }
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_device_is_honoured_and_a_missing_gpu_refused(tiny_models: dict, chats: Path, tmp_path: Path) -> None:
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(LaunchError, match="no CUDA GPU"):
+        resolve_device("cuda:0")
+    out = tmp_path / "cuda"
+    result = CliRunner().invoke(main, [*represent_arguments(tiny_models["qwen"], chats, out), "--device", "cuda"])  # fmt: skip
+    assert (
+        result.exit_code == 1
+        and "--device cuda: no CUDA GPU" in result.output
+        and "Traceback" not in result.output
+    )
+    result = CliRunner().invoke(main, [*represent_arguments(tiny_models["qwen"], chats, out), "--device", "gpu"])  # fmt: skip
+    assert result.exit_code == 1 and "--device gpu: expected auto, cpu, cuda or cuda:N" in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_represent_on_the_gpu_agrees_with_the_cpu(
+    tiny_models: dict, chats: Path, represented: dict, tmp_path: Path
+) -> None:
+    run_cli(*represent_arguments(tiny_models["qwen"], chats, tmp_path), "--device", "cuda", "--dtype", "float32",
+            "--nproc", "1")  # fmt: skip
+    ours, reference = load_representation(tmp_path), load_representation(represented["qwen"])
+    ids = np.concatenate([np.asarray(x) for x in ours["topk_ids"]])
+    reference_ids = np.concatenate([np.asarray(x) for x in reference["topk_ids"]])
+    assert (ids == reference_ids).all(axis=1).mean() >= 0.99
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["placement"]["device"] == "cuda:0"
