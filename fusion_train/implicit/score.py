@@ -1,0 +1,321 @@
+"""Implicit stage 2: score every sampled response, with a reward model and/or verifiers.
+
+The reward model (any transformers sequence-classification model: ArmoRM, Skywork-Reward ...)
+reads the prompt and the response as one conversation in its own chat template, as it was
+trained; with more than one output it needs ``--reward-label`` to say which output is the
+reward. Verifiers are plain callables (``fusion_train.implicit.verifiers``). Every scorer's
+score is stored per response under the scorer's name, so ``prefer`` can rank by any of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import datasets
+import torch
+from tqdm.auto import tqdm
+
+from fusion_train import options
+from fusion_train.chat import resolve_chat_template
+from fusion_train.errors import Command, UserError
+from fusion_train.implicit.sample import device_for_rank, load_samples
+from fusion_train.implicit.verifiers import Verifier, get_verifier
+from fusion_train.models import ModelLoadError, load_tokenizer, model_directory, model_fingerprint
+from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
+
+FORMAT = "fusion-train/scored@1"
+DATA_DIR = "data"
+SUMMARY = "summary.json"
+
+
+class ScoreError(UserError, ValueError):
+    """Scorers or sample directories that cannot be used as given."""
+
+
+@dataclass(frozen=True)
+class RewardModel:
+    """A sequence-classification reward model and which of its outputs is the reward."""
+
+    path: str
+    label: int  # index into the model's outputs
+    label_name: str
+    num_labels: int
+    chat_template: str | None = None  # default: the reward model's own
+
+    @property
+    def name(self) -> str:
+        base = f"reward:{Path(self.path).resolve().name}"
+        return f"{base}/{self.label_name}" if self.num_labels > 1 else base
+
+
+def reward_model_spec(
+    path: str | Path, label: str | None, chat_template: str | None = None, trust_remote_code: bool = False
+) -> RewardModel:
+    """Check the reward model's outputs against ``label`` (NAME or INDEX) before anything is scored."""
+    from transformers import AutoConfig
+
+    path = model_directory(path)
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path}: no config.json; pass a saved Hugging Face reward model directory.")
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    names = [str(config.id2label.get(i, i)) for i in range(config.num_labels)]
+    if label is None:
+        if config.num_labels > 1:
+            raise ScoreError(
+                f"{path}: the reward model has {config.num_labels} outputs ({', '.join(names)}); say which one is the "
+                "reward with --reward-label NAME|INDEX."
+            )
+        return RewardModel(str(path), 0, names[0], 1, chat_template)
+    index = int(label) if label.lstrip("-").isdigit() else (names.index(label) if label in names else None)
+    if index is None or not 0 <= index < config.num_labels:
+        raise ScoreError(
+            f"--reward-label {label!r}: not one of the reward model's outputs: "
+            + ", ".join(f"{i} ({n})" for i, n in enumerate(names))
+            + "."
+        )
+    return RewardModel(str(path), index, names[index], config.num_labels, chat_template)
+
+
+@torch.inference_mode()
+def reward_scores(
+    spec: RewardModel,
+    conversations: list[list[dict[str, str]]],
+    *,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> list[float]:
+    """The reward of every conversation (prompt + response), rendered in the reward model's template.
+
+    The model pools the logits of each sequence's last token that is not its pad token (that is how
+    transformers' sequence classifiers work), so batches are padded with that token: a batched
+    score equals the score of the sequence alone. A model without a pad token scores one at a time.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(spec.path, trust_remote_code=trust_remote_code)
+    template, _ = resolve_chat_template(tokenizer, spec.chat_template)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        spec.path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto", local_files_only=True,
+        trust_remote_code=trust_remote_code, use_safetensors=True,
+    ).eval()  # fmt: skip
+    device = device_for_rank()
+    model.to(device)
+    pad_id = model.config.pad_token_id
+    if pad_id is None:
+        batch_size = 1
+    encoded = [
+        tokenizer(
+            tokenizer.apply_chat_template(c, chat_template=template, tokenize=False), add_special_tokens=False
+        )["input_ids"]
+        for c in conversations
+    ]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    scores: list[float] = [math.nan] * len(encoded)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=f"score {spec.name}", unit="batch", disable=not progress):
+        longest = max(len(encoded[i]) for i in batch)
+        ids = torch.full((len(batch), longest), pad_id if pad_id is not None else 0, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(batch):
+            ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+            mask[row, : len(encoded[i])] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for row, i in enumerate(batch):
+            scores[i] = float(logits[row, spec.label])
+    return scores
+
+
+def verifier_scores(name: str, verifier: Verifier, rows: datasets.Dataset) -> list[float | None]:
+    """``verifier`` on every response; anything but a finite number or None is refused, naming it."""
+    scores: list[float | None] = []
+    for row in rows:
+        value = verifier(row["response"], row["reference"], row["prompt"])
+        if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise ScoreError(
+                f"--verifier {name!r} returned {value!r} for record {row['id']!r}; a verifier returns a finite "
+                "number, or None when it cannot judge."
+            )
+        scores.append(None if value is None else float(value))
+    return scores
+
+
+def _fingerprint(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def score(
+    samples_dirs: list[str | Path],
+    out_dir: str | Path,
+    *,
+    reward_model: RewardModel | None = None,
+    verifiers: tuple[str, ...] = (),
+    batch_size: int = 8,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score the responses of every ``samples_dirs`` (one per source); write them, with a
+    ``scores`` column (scorer name -> score, null where a verifier could not judge), into
+    ``out_dir``. Returns the summary: responses and mean score per scorer and source."""
+    out_dir = Path(out_dir)
+    if reward_model is None and not verifiers:
+        raise ScoreError("no scorer: give --reward-model DIR and/or --verifier NAME.")
+    resolved = {name: get_verifier(name) for name in verifiers}
+    loaded = [(Path(d), *load_samples(d)) for d in samples_dirs]
+    sources: dict[str, Path] = {}
+    for path, manifest, _ in loaded:
+        if manifest["source"] in sources:
+            raise ScoreError(
+                f"{path} and {sources[manifest['source']]} both hold samples of source {manifest['source']!r}; "
+                "give each source once (or sample with different --source-name)."
+            )
+        sources[manifest["source"]] = path
+    scorers: list[dict[str, Any]] = [{"name": name, "kind": "verifier"} for name in verifiers]
+    if reward_model is not None:
+        scorers.insert(0, {
+            "name": reward_model.name, "kind": "reward-model", "path": str(Path(reward_model.path).resolve()),
+            "fingerprint": model_fingerprint(reward_model.path), "label": reward_model.label,
+            "chat_template": reward_model.chat_template,
+        })  # fmt: skip
+    names = [s["name"] for s in scorers]
+    if len(set(names)) < len(names):
+        raise ScoreError(f"a scorer is given twice: {', '.join(names)}.")
+    manifest = {
+        "format": FORMAT,
+        "samples": [
+            {"path": str(path.resolve()), "source": m["source"], "fingerprint": _fingerprint(m)}
+            for path, m, _ in loaded
+        ],
+        "scorers": scorers,
+    }
+    claim_output(out_dir, manifest)
+    if (out_dir / SUMMARY).exists():
+        return read_json(out_dir / SUMMARY)
+
+    rows = datasets.concatenate_datasets([data for _, _, data in loaded])
+    columns: dict[str, list[float | None]] = {}
+    if reward_model is not None:
+        conversations = [[*r["prompt"], {"role": "assistant", "content": r["response"]}] for r in rows]
+        columns[reward_model.name] = reward_scores(
+            reward_model, conversations, batch_size=batch_size, dtype=dtype,
+            trust_remote_code=trust_remote_code, progress=progress,
+        )  # fmt: skip
+    for name, verifier in resolved.items():
+        columns[name] = verifier_scores(name, verifier, rows)
+    struct = datasets.Features({name: datasets.Value("float64") for name in names})
+    scored = rows.add_column("scores", [dict(zip(names, v, strict=True)) for v in zip(*columns.values(), strict=True)],
+                             feature=struct)  # fmt: skip
+    with atomic_directory(out_dir / DATA_DIR) as tmp:
+        scored.save_to_disk(str(tmp))
+    summary = summarise(scored, names)
+    write_json_atomic(out_dir / SUMMARY, summary)
+    return summary
+
+
+def summarise(scored: datasets.Dataset, names: list[str]) -> dict[str, Any]:
+    """Per scorer: responses it judged, those it could not, the mean score, overall and per source."""
+    sources = sorted(set(scored["source"]))
+    all_scores = scored["scores"]
+    by_source = scored["source"]
+
+    def stats(values: list[float | None]) -> dict[str, Any]:
+        judged = [v for v in values if v is not None]
+        return {"judged": len(judged), "not_judged": len(values) - len(judged),
+                "mean": sum(judged) / len(judged) if judged else None}  # fmt: skip
+
+    return {
+        "responses": len(scored),
+        "scorers": {
+            name: {
+                **stats([s[name] for s in all_scores]),
+                "by_source": {
+                    src: stats([s[name] for s, o in zip(all_scores, by_source, strict=True) if o == src])
+                    for src in sources
+                },
+            }
+            for name in names
+        },
+    }
+
+
+def load_scored(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]:
+    """The manifest and the scored responses of a finished ``score`` run."""
+    out_dir = Path(out_dir)
+    if not (out_dir / MANIFEST).exists() or not (out_dir / DATA_DIR).exists():
+        raise ScoreError(
+            f"{out_dir}: not a finished `fusion-train score` output (no {MANIFEST} or {DATA_DIR}/)."
+        )
+    manifest = read_json(out_dir / MANIFEST)
+    if manifest.get("format") != FORMAT:
+        raise ScoreError(f"{out_dir}: format {manifest.get('format')!r}, not {FORMAT!r}.")
+    return manifest, datasets.load_from_disk(str(out_dir / DATA_DIR))
+
+
+# --------------------------------------------------------------------------- command
+
+
+@click.command("score", cls=Command)
+@click.option(
+    "--samples",
+    "samples_dirs",
+    required=True,
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Output of `fusion-train sample`, repeatable: one per source (and the target's own, for WRPO).",
+)
+@options.output_directory()
+@click.option(
+    "--reward-model",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="A local sequence-classification reward model; it reads prompt and response in its own chat template.",
+)
+@click.option(
+    "--reward-label",
+    default=None,
+    metavar="NAME|INDEX",
+    help="Which output of the reward model is the reward (required when it has more than one).",
+)
+@click.option(
+    "--reward-chat-template",
+    default=None,
+    help="Template for the reward model: built-in name or .jinja file. Default: its tokenizer's own.",
+)
+@click.option(
+    "--verifier",
+    "verifiers",
+    multiple=True,
+    help="Repeatable: numeric-answer, reference-overlap, or package.module:function.",
+)
+@click.option(
+    "--batch-size", type=options.POSITIVE_INT, default=8, help="Conversations per reward-model batch."
+)
+@click.option("--dtype", type=options.MODEL_DTYPES, default="float32", help="Reward model weights' dtype.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the reward model directory.")
+def score_command(
+    samples_dirs: tuple[str, ...], out_dir: str, reward_model: str | None, reward_label: str | None,
+    reward_chat_template: str | None, verifiers: tuple[str, ...], batch_size: int, dtype: str,
+    trust_remote_code: bool,
+) -> None:  # fmt: skip
+    """Score sampled responses with a reward model and/or verifiers (implicit fusion)."""
+    if reward_label is not None and reward_model is None:
+        raise click.BadParameter("needs --reward-model", param_hint="--reward-label")
+    spec = (
+        reward_model_spec(reward_model, reward_label, reward_chat_template, trust_remote_code)
+        if reward_model is not None
+        else None
+    )
+    summary = score(list(samples_dirs), out_dir, reward_model=spec, verifiers=verifiers, batch_size=batch_size,
+                    dtype=dtype, trust_remote_code=trust_remote_code)  # fmt: skip
+    for name, stats in summary["scorers"].items():
+        mean = "n/a" if stats["mean"] is None else f"{stats['mean']:.4f}"
+        click.echo(f"{name}: mean {mean} over {stats['judged']} responses ({stats['not_judged']} not judged)")
+    click.echo(f"written: {Path(out_dir) / DATA_DIR}")
