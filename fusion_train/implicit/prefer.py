@@ -6,7 +6,7 @@ own samples, ``--target-source``, never count as a source). Pairs follow one of 
 - ``fusechat3`` (FuseChat-3.0, arXiv 2503.04222): one pair per prompt, both responses from the
   **same** source, so the pair differs in quality rather than in style (a reward model favours
   some models' styles): chosen = the prompt's best response overall, rejected = the worst
-  response of the same source; kept when their score margin is at least ``--margin``.
+  other response of the same source; kept when their score margin is at least ``--margin``.
 - ``wrpo`` (WRPO, arXiv 2412.03187): the target answers the prompts itself (after SFT); chosen
   (y_wt) and rejected (y_l) are the target's own best and worst responses, kept when their margin
   is at least ``--margin``; ``chosen_source`` (y_ws) is the prompt's best source response, which
@@ -65,6 +65,7 @@ def best(responses: list[Response]) -> Response:
 
 
 def worst(responses: list[Response]) -> Response:
+    """The lowest score; ties go to the earliest response."""
     return min(responses, key=lambda r: r.score)
 
 
@@ -152,18 +153,23 @@ def prefer(
                          "score": top.score})  # fmt: skip
         by_source[top.source]["sft"] += 1
         if mode == "fusechat3":
-            same = responses[key][top.source]
-            chosen, rejected, owner = top, worst(same), top.source
+            chosen, candidates = top, responses[key][top.source]
         else:
-            own = responses[key].get(target_source, [])  # type: ignore[arg-type]
-            if not own:
+            candidates = responses[key].get(target_source, [])  # type: ignore[arg-type]
+            if not candidates:
                 dropped["no target response"] += 1
                 continue
-            chosen, rejected, owner = best(own), worst(own), top.source
+            chosen = best(candidates)
+        others = [r for r in candidates if r is not chosen]
+        owner = top.source
+        if not others:
+            dropped["one response"] += 1
+            by_source[owner]["dropped: one response"] += 1
+            continue
+        rejected = worst(others)
+        gap = chosen.score - rejected.score
+        largest_margin = gap if largest_margin is None else max(largest_margin, gap)
         reason = _drop_reason(chosen, rejected, margin)
-        if chosen is not rejected:
-            gap = chosen.score - rejected.score
-            largest_margin = gap if largest_margin is None else max(largest_margin, gap)
         if reason is not None:
             dropped[reason] += 1
             by_source[owner][f"dropped: {reason}"] += 1
@@ -213,8 +219,6 @@ def prefer(
 
 def _drop_reason(chosen: Response, rejected: Response, margin: float) -> str | None:
     """Why a (chosen, rejected) pair teaches nothing, or None to keep it."""
-    if chosen is rejected:
-        return "one response"
     if chosen.text == rejected.text:
         return "identical responses"
     if chosen.score - rejected.score < margin:
