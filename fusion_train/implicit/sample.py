@@ -185,7 +185,7 @@ def end_of_turn_ids(tokenizer: Any, model: torch.nn.Module) -> list[int]:
 
 
 @dataclass
-class Generator:
+class ChatGenerator:
     """A model ready to answer rendered prompts in batches."""
 
     model: torch.nn.Module
@@ -285,7 +285,7 @@ def sample(
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model = load_model(model_path, dtype=settings.dtype, trust_remote_code=trust_remote_code)
-        generator = Generator(
+        generator = ChatGenerator(
             model.to(device_for_rank()), tokenizer, template, settings, end_of_turn_ids(tokenizer, model)
         )
         for chunk in tqdm(mine, desc=f"sample {manifest['source']}", unit="part", disable=not progress):
@@ -300,7 +300,7 @@ def part_path(out_dir: Path, chunk: int) -> Path:
 
 
 def _write_part(
-    generator: Generator, prompts: list[Prompt], source: str, batch_size: int, target: Path
+    generator: ChatGenerator, prompts: list[Prompt], source: str, batch_size: int, target: Path
 ) -> None:
     """Answer one chunk of prompts, longest prompts batched together, rows in (record, sample) order."""
     started = time.perf_counter()
