@@ -5,6 +5,8 @@ reads the prompt and the response as one conversation in its own chat template, 
 trained; with more than one output it needs ``--reward-label`` to say which output is the
 reward. Verifiers are plain callables (``fusion_train.implicit.verifiers``). Every scorer's
 score is stored per response under the scorer's name, so ``prefer`` can rank by any of them.
+Responses are scored in parts written atomically, as in ``sample``: a killed run resumes at the
+first missing part, and ranks split the parts.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from fusion_train.errors import Command, UserError
 from fusion_train.implicit.sample import device_for_rank, load_samples
 from fusion_train.implicit.verifiers import Verifier, get_verifier
 from fusion_train.models import ModelLoadError, load_tokenizer, model_directory, model_fingerprint
+from fusion_train.represent import parse_shard
 from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
 
 FORMAT = "fusion-train/scored@1"
-DATA_DIR = "data"
+PARTS_DIR = "parts"
 SUMMARY = "summary.json"
 
 
@@ -82,55 +85,55 @@ def reward_model_spec(
     return RewardModel(str(path), index, names[index], config.num_labels, chat_template)
 
 
-@torch.inference_mode()
-def reward_scores(
-    spec: RewardModel,
-    conversations: list[list[dict[str, str]]],
-    *,
-    batch_size: int = 8,
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-    progress: bool = True,
-) -> list[float]:
-    """The reward of every conversation (prompt + response), rendered in the reward model's template.
+class RewardScorer:
+    """A loaded reward model that scores conversations (prompt + response) in its own template.
 
     The model pools the logits of each sequence's last token that is not its pad token (that is how
     transformers' sequence classifiers work), so batches are padded with that token: a batched
     score equals the score of the sequence alone. A model without a pad token scores one at a time.
     """
-    from transformers import AutoModelForSequenceClassification
 
-    tokenizer = load_tokenizer(spec.path, trust_remote_code=trust_remote_code)
-    template, _ = resolve_chat_template(tokenizer, spec.chat_template)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        spec.path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto", local_files_only=True,
-        trust_remote_code=trust_remote_code, use_safetensors=True,
-    ).eval()  # fmt: skip
-    device = device_for_rank()
-    model.to(device)
-    pad_id = model.config.pad_token_id
-    if pad_id is None:
-        batch_size = 1
-    encoded = [
-        tokenizer(
-            tokenizer.apply_chat_template(c, chat_template=template, tokenize=False), add_special_tokens=False
-        )["input_ids"]
-        for c in conversations
-    ]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    scores: list[float] = [math.nan] * len(encoded)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=f"score {spec.name}", unit="batch", disable=not progress):
-        longest = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), longest), pad_id if pad_id is not None else 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(batch):
-            ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-            mask[row, : len(encoded[i])] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for row, i in enumerate(batch):
-            scores[i] = float(logits[row, spec.label])
-    return scores
+    def __init__(
+        self, spec: RewardModel, batch_size: int = 8, dtype: str = "float32", trust_remote_code: bool = False
+    ) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        self.spec = spec
+        self.tokenizer = load_tokenizer(spec.path, trust_remote_code=trust_remote_code)
+        self.template, _ = resolve_chat_template(self.tokenizer, spec.chat_template)
+        self.device = device_for_rank()
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            spec.path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto", local_files_only=True,
+            trust_remote_code=trust_remote_code, use_safetensors=True,
+        ).eval().to(self.device)  # fmt: skip
+        self.pad_id = self.model.config.pad_token_id
+        self.batch_size = batch_size if self.pad_id is not None else 1
+
+    @torch.inference_mode()
+    def __call__(self, conversations: list[list[dict[str, str]]]) -> list[float]:
+        render = self.tokenizer.apply_chat_template
+        encoded = [
+            self.tokenizer(render(c, chat_template=self.template, tokenize=False), add_special_tokens=False)[
+                "input_ids"
+            ]
+            for c in conversations
+        ]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        scores: list[float] = [math.nan] * len(encoded)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            longest = max(len(encoded[i]) for i in batch)
+            ids = torch.full(
+                (len(batch), longest), self.pad_id if self.pad_id is not None else 0, dtype=torch.long
+            )
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(batch):
+                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                mask[row, : len(encoded[i])] = 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            for row, i in enumerate(batch):
+                scores[i] = float(logits[row, self.spec.label])
+        return scores
 
 
 def verifier_scores(name: str, verifier: Verifier, rows: datasets.Dataset) -> list[float | None]:
@@ -158,13 +161,17 @@ def score(
     reward_model: RewardModel | None = None,
     verifiers: tuple[str, ...] = (),
     batch_size: int = 8,
+    chunk_size: int = 4096,
     dtype: str = "float32",
+    shard: tuple[int, int] = (0, 1),
     trust_remote_code: bool = False,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Score the responses of every ``samples_dirs`` (one per source); write them, with a
     ``scores`` column (scorer name -> score, null where a verifier could not judge), into
-    ``out_dir``. Returns the summary: responses and mean score per scorer and source."""
+    ``out_dir``, ``chunk_size`` responses per part (resumable and split between ranks like
+    ``sample``). Returns the summary once every part exists (``None`` while other shards' parts
+    are missing): responses and mean score per scorer and source."""
     out_dir = Path(out_dir)
     if reward_model is None and not verifiers:
         raise ScoreError("no scorer: give --reward-model DIR and/or --verifier NAME.")
@@ -183,41 +190,54 @@ def score(
         scorers.insert(0, {
             "name": reward_model.name, "kind": "reward-model", "path": str(Path(reward_model.path).resolve()),
             "fingerprint": model_fingerprint(reward_model.path), "label": reward_model.label,
-            "chat_template": reward_model.chat_template,
+            "chat_template": reward_model.chat_template, "dtype": dtype,
         })  # fmt: skip
     names = [s["name"] for s in scorers]
     if len(set(names)) < len(names):
         raise ScoreError(f"a scorer is given twice: {', '.join(names)}.")
-    manifest = {
-        "format": FORMAT,
-        "samples": [
-            {"path": str(path.resolve()), "source": m["source"], "fingerprint": _fingerprint(m)}
-            for path, m, _ in loaded
-        ],
-        "scorers": scorers,
-    }
-    claim_output(out_dir, manifest)
-    if (out_dir / SUMMARY).exists():
-        return read_json(out_dir / SUMMARY)
-
     rows = datasets.concatenate_datasets([data for _, _, data in loaded])
-    columns: dict[str, list[float | None]] = {}
-    if reward_model is not None:
-        conversations = [[*r["prompt"], {"role": "assistant", "content": r["response"]}] for r in rows]
-        columns[reward_model.name] = reward_scores(
-            reward_model, conversations, batch_size=batch_size, dtype=dtype,
-            trust_remote_code=trust_remote_code, progress=progress,
-        )  # fmt: skip
-    for name, verifier in resolved.items():
-        columns[name] = verifier_scores(name, verifier, rows)
+    num_parts = -(-len(rows) // chunk_size)
+    claim_output(out_dir, {
+        "format": FORMAT,
+        "samples": [{"path": str(path.resolve()), "source": m["source"], "fingerprint": _fingerprint(m)}
+                    for path, m, _ in loaded],
+        "scorers": scorers,
+        "num_responses": len(rows),
+        "chunk_size": chunk_size,
+        "num_parts": num_parts,
+    })  # fmt: skip
+    shard_index, shard_count = shard
+    mine = [
+        c for c in range(num_parts) if c % shard_count == shard_index and not part_path(out_dir, c).exists()
+    ]
+    reward = (
+        RewardScorer(reward_model, batch_size, dtype, trust_remote_code) if mine and reward_model else None
+    )
     struct = datasets.Features({name: datasets.Value("float64") for name in names})
-    scored = rows.add_column("scores", [dict(zip(names, v, strict=True)) for v in zip(*columns.values(), strict=True)],
-                             feature=struct)  # fmt: skip
-    with atomic_directory(out_dir / DATA_DIR) as tmp:
-        scored.save_to_disk(str(tmp))
-    summary = summarise(scored, names)
+    for chunk in tqdm(mine, desc="score", unit="part", disable=not progress):
+        part = rows.select(range(chunk * chunk_size, min(len(rows), (chunk + 1) * chunk_size)))
+        columns: list[list[float | None]] = []
+        if reward is not None:
+            columns.append(
+                reward([[*r["prompt"], {"role": "assistant", "content": r["response"]}] for r in part])
+            )
+        columns += [verifier_scores(name, verifier, part) for name, verifier in resolved.items()]
+        scores = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+        with atomic_directory(part_path(out_dir, chunk)) as tmp:
+            datasets.disable_progress_bars()  # one bar per stage is enough
+            try:
+                part.add_column("scores", scores, feature=struct).save_to_disk(str(tmp / "data"))
+            finally:
+                datasets.enable_progress_bars()
+    if not all(part_path(out_dir, c).exists() for c in range(num_parts)):
+        return None
+    summary = summarise(load_scored(out_dir)[1], names)
     write_json_atomic(out_dir / SUMMARY, summary)
     return summary
+
+
+def part_path(out_dir: Path, chunk: int) -> Path:
+    return out_dir / PARTS_DIR / f"part-{chunk:05d}"
 
 
 def summarise(scored: datasets.Dataset, names: list[str]) -> dict[str, Any]:
@@ -247,16 +267,25 @@ def summarise(scored: datasets.Dataset, names: list[str]) -> dict[str, Any]:
 
 
 def load_scored(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]:
-    """The manifest and the scored responses of a finished ``score`` run."""
+    """The manifest and the scored responses of a finished ``score`` run, in input order."""
     out_dir = Path(out_dir)
-    if not (out_dir / MANIFEST).exists() or not (out_dir / DATA_DIR).exists():
+    if not (out_dir / MANIFEST).exists():
         raise ScoreError(
-            f"{out_dir}: not a finished `fusion-train score` output (no {MANIFEST} or {DATA_DIR}/)."
+            f"{out_dir}: no {MANIFEST}; is it the output of `fusion-train score --out {out_dir}`?"
         )
     manifest = read_json(out_dir / MANIFEST)
     if manifest.get("format") != FORMAT:
         raise ScoreError(f"{out_dir}: format {manifest.get('format')!r}, not {FORMAT!r}.")
-    return manifest, datasets.load_from_disk(str(out_dir / DATA_DIR))
+    missing = [c for c in range(manifest["num_parts"]) if not part_path(out_dir, c).exists()]
+    if missing:
+        raise ScoreError(
+            f"{out_dir}: {len(missing)} of {manifest['num_parts']} parts are missing (first: {missing[0]}); rerun "
+            "`fusion-train score` with the same arguments (every shard) to finish it."
+        )
+    parts = [
+        datasets.load_from_disk(str(part_path(out_dir, c) / "data")) for c in range(manifest["num_parts"])
+    ]
+    return manifest, datasets.concatenate_datasets(parts)
 
 
 # --------------------------------------------------------------------------- command
@@ -298,12 +327,23 @@ def load_scored(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]:
 @click.option(
     "--batch-size", type=options.POSITIVE_INT, default=8, help="Conversations per reward-model batch."
 )
+@click.option(
+    "--chunk-size",
+    type=options.POSITIVE_INT,
+    default=4096,
+    help="Responses per part (the unit of resuming and sharding).",
+)
 @click.option("--dtype", type=options.MODEL_DTYPES, default="float32", help="Reward model weights' dtype.")
+@click.option(
+    "--shard",
+    default=None,
+    help="i/n: process every n-th part starting at i. Default: RANK/WORLD_SIZE of the launcher, else everything.",
+)
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the reward model directory.")
 def score_command(
     samples_dirs: tuple[str, ...], out_dir: str, reward_model: str | None, reward_label: str | None,
-    reward_chat_template: str | None, verifiers: tuple[str, ...], batch_size: int, dtype: str,
-    trust_remote_code: bool,
+    reward_chat_template: str | None, verifiers: tuple[str, ...], batch_size: int, chunk_size: int, dtype: str,
+    shard: str | None, trust_remote_code: bool,
 ) -> None:  # fmt: skip
     """Score sampled responses with a reward model and/or verifiers (implicit fusion)."""
     if reward_label is not None and reward_model is None:
@@ -314,8 +354,12 @@ def score_command(
         else None
     )
     summary = score(list(samples_dirs), out_dir, reward_model=spec, verifiers=verifiers, batch_size=batch_size,
-                    dtype=dtype, trust_remote_code=trust_remote_code)  # fmt: skip
+                    chunk_size=chunk_size, dtype=dtype, shard=parse_shard(shard),
+                    trust_remote_code=trust_remote_code)  # fmt: skip
+    if summary is None:
+        click.echo(f"{out_dir}: this shard is done; other shards' parts are still missing.")
+        return
     for name, stats in summary["scorers"].items():
         mean = "n/a" if stats["mean"] is None else f"{stats['mean']:.4f}"
         click.echo(f"{name}: mean {mean} over {stats['judged']} responses ({stats['not_judged']} not judged)")
-    click.echo(f"written: {Path(out_dir) / DATA_DIR}")
+    click.echo(f"written: {Path(out_dir) / PARTS_DIR}, {SUMMARY}")

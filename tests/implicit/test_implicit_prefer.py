@@ -50,10 +50,10 @@ def write_scored(
     ]  # fmt: skip
     features = sample.features().copy()
     features["scores"] = datasets.Features({name: datasets.Value("float64") for name in scorers})
-    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(out / score.DATA_DIR))
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(score.part_path(out, 0) / "data"))
     write_json_atomic(out / "manifest.json", {
         "format": score.FORMAT, "samples": [{"path": f"/samples/{s}", "source": s, "fingerprint": s} for s in sources],
-        "scorers": [{"name": name, "kind": "verifier"} for name in scorers],
+        "scorers": [{"name": name, "kind": "verifier"} for name in scorers], "num_parts": 1,
     })  # fmt: skip
     return out
 
@@ -194,7 +194,7 @@ def test_sample_score_prefer_through_the_cli(tokenizer_dirs: dict, tmp_path: Pat
     result = invoke("--scored", tmp_path / "scored", "--out", tmp_path / "out", "--mode", "wrpo", "--margin", 0,
                     "--target-source", "target")  # fmt: skip
     assert result.exit_code == 0, result.output
-    responses = datasets.load_from_disk(str(tmp_path / "scored" / "data")).to_list()
+    responses = score.load_scored(tmp_path / "scored")[1].to_list()
     by_text = {(r["source"], r["response"]) for r in responses}
     for pair in datasets.load_from_disk(str(tmp_path / "out" / "pairs")):
         assert ("target", pair["chosen"][0]["content"]) in by_text
