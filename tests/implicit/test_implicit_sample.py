@@ -181,6 +181,19 @@ def test_killed_after_a_part_resumes_to_the_same_output(ws: Path, tmp_path: Path
     assert_same_output(out, fresh)
 
 
+def test_launcher_ranks_split_the_parts(ws: Path, tmp_path: Path) -> None:
+    """RANK / WORLD_SIZE, as a launcher sets them, choose the parts a process writes."""
+    arguments = ["sample", "--model", str(ws / "model"), "--data", str(ws / "prompts.jsonl"), "--out",
+                 str(tmp_path / "out"), "--max-new-tokens", "2", "--num-samples", "1", "--chunk-size", "2"]  # fmt: skip
+    result = CliRunner().invoke(main, arguments, env={"RANK": "1", "WORLD_SIZE": "2"})
+    assert (
+        result.exit_code == 0 and "this shard is done; other shards' parts are still missing" in result.output
+    )
+    assert sorted(p.name for p in (tmp_path / "out" / "parts").iterdir()) == ["part-00001", "part-00003"]
+    result = CliRunner().invoke(main, arguments, env={"RANK": "0", "WORLD_SIZE": "2"})
+    assert result.exit_code == 0 and "7 responses to 7 prompts" in result.output
+
+
 def test_a_rerun_with_other_settings_is_refused(ws: Path, tmp_path: Path) -> None:
     arguments = ["sample", "--model", str(ws / "model"), "--data", str(ws / "prompts.jsonl"), "--out",
                  str(tmp_path / "out"), "--max-new-tokens", "2", "--num-samples", "1"]  # fmt: skip
