@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 FORMAT = "fusion-train/samples@1"
 PARTS_DIR = "parts"
 SUMMARY = "summary.json"
+# The plain template (models without a chat template, e.g. base models) marks the next turn with
+# this text; a base model would otherwise go on to write the user's next message itself.
+PLAIN_TEMPLATE_STOP = ("\n\nUser:",)
 
 
 class SampleError(UserError, ValueError):
@@ -62,6 +65,7 @@ class SampleSettings:
     chat_template: str | None = None  # built-in name or .jinja file; default: the tokenizer's own
     chunk_size: int = 64  # records per part
     dtype: str = "float32"
+    stop: tuple[str, ...] = ()  # texts that end a response (not kept), besides the end-of-turn token
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_new_tokens < 1 or self.chunk_size < 1:
@@ -211,18 +215,41 @@ class ChatGenerator:
             max_new_tokens=self.settings.max_new_tokens,
             eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id,
+            stop_strings=list(self.settings.stop) or None,
         )
         sampler = RowSampler(seeds, self.settings.temperature, self.settings.top_p)
         output = self.model.generate(
-            **batch, generation_config=config, logits_processor=LogitsProcessorList([sampler])
-        )
+            **batch, generation_config=config, logits_processor=LogitsProcessorList([sampler]),
+            tokenizer=self.tokenizer,
+        )  # fmt: skip
         results = []
         for row in output[:, batch["input_ids"].shape[1] :].tolist():
             end = next((i for i, token in enumerate(row) if token in self.stop_ids), None)
             tokens = row if end is None else row[:end]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            cut = self.stop_at(text)
+            if cut is not None:  # generation stopped at a stop text: keep what came before it
+                tokens = tokens[: self.tokens_to_stop(tokens)]
+                text, end = text[:cut], len(tokens)
             results.append((text, len(tokens), "length" if end is None else "stop"))
         return results
+
+    def stop_at(self, text: str) -> int | None:
+        """Where the first stop text begins in ``text``, or None."""
+        found = [i for i in (text.find(s) for s in self.settings.stop) if i >= 0]
+        return min(found) if found else None
+
+    def tokens_to_stop(self, tokens: list[int]) -> int:
+        """The fewest leading tokens whose text holds a stop text (the stop text's own tokens are
+        counted): found by bisection, since holding one only starts, never stops, as tokens are added."""
+        low, high = 1, len(tokens)
+        while low < high:
+            middle = (low + high) // 2
+            if self.stop_at(self.tokenizer.decode(tokens[:middle], skip_special_tokens=True)) is None:
+                low = middle + 1
+            else:
+                high = middle
+        return low
 
 
 @dataclass
@@ -261,6 +288,8 @@ def sample(
     prompts = prompts_of(conversations, data_path)  # bad data stops the stage before a model is loaded
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     template, template_source = resolve_chat_template(tokenizer, settings.chat_template)
+    if template_source == "builtin:plain" and not settings.stop:
+        settings = replace(settings, stop=PLAIN_TEMPLATE_STOP)
     num_parts = -(-len(prompts) // settings.chunk_size)
     manifest = {
         "format": FORMAT,
@@ -435,6 +464,12 @@ def load_samples(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]
 )
 @click.option("--dtype", type=options.MODEL_DTYPES, default="float32", help="Weights' dtype for generation.")
 @click.option(
+    "--stop",
+    multiple=True,
+    help="Repeatable: a text that ends a response (and is not kept). Default with the plain template: "
+    "'\\n\\nUser:', where a model without a chat template would begin the next turn itself.",
+)
+@click.option(
     "--shard",
     default=None,
     help="i/n: process every n-th part starting at i. Default: RANK/WORLD_SIZE of the launcher, else everything.",
@@ -443,11 +478,12 @@ def load_samples(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]
 def sample_command(
     model_path: str, data_path: str, out_dir: str, num_samples: int, temperature: float, top_p: float,
     max_new_tokens: int, seed: int, batch_size: int, chunk_size: int, limit: int | None,
-    source_name: str | None, chat_template: str | None, dtype: str, shard: str | None, trust_remote_code: bool,
+    source_name: str | None, chat_template: str | None, dtype: str, stop: tuple[str, ...], shard: str | None,
+    trust_remote_code: bool,
 ) -> None:  # fmt: skip
     """Sample several responses per prompt from one model (implicit fusion, FuseChat-3.0 / WRPO)."""
     settings = SampleSettings(
-        num_samples, temperature, top_p, max_new_tokens, seed, chat_template, chunk_size, dtype
+        num_samples, temperature, top_p, max_new_tokens, seed, chat_template, chunk_size, dtype, stop
     )
     summary = sample(
         model_path, data_path, out_dir, settings, source_name=source_name, batch_size=batch_size, limit=limit,

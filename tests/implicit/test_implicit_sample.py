@@ -181,6 +181,30 @@ def test_killed_after_a_part_resumes_to_the_same_output(ws: Path, tmp_path: Path
     assert_same_output(out, fresh)
 
 
+def test_stop_texts_end_responses_where_they_begin(ws: Path, tmp_path: Path) -> None:
+    """Each response's draws do not depend on its batch-mates or on when they stop, so with a stop
+    text a response is the one sampled without it, cut where the stop text first begins."""
+    settings = SampleSettings(num_samples=2, max_new_tokens=8, seed=4)
+    sample(ws / "model", ws / "prompts.jsonl", tmp_path / "free", settings, batch_size=4, progress=False)
+    free = rows(tmp_path / "free")
+    stop = free[3]["response"][6:10]
+    stopped_settings = SampleSettings(num_samples=2, max_new_tokens=8, seed=4, stop=(stop,))
+    sample(
+        ws / "model", ws / "prompts.jsonl", tmp_path / "stop", stopped_settings, batch_size=4, progress=False
+    )
+    for before, after in zip(free, rows(tmp_path / "stop"), strict=True):
+        if stop in before["response"]:
+            assert after["response"] == before["response"][: before["response"].index(stop)]
+            assert after["finish_reason"] == "stop" and after["num_tokens"] <= before["num_tokens"]
+        else:
+            assert after == before
+    assert load_samples(tmp_path / "stop")[0]["settings"]["stop"] == [stop]
+
+    plain = SampleSettings(num_samples=1, max_new_tokens=1, chat_template="plain")
+    sample(ws / "model", ws / "prompts.jsonl", tmp_path / "plain", plain, progress=False)
+    assert load_samples(tmp_path / "plain")[0]["settings"]["stop"] == ["\n\nUser:"]
+
+
 def test_launcher_ranks_split_the_parts(ws: Path, tmp_path: Path) -> None:
     """RANK / WORLD_SIZE, as a launcher sets them, choose the parts a process writes."""
     arguments = ["sample", "--model", str(ws / "model"), "--data", str(ws / "prompts.jsonl"), "--out",
