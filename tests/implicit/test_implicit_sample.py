@@ -168,8 +168,9 @@ def test_killed_after_a_part_resumes_to_the_same_output(ws: Path, tmp_path: Path
     arguments = ["--model", ws / "model", "--data", ws / "prompts.jsonl", "--num-samples", 2, "--max-new-tokens", 5,
                  "--seed", 5, "--chunk-size", 3, "--batch-size", 4]  # fmt: skip
     out = tmp_path / "killed"
-    run_killed("after", SAVE, 1, ["sample", "--out", out, *arguments])  # part 0 saved, not yet renamed
-    run_killed("after", SAVE, 2, ["sample", "--out", out, *arguments])  # part 0 renamed; part 1 saved
+    run_killed(
+        "after", SAVE, 2, ["sample", "--out", out, *arguments]
+    )  # part 0 renamed; part 1 saved, not renamed
     assert sorted(p.name for p in (out / "parts").iterdir() if not p.name.startswith(".")) == ["part-00000"]
     assert not (out / "summary.json").exists()
     result = CliRunner().invoke(main, ["sample", "--out", str(out), *map(str, arguments)])
