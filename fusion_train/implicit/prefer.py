@@ -209,9 +209,13 @@ def prefer(
         "settings": {"mode": mode, "margin": margin, "target_source": target_source, "scorer": scorer,
                      "drop_truncated": drop_truncated},
     })  # fmt: skip
-    for name, data in ((SFT_DIR, sft_rows), (PAIRS_DIR, pair_rows)):
-        with atomic_directory(out_dir / name) as tmp:
-            datasets.Dataset.from_list(data).save_to_disk(str(tmp))
+    datasets.disable_progress_bars()  # two small data sets; the report says what was written
+    try:
+        for name, data in ((SFT_DIR, sft_rows), (PAIRS_DIR, pair_rows)):
+            with atomic_directory(out_dir / name) as tmp:
+                datasets.Dataset.from_list(data).save_to_disk(str(tmp))
+    finally:
+        datasets.enable_progress_bars()
     write_json_atomic(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", markdown_report(report))
     return report
