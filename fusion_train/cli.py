@@ -14,6 +14,9 @@ from fusion_train.demo import demo_command
 from fusion_train.errors import Group
 from fusion_train.evaluate import evaluate_command
 from fusion_train.fuse import fuse_command
+from fusion_train.implicit.prefer import prefer_command
+from fusion_train.implicit.sample import sample_command
+from fusion_train.implicit.score import score_command
 from fusion_train.pipeline import run_command
 from fusion_train.represent import represent_command
 from fusion_train.sweep import sweep_command
@@ -32,6 +35,9 @@ def main() -> None:
     `run` does all of them (and the merges) from one recipe, `sweep` tries settings
     against the CLM-only baseline, `demo` runs a recipe on real small models.
 
+    Implicit fusion (FuseChat-3.0 / WRPO): sample (several responses per prompt from each
+    model), score (reward model and/or verifiers), prefer (SFT set and preference pairs).
+
     Errors in your input are one line naming the culprit; --debug shows their traceback.
     """
 
@@ -44,3 +50,6 @@ main.add_command(evaluate_command)
 main.add_command(run_command)
 main.add_command(sweep_command)
 main.add_command(demo_command)
+main.add_command(sample_command)
+main.add_command(score_command)
+main.add_command(prefer_command)

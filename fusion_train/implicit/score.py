@@ -1,0 +1,365 @@
+"""Implicit stage 2: score every sampled response, with a reward model and/or verifiers.
+
+The reward model (any transformers sequence-classification model: ArmoRM, Skywork-Reward ...)
+reads the prompt and the response as one conversation in its own chat template, as it was
+trained; with more than one output it needs ``--reward-label`` to say which output is the
+reward. Verifiers are plain callables (``fusion_train.implicit.verifiers``). Every scorer's
+score is stored per response under the scorer's name, so ``prefer`` can rank by any of them.
+Responses are scored in parts written atomically, as in ``sample``: a killed run resumes at the
+first missing part, and ranks split the parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import datasets
+import torch
+from tqdm.auto import tqdm
+
+from fusion_train import options
+from fusion_train.chat import resolve_chat_template
+from fusion_train.errors import Command, UserError
+from fusion_train.implicit.sample import device_for_rank, load_samples
+from fusion_train.implicit.verifiers import Verifier, get_verifier
+from fusion_train.models import ModelLoadError, load_tokenizer, model_directory, model_fingerprint
+from fusion_train.represent import parse_shard
+from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
+
+FORMAT = "fusion-train/scored@1"
+PARTS_DIR = "parts"
+SUMMARY = "summary.json"
+
+
+class ScoreError(UserError, ValueError):
+    """Scorers or sample directories that cannot be used as given."""
+
+
+@dataclass(frozen=True)
+class RewardModel:
+    """A sequence-classification reward model and which of its outputs is the reward."""
+
+    path: str
+    label: int  # index into the model's outputs
+    label_name: str
+    num_labels: int
+    chat_template: str | None = None  # default: the reward model's own
+
+    @property
+    def name(self) -> str:
+        base = f"reward:{Path(self.path).resolve().name}"
+        return f"{base}/{self.label_name}" if self.num_labels > 1 else base
+
+
+def reward_model_spec(
+    path: str | Path, label: str | None, chat_template: str | None = None, trust_remote_code: bool = False
+) -> RewardModel:
+    """Check the reward model's outputs against ``label`` (NAME or INDEX) before anything is scored."""
+    from transformers import AutoConfig
+
+    path = model_directory(path)
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path}: no config.json; pass a saved Hugging Face reward model directory.")
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    names = [str(config.id2label.get(i, i)) for i in range(config.num_labels)]
+    if label is None:
+        if config.num_labels > 1:
+            raise ScoreError(
+                f"{path}: the reward model has {config.num_labels} outputs ({', '.join(names)}); say which one is the "
+                "reward with --reward-label NAME|INDEX."
+            )
+        return RewardModel(str(path), 0, names[0], 1, chat_template)
+    index = int(label) if label.lstrip("-").isdigit() else (names.index(label) if label in names else None)
+    if index is None or not 0 <= index < config.num_labels:
+        raise ScoreError(
+            f"--reward-label {label!r}: not one of the reward model's outputs: "
+            + ", ".join(f"{i} ({n})" for i, n in enumerate(names))
+            + "."
+        )
+    return RewardModel(str(path), index, names[index], config.num_labels, chat_template)
+
+
+class RewardScorer:
+    """A loaded reward model that scores conversations (prompt + response) in its own template.
+
+    The model pools the logits of each sequence's last token that is not its pad token (that is how
+    transformers' sequence classifiers work), so batches are padded with that token: a batched
+    score equals the score of the sequence alone. A model without a pad token scores one at a time.
+    """
+
+    def __init__(
+        self, spec: RewardModel, batch_size: int = 8, dtype: str = "float32", trust_remote_code: bool = False
+    ) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        self.spec = spec
+        self.tokenizer = load_tokenizer(spec.path, trust_remote_code=trust_remote_code)
+        self.template, _ = resolve_chat_template(self.tokenizer, spec.chat_template)
+        self.device = device_for_rank()
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            spec.path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto", local_files_only=True,
+            trust_remote_code=trust_remote_code, use_safetensors=True,
+        ).eval().to(self.device)  # fmt: skip
+        self.pad_id = self.model.config.pad_token_id
+        self.batch_size = batch_size if self.pad_id is not None else 1
+
+    @torch.inference_mode()
+    def __call__(self, conversations: list[list[dict[str, str]]]) -> list[float]:
+        render = self.tokenizer.apply_chat_template
+        encoded = [
+            self.tokenizer(render(c, chat_template=self.template, tokenize=False), add_special_tokens=False)[
+                "input_ids"
+            ]
+            for c in conversations
+        ]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        scores: list[float] = [math.nan] * len(encoded)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            longest = max(len(encoded[i]) for i in batch)
+            ids = torch.full(
+                (len(batch), longest), self.pad_id if self.pad_id is not None else 0, dtype=torch.long
+            )
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(batch):
+                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                mask[row, : len(encoded[i])] = 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            for row, i in enumerate(batch):
+                scores[i] = float(logits[row, self.spec.label])
+        return scores
+
+
+def verifier_scores(name: str, verifier: Verifier, rows: datasets.Dataset) -> list[float | None]:
+    """``verifier`` on every response; anything but a finite number or None is refused, naming it."""
+    scores: list[float | None] = []
+    for row in rows:
+        value = verifier(row["response"], row["reference"], row["prompt"])
+        if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise ScoreError(
+                f"--verifier {name!r} returned {value!r} for record {row['id']!r}; a verifier returns a finite "
+                "number, or None when it cannot judge."
+            )
+        scores.append(None if value is None else float(value))
+    return scores
+
+
+def _fingerprint(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def score(
+    samples_dirs: list[str | Path],
+    out_dir: str | Path,
+    *,
+    reward_model: RewardModel | None = None,
+    verifiers: tuple[str, ...] = (),
+    batch_size: int = 8,
+    chunk_size: int = 4096,
+    dtype: str = "float32",
+    shard: tuple[int, int] = (0, 1),
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """Score the responses of every ``samples_dirs`` (one per source); write them, with a
+    ``scores`` column (scorer name -> score, null where a verifier could not judge), into
+    ``out_dir``, ``chunk_size`` responses per part (resumable and split between ranks like
+    ``sample``). Returns the summary once every part exists (``None`` while other shards' parts
+    are missing): responses and mean score per scorer and source."""
+    out_dir = Path(out_dir)
+    if reward_model is None and not verifiers:
+        raise ScoreError("no scorer: give --reward-model DIR and/or --verifier NAME.")
+    resolved = {name: get_verifier(name) for name in verifiers}
+    loaded = [(Path(d), *load_samples(d)) for d in samples_dirs]
+    sources: dict[str, Path] = {}
+    for path, manifest, _ in loaded:
+        if manifest["source"] in sources:
+            raise ScoreError(
+                f"{path} and {sources[manifest['source']]} both hold samples of source {manifest['source']!r}; "
+                "give each source once (or sample with different --source-name)."
+            )
+        sources[manifest["source"]] = path
+    scorers: list[dict[str, Any]] = [{"name": name, "kind": "verifier"} for name in verifiers]
+    if reward_model is not None:
+        scorers.insert(0, {
+            "name": reward_model.name, "kind": "reward-model", "path": str(Path(reward_model.path).resolve()),
+            "fingerprint": model_fingerprint(reward_model.path), "label": reward_model.label,
+            "chat_template": reward_model.chat_template, "dtype": dtype,
+        })  # fmt: skip
+    names = [s["name"] for s in scorers]
+    if len(set(names)) < len(names):
+        raise ScoreError(f"a scorer is given twice: {', '.join(names)}.")
+    rows = datasets.concatenate_datasets([data for _, _, data in loaded])
+    num_parts = -(-len(rows) // chunk_size)
+    claim_output(out_dir, {
+        "format": FORMAT,
+        "samples": [{"path": str(path.resolve()), "source": m["source"], "fingerprint": _fingerprint(m)}
+                    for path, m, _ in loaded],
+        "scorers": scorers,
+        "num_responses": len(rows),
+        "chunk_size": chunk_size,
+        "num_parts": num_parts,
+    })  # fmt: skip
+    shard_index, shard_count = shard
+    mine = [
+        c for c in range(num_parts) if c % shard_count == shard_index and not part_path(out_dir, c).exists()
+    ]
+    reward = (
+        RewardScorer(reward_model, batch_size, dtype, trust_remote_code) if mine and reward_model else None
+    )
+    struct = datasets.Features({name: datasets.Value("float64") for name in names})
+    for chunk in tqdm(mine, desc="score", unit="part", disable=not progress):
+        part = rows.select(range(chunk * chunk_size, min(len(rows), (chunk + 1) * chunk_size)))
+        columns: list[list[float | None]] = []
+        if reward is not None:
+            columns.append(
+                reward([[*r["prompt"], {"role": "assistant", "content": r["response"]}] for r in part])
+            )
+        columns += [verifier_scores(name, verifier, part) for name, verifier in resolved.items()]
+        scores = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+        with atomic_directory(part_path(out_dir, chunk)) as tmp:
+            datasets.disable_progress_bars()  # one bar per stage is enough
+            try:
+                part.add_column("scores", scores, feature=struct).save_to_disk(str(tmp / "data"))
+            finally:
+                datasets.enable_progress_bars()
+    if not all(part_path(out_dir, c).exists() for c in range(num_parts)):
+        return None
+    summary = summarise(load_scored(out_dir)[1], names)
+    write_json_atomic(out_dir / SUMMARY, summary)
+    return summary
+
+
+def part_path(out_dir: Path, chunk: int) -> Path:
+    return out_dir / PARTS_DIR / f"part-{chunk:05d}"
+
+
+def summarise(scored: datasets.Dataset, names: list[str]) -> dict[str, Any]:
+    """Per scorer: responses it judged, those it could not, the mean score, overall and per source."""
+    sources = sorted(set(scored["source"]))
+    all_scores = scored["scores"]
+    by_source = scored["source"]
+
+    def stats(values: list[float | None]) -> dict[str, Any]:
+        judged = [v for v in values if v is not None]
+        return {"judged": len(judged), "not_judged": len(values) - len(judged),
+                "mean": sum(judged) / len(judged) if judged else None}  # fmt: skip
+
+    return {
+        "responses": len(scored),
+        "scorers": {
+            name: {
+                **stats([s[name] for s in all_scores]),
+                "by_source": {
+                    src: stats([s[name] for s, o in zip(all_scores, by_source, strict=True) if o == src])
+                    for src in sources
+                },
+            }
+            for name in names
+        },
+    }
+
+
+def load_scored(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]:
+    """The manifest and the scored responses of a finished ``score`` run, in input order."""
+    out_dir = Path(out_dir)
+    if not (out_dir / MANIFEST).exists():
+        raise ScoreError(
+            f"{out_dir}: no {MANIFEST}; is it the output of `fusion-train score --out {out_dir}`?"
+        )
+    manifest = read_json(out_dir / MANIFEST)
+    if manifest.get("format") != FORMAT:
+        raise ScoreError(f"{out_dir}: format {manifest.get('format')!r}, not {FORMAT!r}.")
+    missing = [c for c in range(manifest["num_parts"]) if not part_path(out_dir, c).exists()]
+    if missing:
+        raise ScoreError(
+            f"{out_dir}: {len(missing)} of {manifest['num_parts']} parts are missing (first: {missing[0]}); rerun "
+            "`fusion-train score` with the same arguments (every shard) to finish it."
+        )
+    parts = [
+        datasets.load_from_disk(str(part_path(out_dir, c) / "data")) for c in range(manifest["num_parts"])
+    ]
+    return manifest, datasets.concatenate_datasets(parts)
+
+
+# --------------------------------------------------------------------------- command
+
+
+@click.command("score", cls=Command)
+@click.option(
+    "--samples",
+    "samples_dirs",
+    required=True,
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Output of `fusion-train sample`, repeatable: one per source (and the target's own, for WRPO).",
+)
+@options.output_directory()
+@click.option(
+    "--reward-model",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="A local sequence-classification reward model; it reads prompt and response in its own chat template.",
+)
+@click.option(
+    "--reward-label",
+    default=None,
+    metavar="NAME|INDEX",
+    help="Which output of the reward model is the reward (required when it has more than one).",
+)
+@click.option(
+    "--reward-chat-template",
+    default=None,
+    help="Template for the reward model: built-in name or .jinja file. Default: its tokenizer's own.",
+)
+@click.option(
+    "--verifier",
+    "verifiers",
+    multiple=True,
+    help="Repeatable: numeric-answer, reference-overlap, or package.module:function.",
+)
+@click.option(
+    "--batch-size", type=options.POSITIVE_INT, default=8, help="Conversations per reward-model batch."
+)
+@click.option(
+    "--chunk-size",
+    type=options.POSITIVE_INT,
+    default=4096,
+    help="Responses per part (the unit of resuming and sharding).",
+)
+@click.option("--dtype", type=options.MODEL_DTYPES, default="float32", help="Reward model weights' dtype.")
+@click.option(
+    "--shard",
+    default=None,
+    help="i/n: process every n-th part starting at i. Default: RANK/WORLD_SIZE of the launcher, else everything.",
+)
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the reward model directory.")
+def score_command(
+    samples_dirs: tuple[str, ...], out_dir: str, reward_model: str | None, reward_label: str | None,
+    reward_chat_template: str | None, verifiers: tuple[str, ...], batch_size: int, chunk_size: int, dtype: str,
+    shard: str | None, trust_remote_code: bool,
+) -> None:  # fmt: skip
+    """Score sampled responses with a reward model and/or verifiers (implicit fusion)."""
+    if reward_label is not None and reward_model is None:
+        raise click.BadParameter("needs --reward-model", param_hint="--reward-label")
+    spec = (
+        reward_model_spec(reward_model, reward_label, reward_chat_template, trust_remote_code)
+        if reward_model is not None
+        else None
+    )
+    summary = score(list(samples_dirs), out_dir, reward_model=spec, verifiers=verifiers, batch_size=batch_size,
+                    chunk_size=chunk_size, dtype=dtype, shard=parse_shard(shard),
+                    trust_remote_code=trust_remote_code)  # fmt: skip
+    if summary is None:
+        click.echo(f"{out_dir}: this shard is done; other shards' parts are still missing.")
+        return
+    for name, stats in summary["scorers"].items():
+        mean = "n/a" if stats["mean"] is None else f"{stats['mean']:.4f}"
+        click.echo(f"{name}: mean {mean} over {stats['judged']} responses ({stats['not_judged']} not judged)")
+    click.echo(f"written: {Path(out_dir) / PARTS_DIR}, {SUMMARY}")

@@ -1,0 +1,255 @@
+"""`sample`: the prompt rule, the sampler against by-hand inverse-CDF draws and against the
+probabilities of a model whose next-token distribution is known, reproducibility across batch
+sizes, shards and a SIGKILL, a real chat model's turn ending, and bad input through the CLI."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import build_tiny_model
+from implicit_fixtures import build_stopper, write_jsonl
+from test_resume import SAVE, assert_same_output, run_killed
+from transformers import AutoTokenizer
+
+from fusion_train import registry_assets as assets
+from fusion_train.chat import Conversation
+from fusion_train.cli import main
+from fusion_train.implicit.sample import (
+    SampleError,
+    SampleSettings,
+    load_samples,
+    nucleus_draw,
+    prompt_of,
+    sample,
+)
+
+STOP = 0.3  # the stopper model's end-of-turn probability at temperature 1
+
+
+def records(n: int) -> list[dict]:
+    return [{"instruction": f"Add {i} and {i}.", "output": f"The sum is {2 * i}."} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def ws(tokenizer_dirs: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sample")
+    build_tiny_model(tokenizer_dirs["smollm2"], root / "model", hidden=16, layers=1)
+    build_stopper(tokenizer_dirs["smollm2"], root / "stopper", STOP)
+    write_jsonl(root / "prompts.jsonl", records(7))
+    write_jsonl(root / "many.jsonl", records(80))
+    return root
+
+
+def rows(out: Path) -> list[dict]:
+    return load_samples(out)[1].to_list()
+
+
+# --------------------------------------------------------------------------- the prompt rule
+
+
+def test_prompt_is_everything_before_the_last_assistant_turn() -> None:
+    system = {"role": "system", "content": "Be brief."}
+    user1, bot1 = {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}
+    user2, bot2 = {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Bye."}
+
+    p = prompt_of(Conversation("a", (system, user1, bot1, user2, bot2)), "x")
+    assert p.messages == (system, user1, bot1, user2) and p.reference == "Bye."
+    p = prompt_of(Conversation("b", (system, user1, bot1, user2)), "x")  # ends with the user: all of it
+    assert p.messages == (system, user1, bot1, user2) and p.reference is None
+    with pytest.raises(SampleError, match=r"data.jsonl, record 3 \(id 'c'\): no user turn"):
+        prompt_of(Conversation("c", (system, bot1)), "data.jsonl, record 3")
+
+
+def test_a_record_without_a_user_turn_is_one_line_naming_file_and_record(ws: Path, tmp_path: Path) -> None:
+    data = write_jsonl(
+        tmp_path / "bad.jsonl", [*records(2), {"messages": [{"role": "assistant", "content": "Hi."}]}]
+    )
+    result = CliRunner().invoke(main, ["sample", "--model", str(ws / "model"), "--data", str(data),
+                                       "--out", str(tmp_path / "out"), "--max-new-tokens", "2"])  # fmt: skip
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"Error: {data}, record 2 (id '{_id(data, 2)}'): no user turn to "
+        "answer; a prompt needs a user message before the last assistant turn, or a conversation ending with one."]  # fmt: skip
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def _id(data: Path, index: int) -> str:
+    from fusion_train.chat import load_conversations
+
+    return load_conversations(data)[index].id
+
+
+# --------------------------------------------------------------------------- the sampler
+
+
+def test_nucleus_draw_is_the_inverse_cdf_of_the_filtered_distribution() -> None:
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))  # CDF in token-id order: 0.2, 0.7, 1.0
+
+    def draw(u: float, temperature: float = 1.0, top_p: float = 1.0) -> int:
+        return int(nucleus_draw(logits, torch.tensor([u]), temperature, top_p))
+
+    assert [draw(u) for u in (0.0, 0.19, 0.21, 0.69, 0.71, 0.999)] == [0, 0, 1, 1, 2, 2]
+    # top-p 0.7: tokens 1 (mass before it 0) and 2 (0.5 < 0.7) stay, token 0 (0.8) goes; CDF 0.5/0.8, 1
+    assert [draw(u, top_p=0.7) for u in (0.0, 0.62, 0.63, 0.999)] == [1, 1, 2, 2]
+    assert [draw(u, top_p=0.5) for u in (0.0, 0.999)] == [1, 1]  # the most likely token always stays
+    # temperature 2: probabilities proportional to sqrt(p)
+    roots = [math.sqrt(0.2), math.sqrt(0.5), math.sqrt(0.3)]
+    first = roots[0] / sum(roots)
+    assert draw(first - 1e-6, temperature=2.0) == 0 and draw(first + 1e-6, temperature=2.0) == 1
+    rows = nucleus_draw(
+        logits.repeat(3, 1), torch.tensor([0.1, 0.5, 0.9]), 1.0, 1.0
+    )  # each row its own number
+    assert rows.tolist() == [0, 1, 2]
+
+
+def nucleus_stop_probability(temperature: float, top_p: float, vocab: int) -> float:
+    """The stopper's end-of-turn probability after temperature and top-p, worked out on paper: the
+    end-of-turn token leads with p; each of the V - 1 others has q; the nucleus keeps the others
+    whose preceding mass p + i q is below top_p."""
+    logit = math.log(STOP * (vocab - 1) / (1 - STOP)) / temperature
+    p = 1 / (1 + (vocab - 1) * math.exp(-logit))
+    q = (1 - p) / (vocab - 1)
+    kept_others = min(vocab - 1, max(0, math.ceil((top_p - p) / q)))
+    return p / (p + kept_others * q)
+
+
+@pytest.mark.parametrize(("temperature", "top_p", "steps"), [(1.0, 1.0, 3), (0.8, 0.95, 1), (1.0, 0.2, 2)])
+def test_stop_frequency_matches_the_models_probabilities(ws: Path, tmp_path: Path, temperature: float,
+                                                         top_p: float, steps: int) -> None:  # fmt: skip
+    """400 answers from a model that ends its turn with a known probability at every step: the
+    share that stop within ``steps`` tokens is 1 - (1 - p)^steps, p after temperature and top-p."""
+    settings = SampleSettings(
+        num_samples=5, temperature=temperature, top_p=top_p, max_new_tokens=steps, seed=3
+    )
+    sample(ws / "stopper", ws / "many.jsonl", tmp_path / "out", settings, batch_size=100, progress=False)
+    got = rows(tmp_path / "out")
+    assert len(got) == 400
+    p = nucleus_stop_probability(temperature, top_p, len(AutoTokenizer.from_pretrained(ws / "stopper")))
+    expected = 1 - (1 - p) ** steps
+    stopped = [r for r in got if r["finish_reason"] == "stop"]
+    tolerance = 4 * math.sqrt(expected * (1 - expected) / len(got)) + 1e-9
+    assert abs(len(stopped) / len(got) - expected) <= tolerance
+    assert all(r["num_tokens"] < steps for r in stopped)
+    assert all(r["num_tokens"] == steps for r in got if r["finish_reason"] == "length")
+    if top_p == 0.2:  # only the end-of-turn token is in the nucleus: every answer is empty
+        assert all(r["response"] == "" and r["num_tokens"] == 0 for r in got)
+
+
+# --------------------------------------------------------------------------- reproducibility
+
+
+def test_responses_do_not_depend_on_batch_size_or_shards(ws: Path, tmp_path: Path) -> None:
+    settings = SampleSettings(num_samples=3, max_new_tokens=6, seed=11, chunk_size=2)
+    whole = tmp_path / "whole"
+    summary = sample(ws / "model", ws / "prompts.jsonl", whole, settings, batch_size=1, progress=False)
+    assert summary is not None and summary.records == 7 and summary.responses == 21
+    expected = rows(whole)
+    assert [(r["sample_index"]) for r in expected[:4]] == [0, 1, 2, 0]
+    assert len({r["response"] for r in expected}) == 21  # different draws for every (record, sample)
+
+    sharded = tmp_path / "sharded"
+    assert sample(ws / "model", ws / "prompts.jsonl", sharded, settings, batch_size=5, shard=(1, 2),
+                  progress=False) is None  # fmt: skip
+    assert sorted(p.name for p in (sharded / "parts").iterdir()) == ["part-00001", "part-00003"]
+    sample(ws / "model", ws / "prompts.jsonl", sharded, settings, batch_size=4, shard=(0, 2), progress=False)
+    assert rows(sharded) == expected
+
+    other_seed = SampleSettings(num_samples=3, max_new_tokens=6, seed=12, chunk_size=2)
+    sample(ws / "model", ws / "prompts.jsonl", tmp_path / "seed12", other_seed, batch_size=4, progress=False)
+    assert all(
+        a["response"] != b["response"] for a, b in zip(rows(tmp_path / "seed12"), expected, strict=True)
+    )
+
+
+def test_killed_after_a_part_resumes_to_the_same_output(ws: Path, tmp_path: Path) -> None:
+    arguments = ["--model", ws / "model", "--data", ws / "prompts.jsonl", "--num-samples", 2, "--max-new-tokens", 5,
+                 "--seed", 5, "--chunk-size", 3, "--batch-size", 4]  # fmt: skip
+    out = tmp_path / "killed"
+    run_killed(
+        "after", SAVE, 2, ["sample", "--out", out, *arguments]
+    )  # part 0 renamed; part 1 saved, not renamed
+    assert sorted(p.name for p in (out / "parts").iterdir() if not p.name.startswith(".")) == ["part-00000"]
+    assert not (out / "summary.json").exists()
+    result = CliRunner().invoke(main, ["sample", "--out", str(out), *map(str, arguments)])
+    assert result.exit_code == 0, result.output
+    assert "14 responses to 7 prompts" in result.output
+
+    fresh = tmp_path / "fresh"
+    assert CliRunner().invoke(main, ["sample", "--out", str(fresh), *map(str, arguments)]).exit_code == 0
+    assert_same_output(out, fresh)
+
+
+def test_stop_texts_end_responses_where_they_begin(ws: Path, tmp_path: Path) -> None:
+    """Each response's draws do not depend on its batch-mates or on when they stop, so with a stop
+    text a response is the one sampled without it, cut where the stop text first begins."""
+    settings = SampleSettings(num_samples=2, max_new_tokens=8, seed=4)
+    sample(ws / "model", ws / "prompts.jsonl", tmp_path / "free", settings, batch_size=4, progress=False)
+    free = rows(tmp_path / "free")
+    stop = free[3]["response"][6:10]
+    stopped_settings = SampleSettings(num_samples=2, max_new_tokens=8, seed=4, stop=(stop,))
+    sample(
+        ws / "model", ws / "prompts.jsonl", tmp_path / "stop", stopped_settings, batch_size=4, progress=False
+    )
+    for before, after in zip(free, rows(tmp_path / "stop"), strict=True):
+        if stop in before["response"]:
+            assert after["response"] == before["response"][: before["response"].index(stop)]
+            assert after["finish_reason"] == "stop" and after["num_tokens"] <= before["num_tokens"]
+        else:
+            assert after == before
+    assert load_samples(tmp_path / "stop")[0]["settings"]["stop"] == [stop]
+
+    plain = SampleSettings(num_samples=1, max_new_tokens=1, chat_template="plain")
+    sample(ws / "model", ws / "prompts.jsonl", tmp_path / "plain", plain, progress=False)
+    assert load_samples(tmp_path / "plain")[0]["settings"]["stop"] == ["\n\nUser:"]
+
+
+def test_launcher_ranks_split_the_parts(ws: Path, tmp_path: Path) -> None:
+    """RANK / WORLD_SIZE, as a launcher sets them, choose the parts a process writes."""
+    arguments = ["sample", "--model", str(ws / "model"), "--data", str(ws / "prompts.jsonl"), "--out",
+                 str(tmp_path / "out"), "--max-new-tokens", "2", "--num-samples", "1", "--chunk-size", "2"]  # fmt: skip
+    result = CliRunner().invoke(main, arguments, env={"RANK": "1", "WORLD_SIZE": "2"})
+    assert (
+        result.exit_code == 0 and "this shard is done; other shards' parts are still missing" in result.output
+    )
+    assert sorted(p.name for p in (tmp_path / "out" / "parts").iterdir()) == ["part-00001", "part-00003"]
+    result = CliRunner().invoke(main, arguments, env={"RANK": "0", "WORLD_SIZE": "2"})
+    assert result.exit_code == 0 and "7 responses to 7 prompts" in result.output
+
+
+def test_a_rerun_with_other_settings_is_refused(ws: Path, tmp_path: Path) -> None:
+    arguments = ["sample", "--model", str(ws / "model"), "--data", str(ws / "prompts.jsonl"), "--out",
+                 str(tmp_path / "out"), "--max-new-tokens", "2", "--num-samples", "1"]  # fmt: skip
+    assert CliRunner().invoke(main, arguments).exit_code == 0
+    result = CliRunner().invoke(main, [*arguments, "--temperature", "0.5"])
+    assert (
+        result.exit_code == 1 and "differs in: settings" in result.output and "Traceback" not in result.output
+    )
+
+
+# --------------------------------------------------------------------------- a real chat model
+
+
+@pytest.mark.slow
+def test_a_real_chat_model_ends_its_turn(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct in its own ChatML template: short answers end with <|im_end|>, which is
+    not part of the text, and the manifest names the model by its files."""
+    model = assets.smollm2_instruct_dir()
+    data = write_jsonl(
+        tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": "Say hello in one word."}]}]
+    )
+    settings = SampleSettings(num_samples=3, max_new_tokens=24, temperature=0.7, seed=0)
+    sample(model, data, tmp_path / "out", settings, source_name="smol", progress=False)
+    manifest, data_set = load_samples(tmp_path / "out")
+    assert manifest["source"] == "smol" and manifest["settings"]["temperature"] == 0.7
+    assert manifest["chat_template"]["source"] == "tokenizer"
+    got = data_set.to_list()
+    assert [r["finish_reason"] for r in got].count("stop") >= 1
+    for r in got:
+        assert (
+            r["prompt"] == [{"role": "user", "content": "Say hello in one word."}] and r["reference"] is None
+        )
+        assert "<|im_end|>" not in r["response"] and r["response"].strip()
+        assert r["num_tokens"] < 24 if r["finish_reason"] == "stop" else r["num_tokens"] == 24

@@ -1,0 +1,214 @@
+"""`score`: the verifiers against by-hand results (LCS by a dynamic-programming table, ROUGE-L on
+strings worked out on paper, last numbers), a reward model's batched scores against unbatched
+forward passes, label selection, pluggable verifiers, and bad input through the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import build_tiny_model
+from implicit_fixtures import build_reward_model, write_jsonl
+from test_resume import SAVE, assert_same_output, run_killed
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from fusion_train.cli import main
+from fusion_train.implicit.sample import SampleSettings, sample
+from fusion_train.implicit.score import RewardModel, load_scored, score
+from fusion_train.implicit.verifiers import lcs_length, numeric_answer, reference_overlap
+
+
+def length_verifier(response: str, reference: str | None, prompt: list) -> float:
+    """A user's own verifier, used by import path in a test below."""
+    return float(len(response))
+
+
+def broken_verifier(response: str, reference: str | None, prompt: list) -> str:
+    return "good"
+
+
+@pytest.fixture(scope="module")
+def ws(tokenizer_dirs: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two sources' samples (3 answers to 4 prompts each) and two reward models."""
+    root = tmp_path_factory.mktemp("score")
+    records = [{"instruction": f"Add {i} and {i}.", "output": f"The sum is {2 * i}."} for i in range(4)]
+    write_jsonl(root / "prompts.jsonl", records)
+    settings = SampleSettings(num_samples=3, max_new_tokens=6)
+    for seed, name in enumerate(("alpha", "beta")):
+        build_tiny_model(tokenizer_dirs["smollm2"], root / name, seed=seed, hidden=16, layers=1)
+        sample(root / name, root / "prompts.jsonl", root / f"{name}-samples", settings, progress=False)
+    build_reward_model(tokenizer_dirs["smollm2"], root / "rm")
+    build_reward_model(tokenizer_dirs["smollm2"], root / "rm2", labels=["helpfulness", "safety"], seed=1)
+    return root
+
+
+def invoke(*arguments: object) -> object:
+    return CliRunner().invoke(main, [str(a) for a in arguments])
+
+
+# --------------------------------------------------------------------------- verifiers
+
+
+def lcs_by_table(a: list[str], b: list[str]) -> int:
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+    return table[-1][-1]
+
+
+def test_lcs_length_matches_the_dynamic_programming_table() -> None:
+    rng = random.Random(0)
+    for _ in range(500):
+        a = [rng.choice("abcd") for _ in range(rng.randrange(0, 70))]  # beyond 64 bits too
+        b = [rng.choice("abcd") for _ in range(rng.randrange(0, 70))]
+        assert lcs_length(a, b) == lcs_by_table(a, b)
+    assert (
+        lcs_length(["the", "cat", "sat", "on", "the", "mat"], ["the", "cat", "is", "on", "the", "mat"]) == 5
+    )
+
+
+def test_reference_overlap_is_rouge_l_by_hand() -> None:
+    # LCS "the cat on the mat": 5 of 6 words on both sides, so precision = recall = F = 5/6
+    assert reference_overlap("The cat sat on the mat.", "the cat is on the mat", []) == pytest.approx(5 / 6)
+    # LCS 1 of 3 response words and of 2 reference words: P = 1/3, R = 1/2, F = 2PR/(P+R) = 0.4
+    assert reference_overlap("a b c", "c a", []) == pytest.approx(0.4)
+    assert reference_overlap("", "c a", []) == 0.0
+    assert reference_overlap("anything", None, []) is None  # no reference: cannot judge
+
+
+def test_numeric_answer_compares_last_numbers() -> None:
+    assert numeric_answer("First 3, so the answer is 42.", "#### 42", []) == 1.0
+    assert numeric_answer("That makes 1,234.5 apples", "1234.50", []) == 1.0
+    assert numeric_answer("-7", "The result is -7.0", []) == 1.0
+    assert numeric_answer("42, or maybe 41", "42", []) == 0.0
+    assert numeric_answer("no idea", "42", []) == 0.0
+    assert numeric_answer("42", "no number here", []) is None
+    assert numeric_answer("42", None, []) is None
+
+
+# --------------------------------------------------------------------------- reward models
+
+
+def unbatched_rewards(model_dir: Path, rows: list[dict], label: int) -> list[float]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    rewards = []
+    for row in rows:
+        conversation = [*row["prompt"], {"role": "assistant", "content": row["response"]}]
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            rewards.append(float(model(ids).logits[0, label]))
+    return rewards
+
+
+def test_reward_model_and_verifier_scores_per_response(ws: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scored"
+    result = invoke("score", "--samples", ws / "alpha-samples", "--samples", ws / "beta-samples", "--out", out,
+                    "--reward-model", ws / "rm", "--verifier", "reference-overlap", "--batch-size", 5)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest, data = load_scored(out)
+    rows = data.to_list()
+    assert len(rows) == 24 and [r["source"] for r in rows] == ["alpha"] * 12 + ["beta"] * 12
+    assert [s["name"] for s in manifest["scorers"]] == ["reward:rm", "reference-overlap"]
+    got = [r["scores"]["reward:rm"] for r in rows]
+    assert got == pytest.approx(unbatched_rewards(ws / "rm", rows, 0), abs=1e-5)
+    assert len(set(got)) > 12  # the responses differ, and so do their rewards
+    for r in rows:
+        assert r["scores"]["reference-overlap"] == reference_overlap(r["response"], r["reference"], [])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scorers"]["reward:rm"]["by_source"]["beta"]["mean"] == pytest.approx(sum(got[12:]) / 12)
+
+
+def test_a_reward_model_with_several_outputs_needs_a_label(ws: Path, tmp_path: Path) -> None:
+    arguments = ["score", "--samples", ws / "alpha-samples", "--reward-model", ws / "rm2"]
+    result = invoke(*arguments, "--out", tmp_path / "a")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip() == (f"Error: {ws / 'rm2'}: the reward model has 2 outputs (helpfulness, safety); "
+                                     "say which one is the reward with --reward-label NAME|INDEX.")  # fmt: skip
+    assert not (tmp_path / "a").exists()
+    result = invoke(*arguments, "--out", tmp_path / "a", "--reward-label", "7")
+    assert result.exit_code == 1 and "0 (helpfulness), 1 (safety)" in result.output
+
+    for label in ("safety", "1"):
+        assert invoke(*arguments, "--out", tmp_path / label, "--reward-label", label).exit_code == 0
+        rows = load_scored(tmp_path / label)[1].to_list()
+        got = [r["scores"]["reward:rm2/safety"] for r in rows]
+        assert got == pytest.approx(unbatched_rewards(ws / "rm2", rows, 1), abs=1e-5)
+
+
+def test_scoring_resumes_after_a_kill_and_splits_between_shards(ws: Path, tmp_path: Path) -> None:
+    """24 responses in parts of 10: killed after part 0, the rerun writes parts 1 and 2 and equals
+    an uninterrupted run; two shards' runs into one directory equal it too."""
+    arguments = ["--samples", ws / "alpha-samples", "--samples", ws / "beta-samples", "--reward-model", ws / "rm",
+                 "--verifier", "reference-overlap", "--chunk-size", 10, "--batch-size", 4]  # fmt: skip
+    whole = tmp_path / "whole"
+    assert invoke("score", "--out", whole, *arguments).exit_code == 0
+    killed = tmp_path / "killed"
+    run_killed("after", SAVE, 2, ["score", "--out", killed, *arguments])  # part 0 renamed; part 1 saved
+    assert sorted(p.name for p in (killed / "parts").iterdir() if not p.name.startswith(".")) == [
+        "part-00000"
+    ]
+    result = invoke("score", "--out", killed, *arguments)
+    assert result.exit_code == 0, result.output
+    assert_same_output(killed, whole)
+
+    sharded = tmp_path / "sharded"
+    spec = RewardModel(str(ws / "rm"), 0, "LABEL_0", 1)
+    common = {"reward_model": spec, "verifiers": ("reference-overlap",), "chunk_size": 10, "batch_size": 4}
+    samples = [ws / "alpha-samples", ws / "beta-samples"]
+    assert score(samples, sharded, shard=(1, 2), progress=False, **common) is None
+    assert sorted(p.name for p in (sharded / "parts").iterdir()) == ["part-00001"]
+    assert score(samples, sharded, shard=(0, 2), progress=False, **common) is not None
+    assert_same_output(sharded, whole)
+
+
+# --------------------------------------------------------------------------- verifiers by import path, errors
+
+
+def test_a_verifier_by_import_path(ws: Path, tmp_path: Path) -> None:
+    name = "test_implicit_score:length_verifier"
+    result = invoke("score", "--samples", ws / "beta-samples", "--out", tmp_path / "s", "--verifier", name)
+    assert result.exit_code == 0, result.output
+    rows = load_scored(tmp_path / "s")[1].to_list()
+    assert [r["scores"][name] for r in rows] == [float(len(r["response"])) for r in rows]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "no scorer: give --reward-model DIR and/or --verifier NAME."),
+        (
+            ["--verifier", "bleu"],
+            "--verifier 'bleu': unknown; built in: numeric-answer, reference-overlap, or give "
+            "package.module:function.",
+        ),
+        (
+            ["--verifier", "test_implicit_score:broken_verifier"],
+            "--verifier 'test_implicit_score:broken_verifier' returned 'good' for record",
+        ),
+        (
+            ["--verifier", "numeric-answer", "--samples", "{ws}/alpha-samples"],
+            "both hold samples of source 'alpha'",
+        ),
+    ],
+)
+def test_bad_scoring_input_is_one_line(ws: Path, tmp_path: Path, extra: list[str], message: str) -> None:
+    extra = [e.format(ws=ws) for e in extra]
+    result = invoke("score", "--samples", ws / "alpha-samples", "--out", tmp_path / "out", *extra)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    error = result.output.strip().splitlines()[-1]  # (a progress bar may come before it)
+    assert error.startswith("Error: ") and message in error
+    assert not (tmp_path / "out" / "parts").exists()
+
+
+def test_a_reward_label_without_a_reward_model_is_a_usage_error(ws: Path, tmp_path: Path) -> None:
+    result = invoke(
+        "score", "--samples", ws / "alpha-samples", "--out", tmp_path / "out", "--reward-label", "0"
+    )
+    assert result.exit_code == 2 and "Invalid value for --reward-label: needs --reward-model" in result.output
