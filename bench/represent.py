@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/represent.py [--records 200] [--max-length 512] [--top-k 10]
         [--model smollm2|gemma3] [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16]
+        [--engine hf|vllm]
 
 Model: SmolLM2-135M-Instruct or Gemma-3-270m (from the package index, converted once). Data:
 the first N records of alpaca-eval 0.6.6's example outputs. Both sides run on the same device
@@ -20,18 +21,18 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from fusion_train.chat import load_conversations, resolve_chat_template
-from fusion_train.inference import InferenceSettings, Scorer
+from fusion_train.inference import InferenceSettings, Scorer, batches_by_length
 from fusion_train.models import load_tokenizer
 from fusion_train.registry_assets import ALPACA_EVAL_OUTPUTS, fetch, gemma3_270m_dir, smollm2_instruct_dir
 from fusion_train.represent import (
     ChatTokenizer,
     RepresentSettings,
-    batches_by_length,
     encode_conversation,
     represent,
 )
@@ -100,6 +101,9 @@ def main() -> None:
     parser.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--engine", choices=["hf", "vllm"], default="hf", help="represent's engine (vllm: a GPU)"
+    )
     args = parser.parse_args()
 
     model_dir = smollm2_instruct_dir() if args.model == "smollm2" else gemma3_270m_dir()
@@ -111,7 +115,8 @@ def main() -> None:
         data.write_text(json.dumps(records))
         baseline = plain_forward_seconds(model_dir, data, settings, args.batch_tokens, inference)
         plain_memory = peak_gpu_memory()
-        summary = represent(model_dir, data, Path(tmp) / "out", settings, inference=inference,
+        engine = replace(inference, engine=args.engine)
+        summary = represent(model_dir, data, Path(tmp) / "out", settings, inference=engine,
                             batch_tokens=args.batch_tokens)  # fmt: skip
         ours_memory = peak_gpu_memory()
         disk = directory_bytes(Path(tmp) / "out" / "parts")
@@ -127,7 +132,7 @@ def main() -> None:
         f"device {placement['device']}, dtype {placement['dtype']}, threads {torch.get_num_threads()}"
     )
     print(
-        f"represent      {ours:10.0f} supervised tokens/s ({summary.seconds:.1f} s, encode + score + write){ours_memory}"
+        f"represent {args.engine:4} {ours:10.0f} supervised tokens/s ({summary.seconds:.1f} s, encode + score + write){ours_memory}"
     )
     print(
         f"plain forward  {plain:10.0f} supervised tokens/s ({baseline:.1f} s, model(ids).logits, same batches){plain_memory}"

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from fusion_train import options
 from fusion_train.chat import Conversation, data_fingerprint, load_conversations, resolve_chat_template
 from fusion_train.errors import Command, UserError
-from fusion_train.inference import InferenceSettings, Scorer, inference_settings
+from fusion_train.inference import InferenceSettings, check_before_launch, inference_settings, load_scorer
 from fusion_train.launch import (
     Rank,
     all_ranks,
@@ -36,7 +36,7 @@ from fusion_train.launch import (
     wants_launch,
 )
 from fusion_train.models import load_tokenizer, model_fingerprint
-from fusion_train.represent import ChatTokenizer, batches_by_length, encode_conversation
+from fusion_train.represent import ChatTokenizer, encode_conversation
 from fusion_train.storage import atomic_write_text, read_json, write_json_atomic
 
 MODULE = "fusion_train.evaluate"  # what the launcher runs in every process
@@ -82,12 +82,12 @@ def response_losses(
     number of ranks, and every rank returns all of them."""
     tokenizer = load_tokenizer(model_dir, gguf_file)
     template, _ = resolve_chat_template(tokenizer, chat_template)
-    scorer = Scorer.load(model_dir, inference or InferenceSettings(), gguf_file)
+    scorer = load_scorer(model_dir, inference or InferenceSettings(), gguf_file, top_k=1)
     chat = ChatTokenizer.of(tokenizer, template)
     encoded = [e for c in conversations if not isinstance(e := encode_conversation(chat, c, max_length, "truncate"), str)]  # fmt: skip
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rank = Rank.of_this_process()
-    mine = list(batches_by_length(encoded, batch_tokens))[rank.rank :: rank.world_size]
+    mine = scorer.batches(encoded, batch_tokens)[rank.rank :: rank.world_size]
     losses: dict[str, ExampleLoss] = {}
     bar = tqdm(
         mine, desc=f"evaluate {Path(model_dir).name}", unit="batch", disable=not (progress and rank.is_main)
@@ -415,7 +415,7 @@ def evaluate_command(**params: Any) -> None:
     specs = [replace(spec, chat_template=templates.get(spec.name)) for spec in specs]
     if wants_launch(params):
         load_conversations(params["data_path"])  # bad data fail here, once, not in every rank
-        inference_settings(params).check()
+        check_before_launch(params)
         relaunch(MODULE, evaluate_command, params)
         return
     report = evaluate(

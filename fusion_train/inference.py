@@ -17,8 +17,9 @@ Log-softmax always runs in float32, whatever the weights' dtype.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,12 +29,16 @@ import torch.nn.functional as F
 
 from fusion_train.errors import UserError
 from fusion_train.launch import Rank, any_rank, parameters_held, resolve_device, resolve_dtype
-from fusion_train.models import attention_implementation, load_model
+from fusion_train.models import attention_implementation, load_model, output_rows
 
 if TYPE_CHECKING:
     from fusion_train.represent import EncodedExample
 
 LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits materialised at once when scoring
+ENGINES = ("hf", "vllm")
+# vLLM reports log-probabilities over every row of the output embedding; asking for a few more
+# than k leaves k after the padded rows (ids >= len(tokenizer)) are dropped.
+VLLM_EXTRA_LOGPROBS = 8
 PARTITIONED = ("zero3", "zero3-offload")
 
 
@@ -51,8 +56,16 @@ class InferenceSettings:
     attn_implementation: str = "auto"
     deepspeed: str | None = None  # zero3 | zero3-offload: each rank holds 1/N of the parameters
     device_map: str | None = None  # auto: one process's model spread over its GPUs (accelerate)
+    engine: str = "hf"  # hf (transformers, the reference) | vllm
+    tensor_parallel_size: int = 1  # vllm: GPUs one model is split over
 
     def check(self) -> None:
+        if self.engine not in ENGINES:
+            raise InferenceSettingsError(f"--engine {self.engine}: one of {', '.join(ENGINES)}.")
+        if self.engine == "vllm":
+            self._check_vllm()
+        elif self.tensor_parallel_size != 1:
+            raise InferenceSettingsError("--tensor-parallel-size is vLLM's; add --engine vllm or drop it.")
         if self.deepspeed is not None and self.deepspeed not in PARTITIONED:
             raise InferenceSettingsError(
                 f"--deepspeed {self.deepspeed}: inference takes {' or '.join(PARTITIONED)} (ZeRO-3 partitions "
@@ -69,6 +82,22 @@ class InferenceSettings:
                 f"--device-map auto spreads the model over every visible GPU; drop --device {self.device}."
             )
 
+    def _check_vllm(self) -> None:
+        if self.deepspeed or self.device_map:
+            raise InferenceSettingsError(
+                "--engine vllm places the model itself (--tensor-parallel-size); drop --deepspeed/--device-map."
+            )
+        if Rank.of_this_process().world_size > 1:
+            raise InferenceSettingsError(
+                "--engine vllm runs in one process that drives its GPUs; drop --nproc, use --tensor-parallel-size."
+            )
+        if self.device == "cpu" or not torch.cuda.is_available():
+            raise InferenceSettingsError("--engine vllm needs a CUDA GPU; use the default engine (hf) here.")
+        if importlib.util.find_spec("vllm") is None:
+            raise InferenceSettingsError(
+                "--engine vllm: vLLM is not installed; pip install 'fusechat-toolkit[vllm]'."
+            )
+
     def resolved_dtype(self, rank: Rank | None = None) -> torch.dtype:
         """The dtype the weights get on this rank's device."""
         return resolve_dtype(self.dtype, resolve_device(self.device, rank))
@@ -76,13 +105,16 @@ class InferenceSettings:
 
 def inference_settings(params: dict[str, Any]) -> InferenceSettings:
     """The ``options.inference_options`` of a command's parsed parameters."""
-    return InferenceSettings(
-        params["device"],
-        params["dtype"],
-        params["attn_implementation"],
-        params["deepspeed"],
-        params["device_map"],
-    )
+    return InferenceSettings(**{f.name: params[f.name] for f in fields(InferenceSettings)})
+
+
+def check_before_launch(params: dict[str, Any]) -> None:
+    """What a command checks once before it starts ``--nproc`` ranks, instead of failing in each."""
+    if params["engine"] == "vllm":
+        raise InferenceSettingsError(
+            "--engine vllm runs in one process that drives its GPUs; drop --nproc, use --tensor-parallel-size."
+        )
+    inference_settings(params).check()
 
 
 def inference_zero3_config(dtype: torch.dtype, offload: bool) -> dict[str, Any]:
@@ -97,6 +129,22 @@ def inference_zero3_config(dtype: torch.dtype, offload: bool) -> dict[str, Any]:
         "fp16": {"enabled": dtype == torch.float16},
         "steps_per_print": 10**9,
     }
+
+
+def batches_by_length(
+    examples: Sequence[EncodedExample], batch_tokens: int
+) -> Iterator[list[EncodedExample]]:
+    """Group length-sorted examples so that each padded batch holds at most ``batch_tokens``."""
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    batch: list[EncodedExample] = []
+    for example in ordered:
+        longest = len(example.input_ids)  # sorted, so the newest is the longest
+        if batch and longest * (len(batch) + 1) > batch_tokens:
+            yield batch
+            batch = []
+        batch.append(example)
+    if batch:
+        yield batch
 
 
 @dataclass
@@ -172,6 +220,14 @@ class Scorer:
     def parameters(self) -> dict[str, Any]:
         """Parameter elements in the model and held by each rank (call on every rank together)."""
         return parameters_held(self.model)
+
+    @property
+    def vocab_size(self) -> int:
+        return output_rows(self.model)
+
+    def batches(self, encoded: Sequence[EncodedExample], batch_tokens: int) -> list[list[EncodedExample]]:
+        """Length-sorted batches of at most ``batch_tokens`` padded tokens."""
+        return list(batches_by_length(encoded, batch_tokens))
 
     @torch.inference_mode()
     def score(
@@ -275,3 +331,91 @@ class Scorer:
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
+
+
+class VllmScorer:
+    """The same scores from vLLM (``--engine vllm``): the prompt log-probabilities of the token ids
+    the HF engine would score, in one pass over a part (vLLM batches and schedules itself).
+
+    ``prompt_logprobs=k`` with ``logprobs_mode="raw_logprobs"``: log-softmax of the model's own
+    logits, before any logits processor. vLLM normalises over every row of the output
+    embedding, the HF engine over the tokenizer's ids only: for models whose embedding is padded
+    the two differ by the padded rows' probability mass (near zero in trained models), and
+    padded ids are dropped from the top-k. Runs in one process; ``tensor_parallel_size`` GPUs.
+    """
+
+    def __init__(self, llm: Any, vocab_size: int, dtype_name: str, top_k: int) -> None:
+        self.llm, self.vocab_size, self.dtype_name, self.top_k = llm, vocab_size, dtype_name, top_k
+        self.device = torch.device("cuda")
+
+    @classmethod
+    def load(
+        cls, path: str | Path, settings: InferenceSettings, top_k: int, trust_remote_code: bool
+    ) -> VllmScorer:
+        from vllm import LLM
+
+        dtype = str(resolve_dtype(settings.dtype, torch.device("cuda"))).removeprefix("torch.")
+        llm = LLM(
+            model=str(path), tokenizer=str(path), dtype=dtype, tensor_parallel_size=settings.tensor_parallel_size,
+            max_logprobs=top_k + VLLM_EXTRA_LOGPROBS, logprobs_mode="raw_logprobs", seed=0,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+        vocab_size = llm.llm_engine.model_config.get_vocab_size()
+        return cls(llm, vocab_size, dtype, top_k)
+
+    def batches(self, encoded: Sequence[EncodedExample], batch_tokens: int) -> list[list[EncodedExample]]:
+        return [list(encoded)] if encoded else []
+
+    def score(
+        self, batch: Sequence[EncodedExample], top_k: int, tokenizer_size: int, pad_id: int
+    ) -> list[ScoredExample]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        asked = top_k + VLLM_EXTRA_LOGPROBS
+        params = SamplingParams(max_tokens=1, prompt_logprobs=asked, detokenize=False)
+        prompts = [TokensPrompt(prompt_token_ids=list(e.input_ids)) for e in batch]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        scored = []
+        for example, output in zip(batch, outputs, strict=True):
+            k = min(top_k, tokenizer_size)
+            ids = np.zeros((len(example.positions), k), dtype=np.int32)
+            values = np.zeros((len(example.positions), k), dtype=np.float32)
+            targets = np.zeros(len(example.positions), dtype=np.float32)
+            for row, position in enumerate(example.positions):
+                entries = output.prompt_logprobs[
+                    position
+                ]  # id -> Logprob, the top `asked` and the token itself
+                ranked = sorted(
+                    (entry.rank, token, entry.logprob)
+                    for token, entry in entries.items()
+                    if entry.rank is not None and entry.rank <= asked and token < tokenizer_size
+                )[:k]
+                ids[row], values[row] = [t for _, t, _ in ranked], [v for _, _, v in ranked]
+                targets[row] = entries[example.input_ids[position]].logprob
+            scored.append(ScoredExample(example, ids, values, targets))
+        return scored
+
+    def finish(self) -> None:
+        """Nothing to wait for: one process."""
+
+    def parameters(self) -> dict[str, Any]:
+        return {}
+
+
+AnyScorer = Scorer | VllmScorer
+
+
+def load_scorer(
+    path: str | Path, settings: InferenceSettings, gguf_file: str | None = None, trust_remote_code: bool = False,
+    *, top_k: int,
+) -> AnyScorer:  # fmt: skip
+    """The engine ``settings`` ask for, loaded for this rank."""
+    settings.check()
+    if settings.engine == "vllm":
+        if gguf_file:
+            raise InferenceSettingsError(
+                "--engine vllm reads model directories, not --gguf-file; use the hf engine."
+            )
+        return VllmScorer.load(path, settings, top_k, trust_remote_code)
+    return Scorer.load(path, settings, gguf_file, trust_remote_code)

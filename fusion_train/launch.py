@@ -53,6 +53,11 @@ class Rank:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def share(self) -> tuple[int, int]:
+        """(i, n): this rank takes every n-th unit of work starting at i."""
+        return self.rank, self.world_size
+
 
 def launched() -> bool:
     """Whether this process was started by a launcher (deepspeed, torchrun)."""

@@ -127,15 +127,13 @@ def load_model(
     return model.eval()
 
 
-def identify(
-    path: str | Path, gguf_file: str | None, tokenizer: Any, model: torch.nn.Module
-) -> ModelIdentity:
+def identify(path: str | Path, gguf_file: str | None, tokenizer: Any, vocab_size: int) -> ModelIdentity:
     return ModelIdentity(
         path=str(Path(path).resolve()),
         gguf_file=gguf_file,
         tokenizer_hash=tokenizer_hash(tokenizer),
         tokenizer_size=len(tokenizer),
-        vocab_size=output_rows(model),
+        vocab_size=vocab_size,
     )
 
 

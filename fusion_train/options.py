@@ -87,6 +87,19 @@ def inference_options(function: Any) -> Any:
                 default=None,
                 help="Spread the model over the GPUs of one process (accelerate's big-model placement).",
             ),
+            click.option(
+                "--engine",
+                type=click.Choice(["hf", "vllm"]),
+                default="hf",
+                help="hf: transformers, the reference. vllm: vLLM's prompt log-probabilities (extra [vllm], "
+                "a GPU, one process).",
+            ),
+            click.option(
+                "--tensor-parallel-size",
+                type=POSITIVE_INT,
+                default=1,
+                help="--engine vllm: GPUs each model is split over.",
+            ),
         ]
     ):
         function = option(function)

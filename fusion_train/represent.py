@@ -16,7 +16,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,7 +37,14 @@ from fusion_train.chat import (
     resolve_chat_template,
 )
 from fusion_train.errors import Command, UserError
-from fusion_train.inference import InferenceSettings, ScoredExample, Scorer, inference_settings
+from fusion_train.inference import (
+    AnyScorer,
+    InferenceSettings,
+    ScoredExample,
+    check_before_launch,
+    inference_settings,
+    load_scorer,
+)
 from fusion_train.launch import barrier, launch_options, process_group, relaunch, wants_launch
 from fusion_train.models import identify, load_tokenizer
 from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
@@ -274,22 +281,6 @@ def _covered_bytes(
 # --------------------------------------------------------------------------- scoring
 
 
-def batches_by_length(
-    examples: Sequence[EncodedExample], batch_tokens: int
-) -> Iterator[list[EncodedExample]]:
-    """Group length-sorted examples so that each padded batch holds at most ``batch_tokens``."""
-    ordered = sorted(examples, key=lambda e: len(e.input_ids))
-    batch: list[EncodedExample] = []
-    for example in ordered:
-        longest = len(example.input_ids)  # sorted, so the newest is the longest
-        if batch and longest * (len(batch) + 1) > batch_tokens:
-            yield batch
-            batch = []
-        batch.append(example)
-    if batch:
-        yield batch
-
-
 def position_runs(positions: list[int], messages: list[int]) -> tuple[list[int], list[int], list[int]]:
     """Compress supervised positions into runs of consecutive positions within one message."""
     run_message, run_start, run_length = [], [], []
@@ -388,8 +379,8 @@ def represent(
     inference = inference or InferenceSettings()
     inference.check()
     with process_group(deepspeed=inference.deepspeed is not None) as rank:
-        scorer = Scorer.load(model_path, inference, gguf_file, trust_remote_code)
-        identity = identify(model_path, gguf_file, tokenizer, scorer.model)
+        scorer = load_scorer(model_path, inference, gguf_file, trust_remote_code, top_k=settings.top_k)
+        identity = identify(model_path, gguf_file, tokenizer, scorer.vocab_size)
         num_chunks = -(-len(conversations) // settings.chunk_size)
         manifest = {
             "format": FORMAT,
@@ -443,7 +434,7 @@ def _part_path(out_dir: Path, chunk: int) -> Path:
 
 
 def _write_part(
-    scorer: Scorer,
+    scorer: AnyScorer,
     chat: ChatTokenizer,
     conversations: list[Conversation],
     settings: RepresentSettings,
@@ -464,7 +455,7 @@ def _write_part(
         else:
             encoded.append(result)
     by_id: dict[str, ScoredExample] = {}
-    for batch in batches_by_length(encoded, batch_tokens):
+    for batch in scorer.batches(encoded, batch_tokens):
         for scored in scorer.score(batch, settings.top_k, tokenizer_size, pad_id):
             by_id[scored.example.conv.id] = scored
     rows = [to_row(by_id[e.conv.id]) for e in encoded]  # back in input order: output is deterministic
@@ -630,7 +621,7 @@ def represent_command(**params: Any) -> None:
             )
         load_conversations(p.data_path)  # bad data fail here, once, not in every rank
         load_tokenizer(p.model_path, p.gguf_file, p.trust_remote_code)
-        inference_settings(params).check()
+        check_before_launch(params)
         relaunch(MODULE, represent_command, params)
         return
     settings = RepresentSettings(p.top_k, p.max_length, p.overflow, p.chat_template, p.chunk_size)

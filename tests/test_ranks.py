@@ -8,6 +8,7 @@ lost on the way to the ranks."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -137,6 +138,15 @@ def test_device_is_honoured_and_a_missing_gpu_refused(tiny_models: dict, chats: 
     )
     result = CliRunner().invoke(main, [*represent_arguments(tiny_models["qwen"], chats, out), "--device", "gpu"])  # fmt: skip
     assert result.exit_code == 1 and "--device gpu: expected auto, cpu, cuda or cuda:N" in result.output
+    for flags, message in [
+        (["--engine", "vllm"], "--engine vllm needs a CUDA GPU"),
+        (["--tensor-parallel-size", "2"], "--tensor-parallel-size is vLLM's"),
+        (["--device-map", "auto", "--deepspeed", "zero3"], "choose one"),
+        (["--engine", "vllm", "--nproc", "2"], "drop --nproc"),
+    ]:
+        result = CliRunner().invoke(main, [*represent_arguments(tiny_models["qwen"], chats, out), *flags])
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, flags
+    assert not out.exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -151,3 +161,29 @@ def test_represent_on_the_gpu_agrees_with_the_cpu(
     assert (ids == reference_ids).all(axis=1).mean() >= 0.99
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["placement"]["device"] == "cuda:0"
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
+    reason="needs a CUDA GPU and vLLM",
+)
+def test_vllm_engine_agrees_with_the_hf_engine(tmp_path: Path) -> None:
+    """Both engines on SmolLM2-135M-Instruct and 40 alpaca-eval answers, in float32 on the GPU."""
+    from fusion_train.registry_assets import ALPACA_EVAL_OUTPUTS, fetch, smollm2_instruct_dir
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(json.loads(fetch(ALPACA_EVAL_OUTPUTS).read_text())[:40]))
+    model = smollm2_instruct_dir()
+    common = ["represent", "--model", str(model), "--data", str(data), "--top-k", "10", "--max-length", "512",
+              "--dtype", "float32", "--device", "cuda"]  # fmt: skip
+    run_cli(*common, "--out", str(tmp_path / "hf"), "--nproc", "1")
+    run_cli(*common, "--out", str(tmp_path / "vllm"), "--engine", "vllm")
+    hf, vllm = load_representation(tmp_path / "hf"), load_representation(tmp_path / "vllm")
+    assert hf["input_ids"] == vllm["input_ids"] and hf["byte_start"] == vllm["byte_start"]
+    ids = [np.concatenate([np.asarray(x) for x in r["topk_ids"]]) for r in (hf, vllm)]
+    assert (ids[0] == ids[1]).all(axis=1).mean() >= 0.99
+    logprobs = [
+        np.concatenate([np.asarray(x, dtype=np.float32) for x in r["topk_logprobs"]]) for r in (hf, vllm)
+    ]
+    same = (ids[0] == ids[1]).all(axis=1)
+    assert np.abs(logprobs[0][same] - logprobs[1][same]).max() <= 0.02

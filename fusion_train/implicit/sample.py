@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 from fusion_train import options
 from fusion_train.chat import Conversation, data_fingerprint, load_conversations, resolve_chat_template
 from fusion_train.errors import Command, UserError
+from fusion_train.launch import Rank, resolve_device
 from fusion_train.models import load_model, load_tokenizer, model_fingerprint
 from fusion_train.represent import parse_shard
 from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
@@ -173,13 +173,6 @@ def features() -> datasets.Features:
     )
 
 
-def device_for_rank() -> torch.device:
-    """This rank's GPU when there is one (LOCAL_RANK of the launcher), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 def end_of_turn_ids(tokenizer: Any, model: torch.nn.Module) -> list[int]:
     """Tokens that end an answer: the tokenizer's end-of-sequence and the model's generation
     config's (Llama-3 and others end a chat turn with a token other than end-of-sequence)."""
@@ -315,7 +308,7 @@ def sample(
             tokenizer.pad_token = tokenizer.eos_token
         model = load_model(model_path, dtype=settings.dtype, trust_remote_code=trust_remote_code)
         generator = ChatGenerator(
-            model.to(device_for_rank()), tokenizer, template, settings, end_of_turn_ids(tokenizer, model)
+            model.to(resolve_device("auto")), tokenizer, template, settings, end_of_turn_ids(tokenizer, model)
         )
         for chunk in tqdm(mine, desc=f"sample {manifest['source']}", unit="part", disable=not progress):
             begin = chunk * settings.chunk_size
@@ -487,7 +480,7 @@ def sample_command(
     )
     summary = sample(
         model_path, data_path, out_dir, settings, source_name=source_name, batch_size=batch_size, limit=limit,
-        shard=parse_shard(shard), trust_remote_code=trust_remote_code,
+        shard=parse_shard(shard) or Rank.of_this_process().share, trust_remote_code=trust_remote_code,
     )  # fmt: skip
     if summary is None:
         click.echo(f"{out_dir}: this shard is done; other shards' parts are still missing.")

@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 from fusion_train import options
 from fusion_train.chat import resolve_chat_template
 from fusion_train.errors import Command, UserError
-from fusion_train.implicit.sample import device_for_rank, load_samples
+from fusion_train.implicit.sample import load_samples
 from fusion_train.implicit.verifiers import Verifier, get_verifier
+from fusion_train.launch import Rank, resolve_device
 from fusion_train.models import ModelLoadError, load_tokenizer, model_directory, model_fingerprint
 from fusion_train.represent import parse_shard
 from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
@@ -101,7 +102,7 @@ class RewardScorer:
         self.spec = spec
         self.tokenizer = load_tokenizer(spec.path, trust_remote_code=trust_remote_code)
         self.template, _ = resolve_chat_template(self.tokenizer, spec.chat_template)
-        self.device = device_for_rank()
+        self.device = resolve_device("auto")
         self.model = AutoModelForSequenceClassification.from_pretrained(
             spec.path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto", local_files_only=True,
             trust_remote_code=trust_remote_code, use_safetensors=True,
@@ -354,7 +355,7 @@ def score_command(
         else None
     )
     summary = score(list(samples_dirs), out_dir, reward_model=spec, verifiers=verifiers, batch_size=batch_size,
-                    chunk_size=chunk_size, dtype=dtype, shard=parse_shard(shard),
+                    chunk_size=chunk_size, dtype=dtype, shard=parse_shard(shard) or Rank.of_this_process().share,
                     trust_remote_code=trust_remote_code)  # fmt: skip
     if summary is None:
         click.echo(f"{out_dir}: this shard is done; other shards' parts are still missing.")
