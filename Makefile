@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/fusion-train demo $(DEMO_ARGS)
 
 demo-quick: $(STAMP)
-	$(BIN)/fusion-train demo --quick
+	$(BIN)/fusion-train demo --quick $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/represent.py

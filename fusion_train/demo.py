@@ -75,7 +75,7 @@ def pruned_pivot() -> Path:
     return target
 
 
-def demo_recipe(out_dir: Path, quick: bool) -> dict:
+def demo_recipe(out_dir: Path, quick: bool, nproc: int = 1) -> dict:
     """The demo's recipe: written to ``OUT/recipe.yaml`` so it can be read, edited and re-run."""
     size = QUICK if quick else DEFAULT
     data = out_dir / "alpaca_eval_outputs.json"
@@ -94,7 +94,7 @@ def demo_recipe(out_dir: Path, quick: bool) -> dict:
         "align": {"token_align": "spans", "vocab_map": "exact"},
         "fuse": {"criterion": "min-ce", "ce_unit": "byte"},
         "train": {"deepspeed": "zero2", "lm_weight": 0.9, **size["train"]},
-        "resources": {"nproc": 1},
+        "resources": {"nproc": nproc},
         "merge": {"methods": ["varm", "task_arithmetic", "ties", "slerp", "sce", "linear"]},
         "evaluate": size["evaluate"],
     }
@@ -106,11 +106,18 @@ def demo_recipe(out_dir: Path, quick: bool) -> dict:
 )
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Run directory. Default: runs/demo-quick or runs/demo.")  # fmt: skip
-def demo_command(quick: bool, out_dir: str | None) -> None:
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    help="resources.nproc: represent, train and evaluate in N processes (GPUs, or CPU processes) each. "
+    "Training's world size changes its batch, so its results differ from one process's.",
+)
+def demo_command(quick: bool, out_dir: str | None, nproc: int) -> None:
     """Fuse SmolLM2-135M-Instruct and Gemma-3-270m into a pruned SmolLM2 on alpaca-eval data."""
     out = Path(out_dir or ("runs/demo-quick" if quick else "runs/demo")).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    recipe = demo_recipe(out, quick)
+    recipe = demo_recipe(out, quick, nproc)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     click.echo(f"recipe: {out / 'recipe.yaml'}")
     run_pipeline(parse_recipe(recipe, base=out, default_run_dir=out, where=str(out / "recipe.yaml")))
