@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from fusion_train import options, vocab
+from fusion_train import options, parts, vocab
 from fusion_train.chat import (
     Conversation,
     data_fingerprint,
@@ -47,13 +47,13 @@ from fusion_train.inference import (
 )
 from fusion_train.launch import barrier, launch_options, process_group, relaunch, wants_launch
 from fusion_train.models import identify, load_tokenizer
-from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
+from fusion_train.parts import all_part_stats, part_path, parts_to_do, write_part
+from fusion_train.storage import MANIFEST, claim_output, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 MODULE = "fusion_train.represent"  # what the launcher runs in every process
 FORMAT = "fusion-train/representation@2"  # @2: byte spans replace clipped character spans
-PARTS_DIR = "parts"
 SUMMARY = "summary.json"
 
 
@@ -397,8 +397,7 @@ def represent(
         }
         claim_output(out_dir, manifest)
 
-        shard_index, shard_count = shard or (rank.rank, rank.world_size)
-        mine = [c for c in range(num_chunks) if c % shard_count == shard_index and not _part_path(out_dir, c).exists()]  # fmt: skip
+        mine = parts_to_do(out_dir, num_chunks, shard or rank.share)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         features = representation_features(settings.top_k)
         chat = ChatTokenizer.of(tokenizer, template)
@@ -412,7 +411,7 @@ def represent(
             begin = chunk * settings.chunk_size
             _write_part(
                 scorer, chat, conversations[begin : begin + settings.chunk_size], settings,
-                identity.tokenizer_size, pad_id, batch_tokens, features, _part_path(out_dir, chunk),
+                identity.tokenizer_size, pad_id, batch_tokens, features, part_path(out_dir, chunk),
             )  # fmt: skip
         scorer.finish()
         placement = {"world_size": rank.world_size, "device": str(scorer.device), "dtype": scorer.dtype_name,
@@ -427,10 +426,6 @@ def represent(
             f"{summary.skipped}); every record needs a non-empty assistant reply within --max-length."
         )
     return summary
-
-
-def _part_path(out_dir: Path, chunk: int) -> Path:
-    return out_dir / PARTS_DIR / f"part-{chunk:05d}"
 
 
 def _write_part(
@@ -469,75 +464,37 @@ def _write_part(
         "skipped_ids": skipped_ids,
         "seconds": time.perf_counter() - started,
     }
-    with atomic_directory(target) as tmp:
-        datasets.disable_progress_bars()  # one bar per stage is enough; parts are small
-        try:
-            datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp / "data"))
-        finally:
-            datasets.enable_progress_bars()
-        write_json_atomic(tmp / "stats.json", stats)
+    write_part(target, datasets.Dataset.from_dict(columns, features=features), stats)
 
 
 def finalize(out_dir: Path, placement: dict[str, Any] | None = None) -> RepresentSummary | None:
     """Write ``summary.json`` once every part is present; return the summary (or None).
     ``placement``: how the last run placed the model (recorded, for the reader)."""
-    manifest = read_json(out_dir / MANIFEST)
-    parts = [_part_path(out_dir, c) for c in range(manifest["num_parts"])]
-    if not all(p.exists() for p in parts):
+    stats = all_part_stats(out_dir, read_json(out_dir / MANIFEST)["num_parts"])
+    if stats is None:
         return None
     summary = RepresentSummary(placement=placement or {})
-    for part in parts:
-        summary.add(read_json(part / "stats.json"))
+    for part in stats:
+        summary.add(part)
     write_json_atomic(out_dir / SUMMARY, asdict(summary))
     return summary
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any]:
     """The manifest of a representation this version can read, or a clear error."""
-    if not (out_dir / MANIFEST).exists():
-        raise RepresentationError(
-            f"{out_dir}: no {MANIFEST}; is it the output of `fusion-train represent --out {out_dir}`?"
-        )
-    manifest = read_json(out_dir / MANIFEST)
-    if manifest.get("format") != FORMAT:
-        raise RepresentationError(
-            f"{out_dir}: format {manifest.get('format')!r}, this version reads {FORMAT!r}; "
-            "run `fusion-train represent` again into a new --out directory."
-        )
-    return manifest
+    return parts.read_manifest(out_dir, FORMAT, "represent", RepresentationError)
 
 
 def load_representation(out_dir: str | Path) -> datasets.Dataset:
     """The complete representation in ``out_dir`` as one memory-mapped data set, in input order."""
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
-    missing = [c for c in range(manifest["num_parts"]) if not _part_path(out_dir, c).exists()]
-    if missing:
-        raise RepresentationError(
-            f"{out_dir}: {len(missing)} of {manifest['num_parts']} parts are missing (first: {missing[0]}); "
-            "rerun `fusion-train represent` with the same arguments (every shard) to finish it."
-        )
-    parts = [_load_part(_part_path(out_dir, c)) for c in range(manifest["num_parts"])]
-    non_empty = [part for part in parts if part is not None]
+    non_empty = parts.load_parts(out_dir, manifest["num_parts"], "represent", RepresentationError)
     if not non_empty:
         raise RepresentationError(
             f"{out_dir}: no example was represented (see skipped in {SUMMARY}); check the data and --max-length."
         )
     return datasets.concatenate_datasets(non_empty)
-
-
-def _load_part(part: Path) -> datasets.Dataset | None:
-    """One part's rows; None for a part in which every record was skipped (``datasets`` saves
-    such a data set without any Arrow file, and cannot read it back)."""
-    if (part / "data").is_dir() and not any((part / "data").glob("*.arrow")):
-        return None
-    try:
-        return datasets.load_from_disk(str(part / "data"))
-    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
-        raise RepresentationError(
-            f"{part}: unreadable ({type(exc).__name__}: {exc}); delete this part and rerun "
-            "`fusion-train represent` with the same arguments, which writes it again."
-        ) from exc
 
 
 def example_arrays(data: datasets.Dataset, index: int) -> dict[str, np.ndarray]:

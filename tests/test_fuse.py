@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fusion_train import align, represent
+from fusion_train import align, parts, represent
 from fusion_train.fuse import Candidate, fuse_command, fuse_example, sequence_cross_entropy
 
 
@@ -214,7 +214,7 @@ def write_stage_outputs(root: Path) -> tuple[Path, list[Path]]:
          **_distribution("pivot")}
         for id_, nll in NLL.items()
     ]  # fmt: skip
-    _save(represent._part_path(pivot_dir, 0) / "data", represent.representation_features(2), rows)
+    _save(parts.part_path(pivot_dir, 0) / "data", represent.representation_features(2), rows)
     aligned = []
     for k, name in enumerate(("alpha", "beta"), start=1):
         out = root / name

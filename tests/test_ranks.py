@@ -23,8 +23,9 @@ from click.testing import CliRunner
 
 from fusion_train.cli import main
 from fusion_train.evaluate import ModelSpec, evaluate, evaluate_command
+from fusion_train.inference import InferenceSettings
 from fusion_train.launch import LaunchError, command_arguments, free_port, resolve_device
-from fusion_train.represent import load_representation, represent_command
+from fusion_train.represent import RepresentSettings, load_representation, represent, represent_command
 from fusion_train.train import train_command
 
 pytestmark = pytest.mark.slow
@@ -122,6 +123,18 @@ def test_command_arguments_parse_back_to_the_same_options(
     assert {k: v for k, v in again.items() if k not in launcher} == {
         k: v for k, v in params.items() if k not in launcher
     }
+
+
+def test_device_map_auto_places_the_model_and_changes_nothing(
+    tiny_models: dict, chats: Path, represented: dict, tmp_path: Path
+) -> None:
+    """accelerate's placement (here: all on the CPU, the only device) gives the same parts."""
+    settings = RepresentSettings(top_k=5, chunk_size=3)
+    inference = InferenceSettings(device_map="auto")
+    represent(
+        tiny_models["qwen"], chats, tmp_path, settings, inference=inference, batch_tokens=256, progress=False
+    )
+    assert load_representation(tmp_path).to_dict() == load_representation(represented["qwen"]).to_dict()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

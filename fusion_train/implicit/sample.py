@@ -36,13 +36,13 @@ from fusion_train.chat import Conversation, data_fingerprint, load_conversations
 from fusion_train.errors import Command, UserError
 from fusion_train.launch import Rank, resolve_device
 from fusion_train.models import load_model, load_tokenizer, model_fingerprint
+from fusion_train.parts import all_part_stats, load_output, part_path, parts_to_do, write_part
 from fusion_train.represent import parse_shard
-from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
+from fusion_train.storage import MANIFEST, claim_output, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fusion-train/samples@1"
-PARTS_DIR = "parts"
 SUMMARY = "summary.json"
 # The plain template (models without a chat template, e.g. base models) marks the next turn with
 # this text; a base model would otherwise go on to write the user's next message itself.
@@ -298,10 +298,7 @@ def sample(
         "settings": asdict(settings),
     }
     claim_output(out_dir, manifest)
-    shard_index, shard_count = shard
-    mine = [
-        c for c in range(num_parts) if c % shard_count == shard_index and not part_path(out_dir, c).exists()
-    ]
+    mine = parts_to_do(out_dir, num_parts, shard)
     if mine:
         tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
         if tokenizer.pad_token is None:
@@ -315,10 +312,6 @@ def sample(
             chunk_prompts = prompts[begin : begin + settings.chunk_size]
             _write_part(generator, chunk_prompts, manifest["source"], batch_size, part_path(out_dir, chunk))
     return finalize(out_dir)
-
-
-def part_path(out_dir: Path, chunk: int) -> Path:
-    return out_dir / PARTS_DIR / f"part-{chunk:05d}"
 
 
 def _write_part(
@@ -351,50 +344,24 @@ def _write_part(
         "finish_reasons": dict(Counter(row["finish_reason"] for row in rows)),
         "seconds": time.perf_counter() - started,
     }
-    with atomic_directory(target) as tmp:
-        datasets.disable_progress_bars()  # one bar per stage is enough; parts are small
-        try:
-            datasets.Dataset.from_list(rows, features=features()).save_to_disk(str(tmp / "data"))
-        finally:
-            datasets.enable_progress_bars()
-        write_json_atomic(tmp / "stats.json", stats)
+    write_part(target, datasets.Dataset.from_list(rows, features=features()), stats)
 
 
 def finalize(out_dir: Path) -> SampleSummary | None:
     """Write ``summary.json`` once every part is present; return the summary (or None)."""
-    manifest = read_json(out_dir / MANIFEST)
-    parts = [part_path(out_dir, c) for c in range(manifest["num_parts"])]
-    if not all(p.exists() for p in parts):
+    stats = all_part_stats(out_dir, read_json(out_dir / MANIFEST)["num_parts"])
+    if stats is None:
         return None
     summary = SampleSummary()
-    for part in parts:
-        summary.add(read_json(part / "stats.json"))
+    for part in stats:
+        summary.add(part)
     write_json_atomic(out_dir / SUMMARY, asdict(summary))
     return summary
 
 
 def load_samples(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]:
     """The manifest and all responses of a finished ``sample`` run, in (record, sample) order."""
-    out_dir = Path(out_dir)
-    if not (out_dir / MANIFEST).exists():
-        raise SampleError(
-            f"{out_dir}: no {MANIFEST}; is it the output of `fusion-train sample --out {out_dir}`?"
-        )
-    manifest = read_json(out_dir / MANIFEST)
-    if manifest.get("format") != FORMAT:
-        raise SampleError(
-            f"{out_dir}: format {manifest.get('format')!r}, not {FORMAT!r}; pass the output of `fusion-train sample`."
-        )
-    missing = [c for c in range(manifest["num_parts"]) if not part_path(out_dir, c).exists()]
-    if missing:
-        raise SampleError(
-            f"{out_dir}: {len(missing)} of {manifest['num_parts']} parts are missing (first: {missing[0]}); rerun "
-            "`fusion-train sample` with the same arguments (every shard) to finish it."
-        )
-    parts = [
-        datasets.load_from_disk(str(part_path(out_dir, c) / "data")) for c in range(manifest["num_parts"])
-    ]
-    return manifest, datasets.concatenate_datasets(parts)
+    return load_output(Path(out_dir), FORMAT, "sample", SampleError)
 
 
 # --------------------------------------------------------------------------- command

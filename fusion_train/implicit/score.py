@@ -30,11 +30,11 @@ from fusion_train.implicit.sample import load_samples
 from fusion_train.implicit.verifiers import Verifier, get_verifier
 from fusion_train.launch import Rank, resolve_device
 from fusion_train.models import ModelLoadError, load_tokenizer, model_directory, model_fingerprint
+from fusion_train.parts import PARTS_DIR, load_output, part_path, parts_to_do, write_part
 from fusion_train.represent import parse_shard
-from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
+from fusion_train.storage import claim_output, write_json_atomic
 
 FORMAT = "fusion-train/scored@1"
-PARTS_DIR = "parts"
 SUMMARY = "summary.json"
 
 
@@ -207,10 +207,7 @@ def score(
         "chunk_size": chunk_size,
         "num_parts": num_parts,
     })  # fmt: skip
-    shard_index, shard_count = shard
-    mine = [
-        c for c in range(num_parts) if c % shard_count == shard_index and not part_path(out_dir, c).exists()
-    ]
+    mine = parts_to_do(out_dir, num_parts, shard)
     reward = (
         RewardScorer(reward_model, batch_size, dtype, trust_remote_code) if mine and reward_model else None
     )
@@ -224,21 +221,12 @@ def score(
             )
         columns += [verifier_scores(name, verifier, part) for name, verifier in resolved.items()]
         scores = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
-        with atomic_directory(part_path(out_dir, chunk)) as tmp:
-            datasets.disable_progress_bars()  # one bar per stage is enough
-            try:
-                part.add_column("scores", scores, feature=struct).save_to_disk(str(tmp / "data"))
-            finally:
-                datasets.enable_progress_bars()
-    if not all(part_path(out_dir, c).exists() for c in range(num_parts)):
+        write_part(part_path(out_dir, chunk), part.add_column("scores", scores, feature=struct))
+    if not all(part_path(out_dir, c).exists() for c in range(num_parts)):  # other ranks' parts
         return None
     summary = summarise(load_scored(out_dir)[1], names)
     write_json_atomic(out_dir / SUMMARY, summary)
     return summary
-
-
-def part_path(out_dir: Path, chunk: int) -> Path:
-    return out_dir / PARTS_DIR / f"part-{chunk:05d}"
 
 
 def summarise(scored: datasets.Dataset, names: list[str]) -> dict[str, Any]:
@@ -269,24 +257,7 @@ def summarise(scored: datasets.Dataset, names: list[str]) -> dict[str, Any]:
 
 def load_scored(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]:
     """The manifest and the scored responses of a finished ``score`` run, in input order."""
-    out_dir = Path(out_dir)
-    if not (out_dir / MANIFEST).exists():
-        raise ScoreError(
-            f"{out_dir}: no {MANIFEST}; is it the output of `fusion-train score --out {out_dir}`?"
-        )
-    manifest = read_json(out_dir / MANIFEST)
-    if manifest.get("format") != FORMAT:
-        raise ScoreError(f"{out_dir}: format {manifest.get('format')!r}, not {FORMAT!r}.")
-    missing = [c for c in range(manifest["num_parts"]) if not part_path(out_dir, c).exists()]
-    if missing:
-        raise ScoreError(
-            f"{out_dir}: {len(missing)} of {manifest['num_parts']} parts are missing (first: {missing[0]}); rerun "
-            "`fusion-train score` with the same arguments (every shard) to finish it."
-        )
-    parts = [
-        datasets.load_from_disk(str(part_path(out_dir, c) / "data")) for c in range(manifest["num_parts"])
-    ]
-    return manifest, datasets.concatenate_datasets(parts)
+    return load_output(Path(out_dir), FORMAT, "score", ScoreError)
 
 
 # --------------------------------------------------------------------------- command

@@ -10,6 +10,7 @@ import datasets
 import pytest
 from click.testing import CliRunner
 
+from fusion_train import parts
 from fusion_train.cli import main
 from fusion_train.implicit import sample, score
 from fusion_train.storage import write_json_atomic
@@ -50,7 +51,7 @@ def write_scored(
     ]  # fmt: skip
     features = sample.features().copy()
     features["scores"] = datasets.Features({name: datasets.Value("float64") for name in scorers})
-    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(score.part_path(out, 0) / "data"))
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(parts.part_path(out, 0) / "data"))
     write_json_atomic(out / "manifest.json", {
         "format": score.FORMAT, "samples": [{"path": f"/samples/{s}", "source": s, "fingerprint": s} for s in sources],
         "scorers": [{"name": name, "kind": "verifier"} for name in scorers], "num_parts": 1,
