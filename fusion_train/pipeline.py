@@ -37,6 +37,7 @@ from fusion_train.chat import BUILTIN_TEMPLATES, load_conversations
 from fusion_train.errors import Command, UserError, read_yaml
 from fusion_train.evaluate import ModelSpec, evaluate, evaluate_command
 from fusion_train.fuse import fuse, fuse_command
+from fusion_train.losses import CHUNK_TOKENS
 from fusion_train.models import model_fingerprint
 from fusion_train.represent import FORMAT as REPRESENTATION_FORMAT
 from fusion_train.represent import RepresentSettings, represent, represent_command
@@ -122,6 +123,7 @@ class TrainStage:
     gradient_checkpointing: bool = False
     bf16: bool | None = None
     seed: int = 42
+    loss_chunk_tokens: int = CHUNK_TOKENS
 
 
 @dataclass(frozen=True)
@@ -520,6 +522,8 @@ def run_pipeline(
         """``data_key``: the fused data's key, or for the baseline (which reads only the pivot's
         tokens from it) the pivot representation's key, so fusion settings never retrain it."""
         settings = asdict(t)
+        if t.loss_chunk_tokens == CHUNK_TOKENS:  # added later: recipes that leave it alone keep their keys
+            del settings["loss_chunk_tokens"]
         if no_fusion:
             settings = {k: v for k, v in settings.items() if k not in ("lm_weight", "temperature")}
         # "fused" holds data_key under its first name, so targets of existing runs keep their keys
@@ -534,7 +538,8 @@ def run_pipeline(
                 learning_rate=t.learning_rate, epochs=t.epochs, max_steps=t.max_steps,
                 per_device_batch_size=t.per_device_batch_size, grad_accumulation=t.grad_accumulation,
                 warmup_ratio=t.warmup_ratio, scheduler=t.scheduler, gradient_checkpointing=t.gradient_checkpointing,
-                bf16=t.bf16, seed=t.seed, resume=(out / "model.work").exists(),
+                bf16=t.bf16, seed=t.seed, loss_chunk_tokens=t.loss_chunk_tokens,
+                resume=(out / "model.work").exists(),
             )  # fmt: skip
             # A run killed after training published its model (whole, by a rename) only lacks
             # the stage's done mark: nothing to train again.
