@@ -912,7 +912,7 @@ def launch(config: TrainConfig, nproc: int | None, hostfile: str | None, master_
     show_default=True,
     help="Supervised tokens whose logits the LM head's loss computes at a time: each chunk holds "
     "4 bytes x tokens x vocabulary rows of float32 logits (twice that with bf16 or soft-capping), "
-    "e.g. 1 GiB at 1024 tokens of a 262,144-row vocabulary; fewer tokens need less memory but re-read "
+    "e.g. 256 MiB at 256 tokens of a 262,144-row vocabulary; fewer tokens need less memory but re-read "
     "the head more often, so the step gets slower.",
 )
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True)

@@ -438,3 +438,4 @@ def test_launched_processes_receive_the_same_configuration(pivot, good_fused, tm
     result = CliRunner().invoke(train_command, to_arguments(config))
     assert result.exit_code == 0, result.output
     assert seen == [config]
+    assert config.run_settings()["loss_chunk_tokens"] == 37  # recorded: it changes float summation order
