@@ -322,8 +322,9 @@ def vocab_step_memory(
     """In this (fresh) process: a tiny Llama-style model (2 layers, untied embedding and head) with
     ``vocab`` rows, trained by ``FusionTrainer.compute_loss`` + backward + AdamW on ``sequences``
     x ``length`` tokens, all supervised, with top-k fused targets (``logits``: the previous path).
-    The first step creates the AdamW states; the figure is the peak RSS of the next two steps
-    above the RSS before them (the model, its AdamW states, the batch)."""
+    The first step creates the AdamW states; the figures are the peak RSS of the next two steps
+    above the RSS before them (the model, its AdamW states, the batch): of the loss's forward and
+    backward, and of the whole step (AdamW's update makes temporaries the size of a parameter)."""
     from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
     from fusion_train import train as train_module
@@ -353,17 +354,18 @@ def vocab_step_memory(
     ]
     inputs = FusionCollator(0)(rows)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    peaks = []
-    for step in range(3):
+    loss_peaks, step_peaks = [], []
+    for _ in range(3):  # the first step creates the AdamW states
         gc.collect()
         reset_peak()
         base = rss_kib("VmRSS")
         trainer.compute_loss(model, inputs).backward()
+        loss_peaks.append((rss_kib("VmHWM") - base) / 1024)
+        reset_peak()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step:
-            peaks.append((rss_kib("VmHWM") - base) / 1024)
-    return {"extra_mib": max(peaks), "supervised": sequences * (length - 1)}
+        step_peaks.append(max(loss_peaks[-1], (rss_kib("VmHWM") - base) / 1024))
+    return {"forward_backward_mib": max(loss_peaks[1:]), "step_mib": max(step_peaks[1:])}
 
 
 def vocabulary_memory(
@@ -386,11 +388,12 @@ def vocabulary_memory(
             command = [sys.executable, __file__, "--measure-vocab", *map(str, (vocab, sequences, length, hidden,
                        top_k, chunk_tokens, int(path != "chunked head")))]  # fmt: skip
             child = subprocess.run(command, check=True, capture_output=True, text=True)
-            extra[vocab] = json.loads(child.stdout.strip().splitlines()[-1])["extra_mib"]
-        difference = extra[large] - extra[small]
-        print(f"{path:>16}: " + ", ".join(f"V = {v}: {extra[v]:.0f} MiB" for v in vocabs)
-              + f"; difference {difference:.0f} MiB, {difference - grads:.0f} MiB without the [V, H] gradients",
-              flush=True)  # fmt: skip
+            extra[vocab] = json.loads(child.stdout.strip().splitlines()[-1])
+        for part, key in (("forward + backward", "forward_backward_mib"), ("whole step", "step_mib")):
+            difference = extra[large][key] - extra[small][key]
+            print(f"{path:>16}, {part:>18}: " + ", ".join(f"V = {v}: {extra[v][key]:.0f} MiB" for v in vocabs)
+                  + f"; difference {difference:.0f} MiB, {difference - grads:.0f} MiB without the [V, H] "
+                  "gradients", flush=True)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- report
