@@ -192,8 +192,9 @@ def head_step(
     """One forward + backward from the hidden states to the loss; returns the loss."""
     if way == "chunked":
         fused = fused_weights(topk_ids, topk_logprobs, 1.0)
-        loss = head_loss_sums(h, w, None, labels, w.shape[0], topk_ids, fused, clm_weight=lm_weight,
-                              fusion_weight=1 - lm_weight, chunk_tokens=chunk_tokens)[0] / len(labels)  # fmt: skip
+        loss, _, _ = head_loss_sums(h, w, None, labels, w.shape[0], topk_ids, fused, clm_weight=lm_weight,
+                                    fusion_weight=1 - lm_weight, chunk_tokens=chunk_tokens)  # fmt: skip
+        loss = loss / len(labels)
     else:
         logits = torch.nn.functional.linear(h, w)
         loss = (sparse_loss if way == "sparse" else dense_target_loss)(
@@ -331,9 +332,10 @@ def vocab_step_memory(
 
     if logits:
         train_module.head_loss_sums = logits_head
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 192,
-                         max_position_embeddings=length, tie_word_embeddings=False)  # fmt: skip
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=2, num_attention_heads=hidden // 64,
+                         num_key_value_heads=hidden // 192, max_position_embeddings=length,
+                         tie_word_embeddings=False)  # fmt: skip
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.train()
@@ -385,8 +387,8 @@ def vocabulary_memory(
     for path in ("chunked head", "logits (before)") if logits else ("chunked head",):
         extra = {}
         for vocab in vocabs:
-            command = [sys.executable, __file__, "--measure-vocab", *map(str, (vocab, sequences, length, hidden,
-                       top_k, chunk_tokens, int(path != "chunked head")))]  # fmt: skip
+            sizes = (vocab, sequences, length, hidden, top_k, chunk_tokens, int(path != "chunked head"))
+            command = [sys.executable, __file__, "--measure-vocab", *map(str, sizes)]
             child = subprocess.run(command, check=True, capture_output=True, text=True)
             extra[vocab] = json.loads(child.stdout.strip().splitlines()[-1])
         for part, key in (("forward + backward", "forward_backward_mib"), ("whole step", "step_mib")):
@@ -436,8 +438,8 @@ def main() -> None:
         print(json.dumps(vocab_step_memory(*args.measure_vocab)))
         return
     sequences, length = map(int, args.vocab_batch.split("x"))
-    vocab_args = ([int(x) for x in args.vocab_sizes.split(",")], sequences, length, args.head_hidden, args.top_k,
-                  int(args.head_chunk_tokens.split(",")[0]), args.vocab_logits)  # fmt: skip
+    vocab_args = ([int(x) for x in args.vocab_sizes.split(",")], sequences, length, args.head_hidden,
+                  args.top_k, int(args.head_chunk_tokens.split(",")[0]), args.vocab_logits)  # fmt: skip
     if args.vocab_memory:
         vocabulary_memory(*vocab_args)
         return

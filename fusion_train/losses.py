@@ -214,16 +214,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             rows = slice(start, start + chunk_tokens)
             h = hidden[rows]
             chunk_clm, chunk_fusion, g = _chunk_head(
-                h,
-                weight,
-                bias,
-                labels[rows],
-                topk_ids[rows],
-                fused[rows],
-                tokenizer_size,
-                softcap,
-                loss_weights,
-            )
+                h, weight, bias, labels[rows], topk_ids[rows], fused[rows],
+                tokenizer_size, softcap, loss_weights,
+            )  # fmt: skip
             clm += chunk_clm
             fusion += chunk_fusion
             if g is None:
@@ -279,7 +272,7 @@ def head_loss_sums(
     differentiable output: its gradients are computed in forward, see ``_ChunkedHeadLoss``.
 
     Memory: the logits exist ``chunk_tokens`` rows at a time (4 bytes x ``chunk_tokens`` x V per
-    float32 chunk, twice that with soft-capping or bf16 inputs); the float32 gradients of
+    float32 chunk, up to twice that with soft-capping or bf16 inputs); the float32 gradients of
     ``hidden`` [N, H], ``weight`` [V, H] (and ``bias``) are held from forward to backward.
     """
     if topk_ids is None or fused is None:
