@@ -16,9 +16,16 @@ fused targets (the pivot as the winning candidate: real top-10 distributions). F
   dense-target loss (a [N, V] target and a full log-softmax), at V = 49,152 (SmolLM2) and 262,144
   (Gemma-3) and N = 2,048 and 8,192: peak RSS above the inputs (each measurement in a fresh
   process, so no freed-but-kept heap of another one hides memory) and step time. A way whose
-  estimated memory does not fit in the machine's available memory is skipped.
+  estimated memory does not fit in the machine's available memory is skipped. The chunked head
+  runs once per ``--head-chunk-tokens`` size; step times are also compared back to back in one
+  process (``--head-rounds``), the only comparison that holds on a machine shared with other jobs;
+- a training step's memory per vocabulary (``--vocab-memory`` runs just this): a 2-layer
+  Llama-style model with 8,192 and 262,144 rows, ``FusionTrainer`` + backward + AdamW on one
+  micro-batch (``--vocab-batch`` 4x512), peak RSS above the model and its AdamW states, each in
+  a fresh process, against a quarter of the micro-batch's float32 logits (issue 15's test).
 
     .venv/bin/python bench/train.py --head-only [--head-hidden 576] [--head-positions 2048,8192]
+    .venv/bin/python bench/train.py --vocab-memory [--vocab-batch 4x512] [--head-chunk-tokens 256]
 """
 
 from __future__ import annotations
@@ -33,16 +40,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from fusion_train.losses import (
-    CHUNK_ELEMENTS,
-    CHUNK_MIN_ROWS,
-    fused_weights,
-    head_chunk_rows,
-    head_loss_sums,
-    supervised_loss_sums,
-)
+from fusion_train.losses import CHUNK_TOKENS, fused_weights, head_loss_sums, supervised_loss_sums
 from fusion_train.registry_assets import ALPACA_EVAL_OUTPUTS, fetch, smollm2_instruct_dir
 from fusion_train.represent import RepresentSettings, load_representation, represent
 from fusion_train.storage import read_json, write_json_atomic
@@ -186,14 +187,14 @@ def head_problem(positions: int, vocab: int, hidden: int, top_k: int, seed: int 
 
 
 def head_step(
-    way: str, h, w, labels, topk_ids, topk_logprobs, lm_weight: float = 0.9, chunk_elements: int | None = None
+    way: str, h, w, labels, topk_ids, topk_logprobs, lm_weight: float = 0.9, chunk_tokens: int = CHUNK_TOKENS
 ) -> float:
     """One forward + backward from the hidden states to the loss; returns the loss."""
     if way == "chunked":
         fused = fused_weights(topk_ids, topk_logprobs, 1.0)
-        rows = head_chunk_rows(w.shape[0], chunk_elements)
-        clm, fusion = head_loss_sums(h, w, None, labels, w.shape[0], topk_ids, fused, chunk_rows=rows)
-        loss = (lm_weight * clm + (1 - lm_weight) * fusion) / len(labels)
+        loss, _, _ = head_loss_sums(h, w, None, labels, w.shape[0], topk_ids, fused, clm_weight=lm_weight,
+                                    fusion_weight=1 - lm_weight, chunk_tokens=chunk_tokens)  # fmt: skip
+        loss = loss / len(labels)
     else:
         logits = torch.nn.functional.linear(h, w)
         loss = (sparse_loss if way == "sparse" else dense_target_loss)(
@@ -204,15 +205,15 @@ def head_step(
     return loss.item()
 
 
-def measure_head(way: str, positions: int, vocab: int, hidden: int, top_k: int, chunk_elements: int) -> dict:
+def measure_head(way: str, positions: int, vocab: int, hidden: int, top_k: int, chunk_tokens: int) -> dict:
     """In this (fresh) process: peak RSS above the inputs during one step, and its time."""
-    head_step(way, *head_problem(64, vocab, hidden, top_k, seed=1))  # kernels and thread pools
+    head_step(way, *head_problem(64, vocab, hidden, top_k, seed=1), chunk_tokens=32)  # kernels, thread pools
     problem = head_problem(positions, vocab, hidden, top_k)
     gc.collect()
     reset_peak()
     base = rss_kib("VmRSS")
     started = time.perf_counter()
-    loss = head_step(way, *problem, chunk_elements=chunk_elements)
+    loss = head_step(way, *problem, chunk_tokens=chunk_tokens)
     seconds = time.perf_counter() - started
     return {"extra_mib": (rss_kib("VmHWM") - base) / 1024, "seconds": seconds, "loss": loss}
 
@@ -225,12 +226,13 @@ def available_mib() -> float:
 
 
 def head_comparison(
-    positions: list[int], vocabs: list[int], hidden: int, top_k: int, ways: list[str], chunk_elements: int
+    positions: list[int], vocabs: list[int], hidden: int, top_k: int, ways: list[str], chunk_tokens: list[int]
 ) -> None:
-    """The table: each (N, V, way) measured in its own process, the three ways on the same batch."""
+    """The table: each (N, V, way) measured in its own process, the ways on the same batch; the
+    chunked head once per chunk size (``chunked@TOKENS``)."""
     print(f"\nLM head + loss, forward + backward from hidden states [N, {hidden}], top-{top_k}, "
-          f"{torch.get_num_threads()} threads; chunks of {chunk_elements} float32 logits, "
-          f">= {CHUNK_MIN_ROWS} rows")  # fmt: skip
+          f"{torch.get_num_threads()} threads")  # fmt: skip
+    ways = [f"chunked@{t}" for t in chunk_tokens if "chunked" in ways] + [w for w in ways if w != "chunked"]
     print("extra: peak RSS above the inputs (hidden states, head weight, targets); it includes the")
     print("head's weight gradient [V, H] (every way makes it) and, for the logits ways, the logits")
     header = f"{'N':>6} {'V':>8} {'logits f32':>11} {'head grad':>10} |"
@@ -239,14 +241,15 @@ def head_comparison(
         for n in positions:
             losses_seen: list[float] = []
             logits_mib = n * vocab * 4 / 2**20
-            need = {"chunked": 0.0, "sparse": 2.5 * logits_mib, "dense": 6 * logits_mib}
+            need = {"sparse": 2.5 * logits_mib, "dense": 6 * logits_mib}
             row = f"{n:>6} {vocab:>8} {logits_mib:>8.0f} MiB {vocab * hidden * 4 / 2**20:>6.0f} MiB |"
             for way in ways:
-                if need[way] + vocab * hidden * 12 / 2**20 > 0.8 * available_mib():
+                if need.get(way, 0.0) + vocab * hidden * 12 / 2**20 > 0.8 * available_mib():
                     row += f" {'(no memory)':>15} {'':>11}"
                     continue
-                command = [sys.executable, __file__, "--measure-head", way, str(n), str(vocab), str(hidden),
-                           str(top_k), str(chunk_elements)]  # fmt: skip
+                name, _, tokens = way.partition("@")
+                command = [sys.executable, __file__, "--measure-head", name, str(n), str(vocab), str(hidden),
+                           str(top_k), tokens or "0"]  # fmt: skip
                 child = subprocess.run(command, check=False, capture_output=True, text=True)
                 if child.returncode != 0:  # e.g. killed for memory by the OS
                     row += f" {'(failed: ' + str(child.returncode) + ')':>15} {'':>11}"
@@ -256,6 +259,143 @@ def head_comparison(
                 row += f" {result['extra_mib']:>11.0f} MiB {result['seconds']:>9.1f} s"
             spread = (max(losses_seen) - min(losses_seen)) / abs(losses_seen[0]) if losses_seen else 0.0
             print(f"{row}  losses agree to {spread:.0e}", flush=True)
+
+
+def head_time_ratios(
+    positions: list[int], vocabs: list[int], hidden: int, top_k: int, chunk_tokens: list[int], pairs: int
+) -> None:
+    """Step time of the chunked head over the sparse loss on the logits, on the same batch, back to
+    back in this process (order rotating), the median over ``pairs`` rounds after a warm-up: on a
+    machine shared with other jobs, only timings taken side by side compare."""
+    print(f"\nstep time, chunked head / sparse loss on the logits: median over {pairs} back-to-back rounds")
+    print(
+        f"{'N':>6} {'V':>8} |" + "".join(f" {'chunked@' + str(t):>14}" for t in chunk_tokens) + "  sparse s"
+    )
+    for vocab in vocabs:
+        for n in positions:
+            if 2.5 * n * vocab * 4 / 2**20 + vocab * hidden * 12 / 2**20 > 0.8 * available_mib():
+                print(f"{n:>6} {vocab:>8} | (the logits do not fit)")
+                continue
+            problem = head_problem(n, vocab, hidden, top_k)
+            ways = [("sparse", 0)] + [("chunked", t) for t in chunk_tokens]
+            seconds: dict[tuple[str, int], list[float]] = {way: [] for way in ways}
+            for round_ in range(pairs + 1):
+                shift = round_ % len(ways)
+                for way in ways[shift:] + ways[:shift]:
+                    problem[0].grad = problem[1].grad = None
+                    started = time.perf_counter()
+                    head_step(way[0], *problem, chunk_tokens=way[1])
+                    if round_:
+                        seconds[way].append(time.perf_counter() - started)
+            sparse = seconds[("sparse", 0)]
+            ratios = [
+                statistics.median(c / s for c, s in zip(seconds[way], sparse, strict=True))
+                for way in ways[1:]
+            ]
+            print(f"{n:>6} {vocab:>8} |" + "".join(f" {r:>13.2f}x" for r in ratios)
+                  + f"  {statistics.median(sparse):7.1f}", flush=True)  # fmt: skip
+            del problem
+
+
+def head_timing(head_args: tuple, rounds: int) -> None:
+    positions, vocabs, hidden, top_k, _, chunk_tokens = head_args
+    if rounds > 0:
+        head_time_ratios(positions, vocabs, hidden, top_k, chunk_tokens, rounds)
+
+
+# --------------------------------------------------------------------------- vocabulary and memory
+
+
+def logits_head(hidden, weight, bias, labels, size, topk_ids, fused, *, clm_weight, fusion_weight, **_):
+    """The previous training path, for comparison: the whole [N, V] logits, then the sparse loss."""
+    from fusion_train.losses import _SupervisedLosses
+
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    if topk_ids is None:
+        topk_ids, fused = labels.new_zeros(len(labels), 0), torch.zeros(len(labels), 0)
+    clm, fusion = _SupervisedLosses.apply(logits, labels, topk_ids, fused.float(), size)
+    return clm_weight * clm + fusion_weight * fusion, clm.detach(), fusion.detach()
+
+
+def vocab_step_memory(
+    vocab: int, sequences: int, length: int, hidden: int, top_k: int, chunk_tokens: int, logits: int
+) -> dict:
+    """In this (fresh) process: a tiny Llama-style model (2 layers, untied embedding and head) with
+    ``vocab`` rows, trained by ``FusionTrainer.compute_loss`` + backward + AdamW on ``sequences``
+    x ``length`` tokens, all supervised, with top-k fused targets (``logits``: the previous path).
+    The first step creates the AdamW states; the figures are the peak RSS of the next two steps
+    above the RSS before them (the model, its AdamW states, the batch): of the loss's forward and
+    backward, and of the whole step (AdamW's update makes temporaries the size of a parameter)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from fusion_train import train as train_module
+
+    if logits:
+        train_module.head_loss_sums = logits_head
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=2, num_attention_heads=hidden // 64,
+                         num_key_value_heads=hidden // 192, max_position_embeddings=length,
+                         tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.train()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, report_to=[], use_cpu=True)
+        trainer = FusionTrainer(model=model, args=args, lm_weight=0.9, temperature=1.0, tokenizer_size=vocab,
+                                loss_chunk_tokens=chunk_tokens)  # fmt: skip
+    generator = np.random.default_rng(0)
+    rows = [
+        {
+            "input_ids": generator.integers(0, vocab, length),
+            "run_start": np.array([1]),
+            "run_length": np.array([length - 1]),
+            "topk_ids": generator.integers(0, vocab, (length - 1, top_k)),
+            "topk_logprobs": np.log(generator.dirichlet(np.ones(top_k), length - 1)).astype(np.float16),
+        }
+        for _ in range(sequences)
+    ]
+    inputs = FusionCollator(0)(rows)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    loss_peaks, step_peaks = [], []
+    for _ in range(3):  # the first step creates the AdamW states
+        gc.collect()
+        reset_peak()
+        base = rss_kib("VmRSS")
+        trainer.compute_loss(model, inputs).backward()
+        loss_peaks.append((rss_kib("VmHWM") - base) / 1024)
+        reset_peak()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_peaks.append(max(loss_peaks[-1], (rss_kib("VmHWM") - base) / 1024))
+    return {"forward_backward_mib": max(loss_peaks[1:]), "step_mib": max(step_peaks[1:])}
+
+
+def vocabulary_memory(
+    vocabs: list[int], sequences: int, length: int, hidden: int, top_k: int, chunk_tokens: int, logits: bool
+) -> None:
+    """Issue 15's test: a training step's extra memory at each vocabulary, each in a fresh process,
+    against a quarter of one micro-batch's float32 logits [N, V]; ``logits``: the previous path too."""
+    n = sequences * (length - 1)
+    print(f"\ntraining step (FusionTrainer + backward + AdamW), 2-layer Llama-style model, hidden {hidden}, "
+          f"untied head, N = {n} supervised tokens per micro-batch, top-{top_k}, --loss-chunk-tokens "
+          f"{chunk_tokens}: peak RSS above the model, its AdamW states and the batch")  # fmt: skip
+    small, large = min(vocabs), max(vocabs)
+    quarter = n * large * 4 / 2**20 / 4
+    grads = 2 * (large - small) * hidden * 4 / 2**20  # the embedding's and the head's gradients, float32
+    print(f"a quarter of the float32 logits [{n}, {large}]: {quarter:.0f} MiB; the two [V, H] gradients "
+          f"(embedding, head) differ by {grads:.0f} MiB")  # fmt: skip
+    for path in ("chunked head", "logits (before)") if logits else ("chunked head",):
+        extra = {}
+        for vocab in vocabs:
+            sizes = (vocab, sequences, length, hidden, top_k, chunk_tokens, int(path != "chunked head"))
+            command = [sys.executable, __file__, "--measure-vocab", *map(str, sizes)]
+            child = subprocess.run(command, check=True, capture_output=True, text=True)
+            extra[vocab] = json.loads(child.stdout.strip().splitlines()[-1])
+        for part, key in (("forward + backward", "forward_backward_mib"), ("whole step", "step_mib")):
+            difference = extra[large][key] - extra[small][key]
+            print(f"{path:>16}, {part:>18}: " + ", ".join(f"V = {v}: {extra[v][key]:.0f} MiB" for v in vocabs)
+                  + f"; difference {difference:.0f} MiB, {difference - grads:.0f} MiB without the [V, H] "
+                  "gradients", flush=True)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- report
@@ -276,10 +416,33 @@ def main() -> None:
     parser.add_argument("--head-hidden", type=int, default=576)  # SmolLM2-135M's
     parser.add_argument("--head-ways", default=",".join(HEAD_WAYS))
     parser.add_argument(
-        "--head-chunk-elements", type=int, default=CHUNK_ELEMENTS, help="float32 logits per chunk"
+        "--head-chunk-tokens",
+        default=str(CHUNK_TOKENS),
+        help="the chunked head's chunk sizes, comma-separated",
     )
+    parser.add_argument(
+        "--head-rounds", type=int, default=3, help="rounds of the step-time comparison (0: none)"
+    )
+    parser.add_argument(
+        "--vocab-memory", action="store_true", help="only the training step's memory per vocabulary"
+    )
+    parser.add_argument("--vocab-sizes", default=f"8192,{GEMMA3_VOCAB}")
+    parser.add_argument("--vocab-batch", default="4x512", help="sequences x tokens per micro-batch")
     parser.add_argument("--measure-head", nargs=6, help=argparse.SUPPRESS)  # WAY N V H K CHUNK, in a child
+    parser.add_argument("--vocab-logits", action="store_true", help="also measure the previous (logits) path")
+    parser.add_argument(
+        "--measure-vocab", nargs=7, type=int, help=argparse.SUPPRESS
+    )  # V B L H K CHUNK LOGITS
     args = parser.parse_args()
+    if args.measure_vocab:
+        print(json.dumps(vocab_step_memory(*args.measure_vocab)))
+        return
+    sequences, length = map(int, args.vocab_batch.split("x"))
+    vocab_args = ([int(x) for x in args.vocab_sizes.split(",")], sequences, length, args.head_hidden,
+                  args.top_k, int(args.head_chunk_tokens.split(",")[0]), args.vocab_logits)  # fmt: skip
+    if args.vocab_memory:
+        vocabulary_memory(*vocab_args)
+        return
     if args.measure_head:
         way, *sizes = args.measure_head
         print(json.dumps(measure_head(way, *map(int, sizes))))
@@ -290,10 +453,11 @@ def main() -> None:
         args.head_hidden,
         args.top_k,
         args.head_ways.split(","),
-        args.head_chunk_elements,
+        [int(x) for x in args.head_chunk_tokens.split(",")],
     )
     if args.head_only:
         head_comparison(*head_args)
+        head_timing(head_args, args.head_rounds)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -319,6 +483,8 @@ def main() -> None:
     print(f"{'ratio fusion / CLM':22}{time_ratio:14.3f}{peak_ratio:14.3f}  (goal <= 1.10)")
     print("(time ratio: median over batches of fusion / CLM on the same batch, timed back to back)")
     head_comparison(*head_args)
+    head_timing(head_args, args.head_rounds)
+    vocabulary_memory(*vocab_args)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from fusion_train.evaluate import ModelSpec, evaluate, evaluate_command
 from fusion_train.fuse import fuse, fuse_command
 from fusion_train.inference import InferenceSettings
 from fusion_train.launch import command_arguments, launch, world_size_of
+from fusion_train.losses import CHUNK_TOKENS
 from fusion_train.models import model_fingerprint
 from fusion_train.represent import FORMAT as REPRESENTATION_FORMAT
 from fusion_train.represent import MODULE as REPRESENT_MODULE
@@ -109,8 +110,9 @@ class Resources:
 
     def inference(self, dtype: str = "auto") -> InferenceSettings:
         return InferenceSettings(
-            self.device, dtype, self.attn_implementation, self.deepspeed, self.device_map
-        )
+            device=self.device, dtype=dtype, attn_implementation=self.attn_implementation, deepspeed=self.deepspeed,
+            device_map=self.device_map, engine=self.engine, tensor_parallel_size=self.tensor_parallel_size,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ class TrainStage:
     gradient_checkpointing: bool = False
     bf16: bool | None = None
     seed: int = 42
+    loss_chunk_tokens: int = CHUNK_TOKENS
 
 
 @dataclass(frozen=True)
@@ -585,8 +588,8 @@ def run_pipeline(
                 learning_rate=t.learning_rate, epochs=t.epochs, max_steps=t.max_steps,
                 per_device_batch_size=t.per_device_batch_size, grad_accumulation=t.grad_accumulation,
                 warmup_ratio=t.warmup_ratio, scheduler=t.scheduler, gradient_checkpointing=t.gradient_checkpointing,
-                bf16=t.bf16, seed=t.seed, resume=(out / "model.work").exists(),
-                attn_implementation=resources.attn_implementation,
+                bf16=t.bf16, seed=t.seed, loss_chunk_tokens=t.loss_chunk_tokens,
+                resume=(out / "model.work").exists(), attn_implementation=resources.attn_implementation,
             )  # fmt: skip
             # A run killed after training published its model (whole, by a rename) only lacks
             # the stage's done mark: nothing to train again.

@@ -47,7 +47,7 @@ from fusion_train.launch import (
     wants_launch,
     world_size_of,
 )
-from fusion_train.losses import fused_weights, head_loss_sums
+from fusion_train.losses import CHUNK_TOKENS, fused_weights, head_loss_sums
 from fusion_train.models import attention_implementation, load_model, load_tokenizer, tokenizer_hash
 from fusion_train.options import FRACTION, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
 from fusion_train.storage import MANIFEST, claim_output, open_to_umask, read_json, write_json_atomic
@@ -99,14 +99,20 @@ class TrainConfig:
     save_total_limit: int = 2  # 0 keeps every checkpoint
     resume: bool = False
     seed: int = 42
+    loss_chunk_tokens: int = CHUNK_TOKENS  # rows of logits at a time in the LM head's loss
 
     def __post_init__(self) -> None:
         checks = {
             "--lm-weight must be in [0, 1]": 0.0 <= self.lm_weight <= 1.0,
             "--temperature must be positive": self.temperature > 0,
             "--warmup-ratio must be in [0, 1)": 0.0 <= self.warmup_ratio < 1.0,
-            "--per-device-batch-size, --grad-accumulation, --logging-steps and --save-steps must be >= 1": min(
-                self.per_device_batch_size, self.grad_accumulation, self.logging_steps, self.save_steps
+            "--per-device-batch-size, --grad-accumulation, --logging-steps, --save-steps and "
+            "--loss-chunk-tokens must be >= 1": min(
+                self.per_device_batch_size,
+                self.grad_accumulation,
+                self.logging_steps,
+                self.save_steps,
+                self.loss_chunk_tokens,
             )
             >= 1,
             "--epochs must be positive (or set --max-steps)": self.epochs > 0 or self.max_steps > 0,
@@ -375,16 +381,18 @@ def head_losses_at(
     tokenizer_size: int,
     topk_ids: torch.Tensor | None,
     fused: torch.Tensor | None,
-    chunk_rows: int | None = None,
+    lm_weight: float,
+    chunk_tokens: int = CHUNK_TOKENS,
 ) -> Iterator[SimpleNamespace]:
-    """Make the model's LM head return the loss sums ``(clm, fusion)`` instead of logits.
+    """Make the model's LM head return ``(loss, clm, fusion)`` sums instead of logits.
 
     While the block runs, the output-embedding module's ``forward`` takes the hidden states at
     ``positions`` (flat batch x length indices: the N positions that predict a supervised token)
-    and returns ``losses.head_loss_sums`` of them, so the model's output carries the two sums in
+    and returns ``losses.head_loss_sums`` of them (``loss = lm_weight * clm + (1 - lm_weight) *
+    fusion``, its gradients computed right there), so the model's output carries the sums in
     place of its logits and no ``[N, V]`` logits ever exist. The module is still *called*, so
-    DeepSpeed's hooks around it run: under ZeRO-3 the head's weight is gathered for the call,
-    gathered again for its backward, and its gradient reaches the partitioned parameter.
+    DeepSpeed's hooks around it run: under ZeRO-3 the head's weight is gathered for the call, and
+    in backward the gradient computed with it reaches the partitioned parameter.
     A model's ``final_logit_softcapping`` moves into the loss for the duration. Yields a record
     whose ``returned`` says whether the head has returned (then an error means the model worked
     on its head's output: see ``FusionTrainer.compute_loss``).
@@ -405,11 +413,12 @@ def head_losses_at(
     softcap = getattr(config, "final_logit_softcapping", None)
     state = SimpleNamespace(returned=False)
 
-    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
         rows = hidden_states.flatten(0, -2)[positions]
         sums = head_loss_sums(
-            rows, head.weight, head.bias, labels, tokenizer_size, topk_ids, fused, softcap, chunk_rows
-        )
+            rows, head.weight, head.bias, labels, tokenizer_size, topk_ids, fused, clm_weight=lm_weight,
+            fusion_weight=1.0 - lm_weight, softcap=softcap, chunk_tokens=chunk_tokens,
+        )  # fmt: skip
         state.returned = True
         return sums
 
@@ -431,9 +440,9 @@ def head_losses_at(
 class FusionTrainer(Trainer):
     """transformers' Trainer with the loss ``lm_weight * CLM + (1 - lm_weight) * fusion``.
 
-    The model's LM head returns the two loss sums in place of logits (``head_losses_at``: the
-    chunked head of ``losses.head_loss_sums``, ``loss_chunk_rows`` rows at a time, by default
-    ``losses.head_chunk_rows``), so no ``[N, V]`` logits exist.
+    The model's LM head returns the loss sums in place of logits (``head_losses_at``: the chunked
+    head of ``losses.head_loss_sums``, ``loss_chunk_tokens`` rows of logits at a time), so no
+    ``[N, V]`` logits exist.
     The loss is a sum over supervised tokens divided by ``num_items_in_batch``, the Trainer's
     count of supervised tokens over the accumulation steps (and ranks), so it does not depend
     on how a global batch is split. CLM and fusion parts are logged next to the loss.
@@ -447,12 +456,12 @@ class FusionTrainer(Trainer):
         lm_weight: float,
         temperature: float,
         tokenizer_size: int,
-        loss_chunk_rows: int | None = None,
+        loss_chunk_tokens: int = CHUNK_TOKENS,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.lm_weight = lm_weight
-        self.loss_chunk_rows = loss_chunk_rows  # None: losses.head_chunk_rows
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.temperature = temperature
         self.tokenizer_size = tokenizer_size
         self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch
@@ -480,7 +489,14 @@ class FusionTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         positions = predicting.flatten().nonzero()[:, 0]
         with head_losses_at(
-            unwrapped, positions, gold, self.tokenizer_size, topk_ids, fused, self.loss_chunk_rows
+            unwrapped,
+            positions,
+            gold,
+            self.tokenizer_size,
+            topk_ids,
+            fused,
+            self.lm_weight,
+            self.loss_chunk_tokens,
         ) as head:
             try:
                 outputs = model(
@@ -494,17 +510,14 @@ class FusionTrainer(Trainer):
                     "the fused loss supports models that return the head's output as their logits "
                     "(and Gemma-2's final_logit_softcapping)."
                 ) from error
-        sums = outputs.logits  # the head returned (CLM sum, fusion sum)
-        if not (isinstance(sums, tuple) and len(sums) == 2):
+        sums = outputs.logits  # the head returned (weighted loss sum, CLM sum, fusion sum)
+        if not (isinstance(sums, tuple) and len(sums) == 3):
             raise TrainInputError(
                 f"{type(unwrapped).__name__} changed its LM head's output; the fused loss cannot train it."
             )
-        clm_sum, fusion_sum = sums
-        loss = self.lm_weight * clm_sum
-        if fusion:
-            loss = loss + (1.0 - self.lm_weight) * fusion_sum
+        loss, clm_sum, fusion_sum = sums
         tokens = len(gold)
-        step = torch.stack([clm_sum.detach(), fusion_sum.detach(), clm_sum.new_tensor(tokens)])
+        step = torch.stack([clm_sum, fusion_sum, clm_sum.new_tensor(tokens)])
         self._window = self._window.to(step.device) + step.double()  # no host sync per micro-step
         if num_items_in_batch is None:  # outside the training loop: a plain mean
             loss = loss / tokens
@@ -660,6 +673,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any] 
         lm_weight=config.lm_weight,
         temperature=config.temperature,
         tokenizer_size=len(tokenizer),
+        loss_chunk_tokens=config.loss_chunk_tokens,
     )
     result = trainer.train(resume_from_checkpoint=prepared.resume_from)
     parameters = parameters_held(trainer.model)
@@ -798,6 +812,16 @@ def launch_training(
     help="Continue from the last checkpoint in OUT.work/ (from the start if it has none yet).",
 )
 @click.option("--seed", default=42)
+@click.option(
+    "--loss-chunk-tokens",
+    type=click.IntRange(min=1),
+    default=CHUNK_TOKENS,
+    show_default=True,
+    help="Supervised tokens whose logits the LM head's loss computes at a time: each chunk holds "
+    "4 bytes x tokens x vocabulary rows of float32 logits (twice that with bf16 or soft-capping), "
+    "e.g. 256 MiB at 256 tokens of a 262,144-row vocabulary; fewer tokens need less memory but re-read "
+    "the head more often, so the step gets slower.",
+)
 def train_command(no_fusion: bool, **options: Any) -> None:
     """Train a target model: the pivot fine-tuned on one source's fused targets, on DeepSpeed ZeRO."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -226,6 +226,9 @@ CASES: dict[str, Callable[[Path, Path], Case]] = {
     "evaluate --batch-tokens 0": flag_case("evaluate", "--batch-tokens", "0", "not in the range x>=1"),
     "train --lm-weight 1.5": flag_case("train", "--lm-weight", "1.5", "1.5 is not in the range 0.0<=x<=1.0"),
     "train --per-device-batch-size 0": flag_case("train", "--per-device-batch-size", "0", "x>=1"),
+    "train --loss-chunk-tokens 0": flag_case(
+        "train", "--loss-chunk-tokens", "0", "0 is not in the range x>=1"
+    ),
     # recipes
     "recipe not YAML": recipe_case(
         ["recipe.yaml, line 2", "not valid YAML"], text="pivot: {name: p\nsources: [\n"
@@ -251,6 +254,9 @@ CASES: dict[str, Callable[[Path, Path], Case]] = {
         ["train.deepspeed", "nope.json"], train={"deepspeed": "nope.json"}
     ),
     "evaluate.batch_tokens 0": recipe_case(["evaluate.batch_tokens"], evaluate={"batch_tokens": 0}),
+    "train.loss_chunk_tokens 0": recipe_case(
+        ["train.loss_chunk_tokens", "0 is not in the range x>=1"], train={"loss_chunk_tokens": 0}
+    ),
     "missing data file": recipe_case(
         ["data.train", "missing.jsonl", "does not exist"],
         data={"train": "missing.jsonl", "heldout_fraction": 0.25},

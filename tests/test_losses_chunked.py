@@ -40,15 +40,15 @@ def _problem(n=10, hidden=8, vocab=37, size=31, k=4, dtype=torch.float32, bias=F
     return leaves, labels, topk_ids, logprobs
 
 
-def _grads(sums, leaves, a=0.3, c=0.7):
+def _grads(loss, leaves):
     for leaf in leaves:
         if leaf is not None:
             leaf.grad = None
-    (a * sums[0] + c * sums[1]).backward()
+    loss.backward()
     return [None if leaf is None else leaf.grad.clone() for leaf in leaves]
 
 
-CASES = [  # (vocab, tokenizer size, bias, softcap, temperature, chunk rows)
+CASES = [  # (vocab, tokenizer size, bias, softcap, temperature, chunk tokens)
     pytest.param(37, 37, False, None, 1.0, 3, id="plain-chunk3"),
     pytest.param(37, 31, False, None, 2.0, 4, id="padded-T2-chunk4"),
     pytest.param(37, 31, True, None, 1.0, 1, id="padded-bias-chunk1"),
@@ -59,15 +59,16 @@ CASES = [  # (vocab, tokenizer size, bias, softcap, temperature, chunk rows)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
-@pytest.mark.parametrize(("vocab", "size", "bias", "softcap", "temperature", "rows"), CASES)
-def test_chunked_head_equals_the_logits_loss(dtype, vocab, size, bias, softcap, temperature, rows):
+@pytest.mark.parametrize(("vocab", "size", "bias", "softcap", "temperature", "tokens"), CASES)
+def test_chunked_head_equals_the_logits_loss(dtype, vocab, size, bias, softcap, temperature, tokens):
     leaves, labels, topk_ids, logprobs = _problem(vocab=vocab, size=size, dtype=dtype, bias=bias)
     fused = fused_weights(topk_ids, logprobs, temperature)
     h, w, b = leaves
-    chunked = head_loss_sums(h, w, b, labels, size, topk_ids, fused, softcap=softcap, chunk_rows=rows)
-    chunked_grads = _grads(chunked, leaves)
-    reference = logits_loss_sums(h, w, b, labels, size, topk_ids, fused, softcap)
-    reference_grads = _grads(reference, leaves)
+    weights = {"clm_weight": 0.3, "fusion_weight": 0.7, "softcap": softcap}
+    chunked = head_loss_sums(h, w, b, labels, size, topk_ids, fused, **weights, chunk_tokens=tokens)
+    chunked_grads = _grads(chunked[0], leaves)
+    reference = logits_loss_sums(h, w, b, labels, size, topk_ids, fused, **weights)
+    reference_grads = _grads(reference[0], leaves)
 
     for ours, theirs in zip(chunked, reference, strict=True):
         assert ours.dtype == torch.float32
@@ -80,33 +81,78 @@ def test_chunked_head_equals_the_logits_loss(dtype, vocab, size, bias, softcap, 
         ours, theirs = ours.float(), theirs.float()
         if dtype == torch.float32:
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
-        else:  # one bf16 step (both round the logit gradient to bf16, ours sums chunks in bf16)
+        else:  # one bf16 step (both round the logit gradient to bf16, ours each chunk's product too)
             scale = theirs.abs().max().item()
             torch.testing.assert_close(ours, theirs, rtol=2 * BF16_STEP, atol=2 * BF16_STEP * scale, msg=name)
 
     if dtype == torch.float32:  # and the dense float64 reference, written from the formula
-        hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-        bd = None if b is None else b.detach().double().requires_grad_()
-        logits = torch.nn.functional.linear(hd, wd, bd)
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        clm, fusion = dense_loss_sums(logits, labels, topk_ids.tolist(), logprobs.tolist(), size, temperature)
-        dense_grads = _grads((clm, fusion), [hd, wd, bd])
-        assert chunked[0].item() == pytest.approx(clm.item(), rel=1e-5)
-        assert chunked[1].item() == pytest.approx(fusion.item(), rel=1e-5)
+        clm, fusion, dense_grads = _dense(leaves, labels, topk_ids, logprobs, size, temperature, softcap,
+                                          lambda clm, fusion: 0.3 * clm + 0.7 * fusion)  # fmt: skip
+        assert chunked[1].item() == pytest.approx(clm, rel=1e-5)
+        assert chunked[2].item() == pytest.approx(fusion, rel=1e-5)
         for name, ours, theirs in zip("hwb", chunked_grads, dense_grads, strict=True):
             if theirs is not None:
                 torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def _dense(leaves, labels, topk_ids, logprobs, size, temperature, softcap, combine):
+    """CLM and fusion sums of the dense float64 reference, and the gradients of ``combine(clm, fusion)``."""
+    h, w, b = (None if t is None else t.detach().double().requires_grad_() for t in leaves)
+    logits = torch.nn.functional.linear(h, w, b)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    clm, fusion = dense_loss_sums(logits, labels, topk_ids.tolist(), logprobs.tolist(), size, temperature)
+    return clm.item(), fusion.item(), _grads(combine(clm, fusion), [h, w, b])
+
+
+@pytest.mark.parametrize(
+    ("clm_weight", "fusion_weight", "use"),
+    [
+        pytest.param(0.3, 0.7, lambda loss: 3.0 * loss, id="loss-times-3"),
+        pytest.param(0.3, 0.7, lambda loss: loss / torch.tensor(40.0), id="loss-over-a-tensor"),
+        pytest.param(0.0, 1.0, lambda loss: 0.5 * loss, id="fusion-only-halved"),
+        pytest.param(1.0, 0.0, lambda loss: -2.0 * loss, id="clm-only-negated"),
+    ],
+)
+def test_gradients_computed_in_forward_follow_how_the_loss_is_used(clm_weight, fusion_weight, use):
+    """The gradients are computed in forward, before anyone scales the loss: backward must scale
+    them by the incoming gradient, and the weights given in forward decide the mix. Compared with
+    the dense float64 reference of the same use (e.g. 3 x (0.3 CLM + 0.7 fusion))."""
+    leaves, labels, topk_ids, logprobs = _problem(vocab=37, size=31, bias=True)
+    fused = fused_weights(topk_ids, logprobs, 1.0)
+    sums = head_loss_sums(*leaves, labels, 31, topk_ids, fused, clm_weight=clm_weight,
+                          fusion_weight=fusion_weight, softcap=4.0, chunk_tokens=3)  # fmt: skip
+    ours = _grads(use(sums[0]), leaves)
+    _, _, dense = _dense(leaves, labels, topk_ids, logprobs, 31, 1.0, 4.0,
+                         lambda clm, fusion: use(clm_weight * clm + fusion_weight * fusion))  # fmt: skip
+    for name, mine, theirs in zip("hwb", ours, dense, strict=True):
+        torch.testing.assert_close(mine.double(), theirs, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_separate_sums_are_not_differentiable():
+    """The stored gradients are those of the weighted loss: a gradient through the CLM or fusion
+    sum alone cannot come from them, so autograd refuses it rather than returning a wrong one; and
+    they are handed out once."""
+    (h, w, _), labels, topk_ids, logprobs = _problem()
+    loss, clm, fusion = head_loss_sums(
+        h, w, None, labels, 31, topk_ids, fused_weights(topk_ids, logprobs, 1.0)
+    )
+    assert loss.requires_grad and not clm.requires_grad and not fusion.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        fusion.backward()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="differentiated only once"):
+        loss.backward()
+
+
 def test_rows_without_targets_get_the_clm_gradient_only():
     (h, w, _), labels, topk_ids, logprobs = _problem()
     fused = fused_weights(topk_ids, logprobs, 1.0)
-    clm_only = head_loss_sums(h, w, None, labels, 31, chunk_rows=3)
+    clm_only = head_loss_sums(h, w, None, labels, 31, chunk_tokens=3)
     grad_clm = torch.autograd.grad(clm_only[0], h)[0]
-    assert clm_only[1].item() == 0.0
-    sums = head_loss_sums(h, w, None, labels, 31, topk_ids, fused, chunk_rows=3)
-    grad = torch.autograd.grad(sums[0] + sums[1], h)[0]
+    assert clm_only[2].item() == 0.0
+    sums = head_loss_sums(h, w, None, labels, 31, topk_ids, fused, chunk_tokens=3)
+    grad = torch.autograd.grad(sums[0], h)[0]
     torch.testing.assert_close(grad[[2, 7]], grad_clm[[2, 7]], rtol=1e-6, atol=1e-7)
     assert not torch.allclose(grad[[0, 1]], grad_clm[[0, 1]])
 
@@ -120,32 +166,47 @@ def test_tied_weights_collect_both_gradients():
     def run(loss_sums):
         w.grad = None
         hidden = torch.tanh(torch.nn.functional.embedding(tokens, w) + h.detach())
-        clm, fusion = loss_sums(hidden, w, None, labels, 31, topk_ids, fused)
-        (0.4 * clm + 0.6 * fusion).backward()
+        loss, _, _ = loss_sums(
+            hidden, w, None, labels, 31, topk_ids, fused, clm_weight=0.4, fusion_weight=0.6
+        )
+        loss.backward()
         return w.grad.clone()
 
-    chunked = run(lambda *a: head_loss_sums(*a, chunk_rows=3))
+    chunked = run(lambda *a, **k: head_loss_sums(*a, **k, chunk_tokens=3))
     reference = run(logits_loss_sums)
     torch.testing.assert_close(chunked, reference, rtol=1e-5, atol=1e-6)
     embedding_rows = torch.zeros(31, dtype=torch.bool)
     embedding_rows[tokens] = True
-    head_only = run(lambda hid, *a: head_loss_sums(hid.detach(), *a, chunk_rows=3))
+    head_only = run(lambda hid, *a, **k: head_loss_sums(hid.detach(), *a, **k, chunk_tokens=3))
     assert not torch.allclose(chunked[embedding_rows], head_only[embedding_rows])  # both uses count
 
 
-def test_default_chunks_follow_the_element_budget(monkeypatch):
-    assert losses.head_chunk_rows(1000, elements=10_000, min_rows=1) == 10
-    assert losses.head_chunk_rows(10**6, elements=10, min_rows=1) == 1
-    assert losses.head_chunk_rows(262_144) == 256  # the floor: 2**24 // 262,144 would be 64
-    assert losses.head_chunk_rows(32_000) == 2**24 // 32_000
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 37 * 3)
-    monkeypatch.setattr(losses, "CHUNK_MIN_ROWS", 1)
-    (h, w, _), labels, topk_ids, logprobs = _problem()
+def test_chunks_follow_the_chunk_tokens(monkeypatch):
+    """``chunk_tokens`` rows of logits at a time, any size giving the same values and gradients;
+    without autograd no gradient is computed."""
+    (h, w, b), labels, topk_ids, logprobs = _problem(bias=True)
+    fused = fused_weights(topk_ids, logprobs, 1.0)
     seen = []
-    original = losses._chunk_logits
-    monkeypatch.setattr(losses, "_chunk_logits", lambda hid, *a: seen.append(len(hid)) or original(hid, *a))
-    head_loss_sums(h, w, None, labels, 31, topk_ids, fused_weights(topk_ids, logprobs, 1.0))
-    assert seen == [3, 3, 3, 1]  # never more than one chunk of logits
+    original = losses._chunk_head
+    monkeypatch.setattr(
+        losses, "_chunk_head", lambda hid, *a: seen.append((len(hid), a[-1] is not None)) or original(hid, *a)
+    )
+    results = {}
+    for tokens in (1, 3, 10, 1000):
+        seen.clear()
+        sums = head_loss_sums(h, w, b, labels, 31, topk_ids, fused, chunk_tokens=tokens)
+        results[tokens] = [t.detach() for t in sums] + _grads(sums[0], [h, w, b])
+        assert [rows for rows, _ in seen] == {1: [1] * 10, 3: [3, 3, 3, 1], 10: [10], 1000: [10]}[tokens]
+    for tokens in (1, 3, 10):  # equal up to float32 summation order (1-row chunks: vector products)
+        for ours, theirs in zip(results[tokens], results[1000], strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    seen.clear()
+    with torch.no_grad():
+        sums = head_loss_sums(h, w, b, labels, 31, topk_ids, fused, chunk_tokens=3)
+    assert seen == [(3, False), (3, False), (3, False), (1, False)]
+    torch.testing.assert_close(sums[0], results[1000][0])
+    with pytest.raises(ValueError, match="chunk_tokens must be at least 1"):
+        head_loss_sums(h, w, b, labels, 31, chunk_tokens=0)
 
 
 # --------------------------------------------------------------------------- through the trainer
@@ -170,13 +231,13 @@ def _tiny_gemma2(tokenizer_dir, out, softcap=8.0):
     return out
 
 
-def test_trainer_on_a_tied_soft_capped_gemma2_matches_the_dense_reference(tiny_models, tmp_path, monkeypatch):
+def test_trainer_on_a_tied_soft_capped_gemma2_matches_the_dense_reference(tiny_models, tmp_path):
     from test_train import _collated, _trainer
 
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 32000 * 5)  # chunks of 5 rows
-    monkeypatch.setattr(losses, "CHUNK_MIN_ROWS", 1)
     model_dir = _tiny_gemma2(tiny_models["mistral"], tmp_path / "gemma2")
-    trainer, model, tokenizer = _trainer(model_dir, tmp_path, lm_weight=0.5, temperature=2.0)
+    trainer, model, tokenizer = _trainer(
+        model_dir, tmp_path, lm_weight=0.5, temperature=2.0, loss_chunk_tokens=5
+    )
     assert model.lm_head.weight is model.model.embed_tokens.weight
     rows = fused_rows(model_dir, examples=3, top_k=4)
     loss = trainer.compute_loss(model, _collated(rows, tokenizer.eos_token_id))

@@ -81,6 +81,11 @@ def test_recipe_errors_name_the_problem(workspace: Path) -> None:
         {"sources": [{**mistral, "settings": {"represent": {"top_k": 5}}}]},
         "settings.represent: not a per-source stage; one of align, fuse, train",
     )
+    fails({"train": {"loss_chunk_tokens": 0}}, r"train.loss_chunk_tokens: 0 is not in the range x>=1")
+    chunked = parse_recipe(
+        {**base, "train": {"loss_chunk_tokens": 64}}, base=workspace, default_run_dir=workspace / "r"
+    )
+    assert chunked.train.loss_chunk_tokens == 64
     fails({"sources": [{**mistral, "settings": [0.5]}]}, "settings: expected a mapping")
     fails(
         {"pivot": {**base["pivot"], "settings": {"train": {"lm_weight": 0.5}}}},

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from fusion_train import losses
 from fusion_train import train as train_module
 from fusion_train.cli import main
+from fusion_train.losses import CHUNK_TOKENS
 from fusion_train.train import (
     FusionCollator,
     FusionTrainer,
@@ -49,6 +50,7 @@ def _trainer(
     temperature: float = 1.0,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    loss_chunk_tokens: int = CHUNK_TOKENS,
 ):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
@@ -59,6 +61,7 @@ def _trainer(
         lm_weight=lm_weight,
         temperature=temperature,
         tokenizer_size=len(tokenizer),
+        loss_chunk_tokens=loss_chunk_tokens,
     )
     return trainer, model, tokenizer
 
@@ -84,21 +87,21 @@ def _collated(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name", ["mistral", "qwen"])
 @pytest.mark.parametrize(("lm_weight", "temperature"), [(0.0, 1.0), (0.5, 2.0)])
 def test_sparse_loss_matches_dense_reference(
-    tiny_models, tmp_path, monkeypatch, name, lm_weight, temperature, device, dtype
+    tiny_models, tmp_path, name, lm_weight, temperature, device, dtype
 ):
     """Value and gradient of the trainer's loss (the chunked head), on an ordinary and a padded
     vocabulary (qwen: 151,936 rows > 151,851 ids).
 
     In bf16 both losses read the same bf16 logits and compute in float32/float64; their logit
     gradients are rounded to bf16 (the reference rounds once; the chunked head rounds each chunk's
-    logit gradient and sums the head's weight gradient over chunks in bf16), so the parameter
+    logit gradient and its product with the hidden states, summed in float32), so the parameter
     gradients agree to about a bf16 step.
     """
-    # Several row chunks of the chunked head: 12 rows for mistral, 2 for qwen (single-row chunks
-    # are matrix-vector products, whose float32 sums over 152k rows drift by ~1e-5 relative).
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 2 * 151_936)
-    monkeypatch.setattr(losses, "CHUNK_MIN_ROWS", 1)
-    trainer, model, tokenizer = _trainer(tiny_models[name], tmp_path, lm_weight, temperature, device, dtype)
+    # Several row chunks of the chunked head (single-row chunks are matrix-vector products, whose
+    # float32 sums over 152k rows drift by ~1e-5 relative).
+    trainer, model, tokenizer = _trainer(
+        tiny_models[name], tmp_path, lm_weight, temperature, device, dtype, loss_chunk_tokens=2
+    )
     rows = fused_rows(tiny_models[name], examples=3, top_k=4)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -420,9 +423,19 @@ def test_launcher_problems_are_reported_before_starting(pivot, good_fused, tmp_p
 
 
 def test_launched_processes_receive_the_same_configuration(pivot, good_fused, tmp_path, monkeypatch):
-    config = _config(pivot, good_fused, tmp_path, bf16=False, lm_weight=0.7, save_total_limit=0, resume=True)
+    config = _config(
+        pivot,
+        good_fused,
+        tmp_path,
+        bf16=False,
+        lm_weight=0.7,
+        save_total_limit=0,
+        resume=True,
+        loss_chunk_tokens=37,
+    )
     seen = []
     monkeypatch.setattr(train_module, "train", lambda parsed: seen.append(parsed))
     result = CliRunner().invoke(train_command, to_arguments(config))
     assert result.exit_code == 0, result.output
     assert seen == [config]
+    assert config.run_settings()["loss_chunk_tokens"] == 37  # recorded: it changes float summation order

@@ -335,8 +335,8 @@ def test_bf16_mixed_precision(setup, tmp_path, stage, device):
     ("stage", "model"), [("zero2", "llama"), ("zero3", "llama"), ("zero3", "gemma2-tied-softcap")]
 )
 def test_chunked_head_trains_like_the_logits_loss(setup, tmp_path, stage, model):
-    """2 CPU ranks, a few steps: the chunked head (chunks of 3 rows, so the head's weight gradient
-    is summed over many chunks; under ZeRO-3 inside the partitioned head's call) takes the same
+    """2 CPU ranks, a few steps: the chunked head (``loss_chunk_tokens`` 3, so the head's weight
+    gradient is summed over many chunks; under ZeRO-3 inside the partitioned head's call) takes the same
     steps as the logits-based loss: same losses and gradient norms, same weights. Also on a Gemma-2
     whose head is its (tied) embedding and whose logits are soft-capped."""
     pivot, fused, rows = setup
@@ -345,16 +345,13 @@ def test_chunked_head_trains_like_the_logits_loss(setup, tmp_path, stage, model)
 
         pivot = _tiny_gemma2(pivot, tmp_path / "gemma2")
         fused = build_fused(pivot, tmp_path / "fused-gemma2", rows=rows)
-    vocab = AutoModelForCausalLM.from_pretrained(pivot).config.vocab_size
     runs = {}
     for loss in ("logits", "chunked"):
         out = tmp_path / loss / "target"
         out.parent.mkdir()
         config = {"model": str(pivot), "fused": str(fused), "out": str(out), "deepspeed": stage,
-                  **SETTINGS, "per_device_batch_size": 2}  # fmt: skip
-        _train_keeping_engine_logits(
-            out.parent, config, 2, FUSION_TEST_LOSS=loss, FUSION_TEST_CHUNK_ELEMENTS=str(3 * vocab)
-        )
+                  **SETTINGS, "per_device_batch_size": 2, "loss_chunk_tokens": 3}  # fmt: skip
+        _train_keeping_engine_logits(out.parent, config, 2, FUSION_TEST_LOSS=loss)
         runs[loss] = out
     summaries = {loss: json.loads((out / SUMMARY).read_text()) for loss, out in runs.items()}
     for which in ("start", "end"):

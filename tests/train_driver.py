@@ -6,7 +6,7 @@ Usage (under ``deepspeed`` or ``torchrun``): ``train_driver.py CONFIG.json MODE 
 
 Environment: ``FUSION_TEST_LOSS=logits`` trains with the logits-based loss (the whole ``[N, V]``
 logits, then ``supervised_loss_sums``'s autograd function) in place of the chunked head, the
-reference of the chunked runs; ``FUSION_TEST_CHUNK_ELEMENTS`` sets ``losses.CHUNK_ELEMENTS`` (and no floor on the rows).
+reference of the chunked runs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
-from fusion_train import losses
 from fusion_train import train as train_module
 from fusion_train.train import TrainConfig, train
 
@@ -58,8 +57,5 @@ if __name__ == "__main__":
         from train_fixtures import logits_loss_sums
 
         train_module.head_loss_sums = logits_loss_sums
-    if os.environ.get("FUSION_TEST_CHUNK_ELEMENTS"):
-        losses.CHUNK_ELEMENTS = int(os.environ["FUSION_TEST_CHUNK_ELEMENTS"])
-        losses.CHUNK_MIN_ROWS = 1
     callback = EngineLogits(argument) if mode == "logits" else KillAtStep(int(argument))
     train(config, callbacks=[callback])
