@@ -14,9 +14,11 @@ from fusion_train.demo import demo_command
 from fusion_train.errors import Group
 from fusion_train.evaluate import evaluate_command
 from fusion_train.fuse import fuse_command
+from fusion_train.implicit.dpo import dpo_command
 from fusion_train.implicit.prefer import prefer_command
 from fusion_train.implicit.sample import sample_command
 from fusion_train.implicit.score import score_command
+from fusion_train.implicit.sft import sft_command
 from fusion_train.pipeline import run_command
 from fusion_train.represent import represent_command
 from fusion_train.sweep import sweep_command
@@ -36,7 +38,8 @@ def main() -> None:
     against the CLM-only baseline, `demo` runs a recipe on real small models.
 
     Implicit fusion (FuseChat-3.0 / WRPO): sample (several responses per prompt from each
-    model), score (reward model and/or verifiers), prefer (SFT set and preference pairs).
+    model), score (reward model and/or verifiers), prefer (SFT set and preference pairs),
+    sft (fine-tune on the best responses), dpo (DPO, length-normalised DPO or WRPO on the pairs).
 
     Errors in your input are one line naming the culprit; --debug shows their traceback.
     """
@@ -53,3 +56,5 @@ main.add_command(demo_command)
 main.add_command(sample_command)
 main.add_command(score_command)
 main.add_command(prefer_command)
+main.add_command(sft_command)
+main.add_command(dpo_command)

@@ -19,12 +19,12 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Protocol
 
 import click
 import datasets
@@ -257,7 +257,18 @@ def load_fused(path: str | Path, tokenizer: Any) -> FusedData:
 # --------------------------------------------------------------------------- DeepSpeed configuration
 
 
-def deepspeed_config(spec: str, config: TrainConfig, world_size: int) -> dict[str, Any]:
+class BatchSettings(Protocol):
+    """What a ZeRO config is checked against (``TrainConfig``'s fields; ``sft`` and ``dpo`` have them too)."""
+
+    per_device_batch_size: int
+    grad_accumulation: int
+    max_grad_norm: float
+    learning_rate: float
+    weight_decay: float
+    bf16: bool | None
+
+
+def deepspeed_config(spec: str, config: BatchSettings, world_size: int) -> dict[str, Any]:
     """The ZeRO config for ``spec`` (a preset or a JSON file), refused if it contradicts the command line.
 
     Mismatches are judged by transformers' own rule (a non-"auto" value must equal the argument),
@@ -575,16 +586,11 @@ def checkpoints(work: Path) -> tuple[Path | None, list[Path]]:
     return (complete[-1] if complete else None), incomplete
 
 
-def prepare(config: TrainConfig, world_size: int, rank: int = 0) -> Prepared:
-    """Check every input; the main rank records the run's manifest in the work directory."""
-    out, work = Path(config.out), work_dir(config.out)
-    if out.exists():
-        raise TrainInputError(f"{out} already exists; pass another --out or delete it.")
-    tokenizer = load_tokenizer(config.model)
-    fused = load_fused(config.fused, tokenizer)
-    ds_config = deepspeed_config(config.deepspeed, config, world_size)
+def resume_point(work: Path, resume: bool) -> str | None:
+    """The checkpoint a run continues from (None: from the start); checkpoints of an earlier run
+    without ``--resume`` are an input error, not silently overwritten nor silently resumed."""
     last, incomplete = checkpoints(work)
-    if not config.resume and (last or incomplete):
+    if not resume and (last or incomplete):
         raise TrainInputError(
             f"{work} holds checkpoints of an earlier run ({(last or incomplete[-1]).name}); pass --resume to "
             "continue it, or delete the directory to start over."
@@ -595,8 +601,20 @@ def prepare(config: TrainConfig, world_size: int, rank: int = 0) -> Prepared:
             ", ".join(p.name for p in incomplete),
             last.name if last else "the beginning",
         )
-    elif config.resume and last is None:  # killed before its first checkpoint: nothing to skip
+    elif resume and last is None:  # killed before its first checkpoint: nothing to skip
         log.warning("--resume: no checkpoint in %s yet; training starts from the beginning.", work)
+    return str(last) if last else None
+
+
+def prepare(config: TrainConfig, world_size: int, rank: int = 0) -> Prepared:
+    """Check every input; the main rank records the run's manifest in the work directory."""
+    out, work = Path(config.out), work_dir(config.out)
+    if out.exists():
+        raise TrainInputError(f"{out} already exists; pass another --out or delete it.")
+    tokenizer = load_tokenizer(config.model)
+    fused = load_fused(config.fused, tokenizer)
+    ds_config = deepspeed_config(config.deepspeed, config, world_size)
+    resume_from = resume_point(work, config.resume)
     if rank == 0:
         run_manifest = {
             "format": RUN_FORMAT,
@@ -605,15 +623,49 @@ def prepare(config: TrainConfig, world_size: int, rank: int = 0) -> Prepared:
             "settings": config.run_settings(),
         }
         claim_output(work, run_manifest)
-    return Prepared(tokenizer, fused, ds_config, str(last) if last else None)
+    return Prepared(tokenizer, fused, ds_config, resume_from)
 
 
-def _loss_record(history: list[dict[str, Any]], which: int) -> dict[str, Any] | None:
+LOSS_KEYS = ("step", "loss", "clm_loss", "fusion_loss", "grad_norm")
+
+
+def loss_record(
+    history: list[dict[str, Any]], which: int, keys: Sequence[str] = LOSS_KEYS
+) -> dict[str, Any] | None:
+    """``keys`` of the ``which``-th training log of a Trainer's log history (None before any)."""
     entries = [e for e in history if "loss" in e]
     if not entries:
         return None
     entry = entries[which]
-    return {k: entry[k] for k in ("step", "loss", "clm_loss", "fusion_loss", "grad_norm") if k in entry}
+    return {k: entry[k] for k in keys if k in entry}
+
+
+def publish(
+    trainer: Trainer, out: str | Path, summary: Callable[[], dict[str, Any]]
+) -> dict[str, Any] | None:
+    """Save the trained model as a plain HF directory at ``out``, atomically, with ``summary()``
+    (called on the main rank only) as ``training_summary.json``; return the summary there.
+
+    Every rank takes part (under ZeRO-3 the full tensors are gathered from all of them). The model
+    is written to a staging directory in the work directory, opened to the umask (safetensors
+    writes its files 0600) and renamed into place, so ``out`` exists only once it is complete.
+    """
+    staging = Path(trainer.args.output_dir) / "final"
+    if trainer.is_world_process_zero() and staging.exists():
+        shutil.rmtree(staging)  # left by a run killed while saving
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    result = None
+    if trainer.is_world_process_zero():
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the summary records the settings
+        result = summary()
+        write_json_atomic(staging / SUMMARY, result)
+        open_to_umask(staging)
+        os.replace(staging, out)
+        log.info("%s: trained %d steps; checkpoints and logs stay in %s", out, result["steps"],
+                 trainer.args.output_dir)  # fmt: skip
+    trainer.accelerator.wait_for_everyone()
+    return result
 
 
 def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any] | None:
@@ -678,16 +730,9 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any] 
     result = trainer.train(resume_from_checkpoint=prepared.resume_from)
     parameters = parameters_held(trainer.model)
 
-    staging = work / "final"
-    if trainer.is_world_process_zero() and staging.exists():
-        shutil.rmtree(staging)  # left by a run killed while saving
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))  # under ZeRO-3 every rank takes part in gathering full tensors
-    summary = None
-    if trainer.is_world_process_zero():
-        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the summary records the settings
+    def summary() -> dict[str, Any]:
         history = trainer.state.log_history
-        summary = {
+        return {
             "format": "fusion-train/training-summary@1",
             "pivot": {"path": str(Path(config.model).resolve()), "tokenizer_hash": tokenizer_hash(tokenizer)},
             "data": {
@@ -704,17 +749,13 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any] 
             "steps": trainer.state.global_step,
             "epochs": trainer.state.epoch,
             "resumed_from": Path(prepared.resume_from).name if prepared.resume_from else None,
-            "loss": {"start": _loss_record(history, 0), "end": _loss_record(history, -1)},
+            "loss": {"start": loss_record(history, 0), "end": loss_record(history, -1)},
             "train_loss": result.training_loss,
             "train_runtime_s": result.metrics.get("train_runtime"),
             "wall_time_s": time.time() - started,
         }
-        write_json_atomic(staging / SUMMARY, summary)
-        open_to_umask(staging)  # safetensors writes its files 0600
-        os.replace(staging, config.out)
-        log.info("%s: trained %d steps; checkpoints and logs stay in %s", config.out, summary["steps"], work)
-    trainer.accelerator.wait_for_everyone()
-    return summary
+
+    return publish(trainer, config.out, summary)
 
 
 # --------------------------------------------------------------------------- launching

@@ -10,6 +10,13 @@ with alpha rising linearly from 0 to ``alpha_max`` over training, so the target 
 from its own responses and is drawn towards the sources' gradually. TRL's collator and loss know
 two responses only; the subclass here tokenizes, pads and scores the third one in the same
 forward pass. The pairs come from ``fusion-train prefer --mode wrpo``.
+
+``fusion-train dpo --loss sigmoid|sigmoid_norm|wrpo`` (implicit stage 5) trains on
+``fusion-train prefer``'s ``pairs/``: ``sigmoid`` is DPO, ``sigmoid_norm`` TRL's length-normalised
+DPO (the rewards are mean, not summed, log-ratios per token; FuseChat-3.0's choice for Llama),
+``wrpo`` the subclass here. Defaults follow the papers (see ``LOSS_DEFAULTS``). Launcher, ZeRO
+presets, bf16, checkpoints and publishing are ``train``'s (``fusion_train/implicit/tuning.py``);
+``--nproc``/``--hostfile`` re-run this module under the ``deepspeed`` launcher.
 """
 
 from __future__ import annotations
@@ -17,12 +24,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import click
+import datasets
 import torch
 import torch.nn.functional as F
-from trl import DPOTrainer
+from trl import DPOConfig, DPOTrainer
 from trl.data_utils import _tokenize, is_conversational
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
+
+from fusion_train.errors import Command
+from fusion_train.implicit import tuning
+from fusion_train.implicit.prefer import PAIRS_DIR
 
 GROUPS = ("chosen", "rejected", "chosen_source")  # the order of the three thirds of a batch
 
@@ -152,3 +165,102 @@ class WRPOTrainer(DPOTrainer):
         if return_outputs:
             raise ValueError("WRPO does not return model outputs; unset prediction_loss_only=False")
         return loss
+
+
+# --------------------------------------------------------------------------- the stage
+
+MODULE = "fusion_train.implicit.dpo"  # what the launcher runs in every process
+STAGE = "dpo"
+LOSSES = ("sigmoid", "sigmoid_norm", "wrpo")
+# (beta, learning rate) per loss, from the papers: FuseChat-3.0 trains Llama-3.1-8B with
+# length-normalised DPO at beta 10, lr 8e-7, and Qwen/Gemma with beta 0.01 (the issue gives no
+# learning rate for them: FuseChat-3.0's 8e-7 here); WRPO uses beta 0.01, lr 3e-7, alpha_max 0.1.
+LOSS_DEFAULTS = {"sigmoid": (0.01, 8e-7), "sigmoid_norm": (10.0, 8e-7), "wrpo": (0.01, 3e-7)}
+ALPHA_MAX = 0.1
+
+
+@dataclass(frozen=True)
+class DPOSettings(tuning.TuneSettings):
+    """A preference-training run; ``beta`` and ``learning_rate`` default by loss (``LOSS_DEFAULTS``)."""
+
+    loss: str = "sigmoid_norm"
+    beta: float | None = None
+    alpha_max: float | None = None  # wrpo only; ALPHA_MAX when not given
+    learning_rate: float | None = None  # type: ignore[assignment]
+    epochs: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise tuning.TuneInputError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}.")
+        if self.alpha_max is not None and self.loss != "wrpo":
+            raise tuning.TuneInputError("--alpha-max is WRPO's; drop it or use --loss wrpo.")
+        if self.alpha_max is not None and not 0.0 <= self.alpha_max <= 1.0:
+            raise tuning.TuneInputError("--alpha-max must be in [0, 1].")
+        if self.beta is not None and self.beta <= 0:
+            raise tuning.TuneInputError("--beta must be positive.")
+        beta, learning_rate = LOSS_DEFAULTS[self.loss]
+        object.__setattr__(self, "beta", beta if self.beta is None else self.beta)
+        object.__setattr__(
+            self, "learning_rate", learning_rate if self.learning_rate is None else self.learning_rate
+        )
+        if self.loss == "wrpo" and self.alpha_max is None:
+            object.__setattr__(self, "alpha_max", ALPHA_MAX)
+        super().__post_init__()
+
+
+def load_pairs(settings: tuning.TuneSettings) -> datasets.Dataset:
+    assert isinstance(settings, DPOSettings)
+    if settings.loss == "wrpo":
+        return tuning.load_split(settings.prefs, PAIRS_DIR, ("prompt", "chosen", "rejected", "chosen_source"),
+                                 hint=": --loss wrpo needs pairs of `fusion-train prefer --mode wrpo`")  # fmt: skip
+    return tuning.load_split(settings.prefs, PAIRS_DIR, ("prompt", "chosen", "rejected"))
+
+
+def check(settings: tuning.TuneSettings, world_size: int) -> tuning.Prepared:
+    """Every check ``dpo`` makes before training (the launching process makes them once)."""
+    return tuning.prepare(settings, load_pairs, STAGE, world_size)
+
+
+def dpo(settings: DPOSettings) -> dict[str, Any] | None:
+    """Preference-train ``settings.model`` on ``prefs/pairs`` (the reference model: the same model,
+    frozen) and publish it at ``settings.out``; return the summary on the main rank."""
+
+    def make_trainer(prepared: tuning.Prepared) -> Any:
+        wrpo = settings.loss == "wrpo"
+        args = tuning.trl_arguments(DPOConfig, settings, prepared, beta=settings.beta,
+                                    loss_type=["sigmoid" if wrpo else settings.loss])  # fmt: skip
+        policy, reference = tuning.load_policy(settings, args), tuning.load_policy(settings, args)
+        kwargs: dict[str, Any] = {"alpha_max": settings.alpha_max} if wrpo else {}
+        return (WRPOTrainer if wrpo else DPOTrainer)(
+            model=policy, ref_model=reference, args=args, train_dataset=prepared.data,
+            processing_class=prepared.tokenizer, **kwargs,
+        )  # fmt: skip
+
+    keys = ("step", "loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins",
+            "rewards/accuracies", "wrpo/alpha")  # fmt: skip
+    return tuning.run(settings, STAGE, load_pairs, make_trainer, log_keys=keys)
+
+
+@click.command("dpo", cls=Command)
+@click.option("--loss", type=click.Choice(LOSSES), default="sigmoid_norm",
+              help="sigmoid: DPO; sigmoid_norm: length-normalised DPO (FuseChat-3.0); wrpo: WRPO (needs pairs "
+              "of `fusion-train prefer --mode wrpo`).")  # fmt: skip
+@click.option("--beta", type=tuning.POSITIVE_FLOAT, default=None,
+              help="beta of the loss. Default by --loss: sigmoid 0.01, sigmoid_norm 10, wrpo 0.01.")  # fmt: skip
+@click.option("--alpha-max", type=click.FloatRange(0.0, 1.0), default=None,
+              help=f"WRPO: the weight of the source's response at the end of training (default {ALPHA_MAX}).")  # fmt: skip
+@tuning.tune_options(
+    None, 1.0, "Peak learning rate. Default by --loss: sigmoid 8e-7, sigmoid_norm 8e-7, wrpo 3e-7."
+)
+def dpo_command(**params: Any) -> None:
+    """Preference-train a model on `fusion-train prefer`'s pairs (DPO, length-normalised DPO or
+    WRPO), on TRL's DPOTrainer and DeepSpeed ZeRO."""
+    try:
+        settings = tuning.settings_of(DPOSettings, params)
+    except tuning.TuneInputError as error:
+        raise click.UsageError(str(error)) from error
+    tuning.command(MODULE, dpo_command, params, settings, check, dpo)
+
+
+if __name__ == "__main__":
+    dpo_command(prog_name="fusion-train dpo")

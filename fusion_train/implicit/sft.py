@@ -1,0 +1,67 @@
+"""Implicit stage 4: supervised fine-tuning on the best responses (``fusion-train sft``).
+
+FuseChat-3.0 (arXiv 2503.04222) fine-tunes the target on the best-scored source response per
+prompt (``fusion-train prefer``'s ``sft/``, TRL's conversational prompt-completion format)
+before preference training. This is TRL's ``SFTTrainer`` as it is: the loss covers the
+completion tokens only, each conversation rendered in the model's chat template. Launcher,
+ZeRO presets, bf16, checkpoints and publishing are ``train``'s (``fusion_train/implicit/tuning.py``).
+
+``--nproc``/``--hostfile`` re-run this module under the ``deepspeed`` launcher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import click
+import datasets
+
+from fusion_train.errors import Command
+from fusion_train.implicit import tuning
+from fusion_train.implicit.prefer import SFT_DIR
+
+MODULE = "fusion_train.implicit.sft"  # what the launcher runs in every process
+STAGE = "sft"
+LEARNING_RATE = 5e-6  # as `fusion-train train`
+
+
+@dataclass(frozen=True)
+class SFTSettings(tuning.TuneSettings):
+    """An SFT run: ``TuneSettings`` with SFT's defaults."""
+
+
+def load_sft(settings: tuning.TuneSettings) -> datasets.Dataset:
+    return tuning.load_split(settings.prefs, SFT_DIR, ("prompt", "completion"))
+
+
+def check(settings: tuning.TuneSettings, world_size: int) -> tuning.Prepared:
+    """Every check ``sft`` makes before training (the launching process makes them once)."""
+    return tuning.prepare(settings, load_sft, STAGE, world_size)
+
+
+def sft(settings: SFTSettings) -> dict[str, Any] | None:
+    """Fine-tune ``settings.model`` on ``prefs/sft`` and publish it at ``settings.out``; return
+    the summary on the main rank."""
+    from trl import SFTConfig, SFTTrainer
+
+    def make_trainer(prepared: tuning.Prepared) -> Any:
+        args = tuning.trl_arguments(SFTConfig, settings, prepared)
+        return SFTTrainer(model=tuning.load_policy(settings, args), args=args, train_dataset=prepared.data,
+                          processing_class=prepared.tokenizer)  # fmt: skip
+
+    return tuning.run(settings, STAGE, load_sft, make_trainer,
+                      log_keys=("step", "loss", "grad_norm", "mean_token_accuracy"))  # fmt: skip
+
+
+@click.command("sft", cls=Command)
+@tuning.tune_options(LEARNING_RATE, 3.0, "Peak learning rate.")
+def sft_command(**params: Any) -> None:
+    """Fine-tune a model on the best response per prompt (`fusion-train prefer`'s sft/), on TRL's
+    SFTTrainer and DeepSpeed ZeRO."""
+    settings = tuning.settings_of(SFTSettings, params)
+    tuning.command(MODULE, sft_command, params, settings, check, sft)
+
+
+if __name__ == "__main__":
+    sft_command(prog_name="fusion-train sft")

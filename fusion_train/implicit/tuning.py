@@ -1,0 +1,419 @@
+"""What ``fusion-train sft`` and ``fusion-train dpo`` share: fine-tuning on TRL's trainers with
+the same DeepSpeed presets, launcher, checkpoints and atomic publishing as ``fusion-train train``.
+
+A stage (``sft.py``, ``dpo.py``) names the data it reads from a ``fusion-train prefer`` output
+(``sft/`` or ``pairs/``) and the TRL config and trainer it builds; the rest is here, once:
+
+- :class:`TuneSettings`, the settings both share, and :func:`tune_options`, their flags;
+- :func:`prepare`, every check before a process group or a model exists (the data, the tokenizer's
+  chat template, the ZeRO config against the flags, checkpoints and ``--resume``), and the run's
+  manifest in ``OUT.work/``, which a resumed run must match;
+- :func:`trl_arguments`, the TRL config (a ``TrainingArguments``) with the ZeRO config, bf16 where
+  ``train`` has it (TRL's own default would turn it on everywhere, CPUs included), checkpoints;
+- :func:`run`, training, resuming and publishing the model with a JSON summary
+  (``train.publish``: a plain HF directory, renamed into place when complete);
+- :func:`command`, a stage's click command body: ``--nproc``/``--hostfile`` re-run the stage's
+  module under the ``deepspeed`` launcher after checking the inputs once.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import click
+import datasets
+from transformers import SchedulerType
+
+from fusion_train import options
+from fusion_train.errors import UserError
+from fusion_train.launch import (
+    as_world_of_one,
+    launch_options,
+    on_cpu_host,
+    parameters_held,
+    relaunch,
+    skip_shm_comm_op,
+    wants_launch,
+    world_size_of,
+)
+from fusion_train.models import attention_implementation, load_model, load_tokenizer, tokenizer_hash
+from fusion_train.options import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
+from fusion_train.storage import MANIFEST, claim_output, read_json
+from fusion_train.train import (
+    PRESETS,
+    deepspeed_config,
+    loss_record,
+    publish,
+    resolve_bf16,
+    resume_point,
+    work_dir,
+)
+
+log = logging.getLogger(__name__)
+
+RUN_FORMAT = "fusion-train/tune-run@1"
+SUMMARY_FORMAT = "fusion-train/tune-summary@1"
+# Settings that do not change what is trained: a resumed run may change them.
+NOT_IN_RUN_MANIFEST = ("out", "resume", "report_to", "logging_steps", "save_steps", "save_total_limit",
+                       "attn_implementation")  # fmt: skip
+
+
+class TuneInputError(UserError, ValueError):
+    """An input that would make SFT or preference training fail or train the wrong thing."""
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """One SFT or preference-training run (recorded in the run manifest and the summary)."""
+
+    model: str
+    prefs: str  # a `fusion-train prefer` output directory
+    out: str
+    deepspeed: str = "zero2"  # a preset name or a JSON file
+    learning_rate: float = 5e-6
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    per_device_batch_size: int = 1
+    grad_accumulation: int = 1
+    warmup_ratio: float = 0.1
+    scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 2048
+    gradient_checkpointing: bool = False
+    bf16: bool | None = None  # None: on GPUs that support it (on CPU hosts only when asked)
+    attn_implementation: str = "auto"
+    report_to: str = "none"
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int = 2  # 0 keeps every checkpoint
+    resume: bool = False
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if not (self.epochs > 0 or self.max_steps > 0):
+            raise TuneInputError("--epochs must be positive (or set --max-steps)")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise TuneInputError("--warmup-ratio must be in [0, 1)")
+
+    def run_settings(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in NOT_IN_RUN_MANIFEST}
+
+
+# --------------------------------------------------------------------------- checks
+
+
+@dataclass
+class Prepared:
+    """Everything checked before training."""
+
+    tokenizer: Any
+    data: datasets.Dataset  # the stage's columns only
+    prefs_manifest: dict[str, Any] | None
+    ds_config: dict[str, Any]
+    resume_from: str | None
+
+
+def load_split(prefs: str | Path, split: str, columns: Sequence[str], hint: str = "") -> datasets.Dataset:
+    """``prefs/split`` (``sft`` or ``pairs``), reduced to ``columns``; a missing directory, missing
+    columns or no rows are one-line input errors."""
+    path = Path(prefs) / split
+    if not (path / "state.json").is_file():
+        raise TuneInputError(
+            f"{prefs}: no {split}/ data set in it; pass the output directory of `fusion-train prefer`."
+        )
+    data = datasets.load_from_disk(str(path))
+    missing = [c for c in columns if c not in data.column_names]
+    if missing:
+        raise TuneInputError(
+            f"{path}: no {', '.join(missing)} column{'s' if len(missing) > 1 else ''}{hint}."
+        )
+    if len(data) == 0:
+        raise TuneInputError(f"{path}: the data set is empty; nothing to train on.")
+    return data.select_columns(list(columns))
+
+
+def prepare(
+    settings: TuneSettings, load: Callable[[TuneSettings], datasets.Dataset], stage: str, world_size: int,
+    rank: int = 0,
+) -> Prepared:  # fmt: skip
+    """Check every input; the main rank records the run's manifest in the work directory."""
+    out, work = Path(settings.out), work_dir(settings.out)
+    if out.exists():
+        raise TuneInputError(f"{out} already exists; pass another --out or delete it.")
+    data = load(settings)
+    tokenizer = load_tokenizer(settings.model)
+    if tokenizer.chat_template is None:
+        raise TuneInputError(
+            f"{settings.model}: the tokenizer has no chat template; TRL renders the conversations with it. "
+            "Add one to tokenizer_config.json (or chat_template.jinja)."
+        )
+    ds_config = deepspeed_config(settings.deepspeed, settings, world_size)
+    resume_from = resume_point(work, settings.resume)
+    manifest_path = Path(settings.prefs) / MANIFEST
+    prefs_manifest = read_json(manifest_path) if manifest_path.is_file() else None
+    if rank == 0:
+        claim_output(work, {
+            "format": RUN_FORMAT,
+            "stage": stage,
+            "model": {"path": str(Path(settings.model).resolve()), "tokenizer_hash": tokenizer_hash(tokenizer)},
+            "prefs": {"path": str(Path(settings.prefs).resolve()), "manifest": prefs_manifest},
+            "settings": settings.run_settings(),
+        })  # fmt: skip
+    return Prepared(tokenizer, data, prefs_manifest, ds_config, resume_from)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def trl_arguments(config_class: type, settings: TuneSettings, prepared: Prepared, **extra: Any) -> Any:
+    """A TRL config (``SFTConfig``, ``DPOConfig``) for this run. Made before the model loads: with
+    ZeRO-3 it makes ``from_pretrained`` partition the weights at load time."""
+    return config_class(
+        output_dir=str(work_dir(settings.out)),
+        per_device_train_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=settings.grad_accumulation,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.scheduler,
+        warmup_steps=settings.warmup_ratio,  # a float in [0, 1) is a share of the total steps
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        max_length=settings.max_length,
+        # Always explicit: TRL's configs default bf16 to True, also on CPUs (and then run the
+        # reference model of DPO under bf16 autocast).
+        bf16=resolve_bf16(settings.bf16),
+        activation_checkpointing=settings.gradient_checkpointing,  # TRL's default is on
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        deepspeed=copy.deepcopy(prepared.ds_config),
+        logging_steps=settings.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit or None,
+        report_to=[] if settings.report_to == "none" else [settings.report_to],
+        seed=settings.seed,
+        use_cpu=on_cpu_host(),  # CPU processes: gloo, no pinned memory, bf16 only when asked
+        **extra,
+    )
+
+
+def load_policy(settings: TuneSettings, args: Any) -> Any:
+    """The model to train (also the reference model of DPO), with the attention kernel ``train`` picks."""
+    import torch
+
+    attention = attention_implementation(
+        settings.attn_implementation, args.device, torch.bfloat16 if args.bf16 else torch.float32
+    )
+    model = load_model(settings.model, attn_implementation=attention)
+    model.config.use_cache = False
+    return model
+
+
+def run(
+    settings: TuneSettings,
+    stage: str,
+    load: Callable[[TuneSettings], datasets.Dataset],
+    make_trainer: Callable[[Prepared], Any],
+    log_keys: Sequence[str] = ("step", "loss", "grad_norm"),
+    extra_summary: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """Train with the trainer ``make_trainer`` builds and publish the model at ``settings.out``;
+    the summary on the main rank (None on the others). Runs in every rank of a launched job, or
+    alone as a world of one."""
+    started = time.time()
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    prepared = prepare(settings, load, stage, world_size, rank)
+    as_world_of_one()
+    skip_shm_comm_op()  # before the TRL config, which starts the process group
+    datasets.disable_progress_bars()
+    trainer = make_trainer(prepared)
+    result = trainer.train(resume_from_checkpoint=prepared.resume_from)
+    parameters = parameters_held(trainer.model)
+
+    def summary() -> dict[str, Any]:
+        history = trainer.state.log_history
+        return {
+            "format": SUMMARY_FORMAT,
+            "stage": stage,
+            "model": {
+                "path": str(Path(settings.model).resolve()),
+                "tokenizer_hash": tokenizer_hash(prepared.tokenizer),
+            },
+            "data": {
+                "path": str(Path(settings.prefs).resolve()),
+                "examples": len(prepared.data),
+                "prefer": (prepared.prefs_manifest or {}).get("settings"),
+            },
+            "settings": asdict(settings),
+            **(extra_summary or {}),
+            "deepspeed": prepared.ds_config,
+            "world_size": world_size,
+            "bf16": trainer.args.bf16,
+            "parameters": parameters,
+            "steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "resumed_from": Path(prepared.resume_from).name if prepared.resume_from else None,
+            "loss": {"start": loss_record(history, 0, log_keys), "end": loss_record(history, -1, log_keys)},
+            "train_loss": result.training_loss,
+            "train_runtime_s": result.metrics.get("train_runtime"),
+            "wall_time_s": time.time() - started,
+        }
+
+    return publish(trainer, settings.out, summary)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def tune_options(learning_rate: float | None, epochs: float, lr_help: str) -> Callable[[Any], Any]:
+    """The flags of :class:`TuneSettings` (less the stage's data), with the stage's defaults."""
+
+    def decorate(function: Any) -> Any:
+        for option in reversed(
+            [
+                click.option(
+                    "--model",
+                    required=True,
+                    type=click.Path(exists=True, file_okay=False),
+                    help="The model to fine-tune (a HF directory with a chat template).",
+                ),
+                click.option(
+                    "--prefs",
+                    required=True,
+                    type=click.Path(exists=True, file_okay=False),
+                    help="Output directory of `fusion-train prefer` (its sft/ and pairs/).",
+                ),
+                click.option(
+                    "--out",
+                    required=True,
+                    type=click.Path(file_okay=False),
+                    help="The trained model directory (published when done; checkpoints go to OUT.work/).",
+                ),
+                click.option(
+                    "--deepspeed",
+                    default="zero2",
+                    help=f"ZeRO preset ({', '.join(PRESETS)}) or a DeepSpeed JSON config file.",
+                ),
+                launch_options,
+                click.option(
+                    "--learning-rate",
+                    "--lr",
+                    "learning_rate",
+                    type=POSITIVE_FLOAT,
+                    default=learning_rate,
+                    help=lr_help,
+                ),
+                click.option(
+                    "--epochs", type=NON_NEGATIVE_FLOAT, default=epochs, help="Passes over the data."
+                ),
+                click.option(
+                    "--max-steps",
+                    type=click.IntRange(min=-1),
+                    default=-1,
+                    help="Optimizer steps; > 0 overrides --epochs.",
+                ),
+                click.option(
+                    "--per-device-batch-size",
+                    type=POSITIVE_INT,
+                    default=1,
+                    help="Examples per process per micro-step.",
+                ),
+                click.option(
+                    "--grad-accumulation",
+                    type=POSITIVE_INT,
+                    default=1,
+                    help="Micro-steps per optimizer step.",
+                ),
+                click.option(
+                    "--warmup-ratio",
+                    type=click.FloatRange(0.0, 1.0, max_open=True),
+                    default=0.1,
+                    help="Share of the steps with a linear warmup.",
+                ),
+                click.option(
+                    "--scheduler",
+                    type=click.Choice([s.value for s in SchedulerType]),
+                    default="cosine",
+                    help="transformers learning-rate schedule.",
+                ),
+                click.option("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.0),
+                click.option(
+                    "--max-grad-norm", type=NON_NEGATIVE_FLOAT, default=1.0, help="Gradient clipping."
+                ),
+                click.option(
+                    "--max-length",
+                    type=options.MAX_LENGTH,
+                    default=2048,
+                    help="Longest tokenized prompt + response; longer ones are cut at the end.",
+                ),
+                click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False),
+                click.option(
+                    "--bf16/--no-bf16",
+                    default=None,
+                    help="bf16 mixed precision. Default: on GPUs that support it; on CPU-only machines "
+                    "only when asked.",
+                ),
+                options.attn_implementation,
+                click.option(
+                    "--report-to",
+                    default="none",
+                    help="none, tensorboard, wandb, ... (transformers integrations).",
+                ),
+                click.option("--logging-steps", type=POSITIVE_INT, default=10),
+                click.option(
+                    "--save-steps",
+                    type=POSITIVE_INT,
+                    default=500,
+                    help="Checkpoint every N optimizer steps (in OUT.work/).",
+                ),
+                click.option(
+                    "--save-total-limit",
+                    type=click.IntRange(min=0),
+                    default=2,
+                    help="Checkpoints kept (0: all).",
+                ),
+                click.option(
+                    "--resume/--no-resume",
+                    default=False,
+                    help="Continue from the last checkpoint in OUT.work/ (from the start if it has "
+                    "none yet).",
+                ),
+                click.option("--seed", default=42),
+            ]
+        ):
+            function = option(function)
+        return function
+
+    return decorate
+
+
+def settings_of(settings_class: type, params: dict[str, Any]) -> Any:
+    """The settings a command's parsed options give (launcher options left out)."""
+    names = {f.name for f in fields(settings_class)}
+    return settings_class(**{k: v for k, v in params.items() if k in names})
+
+
+def command(
+    module: str, click_command: click.Command, params: dict[str, Any], settings: TuneSettings,
+    check: Callable[[TuneSettings, int], Any], train: Callable[[TuneSettings], dict[str, Any] | None],
+) -> None:  # fmt: skip
+    """A stage command's body: check and relaunch under ``--nproc``/``--hostfile``, else train here
+    (in this process, or as one rank of a launched job)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if wants_launch(params):
+        check(settings, world_size_of(params.get("nproc"), params.get("hostfile")))  # once, before any rank
+        relaunch(module, click_command, params)
+        return
+    summary = train(settings)
+    if summary is not None:
+        end = summary["loss"]["end"] or {}
+        click.echo(f"{settings.out}: {summary['steps']} steps, final loss {end.get('loss')}.")
