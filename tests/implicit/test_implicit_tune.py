@@ -1,0 +1,170 @@
+"""`fusion-train sft` and `fusion-train dpo` (TRL's SFTTrainer and DPOTrainer, WRPO) end to end on a
+tiny model through the CLI: they publish a loadable model with a summary, every DPO-family loss is
+ln 2 at step 0, SFT resumes from its last checkpoint, 2 CPU ranks under ZeRO-2 work through
+--nproc, and bad input is a one-line error."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+pytest.importorskip("trl")
+
+from fusion_train.cli import main
+from fusion_train.implicit.dpo import LOSS_DEFAULTS
+from fusion_train.train import SUMMARY, work_dir
+
+
+def say(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+PROMPTS = [
+    [{"role": "user", "content": "Name a colour."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}],
+    [{"role": "user", "content": "Say hello."}],
+    [{"role": "user", "content": "What is the capital of France?"}],
+]
+
+
+def write_prefs(out: Path, wrpo: bool = True) -> Path:
+    """A `fusion-train prefer` output directory: sft/ and pairs/ (with chosen_source when ``wrpo``)."""
+    sft = [{"id": str(i), "prompt": p, "completion": say(f"Answer number {i}."), "source": "a", "score": 1.0}
+           for i, p in enumerate(PROMPTS)]  # fmt: skip
+    pairs = []
+    for i, p in enumerate(PROMPTS):
+        pair = {"id": str(i), "prompt": p, "chosen": say(f"Good answer {i}."), "rejected": say("I do not know."),
+                "source": "a", "chosen_score": 1.0, "rejected_score": 0.0, "margin": 1.0}  # fmt: skip
+        if wrpo:
+            pair |= {"chosen_source": say(f"The source's best answer {i}."), "chosen_source_score": 1.0}
+        pairs.append(pair)
+    out.mkdir(parents=True)
+    datasets.Dataset.from_list(sft).save_to_disk(str(out / "sft"))
+    datasets.Dataset.from_list(pairs).save_to_disk(str(out / "pairs"))
+    settings = {"mode": "wrpo" if wrpo else "fusechat3", "margin": 0.01}
+    (out / "manifest.json").write_text(json.dumps({"format": "fusion-train/preferences@1", "settings": settings}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer_dirs: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import build_tiny_model
+
+    return build_tiny_model(tokenizer_dirs["smollm2"], tmp_path_factory.mktemp("tune") / "m", hidden=16, layers=1)
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_prefs(tmp_path_factory.mktemp("prefs") / "wrpo")
+
+
+QUICK = ["--logging-steps", "1", "--warmup-ratio", "0", "--per-device-batch-size", "2"]
+
+
+def invoke(*arguments: str):  # noqa: ANN201 - click's Result
+    return CliRunner().invoke(main, [str(a) for a in arguments])
+
+
+def check_published(out: Path, steps: int) -> dict:
+    assert out.is_dir() and not (out / "training_args.bin").exists()
+    assert not (work_dir(out) / "final").exists()  # renamed into place
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["steps"] == steps and summary["world_size"] == 1 and summary["bf16"] is False
+    AutoModelForCausalLM.from_pretrained(out)  # a plain HF directory
+    assert (out / "tokenizer.json").is_file()
+    return summary
+
+
+def test_sft_publishes_a_model_and_resumes_from_its_last_checkpoint(model_dir: Path, prefs: Path,
+                                                                    tmp_path: Path) -> None:  # fmt: skip
+    out = tmp_path / "sft"
+    arguments = ["sft", "--model", model_dir, "--prefs", prefs, "--out", out, "--max-steps", 2, "--save-steps", 1,
+                 "--lr", "1e-3", *QUICK]  # fmt: skip
+    result = invoke(*arguments)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    summary = check_published(out, 2)
+    assert summary["stage"] == "sft" and summary["data"]["examples"] == len(PROMPTS)
+    assert summary["data"]["prefer"]["mode"] == "wrpo"
+    assert summary["loss"]["start"]["loss"] > 0 and summary["resumed_from"] is None
+
+    # As if killed after the first checkpoint: without --resume the checkpoints are refused, with it
+    # the run continues from checkpoint-1.
+    shutil.rmtree(out)
+    shutil.rmtree(work_dir(out) / "checkpoint-2")
+    refused = invoke(*arguments)
+    assert refused.exit_code == 1 and "pass --resume" in refused.output
+    result = invoke(*arguments, "--resume")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    resumed = check_published(out, 2)
+    assert resumed["resumed_from"] == "checkpoint-1"
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "sigmoid_norm", "wrpo"])
+def test_dpo_starts_at_ln_2_and_publishes_a_model(loss: str, model_dir: Path, prefs: Path, tmp_path: Path) -> None:
+    out = tmp_path / loss
+    result = invoke("dpo", "--loss", loss, "--model", model_dir, "--prefs", prefs, "--out", out, "--max-steps", 2,
+                    *QUICK)  # fmt: skip
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    summary = check_published(out, 2)
+    beta, learning_rate = LOSS_DEFAULTS[loss]
+    settings = summary["settings"]
+    assert (settings["loss"], settings["beta"], settings["learning_rate"]) == (loss, beta, learning_rate)
+    assert settings["alpha_max"] == (0.1 if loss == "wrpo" else None)
+    start = summary["loss"]["start"]
+    assert start["step"] == 1 and start["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference
+    if loss == "wrpo":
+        assert start["wrpo/alpha"] == 0.0
+
+
+def test_bad_input_is_one_line(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for stage, split in (("sft", "sft"), ("dpo", "pairs")):
+        result = invoke(stage, "--model", model_dir, "--prefs", empty, "--out", tmp_path / "out")
+        assert result.exit_code == 1
+        assert result.output.strip() == f"Error: {empty}: no {split}/ data set in it; pass the output directory of " \
+            "`fusion-train prefer`."  # fmt: skip
+
+    fusechat3 = write_prefs(tmp_path / "fusechat3", wrpo=False)
+    result = invoke("dpo", "--loss", "wrpo", "--model", model_dir, "--prefs", fusechat3, "--out", tmp_path / "out")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "no chosen_source column: --loss wrpo needs pairs of `fusion-train prefer --mode wrpo`" in result.output
+
+    result = invoke("dpo", "--loss", "sigmoid", "--alpha-max", "0.2", "--model", model_dir, "--prefs", prefs,
+                    "--out", tmp_path / "out")  # fmt: skip
+    assert result.exit_code == 2 and "--alpha-max is WRPO's" in result.output
+    assert not (tmp_path / "out").exists() and not work_dir(tmp_path / "out").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_dpo_on_two_cpu_ranks_under_zero2(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "two-ranks"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "fusion_train", "dpo", "--loss", "wrpo", "--model", str(model_dir),
+               "--prefs", str(prefs), "--out", str(out), "--nproc", "2", "--master-port", str(free_port()),
+               "--deepspeed", "zero2", "--max-steps", "2", *QUICK, "--per-device-batch-size", "1"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert summary["deepspeed"]["zero_optimization"]["stage"] == 2
+    assert summary["loss"]["start"]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    AutoModelForCausalLM.from_pretrained(out)
