@@ -53,7 +53,9 @@ def write_prefs(out: Path, wrpo: bool = True) -> Path:
     datasets.Dataset.from_list(sft).save_to_disk(str(out / "sft"))
     datasets.Dataset.from_list(pairs).save_to_disk(str(out / "pairs"))
     settings = {"mode": "wrpo" if wrpo else "fusechat3", "margin": 0.01}
-    (out / "manifest.json").write_text(json.dumps({"format": "fusion-train/preferences@1", "settings": settings}))
+    (out / "manifest.json").write_text(
+        json.dumps({"format": "fusion-train/preferences@1", "settings": settings})
+    )
     return out
 
 
@@ -61,7 +63,9 @@ def write_prefs(out: Path, wrpo: bool = True) -> Path:
 def model_dir(tokenizer_dirs: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from conftest import build_tiny_model
 
-    return build_tiny_model(tokenizer_dirs["smollm2"], tmp_path_factory.mktemp("tune") / "m", hidden=16, layers=1)
+    return build_tiny_model(
+        tokenizer_dirs["smollm2"], tmp_path_factory.mktemp("tune") / "m", hidden=16, layers=1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +76,7 @@ def prefs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 QUICK = ["--logging-steps", "1", "--warmup-ratio", "0", "--per-device-batch-size", "2"]
 
 
-def invoke(*arguments: str):  # noqa: ANN201 - click's Result
+def invoke(*arguments: str):
     return CliRunner().invoke(main, [str(a) for a in arguments])
 
 
@@ -111,7 +115,9 @@ def test_sft_publishes_a_model_and_resumes_from_its_last_checkpoint(model_dir: P
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "sigmoid_norm", "wrpo"])
-def test_dpo_starts_at_ln_2_and_publishes_a_model(loss: str, model_dir: Path, prefs: Path, tmp_path: Path) -> None:
+def test_dpo_starts_at_ln_2_and_publishes_a_model(
+    loss: str, model_dir: Path, prefs: Path, tmp_path: Path
+) -> None:
     out = tmp_path / loss
     result = invoke("dpo", "--loss", loss, "--model", model_dir, "--prefs", prefs, "--out", out, "--max-steps", 2,
                     *QUICK)  # fmt: skip
@@ -137,9 +143,14 @@ def test_bad_input_is_one_line(model_dir: Path, prefs: Path, tmp_path: Path) -> 
             "`fusion-train prefer`."  # fmt: skip
 
     fusechat3 = write_prefs(tmp_path / "fusechat3", wrpo=False)
-    result = invoke("dpo", "--loss", "wrpo", "--model", model_dir, "--prefs", fusechat3, "--out", tmp_path / "out")
+    result = invoke(
+        "dpo", "--loss", "wrpo", "--model", model_dir, "--prefs", fusechat3, "--out", tmp_path / "out"
+    )
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
-    assert "no chosen_source column: --loss wrpo needs pairs of `fusion-train prefer --mode wrpo`" in result.output
+    assert (
+        "no chosen_source column: --loss wrpo needs pairs of `fusion-train prefer --mode wrpo`"
+        in result.output
+    )
 
     result = invoke("dpo", "--loss", "sigmoid", "--alpha-max", "0.2", "--model", model_dir, "--prefs", prefs,
                     "--out", tmp_path / "out")  # fmt: skip
@@ -155,7 +166,12 @@ def free_port() -> int:
 
 def test_dpo_on_two_cpu_ranks_under_zero2(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
     out = tmp_path / "two-ranks"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     command = [sys.executable, "-m", "fusion_train", "dpo", "--loss", "wrpo", "--model", str(model_dir),
