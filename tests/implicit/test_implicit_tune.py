@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,9 @@ def invoke(*arguments: str):
 def check_published(out: Path, steps: int) -> dict:
     assert out.is_dir() and not (out / "training_args.bin").exists()
     assert not (work_dir(out) / "final").exists()  # renamed into place
+    umask = os.umask(0)
+    os.umask(umask)  # every file as readable as the umask allows (safetensors itself writes 0600)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()} == {0o666 & ~umask}
     summary = json.loads((out / SUMMARY).read_text())
     assert summary["steps"] == steps and summary["world_size"] == 1 and summary["bf16"] is False
     AutoModelForCausalLM.from_pretrained(out)  # a plain HF directory
@@ -142,6 +146,10 @@ def test_bad_input_is_one_line(model_dir: Path, prefs: Path, tmp_path: Path) -> 
         assert result.output.strip() == f"Error: {empty}: no {split}/ data set in it; pass the output directory of " \
             "`fusion-train prefer`."  # fmt: skip
 
+    # With --nproc the launching process checks the input once, before any rank starts.
+    result = invoke("sft", "--model", model_dir, "--prefs", empty, "--out", tmp_path / "out", "--nproc", "2")
+    assert result.exit_code == 1 and result.output.startswith(f"Error: {empty}: no sft/ data set in it")
+
     fusechat3 = write_prefs(tmp_path / "fusechat3", wrpo=False)
     result = invoke(
         "dpo", "--loss", "wrpo", "--model", model_dir, "--prefs", fusechat3, "--out", tmp_path / "out"
@@ -164,8 +172,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_dpo_on_two_cpu_ranks_under_zero2(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
-    out = tmp_path / "two-ranks"
+def run_on_two_ranks(*arguments: str) -> None:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -174,13 +181,33 @@ def test_dpo_on_two_cpu_ranks_under_zero2(model_dir: Path, prefs: Path, tmp_path
     }
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    command = [sys.executable, "-m", "fusion_train", "dpo", "--loss", "wrpo", "--model", str(model_dir),
-               "--prefs", str(prefs), "--out", str(out), "--nproc", "2", "--master-port", str(free_port()),
-               "--deepspeed", "zero2", "--max-steps", "2", *QUICK, "--per-device-batch-size", "1"]  # fmt: skip
+    command = [sys.executable, "-m", "fusion_train", *map(str, arguments), "--nproc", "2",
+               "--master-port", str(free_port())]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def test_wrpo_on_two_cpu_ranks_under_zero2(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "two-ranks"
+    run_on_two_ranks("dpo", "--loss", "wrpo", "--model", model_dir, "--prefs", prefs, "--out", out,
+                     "--deepspeed", "zero2", "--max-steps", 2, *QUICK, "--per-device-batch-size", 1)  # fmt: skip
     summary = json.loads((out / SUMMARY).read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
     assert summary["deepspeed"]["zero_optimization"]["stage"] == 2
     assert summary["loss"]["start"]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_sft_on_two_cpu_ranks_under_zero3_partitions_the_weights(
+    model_dir: Path, prefs: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "zero3"
+    run_on_two_ranks("sft", "--model", model_dir, "--prefs", prefs, "--out", out, "--deepspeed", "zero3",
+                     "--max-steps", 1, *QUICK, "--per-device-batch-size", 1)  # fmt: skip
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 1
+    parameters = summary["parameters"]
+    for held in parameters["held_per_rank"]:
+        assert 0.45 * parameters["total"] <= held <= 0.55 * parameters["total"], parameters
+    model = AutoModelForCausalLM.from_pretrained(out)  # full tensors gathered on save
+    assert sum(p.numel() for p in model.parameters()) == parameters["total"]
