@@ -224,7 +224,6 @@ def run(
     load: Callable[[TuneSettings], datasets.Dataset],
     make_trainer: Callable[[Prepared], Any],
     log_keys: Sequence[str] = ("step", "loss", "grad_norm"),
-    extra_summary: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Train with the trainer ``make_trainer`` builds and publish the model at ``settings.out``;
     the summary on the main rank (None on the others). Runs in every rank of a launched job, or
@@ -254,7 +253,6 @@ def run(
                 "prefer": (prepared.prefs_manifest or {}).get("settings"),
             },
             "settings": asdict(settings),
-            **(extra_summary or {}),
             "deepspeed": prepared.ds_config,
             "world_size": world_size,
             "bf16": trainer.args.bf16,

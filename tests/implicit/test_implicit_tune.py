@@ -17,6 +17,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
@@ -81,14 +82,14 @@ def invoke(*arguments: str):
     return CliRunner().invoke(main, [str(a) for a in arguments])
 
 
-def check_published(out: Path, steps: int) -> dict:
+def check_published(out: Path, steps: int, bf16: bool = False) -> dict:
     assert out.is_dir() and not (out / "training_args.bin").exists()
     assert not (work_dir(out) / "final").exists()  # renamed into place
     umask = os.umask(0)
     os.umask(umask)  # every file as readable as the umask allows (safetensors itself writes 0600)
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()} == {0o666 & ~umask}
     summary = json.loads((out / SUMMARY).read_text())
-    assert summary["steps"] == steps and summary["world_size"] == 1 and summary["bf16"] is False
+    assert summary["steps"] == steps and summary["world_size"] == 1 and summary["bf16"] is bf16
     AutoModelForCausalLM.from_pretrained(out)  # a plain HF directory
     assert (out / "tokenizer.json").is_file()
     return summary
@@ -135,6 +136,24 @@ def test_dpo_starts_at_ln_2_and_publishes_a_model(
     assert start["step"] == 1 and start["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference
     if loss == "wrpo":
         assert start["wrpo/alpha"] == 0.0
+
+
+def test_bf16_only_when_asked_on_cpu(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
+    """Off by default on CPUs (TRL's own default would be on); asked for, DeepSpeed's bf16 runs
+    policy and reference alike, so step 0 is still ln 2."""
+    from fusion_train.train import bf16_support
+
+    if not bf16_support()[0]:
+        pytest.skip("this CPU cannot train in bf16")
+    out = tmp_path / "bf16"
+    result = invoke("dpo", "--loss", "wrpo", "--bf16", "--model", model_dir, "--prefs", prefs, "--out", out,
+                    "--max-steps", 1, *QUICK)  # fmt: skip
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    summary = check_published(out, 1, bf16=True)
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    assert summary["loss"]["start"]["loss"] == pytest.approx(math.log(2), abs=1e-4)
 
 
 def test_bad_input_is_one_line(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
