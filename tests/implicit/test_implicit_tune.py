@@ -138,6 +138,30 @@ def test_dpo_starts_at_ln_2_and_publishes_a_model(
         assert start["wrpo/alpha"] == 0.0
 
 
+def test_wrpo_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(
+    model_dir: Path, prefs: Path, tmp_path: Path
+) -> None:
+    """The alpha schedule continues from the checkpoint's step, and the weights come out the same."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "wrpo"
+    arguments = ["dpo", "--loss", "wrpo", "--model", model_dir, "--prefs", prefs, "--out", out, "--max-steps", 3,
+                 "--save-steps", 1, "--save-total-limit", 0, "--lr", "1e-3", *QUICK]  # fmt: skip
+    result = invoke(*arguments)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    uninterrupted = load_file(out / "model.safetensors")
+    shutil.rmtree(out)
+    for step in (2, 3):
+        shutil.rmtree(work_dir(out) / f"checkpoint-{step}")
+    result = invoke(*arguments, "--resume")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    summary = check_published(out, 3)
+    assert summary["resumed_from"] == "checkpoint-1"
+    assert summary["loss"]["end"]["wrpo/alpha"] == pytest.approx(0.1 * 2 / 3)
+    for name, tensor in load_file(out / "model.safetensors").items():
+        torch.testing.assert_close(tensor, uninterrupted[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_bf16_only_when_asked_on_cpu(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
     """Off by default on CPUs (TRL's own default would be on); asked for, DeepSpeed's bf16 runs
     policy and reference alike, so step 0 is still ln 2."""
