@@ -129,7 +129,8 @@ def load_split(prefs: str | Path, split: str, columns: Sequence[str], hint: str 
         raise TuneInputError(
             f"{prefs}: no {split}/ data set in it; pass the output directory of `fusion-train prefer`."
         )
-    data = datasets.load_from_disk(str(path))
+    # In memory: TRL's tokenization (dataset.map) would otherwise write cache files into the input.
+    data = datasets.load_from_disk(str(path), keep_in_memory=True)
     missing = [c for c in columns if c not in data.column_names]
     if missing:
         raise TuneInputError(

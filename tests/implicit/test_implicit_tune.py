@@ -106,6 +106,7 @@ def test_sft_publishes_a_model_and_resumes_from_its_last_checkpoint(model_dir: P
     assert summary["stage"] == "sft" and summary["data"]["examples"] == len(PROMPTS)
     assert summary["data"]["prefer"]["mode"] == "wrpo"
     assert summary["loss"]["start"]["loss"] > 0 and summary["resumed_from"] is None
+    assert not list(prefs.rglob("cache-*"))  # TRL's tokenization wrote nothing into the input
 
     # As if killed after the first checkpoint: without --resume the checkpoints are refused, with it
     # the run continues from checkpoint-1.
@@ -136,6 +137,7 @@ def test_dpo_starts_at_ln_2_and_publishes_a_model(
     assert start["step"] == 1 and start["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference
     if loss == "wrpo":
         assert start["wrpo/alpha"] == 0.0
+    assert not list(prefs.rglob("cache-*"))
 
 
 def test_wrpo_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(
