@@ -255,10 +255,7 @@ def dpo(settings: DPOSettings) -> dict[str, Any] | None:
 def dpo_command(**params: Any) -> None:
     """Preference-train a model on `fusion-train prefer`'s pairs (DPO, length-normalised DPO or
     WRPO), on TRL's DPOTrainer and DeepSpeed ZeRO."""
-    try:
-        settings = tuning.settings_of(DPOSettings, params)
-    except tuning.TuneInputError as error:
-        raise click.UsageError(str(error)) from error
+    settings = tuning.settings_of(DPOSettings, params)
     tuning.command(MODULE, dpo_command, params, settings, check, dpo)
 
 

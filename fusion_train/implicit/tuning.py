@@ -142,9 +142,12 @@ def load_split(prefs: str | Path, split: str, columns: Sequence[str], hint: str 
 
 
 def prepare(
-    settings: TuneSettings, load: Callable[[TuneSettings], datasets.Dataset], stage: str, world_size: int,
+    settings: TuneSettings,
+    load: Callable[[TuneSettings], datasets.Dataset],
+    stage: str,
+    world_size: int,
     rank: int = 0,
-) -> Prepared:  # fmt: skip
+) -> Prepared:
     """Check every input; the main rank records the run's manifest in the work directory."""
     out, work = Path(settings.out), work_dir(settings.out)
     if out.exists():
@@ -396,9 +399,13 @@ def tune_options(learning_rate: float | None, epochs: float, lr_help: str) -> Ca
 
 
 def settings_of(settings_class: type, params: dict[str, Any]) -> Any:
-    """The settings a command's parsed options give (launcher options left out)."""
+    """The settings a command's parsed options give (launcher options left out); flags that do not
+    go together are a usage error."""
     names = {f.name for f in fields(settings_class)}
-    return settings_class(**{k: v for k, v in params.items() if k in names})
+    try:
+        return settings_class(**{k: v for k, v in params.items() if k in names})
+    except TuneInputError as error:
+        raise click.UsageError(str(error)) from error
 
 
 def command(
