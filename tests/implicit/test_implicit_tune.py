@@ -205,6 +205,17 @@ def test_bad_input_is_one_line(model_dir: Path, prefs: Path, tmp_path: Path) -> 
         in result.output
     )
 
+    plain = tmp_path / "no-template"
+    shutil.copytree(model_dir, plain)
+    (plain / "chat_template.jinja").unlink()
+    result = invoke("sft", "--model", plain, "--prefs", prefs, "--out", tmp_path / "out")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "the tokenizer has no chat template" in result.output
+
+    (tmp_path / "taken").mkdir()
+    result = invoke("dpo", "--model", model_dir, "--prefs", prefs, "--out", tmp_path / "taken")
+    assert result.exit_code == 1 and "taken already exists; pass another --out" in result.output
+
     result = invoke("dpo", "--loss", "sigmoid", "--alpha-max", "0.2", "--model", model_dir, "--prefs", prefs,
                     "--out", tmp_path / "out")  # fmt: skip
     assert result.exit_code == 2 and "--alpha-max is WRPO's" in result.output
