@@ -173,8 +173,8 @@ MODULE = "fusion_train.implicit.dpo"  # what the launcher runs in every process
 STAGE = "dpo"
 LOSSES = ("sigmoid", "sigmoid_norm", "wrpo")
 # (beta, learning rate) per loss, from the papers: FuseChat-3.0 trains Llama-3.1-8B with
-# length-normalised DPO at beta 10, lr 8e-7, and Qwen/Gemma with beta 0.01 (the issue gives no
-# learning rate for them: FuseChat-3.0's 8e-7 here); WRPO uses beta 0.01, lr 3e-7, alpha_max 0.1.
+# length-normalised DPO at beta 10, lr 8e-7, and Qwen/Gemma with beta 0.01 (no learning rate is
+# recorded here for those: the Llama 8e-7 is the default); WRPO uses beta 0.01, lr 3e-7, alpha_max 0.1.
 LOSS_DEFAULTS = {"sigmoid": (0.01, 8e-7), "sigmoid_norm": (10.0, 8e-7), "wrpo": (0.01, 3e-7)}
 ALPHA_MAX = 0.1
 
