@@ -13,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -76,6 +77,16 @@ def prefs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 QUICK = ["--logging-steps", "1", "--warmup-ratio", "0", "--per-device-batch-size", "2"]
+
+
+@pytest.fixture(autouse=True)
+def restore_environment() -> Iterator[None]:
+    """sft and dpo run in this process give it a world of one's variables (RANK, LOCAL_RANK, ...), as
+    `train` does; later tests, which start launchers, must not look like launched ranks."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def invoke(*arguments: str):
