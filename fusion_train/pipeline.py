@@ -12,17 +12,14 @@ A killed run resumes: finished stages are kept, and represent/train resume insid
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import NoneType, UnionType
@@ -34,34 +31,31 @@ import yaml
 from fusion_train import options
 from fusion_train.align import align, align_command
 from fusion_train.chat import BUILTIN_TEMPLATES, load_conversations
-from fusion_train.errors import Command, UserError, read_yaml
+from fusion_train.errors import Command, read_yaml
 from fusion_train.evaluate import MODULE as EVALUATE_MODULE
 from fusion_train.evaluate import ModelSpec, evaluate, evaluate_command
 from fusion_train.fuse import fuse, fuse_command
-from fusion_train.inference import InferenceSettings
-from fusion_train.launch import command_arguments, launch, world_size_of
+from fusion_train.launch import world_size_of
 from fusion_train.losses import CHUNK_TOKENS
 from fusion_train.models import model_fingerprint
 from fusion_train.represent import FORMAT as REPRESENTATION_FORMAT
 from fusion_train.represent import MODULE as REPRESENT_MODULE
 from fusion_train.represent import RepresentSettings, represent, represent_command
+from fusion_train.stages import (
+    RecipeError,
+    Resources,
+    StageError,
+    StageLog,
+    Stages,
+    disk_full_explained,
+    file_fingerprint,
+    free_gigabytes,
+    launch_stage,
+)
 from fusion_train.storage import atomic_write_text, read_json, write_json_atomic
 from fusion_train.train import PRESETS, TrainConfig, launch_training, train_command
 
-DONE = ".done.json"
 TWO_TARGET_METHODS = {"slerp", "nuslerp"}  # interpolate exactly two models
-
-
-class RecipeError(UserError, ValueError):
-    """A recipe that cannot run; the message names the key and the fix."""
-
-
-class DiskFullError(UserError, RuntimeError):
-    """The disk filled up during a stage; finished stages are kept and a rerun resumes."""
-
-
-class StageError(UserError, RuntimeError):
-    """A stage's own process failed; what it printed above says why, and a rerun resumes."""
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -88,31 +82,6 @@ class DataSettings:
     heldout: str | None = None  # a held-out file, or split `train` by heldout_fraction
     heldout_fraction: float | None = None
     limit: int | None = None  # use the first N training records
-
-
-@dataclass(frozen=True)
-class Resources:
-    """Where represent, train and evaluate run: processes (GPUs) per node under the deepspeed
-    launcher, nodes, and how represent and evaluate place the model (``fusion_train.inference``)."""
-
-    nproc: int = 1
-    hostfile: str | None = None
-    device: str = "auto"
-    attn_implementation: str = "auto"
-    deepspeed: str | None = None  # represent and evaluate: zero3 | zero3-offload (train: train.deepspeed)
-    device_map: str | None = None
-    engine: str = "hf"  # represent and evaluate: hf | vllm
-    tensor_parallel_size: int = 1
-
-    @property
-    def launches(self) -> bool:
-        return self.nproc > 1 or self.hostfile is not None
-
-    def inference(self, dtype: str = "auto") -> InferenceSettings:
-        return InferenceSettings(
-            device=self.device, dtype=dtype, attn_implementation=self.attn_implementation, deepspeed=self.deepspeed,
-            device_map=self.device_map, engine=self.engine, tensor_parallel_size=self.tensor_parallel_size,
-        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -179,7 +148,7 @@ class Recipe:
     train: TrainStage = TrainStage()
     merge: MergeStage = MergeStage()
     evaluate: EvaluateStage = EvaluateStage()
-    resources: Resources = Resources()
+    resources: Resources = field(default_factory=Resources)
 
     def stages_for(self, source: ModelEntry) -> tuple[AlignStage, FuseStage, TrainStage]:
         """The align, fuse and train settings of one source: the recipe's, with its own over them."""
@@ -413,93 +382,6 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
 # --------------------------------------------------------------------------- stages
 
 
-def file_fingerprint(path: str) -> str:
-    digest = hashlib.sha256()
-    target = Path(path)
-    files = sorted(target.rglob("*")) if target.is_dir() else [target]
-    for f in files:
-        if f.is_file():
-            digest.update(f.name.encode() + f.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-@dataclass
-class StageLog:
-    """What ran and what was reused in this invocation (also written to ``pipeline.json``)."""
-
-    ran: list[str] = field(default_factory=list)
-    reused: list[str] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
-DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
-DISK_FULL_TEXT = os.strerror(errno.ENOSPC)  # what a child process prints: "No space left on device"
-
-
-def is_disk_full(error: BaseException | None) -> bool:
-    """Whether ``error``, or an error it was raised from, says the disk is full."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
-            return True
-        if DISK_FULL_TEXT in str(error):  # a stage that runs a subprocess reports its stderr
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def free_gigabytes(path: Path) -> float:
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    return shutil.disk_usage(existing).free / 1e9
-
-
-@contextmanager
-def disk_full_explained(label: str, out: Path) -> Iterator[None]:
-    """Turn a full disk inside ``label`` into a DiskFullError that says what is kept and what to do."""
-    try:
-        yield
-    except Exception as error:
-        if not is_disk_full(error):
-            raise
-        raise DiskFullError(
-            f"{label}: the disk holding {out} filled up ({free_gigabytes(out):.1f} GB free now). "
-            "Nothing finished is lost: completed stages are kept, and this one resumes from its last "
-            "finished part or checkpoint. Free some space (or point `run_dir` at a larger disk and "
-            "move the run there), then run the same command again."
-        ) from error
-
-
-class Stages:
-    """Runs a stage into ``RUN/<stage>/<name>-<key>`` unless that folder is already complete."""
-
-    def __init__(self, run_dir: Path, log: StageLog, echo: Callable[[str], None]) -> None:
-        self.run_dir, self.log, self.echo = run_dir, log, echo
-
-    def run(
-        self, stage: str, name: str, inputs: dict[str, Any], work: Callable[[Path], Any]
-    ) -> tuple[Path, str]:
-        key = hashlib.sha256(
-            json.dumps({"stage": stage, **inputs}, sort_keys=True, default=str).encode()
-        ).hexdigest()[:12]
-        out = self.run_dir / stage / f"{name}-{key}"
-        label = f"{stage}/{name}"
-        if (out / DONE).exists():
-            self.log.reused.append(label)
-            self.echo(f"= {label}: done before ({out.name})")
-            return out, key
-        self.echo(f"> {label} ...")
-        started = time.perf_counter()
-        with disk_full_explained(label, out):
-            work(out)
-        seconds = time.perf_counter() - started
-        write_json_atomic(
-            out / DONE, {"stage": stage, "name": name, "key": key, "inputs": inputs, "seconds": seconds}
-        )
-        self.log.ran.append(label)
-        self.log.seconds[label] = seconds
-        self.echo(f"  {label}: {seconds:.1f} s")
-        return out, key
-
-
 def split_data(recipe: Recipe, stages: Stages) -> tuple[Path, Path, str]:
     """Training and held-out files, as JSONL of normalised records (split by id hash if asked)."""
     data = recipe.data
@@ -658,17 +540,6 @@ def run_pipeline(
         write_json_atomic(report_dir / "pipeline.json", asdict(log))
     echo(f"report: {report_dir / 'report.md'}")
     return report
-
-
-def launch_stage(label: str, module: str, command: click.Command, arguments: dict[str, Any],
-                 resources: Resources, out: Path) -> None:  # fmt: skip
-    """Run a stage's command in ``resources.nproc`` processes per node under the deepspeed launcher."""
-    code = launch(module, command_arguments(command, arguments), resources.nproc, resources.hostfile, None)
-    if code != 0:
-        raise StageError(
-            f"{label} failed (exit code {code}; {free_gigabytes(out):.1f} GB free on the run's disk): see the "
-            "log above, then rerun the recipe to resume"
-        )
 
 
 def merge_config(method: str, pivot: str, targets: list[str], dtype: str) -> dict[str, Any]:

@@ -1,12 +1,14 @@
 """Implicit stage 3: the SFT set and preference pairs, from scored responses.
 
-Both modes write the SFT set: per prompt, the best-scored response of all sources (the target's
+Every mode writes the SFT set: per prompt, the best-scored response of all sources (the target's
 own samples, ``--target-source``, never count as a source). Pairs follow one of two papers:
 
 - ``fusechat3`` (FuseChat-3.0, arXiv 2503.04222): one pair per prompt, both responses from the
   **same** source, so the pair differs in quality rather than in style (a reward model favours
   some models' styles): chosen = the prompt's best response overall, rejected = the worst
   other response of the same source; kept when their score margin is at least ``--margin``.
+- ``sft``: the SFT set alone. WRPO's first step: the target is fine-tuned on it before it
+  answers the prompts itself, so its pairs can only be built afterwards.
 - ``wrpo`` (WRPO, arXiv 2412.03187): the target answers the prompts itself (after SFT); chosen
   (y_wt) and rejected (y_l) are the target's own best and worst responses, kept when their margin
   is at least ``--margin``; ``chosen_source`` (y_ws) is the prompt's best source response, which
@@ -34,7 +36,7 @@ from fusion_train.implicit.score import load_scored
 from fusion_train.storage import atomic_directory, atomic_write_text, claim_output, write_json_atomic
 
 FORMAT = "fusion-train/preferences@1"
-MODES = ("fusechat3", "wrpo")
+MODES = ("fusechat3", "wrpo", "sft")
 SFT_DIR, PAIRS_DIR = "sft", "pairs"
 HINTS = {  # why pairs were dropped -> what to change
     "below margin": "Lower --margin (the largest margin was {:.4g}).",
@@ -98,8 +100,9 @@ def prefer(
     scorer: str | None = None,
     drop_truncated: bool = False,
 ) -> dict[str, Any]:
-    """Write ``sft/`` and ``pairs/`` (datasets) and ``report.json``/``report.md`` into ``out_dir``;
-    return the report. No pair reaching ``margin`` is an error, and nothing is written then."""
+    """Write ``sft/`` and ``pairs/`` (datasets; mode ``sft``: only ``sft/``) and
+    ``report.json``/``report.md`` into ``out_dir``; return the report. No pair reaching ``margin``
+    (mode ``sft``: no SFT example) is an error, and nothing is written then."""
     if mode not in MODES:
         raise PreferError(f"--mode {mode!r}: use one of {', '.join(MODES)}.")
     if margin < 0:
@@ -152,6 +155,8 @@ def prefer(
         sft_rows.append({"id": key, "prompt": prompt, "completion": assistant(top.text), "source": top.source,
                          "score": top.score})  # fmt: skip
         by_source[top.source]["sft"] += 1
+        if mode == "sft":
+            continue
         if mode == "fusechat3":
             chosen, candidates = top, responses[key][top.source]
         else:
@@ -196,7 +201,9 @@ def prefer(
         "largest_margin": largest_margin,
         "by_source": {src: dict(by_source[src]) for src in sources if src in by_source},
     }
-    if not pair_rows:
+    if mode == "sft" and not sft_rows:
+        raise PreferError(f"{scored_dir}: no prompt has a scored source response ({dict(excluded)} left out).")
+    if mode != "sft" and not pair_rows:
         raise PreferError(
             f"{scored_dir}: no preference pair kept ({len(prompts)} prompts; dropped: {dict(dropped)}). "
             + " ".join(HINTS[reason] for reason in HINTS if reason in dropped).format(largest_margin)
@@ -211,7 +218,7 @@ def prefer(
     })  # fmt: skip
     datasets.disable_progress_bars()  # two small data sets; the report says what was written
     try:
-        for name, data in ((SFT_DIR, sft_rows), (PAIRS_DIR, pair_rows)):
+        for name, data in ((SFT_DIR, sft_rows), (PAIRS_DIR, pair_rows))[: 1 if mode == "sft" else 2]:
             with atomic_directory(out_dir / name) as tmp:
                 datasets.Dataset.from_list(data).save_to_disk(str(tmp))
     finally:
@@ -270,7 +277,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     type=click.Choice(MODES),
     required=True,
     help="fusechat3: best vs worst response of one source; wrpo: the target's own best vs worst, "
-    "plus the best source response as chosen_source.",
+    "plus the best source response as chosen_source; sft: the SFT set alone (WRPO's first step).",
 )
 @click.option(
     "--margin",
@@ -297,4 +304,5 @@ def prefer_command(
     report = prefer(scored_dir, out_dir, mode=mode, margin=margin, target_source=target_source, scorer=scorer,
                     drop_truncated=drop_truncated)  # fmt: skip
     click.echo(markdown_report(report))
-    click.echo(f"written: {Path(out_dir) / SFT_DIR}, {Path(out_dir) / PAIRS_DIR}, report.json, report.md")
+    written = [Path(out_dir) / SFT_DIR] + ([] if mode == "sft" else [Path(out_dir) / PAIRS_DIR])
+    click.echo(f"written: {', '.join(map(str, written))}, report.json, report.md")

@@ -139,6 +139,24 @@ def test_wrpo_pairs(tmp_path: Path) -> None:
     assert "WRPO pairs" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_sft_mode_writes_the_sft_set_alone_even_where_no_pair_would_be_kept(tmp_path: Path) -> None:
+    # With margin 0.9 no pair of either mode is kept (see the error test below); WRPO's first step
+    # still needs the SFT set, the same as the other modes build, and no pairs directory.
+    scored = write_scored(tmp_path / "scored")
+    result = invoke("--scored", scored, "--out", tmp_path / "out", "--mode", "sft", "--margin", 0.9,
+                    "--target-source", "T")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sft = datasets.load_from_disk(str(tmp_path / "out" / "sft")).to_list()
+    assert [(r["id"], r["source"], r["completion"]) for r in sft] == [
+        ("q1", "B", assistant("b0")), ("q2", "A", assistant("a0")), ("q3", "A", assistant("a0")),
+        ("q4", "A", assistant("same")),
+    ]  # fmt: skip
+    assert not (tmp_path / "out" / "pairs").exists()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert (report["sft_examples"], report["pairs"], report["pairs_dropped"]) == (4, 0, {})
+    assert str(tmp_path / "out" / "pairs") not in result.output
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [

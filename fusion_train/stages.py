@@ -1,0 +1,166 @@
+"""What every recipe stage shares: a folder per stage named by a key of its inputs, where stages
+run (``Resources``: processes, nodes, device placement), launching a stage's command under the
+deepspeed launcher, and the errors a recipe run reports.
+
+A stage's output lives in ``RUN/<stage>/<name>-<key>``, the key a hash of the stage's settings
+and of the keys of what it reads; a folder with its done mark is reused, so a rerun only runs
+what changed, and a killed run resumes (stages resume inside themselves where they can).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fusion_train.errors import UserError
+from fusion_train.inference import InferenceSettings
+from fusion_train.launch import command_arguments, launch
+from fusion_train.storage import write_json_atomic
+
+DONE = ".done.json"
+
+
+class RecipeError(UserError, ValueError):
+    """A recipe that cannot run; the message names the key and the fix."""
+
+
+class DiskFullError(UserError, RuntimeError):
+    """The disk filled up during a stage; finished stages are kept and a rerun resumes."""
+
+
+class StageError(UserError, RuntimeError):
+    """A stage's own process failed; what it printed above says why, and a rerun resumes."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Where the stages run: processes (GPUs) per node under the deepspeed launcher, nodes, and
+    how the stages that only run models forward place them (``fusion_train.inference``)."""
+
+    nproc: int = 1
+    hostfile: str | None = None
+    device: str = "auto"
+    attn_implementation: str = "auto"
+    deepspeed: str | None = None  # represent and evaluate: zero3 | zero3-offload (train: train.deepspeed)
+    device_map: str | None = None
+    engine: str = "hf"  # represent and evaluate: hf | vllm
+    tensor_parallel_size: int = 1
+
+    @property
+    def launches(self) -> bool:
+        return self.nproc > 1 or self.hostfile is not None
+
+    def inference(self, dtype: str = "auto") -> InferenceSettings:
+        return InferenceSettings(
+            device=self.device, dtype=dtype, attn_implementation=self.attn_implementation, deepspeed=self.deepspeed,
+            device_map=self.device_map, engine=self.engine, tensor_parallel_size=self.tensor_parallel_size,
+        )  # fmt: skip
+
+
+def file_fingerprint(path: str) -> str:
+    digest = hashlib.sha256()
+    target = Path(path)
+    files = sorted(target.rglob("*")) if target.is_dir() else [target]
+    for f in files:
+        if f.is_file():
+            digest.update(f.name.encode() + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class StageLog:
+    """What ran and what was reused in this invocation (also written to ``pipeline.json``)."""
+
+    ran: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+DISK_FULL_TEXT = os.strerror(errno.ENOSPC)  # what a child process prints: "No space left on device"
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error it was raised from, says the disk is full."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        if DISK_FULL_TEXT in str(error):  # a stage that runs a subprocess reports its stderr
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def free_gigabytes(path: Path) -> float:
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return shutil.disk_usage(existing).free / 1e9
+
+
+@contextmanager
+def disk_full_explained(label: str, out: Path) -> Iterator[None]:
+    """Turn a full disk inside ``label`` into a DiskFullError that says what is kept and what to do."""
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise DiskFullError(
+            f"{label}: the disk holding {out} filled up ({free_gigabytes(out):.1f} GB free now). "
+            "Nothing finished is lost: completed stages are kept, and this one resumes from its last "
+            "finished part or checkpoint. Free some space (or point `run_dir` at a larger disk and "
+            "move the run there), then run the same command again."
+        ) from error
+
+
+class Stages:
+    """Runs a stage into ``RUN/<stage>/<name>-<key>`` unless that folder is already complete."""
+
+    def __init__(self, run_dir: Path, log: StageLog, echo: Callable[[str], None]) -> None:
+        self.run_dir, self.log, self.echo = run_dir, log, echo
+
+    def run(
+        self, stage: str, name: str, inputs: dict[str, Any], work: Callable[[Path], Any]
+    ) -> tuple[Path, str]:
+        key = hashlib.sha256(
+            json.dumps({"stage": stage, **inputs}, sort_keys=True, default=str).encode()
+        ).hexdigest()[:12]
+        out = self.run_dir / stage / f"{name}-{key}"
+        label = f"{stage}/{name}"
+        if (out / DONE).exists():
+            self.log.reused.append(label)
+            self.echo(f"= {label}: done before ({out.name})")
+            return out, key
+        self.echo(f"> {label} ...")
+        started = time.perf_counter()
+        with disk_full_explained(label, out):
+            work(out)
+        seconds = time.perf_counter() - started
+        write_json_atomic(
+            out / DONE, {"stage": stage, "name": name, "key": key, "inputs": inputs, "seconds": seconds}
+        )
+        self.log.ran.append(label)
+        self.log.seconds[label] = seconds
+        self.echo(f"  {label}: {seconds:.1f} s")
+        return out, key
+
+
+def launch_stage(label: str, module: str, command: click.Command, arguments: dict[str, Any],
+                 resources: Resources, out: Path) -> None:  # fmt: skip
+    """Run a stage's command in ``resources.nproc`` processes per node under the deepspeed launcher."""
+    code = launch(module, command_arguments(command, arguments), resources.nproc, resources.hostfile, None)
+    if code != 0:
+        raise StageError(
+            f"{label} failed (exit code {code}; {free_gigabytes(out):.1f} GB free on the run's disk): see the "
+            "log above, then rerun the recipe to resume"
+        )
