@@ -7,6 +7,12 @@ sources, which is where fusion should help most, and one whose tokenizer is shar
 source but not the other, so both the trivial and the cross-tokenizer path are exercised.
 Data: the 805 instruction/response pairs of alpaca-eval 0.6.6's example outputs, split into
 training and held-out records by a hash of their ids.
+
+``--implicit``: the same models and data through implicit fusion (FuseChat-3.0, or WRPO with
+``--mode wrpo``): the sources answer the training prompts, the `reference-overlap` verifier
+scores the answers against alpaca-eval's reference outputs (offline: no reward model), the
+pivot is fine-tuned on the best answers and preference-trained on pairs; every model then
+answers the held-out prompts, rated against the pivot with the same verifier.
 """
 
 from __future__ import annotations
@@ -47,6 +53,25 @@ DEFAULT = {
 # token): all 30 layers 3.0; these 6 removed 4.3; every other layer removed 13.3; a block of 4
 # consecutive layers removed 10.2. SmolLM2's thin layers do not survive heavier pruning.
 DROPPED_LAYERS = (5, 9, 13, 17, 21, 25)
+# Implicit fusion: prompts answered, responses per prompt and their length; SFT and DPO schedules.
+# The papers' DPO learning rates (8e-7, 3e-7) barely move a model in the few steps of the quick
+# run; the demo keeps each loss's beta and the papers' schedule shape otherwise.
+IMPLICIT_QUICK = {
+    "data": {"limit": 8, "heldout_fraction": 0.01},
+    "sample": {"num_samples": 2, "max_new_tokens": 24, "batch_size": 8},
+    "sft": {"max_steps": 2, "learning_rate": 2.0e-5, "warmup_ratio": 0.0, "max_length": 512},
+    "dpo": {"max_steps": 2, "learning_rate": 1.0e-6, "warmup_ratio": 0.0, "max_length": 512},
+    "rate": {"max_new_tokens": 24, "batch_size": 8},
+    "evaluate": {"max_length": 256, "batch_tokens": 2048},
+}
+IMPLICIT_DEFAULT = {  # sized for a 2-core CPU: about half an hour
+    "data": {"limit": 64, "heldout_fraction": 0.05},
+    "sample": {"num_samples": 4, "max_new_tokens": 64, "batch_size": 16},
+    "sft": {"epochs": 1.0, "learning_rate": 2.0e-5, "warmup_ratio": 0.1, "max_length": 512},
+    "dpo": {"epochs": 1.0, "learning_rate": 1.0e-6, "warmup_ratio": 0.1, "max_length": 512},
+    "rate": {"max_new_tokens": 64, "batch_size": 16},
+    "evaluate": {"max_length": 512, "batch_tokens": 4096},
+}
 
 
 def pruned_pivot() -> Path:
@@ -75,9 +100,8 @@ def pruned_pivot() -> Path:
     return target
 
 
-def demo_recipe(out_dir: Path, quick: bool, nproc: int = 1) -> dict:
-    """The demo's recipe: written to ``OUT/recipe.yaml`` so it can be read, edited and re-run."""
-    size = QUICK if quick else DEFAULT
+def demo_models(out_dir: Path) -> dict:
+    """The recipe keys both demos share: models, data (copied next to the recipe), run directory."""
     data = out_dir / "alpaca_eval_outputs.json"
     if not data.exists():
         records = json.loads(fetch(ALPACA_EVAL_OUTPUTS).read_text(encoding="utf-8"))
@@ -88,14 +112,43 @@ def demo_recipe(out_dir: Path, quick: bool, nproc: int = 1) -> dict:
             {"name": "smollm2-135m", "path": str(smollm2_instruct_dir())},
             {"name": "gemma3-270m", "path": str(gemma3_270m_dir())},
         ],
-        "data": {"train": data.name, **size["data"]},
+        "data": {"train": data.name},
         "run_dir": ".",
+    }
+
+
+def demo_recipe(out_dir: Path, quick: bool, nproc: int = 1) -> dict:
+    """The demo's recipe: written to ``OUT/recipe.yaml`` so it can be read, edited and re-run."""
+    size = QUICK if quick else DEFAULT
+    recipe = demo_models(out_dir)
+    return {
+        **recipe,
+        "data": {**recipe["data"], **size["data"]},
         "represent": size["represent"],
         "align": {"token_align": "spans", "vocab_map": "exact"},
         "fuse": {"criterion": "min-ce", "ce_unit": "byte"},
         "train": {"deepspeed": "zero2", "lm_weight": 0.9, **size["train"]},
         "resources": {"nproc": nproc},
         "merge": {"methods": ["varm", "task_arithmetic", "ties", "slerp", "sce", "linear"]},
+        "evaluate": size["evaluate"],
+    }
+
+
+def implicit_demo_recipe(out_dir: Path, quick: bool, nproc: int = 1, mode: str = "fusechat3") -> dict:
+    """The implicit demo's recipe (``method: implicit``), written to ``OUT/recipe.yaml`` as well."""
+    size = IMPLICIT_QUICK if quick else IMPLICIT_DEFAULT
+    recipe = demo_models(out_dir)
+    return {
+        "method": "implicit",
+        **recipe,
+        "data": {**recipe["data"], **size["data"]},
+        "sample": {"temperature": 0.8, "top_p": 0.95, **size["sample"]},
+        "score": {"verifiers": ["reference-overlap"]},
+        "prefer": {"mode": mode, "margin": 0.01},
+        "sft": {"deepspeed": "zero2", **size["sft"]},
+        "dpo": {"deepspeed": "zero2", **size["dpo"]},
+        "rate": size["rate"],
+        "resources": {"nproc": nproc},
         "evaluate": size["evaluate"],
     }
 
@@ -113,11 +166,26 @@ def demo_recipe(out_dir: Path, quick: bool, nproc: int = 1) -> dict:
     help="resources.nproc: represent, train and evaluate in N processes (GPUs, or CPU processes) each. "
     "Training's world size changes its batch, so its results differ from one process's.",
 )
-def demo_command(quick: bool, out_dir: str | None, nproc: int) -> None:
+@click.option(
+    "--implicit",
+    is_flag=True,
+    help="Implicit fusion (sample, score, prefer, sft, dpo) instead of the explicit pipeline; "
+    "the reference-overlap verifier scores answers against alpaca-eval's outputs.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["fusechat3", "wrpo"]),
+    default="fusechat3",
+    help="With --implicit: FuseChat-3.0's pairs and length-normalised DPO, or WRPO.",
+)
+def demo_command(quick: bool, out_dir: str | None, nproc: int, implicit: bool, mode: str) -> None:
     """Fuse SmolLM2-135M-Instruct and Gemma-3-270m into a pruned SmolLM2 on alpaca-eval data."""
-    out = Path(out_dir or ("runs/demo-quick" if quick else "runs/demo")).resolve()
+    if mode != "fusechat3" and not implicit:
+        raise click.UsageError("--mode is for --implicit")
+    kind = f"demo-implicit-{mode}" if implicit else "demo"
+    out = Path(out_dir or f"runs/{kind}{'-quick' if quick else ''}").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    recipe = demo_recipe(out, quick, nproc)
+    recipe = implicit_demo_recipe(out, quick, nproc, mode) if implicit else demo_recipe(out, quick, nproc)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     click.echo(f"recipe: {out / 'recipe.yaml'}")
     run_pipeline(parse_recipe(recipe, base=out, default_run_dir=out, where=str(out / "recipe.yaml")))

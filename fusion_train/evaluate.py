@@ -41,7 +41,7 @@ from fusion_train.storage import atomic_write_text, read_json, write_json_atomic
 
 MODULE = "fusion_train.evaluate"  # what the launcher runs in every process
 BOOTSTRAP_SAMPLES = 1000
-ROLES = ("pivot", "source", "target", "baseline", "merge", "model")  # how the report groups rows
+ROLES = ("pivot", "source", "target", "baseline", "merge", "implicit", "model")  # how the report groups rows
 
 
 class EvaluateError(UserError, ValueError):

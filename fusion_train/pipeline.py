@@ -35,6 +35,19 @@ from fusion_train.errors import Command, read_yaml
 from fusion_train.evaluate import MODULE as EVALUATE_MODULE
 from fusion_train.evaluate import ModelSpec, evaluate, evaluate_command
 from fusion_train.fuse import fuse, fuse_command
+from fusion_train.implicit.recipe import (
+    IMPLICIT_COMMANDS,
+    IMPLICIT_ONLY_TYPES,
+    IMPLICIT_SETTINGS,
+    DPOStage,
+    ImplicitRun,
+    PreferStage,
+    RateStage,
+    SampleStage,
+    ScoreStage,
+    SFTStage,
+    check_implicit,
+)
 from fusion_train.launch import world_size_of
 from fusion_train.losses import CHUNK_TOKENS
 from fusion_train.models import model_fingerprint
@@ -49,8 +62,8 @@ from fusion_train.stages import (
     Stages,
     disk_full_explained,
     file_fingerprint,
-    free_gigabytes,
     launch_stage,
+    train_in_stage,
 )
 from fusion_train.storage import atomic_write_text, read_json, write_json_atomic
 from fusion_train.train import PRESETS, TrainConfig, launch_training, train_command
@@ -149,6 +162,21 @@ class Recipe:
     merge: MergeStage = MergeStage()
     evaluate: EvaluateStage = EvaluateStage()
     resources: Resources = field(default_factory=Resources)
+    method: str = "explicit"  # explicit | implicit | both
+    sample: SampleStage = field(default_factory=SampleStage)
+    score: ScoreStage = field(default_factory=ScoreStage)
+    prefer: PreferStage = field(default_factory=PreferStage)
+    sft: SFTStage = field(default_factory=SFTStage)
+    dpo: DPOStage = field(default_factory=DPOStage)
+    rate: RateStage = field(default_factory=RateStage)
+
+    @property
+    def explicit(self) -> bool:
+        return self.method in ("explicit", "both")
+
+    @property
+    def implicit(self) -> bool:
+        return self.method in ("implicit", "both")
 
     def stages_for(self, source: ModelEntry) -> tuple[AlignStage, FuseStage, TrainStage]:
         """The align, fuse and train settings of one source: the recipe's, with its own over them."""
@@ -171,10 +199,14 @@ RECIPE_ONLY_TYPES: dict[type, dict[str, click.ParamType]] = {
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # names become folder names
 
 
+METHODS = ("explicit", "implicit", "both")
+EXPLICIT_ONLY = ("represent", "align", "fuse", "train", "merge")  # sections only method explicit uses
+
+
 def _value_types(cls: type) -> dict[str, click.ParamType]:
-    command = STAGE_COMMANDS.get(cls)
+    command = {**STAGE_COMMANDS, **IMPLICIT_COMMANDS}.get(cls)
     flags = {p.name: p.type for p in command.params if p.name} if command else {}
-    return {**flags, **RECIPE_ONLY_TYPES.get(cls, {})}
+    return {**flags, **RECIPE_ONLY_TYPES.get(cls, {}), **IMPLICIT_ONLY_TYPES.get(cls, {})}
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -296,9 +328,21 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
     """Check the whole recipe, every key and value, before any stage runs; paths become absolute."""
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: expected a mapping at the top level")
-    unknown = sorted(set(raw) - {"pivot", "sources", "data", "run_dir", *STAGE_SETTINGS})
+    unknown = sorted(
+        set(raw) - {"pivot", "sources", "data", "run_dir", "method", *STAGE_SETTINGS, *IMPLICIT_SETTINGS}
+    )
     if unknown:
         raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    fusion = raw.get("method", "explicit")
+    if fusion not in METHODS:
+        raise RecipeError(f"{where}: method: {fusion!r}: use one of {', '.join(METHODS)}")
+    unused = [k for k in raw if (k in EXPLICIT_ONLY and fusion == "implicit")
+              or (k in IMPLICIT_SETTINGS and fusion == "explicit")]  # fmt: skip
+    if unused:
+        needs = "explicit (or both)" if unused[0] in EXPLICIT_ONLY else "implicit (or both)"
+        raise RecipeError(
+            f"{where}: {unused[0]}: only method {needs} has this stage; drop it or set `method`"
+        )
     for key in ("pivot", "sources", "data"):
         if key not in raw:
             raise RecipeError(f"{where}: missing `{key}`")
@@ -354,7 +398,16 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
         raise RecipeError(
             f"{where}: train.nproc: moved to resources.nproc (it also runs represent and evaluate)"
         )
+    if fusion == "implicit" and any(s.settings for s in sources):
+        raise RecipeError(
+            f"{where}: sources: per-source `settings` are for the explicit stages; method is implicit"
+        )
     settings = {name: _build(cls, raw.get(name) or {}, where, name) for name, cls in STAGE_SETTINGS.items()}
+    implicit = {
+        name: _build(cls, raw.get(name) or {}, where, name) for name, cls in IMPLICIT_SETTINGS.items()
+    }
+    if fusion != "explicit":
+        implicit = check_implicit(implicit, base, where, names)
     resources = settings["resources"]
     if resources.hostfile is not None:
         hostfile = _local_file(base, resources.hostfile, where, "resources.hostfile", "hostfile")
@@ -376,7 +429,7 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
     if not isinstance(raw.get("run_dir") or "", str):
         raise RecipeError(f"{where}: run_dir: expected a folder name, got {raw['run_dir']!r}")
     run_dir = str((base / raw["run_dir"]).resolve()) if raw.get("run_dir") else str(default_run_dir.resolve())
-    return Recipe(pivot, sources, data, run_dir, **settings)
+    return Recipe(pivot, sources, data, run_dir, method=fusion, **settings, **implicit)
 
 
 # --------------------------------------------------------------------------- stages
@@ -424,7 +477,47 @@ def run_pipeline(
     log = StageLog()
     stages = Stages(run_dir, log, echo)
     train_file, heldout_file, data_key = split_data(recipe, stages)
+    models = [ModelSpec(recipe.pivot.name, recipe.pivot.path, "pivot", recipe.pivot.chat_template)]
+    models += [ModelSpec(s.name, s.path, "source", s.chat_template) for s in recipe.sources]
+    varm_heatmap, compare_to = None, recipe.pivot.name
+    if recipe.explicit:
+        explicit, varm_heatmap = explicit_models(recipe, stages, train_file, data_key)
+        models += explicit
+        compare_to = "clm-baseline" if any(m.role == "baseline" for m in explicit) else compare_to
+    implicit = ImplicitRun(recipe, stages, train_file, heldout_file, data_key) if recipe.implicit else None
+    if implicit:
+        models += implicit.train_models()
 
+    echo("> evaluate ...")
+    started = time.perf_counter()
+    evaluate_dir, e, resources = report_dir / "evaluate", recipe.evaluate, recipe.resources
+    with disk_full_explained("evaluate", evaluate_dir):
+        if resources.launches:
+            arguments = {"data_path": heldout_file, "models": [f"{m.name}={m.path}:{m.role}" for m in models],
+                         "chat_templates": [f"{m.name}={m.chat_template}" for m in models if m.chat_template],
+                         "compare_to": compare_to, "out_dir": evaluate_dir, "max_length": e.max_length,
+                         "batch_tokens": e.batch_tokens, "cache_dir": run_dir / "evaluate" / "losses",
+                         **asdict(resources.inference(e.dtype))}  # fmt: skip
+            launch_stage("evaluate", EVALUATE_MODULE, evaluate_command, arguments, resources, evaluate_dir)
+            report = read_json(evaluate_dir / "report.json")
+        else:
+            report = evaluate(models, heldout_file, evaluate_dir, max_length=e.max_length, batch_tokens=e.batch_tokens,
+                              cache_dir=run_dir / "evaluate" / "losses", compare_to=compare_to,
+                              inference=resources.inference(e.dtype))  # fmt: skip
+        log.seconds["evaluate"] = time.perf_counter() - started
+    rated = implicit.rate_models(models) if implicit else None
+    with disk_full_explained("report", report_dir):
+        write_comparison(report, report_dir, varm_heatmap, rated)
+        write_json_atomic(report_dir / "pipeline.json", asdict(log))
+    echo(f"report: {report_dir / 'report.md'}")
+    return report
+
+
+def explicit_models(
+    recipe: Recipe, stages: Stages, train_file: Path, data_key: str
+) -> tuple[list[ModelSpec], Path | None]:
+    """represent -> align -> fuse -> train for every source, the CLM-only baseline, the merges;
+    the trained and merged models, and VaRM's weight heatmap when VaRM is among the merges."""
     resources = recipe.resources
     represent_inference = resources.inference(recipe.represent.dtype)
 
@@ -462,33 +555,19 @@ def run_pipeline(
         inputs = {"pivot": model_fingerprint(recipe.pivot.path), "fused": data_key, "settings": settings,
                   "no_fusion": no_fusion, "world_size": world_size_of(resources.nproc, resources.hostfile)}  # fmt: skip
 
-        def work(out: Path) -> None:
-            model_dir = out / "model"
+        def start(out: Path, resume: bool) -> int:
             config = TrainConfig(
-                model=recipe.pivot.path, fused=str(fused), out=str(model_dir),
+                model=recipe.pivot.path, fused=str(fused), out=str(out / "model"),
                 lm_weight=1.0 if no_fusion else t.lm_weight, temperature=t.temperature, deepspeed=t.deepspeed,
                 learning_rate=t.learning_rate, epochs=t.epochs, max_steps=t.max_steps,
                 per_device_batch_size=t.per_device_batch_size, grad_accumulation=t.grad_accumulation,
                 warmup_ratio=t.warmup_ratio, scheduler=t.scheduler, gradient_checkpointing=t.gradient_checkpointing,
                 bf16=t.bf16, seed=t.seed, loss_chunk_tokens=t.loss_chunk_tokens,
-                resume=(out / "model.work").exists(), attn_implementation=resources.attn_implementation,
+                resume=resume, attn_implementation=resources.attn_implementation,
             )  # fmt: skip
-            # A run killed after training published its model (whole, by a rename) only lacks
-            # the stage's done mark: nothing to train again.
-            code = (
-                0
-                if (model_dir / "training_summary.json").exists()
-                else launch_training(config, resources.nproc, resources.hostfile, None)
-            )
-            if code != 0:
-                raise StageError(
-                    f"training {name} failed (exit code {code}; {free_gigabytes(out):.1f} GB free on the run's "
-                    "disk): see the log above, then rerun the recipe to resume from the last checkpoint"
-                )
-            for checkpoint in (out / "model.work").glob("checkpoint-*"):  # only needed to resume
-                shutil.rmtree(checkpoint)
+            return launch_training(config, resources.nproc, resources.hostfile, None)
 
-        return stages.run("train", name, inputs, work)
+        return stages.run("train", name, inputs, lambda out: train_in_stage(f"training {name}", out, start))
 
     pivot_repr, pivot_key = represent_stage(recipe.pivot)
     targets: dict[str, tuple[Path, str]] = {}
@@ -513,33 +592,10 @@ def run_pipeline(
         baseline = out / "model"
 
     merges, varm_heatmap = merge_targets(recipe, stages, targets)
-    models = [ModelSpec(recipe.pivot.name, recipe.pivot.path, "pivot", recipe.pivot.chat_template)]
-    models += [ModelSpec(s.name, s.path, "source", s.chat_template) for s in recipe.sources]
-    models += [ModelSpec(f"target-{name}", str(path), "target") for name, (path, _) in targets.items()]
+    models = [ModelSpec(f"target-{name}", str(path), "target") for name, (path, _) in targets.items()]
     models += [ModelSpec("clm-baseline", str(baseline), "baseline")] if baseline else []
     models += [ModelSpec(f"merge-{method}", str(path), "merge") for method, path in merges.items()]
-    echo("> evaluate ...")
-    started = time.perf_counter()
-    evaluate_dir, e = report_dir / "evaluate", recipe.evaluate
-    compare_to = "clm-baseline" if baseline else recipe.pivot.name
-    with disk_full_explained("evaluate", evaluate_dir):
-        if resources.launches:
-            arguments = {"data_path": heldout_file, "models": [f"{m.name}={m.path}:{m.role}" for m in models],
-                         "chat_templates": [f"{m.name}={m.chat_template}" for m in models if m.chat_template],
-                         "compare_to": compare_to, "out_dir": evaluate_dir, "max_length": e.max_length,
-                         "batch_tokens": e.batch_tokens, "cache_dir": run_dir / "evaluate" / "losses",
-                         **asdict(resources.inference(e.dtype))}  # fmt: skip
-            launch_stage("evaluate", EVALUATE_MODULE, evaluate_command, arguments, resources, evaluate_dir)
-            report = read_json(evaluate_dir / "report.json")
-        else:
-            report = evaluate(models, heldout_file, evaluate_dir, max_length=e.max_length, batch_tokens=e.batch_tokens,
-                              cache_dir=run_dir / "evaluate" / "losses", compare_to=compare_to,
-                              inference=resources.inference(e.dtype))  # fmt: skip
-        log.seconds["evaluate"] = time.perf_counter() - started
-        write_comparison(report, report_dir, varm_heatmap)
-        write_json_atomic(report_dir / "pipeline.json", asdict(log))
-    echo(f"report: {report_dir / 'report.md'}")
-    return report
+    return models, varm_heatmap
 
 
 def merge_config(method: str, pivot: str, targets: list[str], dtype: str) -> dict[str, Any]:
@@ -606,8 +662,11 @@ def merge_targets(
     return merged, weights / "varm_weights.png"
 
 
-def write_comparison(report: dict[str, Any], report_dir: Path, varm_heatmap: Path | None) -> None:
-    """``report.md`` at the report's top: the evaluation table, merges ranked, the VaRM heatmap."""
+def write_comparison(
+    report: dict[str, Any], report_dir: Path, varm_heatmap: Path | None, rated: Path | None = None
+) -> None:
+    """``report.md`` at the report's top: the evaluation table, merges ranked, the VaRM heatmap,
+    and (``rated``: a rate stage's folder) the models' answers to held-out prompts rated."""
     from fusion_train.evaluate import markdown_report
 
     shutil.copy(report_dir / "evaluate" / "report.png", report_dir / "report.png")
@@ -625,6 +684,10 @@ def write_comparison(report: dict[str, Any], report_dir: Path, varm_heatmap: Pat
     if varm_heatmap:
         shutil.copy(varm_heatmap, report_dir / "varm_weights.png")
         lines += ["## VaRM weights per matrix", "", "![VaRM weights](varm_weights.png)", ""]
+    if rated:
+        shutil.copy(rated / "rates.png", report_dir / "rates.png")
+        lines += ["## Answers to the held-out prompts", "", (rated / "report.md").read_text(encoding="utf-8"),
+                  "![scores and win rates](rates.png)", ""]  # fmt: skip
     atomic_write_text(report_dir / "report.md", "\n".join(lines))
 
 

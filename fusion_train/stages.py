@@ -27,6 +27,7 @@ from fusion_train.errors import UserError
 from fusion_train.inference import InferenceSettings
 from fusion_train.launch import command_arguments, launch
 from fusion_train.storage import write_json_atomic
+from fusion_train.train import SUMMARY as TRAINING_SUMMARY  # published with the model by train, sft, dpo
 
 DONE = ".done.json"
 
@@ -164,3 +165,19 @@ def launch_stage(label: str, module: str, command: click.Command, arguments: dic
             f"{label} failed (exit code {code}; {free_gigabytes(out):.1f} GB free on the run's disk): see the "
             "log above, then rerun the recipe to resume"
         )
+
+
+def train_in_stage(label: str, out: Path, start: Callable[[Path, bool], int]) -> None:
+    """A training stage's body: ``start(out, resume)`` trains into ``out/model`` (checkpoints in
+    ``out/model.work``, resumed when a killed run left them) and returns the launcher's exit
+    status. A run killed after the model was published (whole, by a rename) only lacks the
+    stage's done mark: nothing is trained again. Checkpoints go once the model is there."""
+    if not (out / "model" / TRAINING_SUMMARY).exists():
+        code = start(out, (out / "model.work").exists())
+        if code != 0:
+            raise StageError(
+                f"{label} failed (exit code {code}; {free_gigabytes(out):.1f} GB free on the run's disk): see the "
+                "log above, then rerun the recipe to resume from the last checkpoint"
+            )
+    for checkpoint in (out / "model.work").glob("checkpoint-*"):  # only needed to resume
+        shutil.rmtree(checkpoint)

@@ -1,0 +1,335 @@
+"""Implicit fusion from a recipe (``method: implicit``, or ``both`` beside the explicit stages).
+
+FuseChat-3.0 (``prefer.mode: fusechat3``):
+    sample every source -> score -> prefer (SFT set, pairs) -> sft the pivot -> dpo from the SFT model
+WRPO (``prefer.mode: wrpo``):
+    sample every source -> score -> prefer (SFT set) -> sft the pivot -> sample the SFT model
+    -> score it with the sources -> prefer (its own pairs, y_ws from the sources) -> dpo (WRPO loss)
+Then every model of the report answers the held-out prompts (``rate``): the answers are scored
+with the same scorer and compared with the pivot's (mean score and win rate, bootstrap intervals).
+
+Each step is a stage of ``fusion_train.stages``: keyed by its settings and the keys of what it
+reads, skipped when done, resumed inside itself (sample and score by parts, sft and dpo from
+their last checkpoint) when a run was killed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from fusion_train import options
+from fusion_train.errors import UserError
+from fusion_train.evaluate import ModelSpec
+from fusion_train.implicit import dpo, prefer, sample, score, sft, tuning
+from fusion_train.implicit.verifiers import get_verifier
+from fusion_train.launch import command_arguments, launch, world_size_of
+from fusion_train.models import model_fingerprint
+from fusion_train.stages import RecipeError, Resources, Stages, launch_stage, train_in_stage
+from fusion_train.train import PRESETS
+
+if TYPE_CHECKING:
+    from fusion_train.pipeline import ModelEntry, Recipe
+
+SFT_NAME = "implicit-sft"  # the SFT model's name in reports, and its samples' source name (WRPO)
+DPO_NAMES = {"sigmoid": "implicit-dpo", "sigmoid_norm": "implicit-dpo-norm", "wrpo": "implicit-wrpo"}
+DEFAULT_LOSS = {"fusechat3": "sigmoid_norm", "wrpo": "wrpo"}  # the papers' losses
+
+
+@dataclass(frozen=True)
+class SampleStage:
+    """``fusion-train sample`` for every source, on the training prompts."""
+
+    num_samples: int = 5
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 1024
+    seed: int = 0
+    batch_size: int = 8
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class ScoreStage:
+    """``fusion-train score``: a reward model and/or verifiers (at least one)."""
+
+    reward_model: str | None = None  # a directory, relative to the recipe
+    reward_label: str | None = None
+    verifiers: tuple[str, ...] = ()
+    batch_size: int = 8
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class PreferStage:
+    mode: str = "fusechat3"  # fusechat3 | wrpo
+    margin: float = 0.01
+    scorer: str | None = None  # which score ranks responses, when score gives several (also rate's)
+    drop_truncated: bool = False
+
+
+@dataclass(frozen=True)
+class SFTStage:
+    """The flags of ``fusion-train sft`` that a recipe sets (the rest: resources, or the defaults)."""
+
+    deepspeed: str = "zero2"
+    learning_rate: float = sft.LEARNING_RATE
+    epochs: float = 3.0
+    max_steps: int = -1
+    per_device_batch_size: int = 1
+    grad_accumulation: int = 1
+    warmup_ratio: float = 0.1
+    scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 2048
+    gradient_checkpointing: bool = False
+    bf16: bool | None = None
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class DPOStage(SFTStage):
+    """``fusion-train dpo``; ``loss`` defaults by ``prefer.mode`` (sigmoid_norm, resp. wrpo), beta
+    and learning rate by loss (``dpo.LOSS_DEFAULTS``)."""
+
+    loss: str | None = None
+    beta: float | None = None
+    alpha_max: float | None = None
+    learning_rate: float | None = None  # type: ignore[assignment]
+    epochs: float = 1.0
+
+
+@dataclass(frozen=True)
+class RateStage:
+    """Answers to the held-out prompts by every model of the report, scored as the training
+    responses are, and compared with ``baseline`` (default: the pivot)."""
+
+    num_samples: int = 1
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    seed: int = 1
+    batch_size: int = 8
+    baseline: str | None = None
+    resamples: int = 1000
+    confidence: float = 0.95
+
+
+IMPLICIT_SETTINGS = {"sample": SampleStage, "score": ScoreStage, "prefer": PreferStage, "sft": SFTStage,
+                     "dpo": DPOStage, "rate": RateStage}  # fmt: skip
+IMPLICIT_COMMANDS = {SampleStage: sample.sample_command, ScoreStage: score.score_command,
+                     PreferStage: prefer.prefer_command, SFTStage: sft.sft_command, DPOStage: dpo.dpo_command,
+                     RateStage: sample.sample_command}  # fmt: skip
+IMPLICIT_ONLY_TYPES: dict[type, dict[str, click.ParamType]] = {
+    ScoreStage: {"reward_model": click.STRING},  # a path relative to the recipe, checked by check_implicit
+    PreferStage: {"mode": click.Choice(["fusechat3", "wrpo"])},
+    RateStage: {"resamples": options.POSITIVE_INT,
+                "confidence": click.FloatRange(0.0, 1.0, min_open=True, max_open=True)},
+}  # fmt: skip
+
+
+def check_implicit(settings: dict[str, Any], base: Path, where: str, names: Sequence[str]) -> dict[str, Any]:
+    """Checks across keys of the implicit sections (each value was checked on its own); paths
+    become absolute. ``names``: the recipe's model names."""
+    s: ScoreStage = settings["score"]
+    if s.reward_model is None and not s.verifiers:
+        raise RecipeError(
+            f"{where}: score: give reward_model and/or verifiers (e.g. verifiers: [reference-overlap])"
+        )
+    for name in s.verifiers:
+        try:
+            get_verifier(name)
+        except UserError as error:
+            raise RecipeError(f"{where}: score.verifiers: {error}") from None
+    if s.reward_model is not None:
+        path = (base / s.reward_model).expanduser().resolve()
+        if not path.is_dir():
+            raise RecipeError(f"{where}: score.reward_model: model directory {path} does not exist")
+        try:
+            score.reward_model_spec(path, s.reward_label)
+        except UserError as error:
+            raise RecipeError(f"{where}: score.reward_model: {error}") from None
+        settings["score"] = s = ScoreStage(**{**asdict(s), "reward_model": str(path)})
+    elif s.reward_label is not None:
+        raise RecipeError(f"{where}: score.reward_label: needs score.reward_model")
+    if s.reward_model is not None and s.verifiers and settings["prefer"].scorer is None:
+        raise RecipeError(
+            f"{where}: prefer.scorer: score gives several scores; say which one ranks the responses"
+        )
+    p, d = settings["prefer"], settings["dpo"]
+    if d.loss == "wrpo" and p.mode != "wrpo":
+        raise RecipeError(f"{where}: dpo.loss: wrpo needs WRPO's pairs; set prefer.mode: wrpo")
+    if d.alpha_max is not None and (d.loss or DEFAULT_LOSS[p.mode]) != "wrpo":
+        raise RecipeError(f"{where}: dpo.alpha_max: WRPO's; drop it or use dpo.loss: wrpo")
+    for stage in ("sft", "dpo"):
+        value = settings[stage].deepspeed
+        if value not in PRESETS:
+            path = (base / value).expanduser().resolve()
+            if not path.is_file():
+                raise RecipeError(
+                    f"{where}: {stage}.deepspeed: neither a preset ({', '.join(PRESETS)}) nor a file: {path}"
+                )
+            settings[stage] = type(settings[stage])(**{**asdict(settings[stage]), "deepspeed": str(path)})
+        if settings[stage].epochs <= 0 and settings[stage].max_steps <= 0:
+            raise RecipeError(f"{where}: {stage}.epochs: must be positive (or set {stage}.max_steps)")
+    baseline = settings["rate"].baseline
+    if baseline is not None and baseline not in names:
+        raise RecipeError(
+            f"{where}: rate.baseline: {baseline!r} is not a model of the recipe ({', '.join(names)})"
+        )
+    return settings
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """A training stage of TRL (sft, dpo): how to check, launch and name it."""
+
+    name: str
+    module: str
+    command: click.Command
+    settings: Callable[..., tuning.TuneSettings]
+    check: Callable[[tuning.TuneSettings, int], Any]
+
+
+SFT = Tuning(sft.STAGE, sft.MODULE, sft.sft_command, sft.SFTSettings, sft.check)
+DPO = Tuning(dpo.STAGE, dpo.MODULE, dpo.dpo_command, dpo.DPOSettings, dpo.check)
+
+
+class ImplicitRun:
+    """The implicit stages of one recipe run, over the run's training and held-out prompts."""
+
+    def __init__(
+        self, recipe: Recipe, stages: Stages, train_file: Path, heldout_file: Path, data_key: str
+    ) -> None:
+        self.recipe, self.stages = recipe, stages
+        self.train_file, self.heldout_file, self.data_key = train_file, heldout_file, data_key
+        self.resources: Resources = recipe.resources
+
+    def sample(self, name: str, model: str, model_key: str, chat_template: str | None, prompts: str,
+               settings: sample.SampleSettings, batch_size: int) -> tuple[Path, str]:  # fmt: skip
+        """One model's answers to the training (``prompts="train"``) or held-out prompts."""
+        data = self.train_file if prompts == "train" else self.heldout_file
+        inputs = {"model": model_key, "data": self.data_key, "prompts": prompts, "settings": asdict(settings),
+                  "chat_template": chat_template, "batch_size": batch_size, "format": sample.FORMAT}  # fmt: skip
+
+        def work(out: Path) -> None:
+            if not self.resources.launches:
+                sample.sample(model, data, out, settings, source_name=name, batch_size=batch_size)
+                return
+            arguments = {"model_path": model, "data_path": data, "out_dir": out, "source_name": name,
+                         "batch_size": batch_size, **asdict(settings)}  # fmt: skip
+            launch_stage(
+                f"sample {name}", sample.MODULE, sample.sample_command, arguments, self.resources, out
+            )
+
+        stage = "sample" if prompts == "train" else "answer"
+        return self.stages.run(stage, name, inputs, work)
+
+    def score(self, name: str, samples: list[tuple[Path, str]]) -> tuple[Path, str]:
+        s = self.recipe.score
+        reward = score.reward_model_spec(s.reward_model, s.reward_label) if s.reward_model else None
+        inputs = {"samples": [key for _, key in samples], "settings": asdict(s), "format": score.FORMAT,
+                  "reward_model": model_fingerprint(s.reward_model) if s.reward_model else None}  # fmt: skip
+
+        def work(out: Path) -> None:
+            dirs = [str(path) for path, _ in samples]
+            if not self.resources.launches:
+                score.score(dirs, out, reward_model=reward, verifiers=s.verifiers, batch_size=s.batch_size,
+                            dtype=s.dtype)  # fmt: skip
+                return
+            arguments = {"samples_dirs": dirs, "out_dir": out, "reward_model": s.reward_model,
+                         "reward_label": s.reward_label, "verifiers": s.verifiers, "batch_size": s.batch_size,
+                         "dtype": s.dtype}  # fmt: skip
+            launch_stage(f"score {name}", score.MODULE, score.score_command, arguments, self.resources, out)
+
+        return self.stages.run("score", name, inputs, work)
+
+    def prefer(self, mode: str, scored: tuple[Path, str], target: str | None = None) -> tuple[Path, str]:
+        p = self.recipe.prefer
+        settings = {"mode": mode, "margin": p.margin, "target_source": target, "scorer": p.scorer,
+                    "drop_truncated": p.drop_truncated}  # fmt: skip
+        return self.stages.run(
+            "prefer", mode, {"scored": scored[1], "settings": settings},
+            lambda out: prefer.prefer(scored[0], out, **settings),
+        )  # fmt: skip
+
+    def tune(
+        self, name: str, stage: Tuning, model: str, model_key: str, prefs: tuple[Path, str]
+    ) -> tuple[Path, str]:
+        """SFT or preference training of ``model`` on ``prefs``, in the recipe's ranks."""
+        values = asdict(self.recipe.sft if stage is SFT else self.recipe.dpo)
+        if stage is DPO:
+            values["loss"] = self.loss
+        resources = self.resources
+        world_size = world_size_of(resources.nproc, resources.hostfile)
+        inputs = {"model": model_key, "prefs": prefs[1], "settings": values, "world_size": world_size}
+
+        def start(out: Path, resume: bool) -> int:
+            settings = stage.settings(model=model, prefs=str(prefs[0]), out=str(out / "model"), resume=resume,
+                                      attn_implementation=resources.attn_implementation, **values)  # fmt: skip
+            stage.check(settings, world_size)  # here, once, before any rank starts
+            arguments = command_arguments(stage.command, asdict(settings))
+            return launch(stage.module, arguments, resources.nproc, resources.hostfile, None)
+
+        return self.stages.run(
+            stage.name, name, inputs, lambda out: train_in_stage(f"training {name}", out, start)
+        )
+
+    @property
+    def loss(self) -> str:
+        return self.recipe.dpo.loss or DEFAULT_LOSS[self.recipe.prefer.mode]
+
+    def train_models(self) -> list[ModelSpec]:
+        """sample -> score -> prefer -> sft -> dpo; the SFT and the preference-trained models."""
+        recipe = self.recipe
+        s = recipe.sample
+        settings = sample.SampleSettings(
+            s.num_samples, s.temperature, s.top_p, s.max_new_tokens, s.seed, dtype=s.dtype
+        )
+
+        def samples_of(entry: ModelEntry) -> tuple[Path, str]:
+            return self.sample(entry.name, entry.path, model_fingerprint(entry.path), entry.chat_template, "train",
+                               settings, s.batch_size)  # fmt: skip
+
+        source_samples = [samples_of(entry) for entry in recipe.sources]
+        scored = self.score("sources", source_samples)
+        pivot = (recipe.pivot.path, model_fingerprint(recipe.pivot.path))
+        if recipe.prefer.mode == "fusechat3":
+            pairs = self.prefer("fusechat3", scored)
+            sft_out, sft_key = self.tune(SFT_NAME, SFT, *pivot, pairs)
+        else:
+            sft_out, sft_key = self.tune(SFT_NAME, SFT, *pivot, self.prefer("sft", scored))
+            own = self.sample(
+                SFT_NAME, str(sft_out / "model"), sft_key, None, "train", settings, s.batch_size
+            )
+            pairs = self.prefer(
+                "wrpo", self.score("sources-and-target", [*source_samples, own]), target=SFT_NAME
+            )
+        dpo_out, _ = self.tune(DPO_NAMES[self.loss], DPO, str(sft_out / "model"), sft_key, pairs)
+        return [ModelSpec(SFT_NAME, str(sft_out / "model"), "implicit"),
+                ModelSpec(DPO_NAMES[self.loss], str(dpo_out / "model"), "implicit")]  # fmt: skip
+
+    def rate_models(self, models: list[ModelSpec]) -> Path:
+        """Every model answers the held-out prompts; the answers are scored and rated against the
+        baseline; the rate stage's folder (report.json, report.md, rates.png)."""
+        from fusion_train.implicit.rate import rate
+
+        r = self.recipe.rate
+        settings = sample.SampleSettings(r.num_samples, r.temperature, r.top_p, r.max_new_tokens, r.seed,
+                                         dtype=self.recipe.sample.dtype)  # fmt: skip
+        answers = [self.sample(m.name, m.path, model_fingerprint(m.path), m.chat_template, "heldout", settings,
+                               r.batch_size) for m in models]  # fmt: skip
+        scored = self.score("answers", answers)
+        settings = {"baseline": r.baseline or self.recipe.pivot.name, "scorer": self.recipe.prefer.scorer,
+                    "resamples": r.resamples, "confidence": r.confidence, "seed": r.seed}  # fmt: skip
+        out, _ = self.stages.run("rate", "answers", {"scored": scored[1], "settings": settings},
+                                 lambda out: rate(scored[0], out, **settings))  # fmt: skip
+        return out

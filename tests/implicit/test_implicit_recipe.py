@@ -1,0 +1,154 @@
+"""`fusion-train run` with `method: implicit` on tiny random models: both papers' flows run end to
+end with the stages wired to each other's outputs, a rerun reuses everything, a changed setting
+reruns only what depends on it, and the recipe's implicit keys are checked before anything runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import yaml
+
+pytest.importorskip("trl")
+
+from fusion_train.pipeline import RecipeError, load_recipe, parse_recipe, run_pipeline
+
+QUICK_TRAINING = {"max_steps": 2, "warmup_ratio": 0.0, "per_device_batch_size": 2}
+
+
+def recipe_of(mode: str, **overrides: object) -> dict:
+    return {
+        "method": "implicit",
+        "pivot": {"name": "pivot", "path": "m-pivot"},
+        "sources": [{"name": "a", "path": "m-a"}, {"name": "b", "path": "m-b"}],
+        "data": {"train": "train.jsonl", "heldout": "heldout.jsonl"},
+        "run_dir": f"run-{mode}",
+        "sample": {"num_samples": 2, "max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0, "batch_size": 4},
+        "score": {"verifiers": ["reference-overlap"]},
+        "prefer": {"mode": mode, "margin": 0.0},
+        "sft": {**QUICK_TRAINING, "learning_rate": 1.0e-3, "max_length": 128},
+        "dpo": {**QUICK_TRAINING, "max_length": 128},
+        "rate": {"max_new_tokens": 6, "resamples": 200},
+        "evaluate": {"max_length": 96},
+        **overrides,
+    }
+
+
+@pytest.fixture(scope="module")
+def workspace(tokenizer_dirs: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import build_tiny_model
+
+    root = tmp_path_factory.mktemp("implicit-recipe")
+    build_tiny_model(tokenizer_dirs["smollm2"], root / "m-pivot", seed=0, hidden=16, layers=1)
+    build_tiny_model(tokenizer_dirs["smollm2"], root / "m-a", seed=1, hidden=16, layers=1)
+    build_tiny_model(tokenizer_dirs["mistral"], root / "m-b", seed=2, hidden=16, layers=1)
+    words = ["red", "blue", "green", "seven", "Paris", "hello", "four", "tea"]
+
+    def record(i: int) -> dict:
+        return {"id": f"r{i}", "messages": [{"role": "user", "content": f"Question {i}: say {words[i % 8]}."},
+                                            {"role": "assistant", "content": f"I say {words[i % 8]} {words[(i + 3) % 8]}."}]}  # fmt: skip
+
+    (root / "train.jsonl").write_text("".join(json.dumps(record(i)) + "\n" for i in range(6)))
+    (root / "heldout.jsonl").write_text("".join(json.dumps(record(i)) + "\n" for i in range(6, 9)))
+    return root
+
+
+def run(workspace: Path, recipe: dict, name: str = "recipe.yaml") -> tuple[dict, dict]:
+    path = workspace / name
+    path.write_text(yaml.safe_dump(recipe))
+    report = run_pipeline(load_recipe(path), echo=lambda _: None)
+    log = json.loads((workspace / recipe["run_dir"] / "pipeline.json").read_text())
+    return report, log
+
+
+def stage_dir(run_dir: Path, stage: str, name: str) -> Path:
+    (found,) = [p for p in (run_dir / stage).glob(f"{name}-*") if p.name.rsplit("-", 1)[0] == name]
+    return found
+
+
+def summary(run_dir: Path, stage: str, name: str) -> dict:
+    return json.loads((stage_dir(run_dir, stage, name) / "model" / "training_summary.json").read_text())
+
+
+def test_fusechat3_recipe_end_to_end_rerun_and_a_changed_setting(workspace: Path) -> None:
+    recipe = recipe_of("fusechat3")
+    report, log = run(workspace, recipe)
+    run_dir = workspace / "run-fusechat3"
+    names = {row["name"]: row["role"] for row in report["models"]}
+    assert names == {"pivot": "pivot", "a": "source", "b": "source", "implicit-sft": "implicit",
+                     "implicit-dpo-norm": "implicit"}  # fmt: skip
+    assert sorted(log["ran"]) == sorted(["data/split", "sample/a", "sample/b", "score/sources", "prefer/fusechat3",
+                                         "sft/implicit-sft", "dpo/implicit-dpo-norm", *(f"answer/{n}" for n in names),
+                                         "score/answers", "rate/answers"])  # fmt: skip
+    # The wiring: sft trains the pivot on prefer's SFT set, built from the sources' scored samples;
+    # dpo trains the SFT model on the same prefer output's pairs, with the mode's loss.
+    prefs = stage_dir(run_dir, "prefer", "fusechat3")
+    sft_run, dpo_run = summary(run_dir, "sft", "implicit-sft"), summary(run_dir, "dpo", "implicit-dpo-norm")
+    assert sft_run["model"]["path"] == str(workspace / "m-pivot") and sft_run["data"]["path"] == str(prefs)
+    assert dpo_run["model"]["path"] == str(stage_dir(run_dir, "sft", "implicit-sft") / "model")
+    assert dpo_run["data"]["path"] == str(prefs) and dpo_run["settings"]["loss"] == "sigmoid_norm"
+    assert sft_run["steps"] == dpo_run["steps"] == 2
+    sampled = {  # every response of the sources, by (id, source, text)
+        (row["id"], row["source"], row["response"])
+        for s in ("a", "b")
+        for row in datasets.load_from_disk(str(next(stage_dir(run_dir, "sample", s).glob("parts/*/data")))).to_list()
+    }
+    for example in datasets.load_from_disk(str(prefs / "sft")).to_list():
+        assert (example["id"], example["source"], example["completion"][0]["content"]) in sampled
+    # Every model answered the held-out prompts; the rating compares them with the pivot.
+    rated = json.loads((stage_dir(run_dir, "rate", "answers") / "report.json").read_text())
+    assert rated["baseline"] == "pivot"
+    assert set(map(str, json.dumps(rated))) and all(name in json.dumps(rated["models"]) for name in names)
+    text = (run_dir / "report.md").read_text()
+    assert "Answers to the held-out prompts" in text and (run_dir / "rates.png").stat().st_size > 0
+
+    _, again = run(workspace, recipe)
+    assert again["ran"] == [] and sorted(again["reused"]) == sorted(log["ran"])
+
+    _, changed = run(workspace, recipe_of("fusechat3", dpo={**recipe["dpo"], "beta": 1.0}))
+    assert sorted(changed["ran"]) == ["answer/implicit-dpo-norm", "dpo/implicit-dpo-norm", "rate/answers",
+                                      "score/answers"]  # fmt: skip
+
+
+def test_wrpo_recipe_samples_the_sft_model_and_trains_on_its_own_pairs(workspace: Path) -> None:
+    report, log = run(workspace, recipe_of("wrpo"), "wrpo.yaml")
+    run_dir = workspace / "run-wrpo"
+    assert {"prefer/sft", "sft/implicit-sft", "sample/implicit-sft", "score/sources-and-target", "prefer/wrpo",
+            "dpo/implicit-wrpo"} <= set(log["ran"])  # fmt: skip
+    assert "implicit-wrpo" in {row["name"] for row in report["models"]}
+    sft_model = stage_dir(run_dir, "sft", "implicit-sft") / "model"
+    own = json.loads((stage_dir(run_dir, "sample", "implicit-sft") / "manifest.json").read_text())
+    assert own["model"]["path"] == str(sft_model) and own["source"] == "implicit-sft"
+    pairs = datasets.load_from_disk(str(stage_dir(run_dir, "prefer", "wrpo") / "pairs")).to_list()
+    assert pairs and all(p["source"] in ("a", "b") and p["chosen_source"] for p in pairs)
+    dpo_run = summary(run_dir, "dpo", "implicit-wrpo")
+    assert dpo_run["settings"]["loss"] == "wrpo" and dpo_run["model"]["path"] == str(sft_model)
+    assert not (stage_dir(run_dir, "prefer", "sft") / "pairs").exists()
+
+
+def test_implicit_keys_are_checked_before_anything_runs(workspace: Path) -> None:
+    base = recipe_of("fusechat3")
+
+    def fails(change: dict, message: str) -> None:
+        with pytest.raises(RecipeError, match=message):
+            parse_recipe({**base, **change}, base=workspace, default_run_dir=workspace / "r")
+
+    fails({"method": "implicitt"}, "method: 'implicitt': use one of explicit, implicit, both")
+    fails({"train": {"max_steps": 1}}, "train: only method explicit .or both. has this stage")
+    fails({"method": "explicit"}, "sample: only method implicit .or both. has this stage")
+    fails({"score": {}}, "score: give reward_model and/or verifiers")
+    fails({"score": {"verifiers": ["no-such"]}}, "score.verifiers: .*no-such")
+    fails({"score": {"reward_model": "nowhere"}}, "score.reward_model: model directory .*nowhere does not exist")
+    fails({"dpo": {"loss": "wrpo"}}, "dpo.loss: wrpo needs WRPO's pairs; set prefer.mode: wrpo")
+    fails({"dpo": {"alpha_max": 0.2}}, "dpo.alpha_max: WRPO's")
+    fails({"prefer": {"mode": "sft"}}, "prefer.mode")
+    fails({"rate": {"baseline": "c"}}, r"rate.baseline: 'c' is not a model of the recipe \(pivot, a, b\)")
+    fails({"rate": {"confidence": 1.5}}, "rate.confidence")
+    fails({"sample": {"num_samples": 0}}, "sample.num_samples")
+    fails({"sources": [{"name": "a", "path": "m-a", "settings": {"train": {"lm_weight": 0.5}}}]},
+          "per-source `settings` are for the explicit stages")  # fmt: skip
+    both = parse_recipe({**base, "method": "both", "train": {"max_steps": 1}}, base=workspace,
+                        default_run_dir=workspace / "r")  # fmt: skip
+    assert both.explicit and both.implicit and both.train.max_steps == 1 and both.dpo.max_steps == 2
