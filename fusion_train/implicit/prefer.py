@@ -202,7 +202,9 @@ def prefer(
         "by_source": {src: dict(by_source[src]) for src in sources if src in by_source},
     }
     if mode == "sft" and not sft_rows:
-        raise PreferError(f"{scored_dir}: no prompt has a scored source response ({dict(excluded)} left out).")
+        raise PreferError(
+            f"{scored_dir}: no prompt has a scored source response ({dict(excluded)} left out)."
+        )
     if mode != "sft" and not pair_rows:
         raise PreferError(
             f"{scored_dir}: no preference pair kept ({len(prompts)} prompts; dropped: {dict(dropped)}). "

@@ -93,7 +93,9 @@ def test_fusechat3_recipe_end_to_end_rerun_and_a_changed_setting(workspace: Path
     sampled = {  # every response of the sources, by (id, source, text)
         (row["id"], row["source"], row["response"])
         for s in ("a", "b")
-        for row in datasets.load_from_disk(str(next(stage_dir(run_dir, "sample", s).glob("parts/*/data")))).to_list()
+        for row in datasets.load_from_disk(
+            str(next(stage_dir(run_dir, "sample", s).glob("parts/*/data")))
+        ).to_list()
     }
     for example in datasets.load_from_disk(str(prefs / "sft")).to_list():
         assert (example["id"], example["source"], example["completion"][0]["content"]) in sampled
@@ -140,7 +142,9 @@ def test_implicit_keys_are_checked_before_anything_runs(workspace: Path) -> None
     fails({"method": "explicit"}, "sample: only method implicit .or both. has this stage")
     fails({"score": {}}, "score: give reward_model and/or verifiers")
     fails({"score": {"verifiers": ["no-such"]}}, "score.verifiers: .*no-such")
-    fails({"score": {"reward_model": "nowhere"}}, "score.reward_model: model directory .*nowhere does not exist")
+    fails(
+        {"score": {"reward_model": "nowhere"}}, "score.reward_model: model directory .*nowhere does not exist"
+    )
     fails({"dpo": {"loss": "wrpo"}}, "dpo.loss: wrpo needs WRPO's pairs; set prefer.mode: wrpo")
     fails({"dpo": {"alpha_max": 0.2}}, "dpo.alpha_max: WRPO's")
     fails({"prefer": {"mode": "sft"}}, "prefer.mode")
