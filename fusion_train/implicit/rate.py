@@ -32,6 +32,7 @@ from fusion_train.implicit.score import load_scored
 from fusion_train.storage import atomic_file, atomic_write_text, claim_output, write_json_atomic
 
 FORMAT = "fusion-train/rates@1"
+DRAWS_PER_BLOCK = 10_000_000  # resampled prompt indices held at once
 CONFIDENCE = click.FloatRange(0.0, 1.0, min_open=True, max_open=True)
 
 
@@ -45,9 +46,14 @@ def bootstrap_interval(
     """Percentile bootstrap interval of the mean of ``values`` (one per prompt): ``resamples``
     draws of as many prompts with replacement, the same draws for every call with this seed and
     number of prompts (so two models' statistics on the same prompts are resampled in pairs)."""
-    draws = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    rng = np.random.default_rng(seed)
+    block = max(1, DRAWS_PER_BLOCK // len(values))  # bounded memory for many prompts
+    means = np.concatenate([
+        values[rng.integers(0, len(values), size=(min(block, resamples - start), len(values)))].mean(axis=1)
+        for start in range(0, resamples, block)
+    ])  # fmt: skip
     tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(values[draws].mean(axis=1), [tail, 100 - tail])
+    low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
 
 

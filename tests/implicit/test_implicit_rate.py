@@ -159,13 +159,17 @@ def test_interval_widths_follow_the_normal_approximation(tmp_path: Path) -> None
         assert width(model["win_rate"]) == pytest.approx(2 * z * math.sqrt(p * (1 - p) / n), rel=0.1)
 
 
-def test_intervals_shrink_with_more_prompts_and_all_wins_is_certain(tmp_path: Path) -> None:
+def test_intervals_shrink_with_more_prompts_and_all_wins_is_certain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(5)
     base, other = rng.normal(0, 1, 800), rng.normal(0.2, 1, 800)
-    small = rate(synthetic(tmp_path / "s", base[:50], other[:50]), tmp_path / "rs", baseline="base")[
-        "models"
-    ][1]
-    large = rate(synthetic(tmp_path / "l", base, other), tmp_path / "rl", baseline="base")["models"][1]
+    small = rate(synthetic(tmp_path / "s", base[:50], other[:50]), tmp_path / "rs", baseline="base")
+    large = rate(synthetic(tmp_path / "l", base, other), tmp_path / "rl", baseline="base")
+    # resampling in blocks (bounded memory for many prompts) draws the same resamples
+    monkeypatch.setattr("fusion_train.implicit.rate.DRAWS_PER_BLOCK", 800 * 7)
+    assert rate(tmp_path / "l", tmp_path / "rl-blocks", baseline="base")["models"] == large["models"]
+    small, large = small["models"][1], large["models"][1]
     # 16 times the prompts: a quarter of the width, give or take sampling noise
     assert width(large["win_rate"]) < width(small["win_rate"]) / 2.5
     assert width(large["mean_score"]) < width(small["mean_score"]) / 2.5
