@@ -3,11 +3,12 @@
 The reward model (any transformers sequence-classification model: ArmoRM, Skywork-Reward ...)
 reads the prompt and the response as one conversation in its own chat template, as it was
 trained. Its reward is one column of its ``.logits`` (with more than one, ``--reward-label`` says
-which) or, for models with their own code such as ArmoRM, whose ``.logits`` hold several objectives,
-the ``.score`` field of its output (see :func:`reward_model_spec`). Verifiers are plain callables (``fusion_train.implicit.verifiers``). Every scorer's
-score is stored per response under the scorer's name, so ``prefer`` can rank by any of them.
-Responses are scored in parts written atomically, as in ``sample``: a killed run resumes at the
-first missing part, and ranks split the parts.
+which) or, for models with their own code such as ArmoRM, whose ``.logits`` hold several
+objectives, the ``.score`` field of its output (see :func:`reward_model_spec`). Verifiers are
+plain callables (``fusion_train.implicit.verifiers``). Every scorer's score is stored per
+response under the scorer's name, so ``prefer`` can rank by any of them. Responses are scored in
+parts written atomically, as in ``sample``: a killed run resumes at the first missing part, and
+ranks split the parts.
 """
 
 from __future__ import annotations
@@ -98,15 +99,28 @@ def declared_fields(model_class: type) -> set[str] | None:
     return set().union(*fields) if fields else None
 
 
+def custom_class(path: Path, custom: str) -> type:
+    """Import the reward model's own class (trusted by now); code that does not import with this
+    transformers is a one-line error naming it."""
+    import transformers
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    try:
+        return get_class_from_dynamic_module(custom, path, local_files_only=True)
+    except (ImportError, SyntaxError) as error:
+        raise ScoreError(
+            f"{path}: its code ({custom}) does not import with transformers {transformers.__version__} ({error}); "
+            "edit the model directory's copy of it, or use transformers' version its authors used."
+        ) from error
+
+
 def auto_reward_output(path: Path, custom: str | None) -> str:
     """``--reward-output auto``: transformers' own sequence classifiers return ``.logits``; a model
     with its own code returns ``.score`` when the output type its forward declares has that field
     (ArmoRM's ``CustomOutput``). Decided from the class, before any weights load."""
     if custom is None:
         return "logits"
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
-    fields = declared_fields(get_class_from_dynamic_module(custom, path, local_files_only=True))
+    fields = declared_fields(custom_class(path, custom))
     if fields is None:
         raise ScoreError(
             f"{path}: {custom}.forward declares no output type, so which output is the reward is unknown; pass "
@@ -136,6 +150,8 @@ def reward_model_spec(
     custom = custom_model_class(path, trust_remote_code)
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     names = [str(config.id2label.get(i, i)) for i in range(config.num_labels)]
+    if custom is not None:
+        custom_class(path, custom)  # its code imports, before any output directory is claimed
     if output == "auto":
         output = auto_reward_output(path, custom)
     elif output == "score" and custom is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -320,6 +321,20 @@ def test_which_output_is_the_reward_must_be_known(ws: Path, gated: Path, tmp_pat
     assert [r["scores"]["reward:armo-undeclared"] for r in rows] == pytest.approx(
         gated_by_hand(model, rows)[0], abs=1e-5
     )
+    # code written for an older transformers (ArmoRM's imports LLAMA_INPUTS_DOCSTRING, gone in 5.x)
+    old = tmp_path / "armo-old"
+    shutil.copytree(gated / "armo", old)
+    code = old / "modeling_gated.py"
+    code.write_text(code.read_text(encoding="utf-8").replace(
+        "import torch\n", "import torch\nfrom transformers.models.llama.modeling_llama import LLAMA_INPUTS_DOCSTRING\n"
+    ), encoding="utf-8")  # fmt: skip
+    result = invoke("score", "--samples", ws / "beta-samples", "--reward-model", old, "--trust-remote-code",
+                    "--reward-output", "score", "--out", tmp_path / "d")  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"Error: {old}: its code (modeling_gated.GatedRewardModel) does not import with "
+                           "transformers ") and "LLAMA_INPUTS_DOCSTRING" in line  # fmt: skip
+    assert not (tmp_path / "d").exists()
     # transformers' own classifiers have no .score
     result = invoke("score", "--samples", ws / "beta-samples", "--reward-model", ws / "rm", "--out", tmp_path / "c",
                     "--reward-output", "score")  # fmt: skip
