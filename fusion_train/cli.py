@@ -16,6 +16,7 @@ from fusion_train.evaluate import evaluate_command
 from fusion_train.fuse import fuse_command
 from fusion_train.implicit.dpo import dpo_command
 from fusion_train.implicit.prefer import prefer_command
+from fusion_train.implicit.rate import rate_command
 from fusion_train.implicit.sample import sample_command
 from fusion_train.implicit.score import score_command
 from fusion_train.implicit.sft import sft_command
@@ -39,7 +40,8 @@ def main() -> None:
 
     Implicit fusion (FuseChat-3.0 / WRPO): sample (several responses per prompt from each
     model), score (reward model and/or verifiers), prefer (SFT set and preference pairs),
-    sft (fine-tune on the best responses), dpo (DPO, length-normalised DPO or WRPO on the pairs).
+    sft (fine-tune on the best responses), dpo (DPO, length-normalised DPO or WRPO on the pairs);
+    rate (mean score and win rate against a baseline of models' scored answers to held-out prompts).
 
     Errors in your input are one line naming the culprit; --debug shows their traceback.
     """
@@ -58,3 +60,4 @@ main.add_command(score_command)
 main.add_command(prefer_command)
 main.add_command(sft_command)
 main.add_command(dpo_command)
+main.add_command(rate_command)

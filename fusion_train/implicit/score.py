@@ -2,18 +2,23 @@
 
 The reward model (any transformers sequence-classification model: ArmoRM, Skywork-Reward ...)
 reads the prompt and the response as one conversation in its own chat template, as it was
-trained; with more than one output it needs ``--reward-label`` to say which output is the
-reward. Verifiers are plain callables (``fusion_train.implicit.verifiers``). Every scorer's
-score is stored per response under the scorer's name, so ``prefer`` can rank by any of them.
-Responses are scored in parts written atomically, as in ``sample``: a killed run resumes at the
-first missing part, and ranks split the parts.
+trained. Its reward is one column of its ``.logits`` (with more than one, ``--reward-label`` says
+which) or, for models with their own code such as ArmoRM, whose ``.logits`` hold several
+objectives, the ``.score`` field of its output (see :func:`reward_model_spec`). Verifiers are
+plain callables (``fusion_train.implicit.verifiers``). Every scorer's score is stored per
+response under the scorer's name, so ``prefer`` can rank by any of them. Responses are scored in
+parts written atomically, as in ``sample``: a killed run resumes at the first missing part, and
+ranks split the parts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import json
 import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +37,11 @@ from fusion_train.launch import Rank, resolve_device
 from fusion_train.models import ModelLoadError, load_tokenizer, model_directory, model_fingerprint
 from fusion_train.parts import PARTS_DIR, load_output, part_path, parts_to_do, write_part
 from fusion_train.represent import parse_shard
-from fusion_train.storage import claim_output, write_json_atomic
+from fusion_train.storage import claim_output, read_json, write_json_atomic
 
 FORMAT = "fusion-train/scored@1"
 SUMMARY = "summary.json"
+REWARD_OUTPUTS = ("auto", "score", "logits")
 
 
 class ScoreError(UserError, ValueError):
@@ -47,28 +53,119 @@ class RewardModel:
     """A sequence-classification reward model and which of its outputs is the reward."""
 
     path: str
-    label: int  # index into the model's outputs
+    label: int  # index into the model's logits (output "logits")
     label_name: str
     num_labels: int
     chat_template: str | None = None  # default: the reward model's own
+    output: str = "logits"  # "logits": column ``label`` of .logits; "score": the output's .score
 
     @property
     def name(self) -> str:
         base = f"reward:{Path(self.path).resolve().name}"
-        return f"{base}/{self.label_name}" if self.num_labels > 1 else base
+        return f"{base}/{self.label_name}" if self.output == "logits" and self.num_labels > 1 else base
+
+
+def custom_model_class(path: Path, trust_remote_code: bool) -> str | None:
+    """The reward model's own class (``auto_map`` in config.json, e.g. ArmoRM's
+    ``modeling_custom.LlamaForRewardModelWithGating``), or None for a transformers class.
+
+    Without ``trust_remote_code`` such a model is refused: transformers would otherwise quietly load
+    its built-in class for the config's model type, with a fresh random head instead of the model's."""
+    auto_map = read_json(path / "config.json").get("auto_map") or {}
+    custom = auto_map.get("AutoModelForSequenceClassification")
+    if (custom or "AutoConfig" in auto_map) and not trust_remote_code:
+        raise ScoreError(
+            f"{path}: the reward model runs its own code ({custom or auto_map['AutoConfig']}, auto_map in config.json); "
+            "read it, then pass --trust-remote-code to run it."
+        )
+    return custom
+
+
+def declared_fields(model_class: type) -> set[str] | None:
+    """The fields of the output type ``model_class.forward`` declares it returns (any member of a
+    Union), or None when the declaration names no dataclass."""
+    forward = inspect.unwrap(model_class.forward)
+    try:
+        declared = typing.get_type_hints(forward).get("return")
+    except Exception:  # other annotations may not resolve; the return type alone may
+        declared = forward.__annotations__.get("return")
+        if isinstance(declared, str):
+            declared = forward.__globals__.get(declared)
+    fields = [
+        {f.name for f in dataclasses.fields(t)}
+        for t in (typing.get_args(declared) or (declared,))
+        if isinstance(t, type) and dataclasses.is_dataclass(t)
+    ]
+    return set().union(*fields) if fields else None
+
+
+def custom_class(path: Path, custom: str) -> type:
+    """Import the reward model's own class (trusted by now); code that does not import with this
+    transformers is a one-line error naming it."""
+    import transformers
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    try:
+        return get_class_from_dynamic_module(custom, path, local_files_only=True)
+    except (ImportError, SyntaxError) as error:
+        raise ScoreError(
+            f"{path}: its code ({custom}) does not import with transformers {transformers.__version__} ({error}); "
+            "edit the model directory's copy of it, or use transformers' version its authors used."
+        ) from error
+
+
+def auto_reward_output(path: Path, custom: str | None) -> str:
+    """``--reward-output auto``: transformers' own sequence classifiers return ``.logits``; a model
+    with its own code returns ``.score`` when the output type its forward declares has that field
+    (ArmoRM's ``CustomOutput``). Decided from the class, before any weights load."""
+    if custom is None:
+        return "logits"
+    fields = declared_fields(custom_class(path, custom))
+    if fields is None:
+        raise ScoreError(
+            f"{path}: {custom}.forward declares no output type, so which output is the reward is unknown; pass "
+            "--reward-output score (its .score) or logits (a column of its .logits)."
+        )
+    return "score" if "score" in fields else "logits"
 
 
 def reward_model_spec(
-    path: str | Path, label: str | None, chat_template: str | None = None, trust_remote_code: bool = False
+    path: str | Path,
+    label: str | None,
+    chat_template: str | None = None,
+    trust_remote_code: bool = False,
+    output: str = "auto",
 ) -> RewardModel:
-    """Check the reward model's outputs against ``label`` (NAME or INDEX) before anything is scored."""
+    """Decide which output is the reward, before anything is scored or any weights load: the
+    output's ``.score`` (``output="score"``; one reward per response, no ``label``) or column
+    ``label`` (NAME or INDEX; needed with several) of its ``.logits``; ``"auto"``: see
+    :func:`auto_reward_output`."""
     from transformers import AutoConfig
 
+    if output not in REWARD_OUTPUTS:
+        raise ScoreError(f"--reward-output {output!r}: use one of {', '.join(REWARD_OUTPUTS)}.")
     path = model_directory(path)
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path}: no config.json; pass a saved Hugging Face reward model directory.")
+    custom = custom_model_class(path, trust_remote_code)
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     names = [str(config.id2label.get(i, i)) for i in range(config.num_labels)]
+    if custom is not None:
+        custom_class(path, custom)  # its code imports, before any output directory is claimed
+    if output == "auto":
+        output = auto_reward_output(path, custom)
+    elif output == "score" and custom is None:
+        raise ScoreError(
+            f"--reward-output score: {path} is a transformers class ({', '.join(config.architectures or ['?'])}), "
+            "whose output has .logits only; use --reward-output logits (the default for it)."
+        )
+    if output == "score":
+        if label is not None:
+            raise ScoreError(
+                f"--reward-label {label!r}: the reward is the model's .score, one number per response; drop "
+                "--reward-label, or pass --reward-output logits to read a column of its .logits instead."
+            )
+        return RewardModel(str(path), 0, "score", config.num_labels, chat_template, output="score")
     if label is None:
         if config.num_labels > 1:
             raise ScoreError(
@@ -100,6 +197,7 @@ class RewardScorer:
         from transformers import AutoModelForSequenceClassification
 
         self.spec = spec
+        custom_model_class(Path(spec.path), trust_remote_code)  # never a built-in stand-in for its own class
         self.tokenizer = load_tokenizer(spec.path, trust_remote_code=trust_remote_code)
         self.template, _ = resolve_chat_template(self.tokenizer, spec.chat_template)
         self.device = resolve_device("auto")
@@ -131,10 +229,35 @@ class RewardScorer:
             for row, i in enumerate(batch):
                 ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
                 mask[row, : len(encoded[i])] = 1
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            for row, i in enumerate(batch):
-                scores[i] = float(logits[row, self.spec.label])
+            output = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+            for i, value in zip(batch, self.rewards(output, len(batch)).tolist(), strict=True):
+                scores[i] = value
         return scores
+
+    def rewards(self, output: Any, rows: int) -> torch.Tensor:
+        """The reward of each of ``rows`` conversations in the model's ``output``: its ``.score``
+        (shape [rows] or [rows, 1]) or column ``label`` of its ``.logits``, as float32."""
+        field = self.spec.output
+        value = getattr(output, field, None)
+        if not isinstance(value, torch.Tensor):
+            other = "logits" if field == "score" else "score"
+            raise ScoreError(
+                f"{self.spec.path}: the model's output ({type(output).__name__}) has no .{field}; "
+                f"try --reward-output {other}."
+            )
+        if field == "score":
+            if value.numel() != rows:
+                raise ScoreError(
+                    f"{self.spec.path}: .score has shape {list(value.shape)} for {rows} conversations; a reward is "
+                    "one number per conversation ([batch] or [batch, 1])."
+                )
+            return value.reshape(rows).float()
+        if value.dim() != 2 or value.shape[0] != rows or value.shape[1] <= self.spec.label:
+            raise ScoreError(
+                f"{self.spec.path}: .logits has shape {list(value.shape)} for {rows} conversations, no column "
+                f"{self.spec.label} to read the reward from; see --reward-output."
+            )
+        return value[:, self.spec.label].float()
 
 
 def verifier_scores(name: str, verifier: Verifier, rows: datasets.Dataset) -> list[float | None]:
@@ -190,7 +313,8 @@ def score(
     if reward_model is not None:
         scorers.insert(0, {
             "name": reward_model.name, "kind": "reward-model", "path": str(Path(reward_model.path).resolve()),
-            "fingerprint": model_fingerprint(reward_model.path), "label": reward_model.label,
+            "fingerprint": model_fingerprint(reward_model.path), "output": reward_model.output,
+            "label": reward_model.label if reward_model.output == "logits" else None,
             "chat_template": reward_model.chat_template, "dtype": dtype,
         })  # fmt: skip
     names = [s["name"] for s in scorers]
@@ -286,6 +410,13 @@ def load_scored(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]:
     help="Which output of the reward model is the reward (required when it has more than one).",
 )
 @click.option(
+    "--reward-output",
+    type=click.Choice(REWARD_OUTPUTS),
+    default="auto",
+    help="Where the reward is: score (the output's .score, e.g. ArmoRM), logits (a column of .logits), or auto: "
+    ".score when the model's own code (--trust-remote-code) declares one, else .logits.",
+)
+@click.option(
     "--reward-chat-template",
     default=None,
     help="Template for the reward model: built-in name or .jinja file. Default: its tokenizer's own.",
@@ -314,14 +445,16 @@ def load_scored(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]:
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the reward model directory.")
 def score_command(
     samples_dirs: tuple[str, ...], out_dir: str, reward_model: str | None, reward_label: str | None,
-    reward_chat_template: str | None, verifiers: tuple[str, ...], batch_size: int, chunk_size: int, dtype: str,
-    shard: str | None, trust_remote_code: bool,
+    reward_output: str, reward_chat_template: str | None, verifiers: tuple[str, ...], batch_size: int,
+    chunk_size: int, dtype: str, shard: str | None, trust_remote_code: bool,
 ) -> None:  # fmt: skip
     """Score sampled responses with a reward model and/or verifiers (implicit fusion)."""
     if reward_label is not None and reward_model is None:
         raise click.BadParameter("needs --reward-model", param_hint="--reward-label")
+    if reward_output != "auto" and reward_model is None:
+        raise click.BadParameter("needs --reward-model", param_hint="--reward-output")
     spec = (
-        reward_model_spec(reward_model, reward_label, reward_chat_template, trust_remote_code)
+        reward_model_spec(reward_model, reward_label, reward_chat_template, trust_remote_code, reward_output)
         if reward_model is not None
         else None
     )

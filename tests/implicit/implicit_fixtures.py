@@ -73,3 +73,30 @@ def build_reward_model(
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def build_gated_reward_model(
+    tokenizer_dir: Path, out: Path, labels: list[str], seed: int = 0, declared: bool = True, **extra: object
+) -> Path:
+    """An ArmoRM-like reward model with its own code (``gated_reward_modeling.py``, copied in as
+    ``modeling_gated.py`` and named by auto_map): ``.score`` is the reward, ``.logits`` one column
+    per label. ``declared=False`` drops the forward's return annotation."""
+    import importlib
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    modeling = importlib.import_module("gated_reward_modeling")
+    config = tiny_config(
+        tokenizer,
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+        auto_map={"AutoModelForSequenceClassification": "modeling_gated.GatedRewardModel"},
+        **extra,
+    )
+    torch.manual_seed(seed)
+    modeling.GatedRewardModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    source = Path(modeling.__file__).read_text(encoding="utf-8")
+    if not declared:
+        source = source.replace(") -> GatedRewardOutput:", "):")
+    (out / "modeling_gated.py").write_text(source, encoding="utf-8")
+    return out

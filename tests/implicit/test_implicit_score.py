@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import build_tiny_model
-from implicit_fixtures import build_reward_model, write_jsonl
+from implicit_fixtures import build_gated_reward_model, build_reward_model, write_jsonl
 from test_resume import SAVE, assert_same_output, run_killed
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fusion_train.cli import main
 from fusion_train.implicit.sample import SampleSettings, sample
-from fusion_train.implicit.score import RewardModel, load_scored, score
+from fusion_train.implicit.score import RewardModel, RewardScorer, ScoreError, load_scored, score
 from fusion_train.implicit.verifiers import lcs_length, numeric_answer, reference_overlap
 
 
@@ -212,3 +213,131 @@ def test_a_reward_label_without_a_reward_model_is_a_usage_error(ws: Path, tmp_pa
         "score", "--samples", ws / "alpha-samples", "--out", tmp_path / "out", "--reward-label", "0"
     )
     assert result.exit_code == 2 and "Invalid value for --reward-label: needs --reward-model" in result.output
+
+
+# --------------------------------------------------------------------------- reward in .score (ArmoRM-style)
+
+
+LABELS = ["helpfulness", "correctness", "verbosity"]
+
+
+@pytest.fixture(scope="module")
+def gated(tokenizer_dirs: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ArmoRM-like reward models with their own code: .score of shape [batch] (armo) and [batch, 1]
+    (armo-keepdim); one whose forward declares no output type; one only ever run untrusted."""
+    root = tmp_path_factory.mktemp("gated")
+    smollm2 = tokenizer_dirs["smollm2"]
+    build_gated_reward_model(smollm2, root / "armo", LABELS, seed=2)
+    build_gated_reward_model(smollm2, root / "armo-keepdim", LABELS, seed=3, score_keepdim=True)
+    build_gated_reward_model(smollm2, root / "armo-undeclared", LABELS, seed=4, declared=False)
+    build_gated_reward_model(smollm2, root / "armo-untrusted", LABELS, seed=5)
+    return root
+
+
+def gated_by_hand(model_dir: Path, rows: list[dict]) -> tuple[list[float], list[list[float]]]:
+    """Each conversation alone: the trunk's last hidden state h, rewards r = W_reg h, gate
+    g = softmax(W_gate h), score = sum(g * r); the model's own forward is not used."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, trust_remote_code=True).eval()
+    scores, rewards = [], []
+    for row in rows:
+        conversation = [*row["prompt"], {"role": "assistant", "content": row["response"]}]
+        ids = torch.tensor([tokenizer(tokenizer.apply_chat_template(conversation, tokenize=False),
+                                      add_special_tokens=False)["input_ids"]])  # fmt: skip
+        with torch.no_grad():
+            h = model.model(ids).last_hidden_state[0, -1]
+            r = model.regression_layer.weight @ h
+            g = torch.softmax(model.gating.weight @ h, dim=0)
+        scores.append(float((g * r).sum()))
+        rewards.append(r.tolist())
+    return scores, rewards
+
+
+@pytest.mark.parametrize("name", ["armo", "armo-keepdim"])
+def test_a_reward_in_score_is_read_from_score(ws: Path, gated: Path, tmp_path: Path, name: str) -> None:
+    arguments = ["score", "--samples", ws / "alpha-samples", "--samples", ws / "beta-samples",
+                 "--reward-model", gated / name, "--trust-remote-code", "--batch-size", 5]  # fmt: skip
+    result = invoke(*arguments, "--out", tmp_path / "auto")  # three logits, yet no --reward-label needed
+    assert result.exit_code == 0, result.output
+    manifest, data = load_scored(tmp_path / "auto")
+    rows = data.to_list()
+    (scorer,) = manifest["scorers"]
+    assert (scorer["name"], scorer["output"], scorer["label"]) == (f"reward:{name}", "score", None)
+    got = [r["scores"][f"reward:{name}"] for r in rows]
+    expected, rewards = gated_by_hand(gated / name, rows)
+    assert got == pytest.approx(expected, abs=1e-5)
+    for column in range(len(LABELS)):  # not any one objective's logit
+        assert got != pytest.approx([r[column] for r in rewards], abs=1e-3)
+
+    # a column of .logits instead, when asked for explicitly
+    result = invoke(*arguments, "--out", tmp_path / "logits", "--reward-output", "logits", "--reward-label",
+                    "correctness")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    got = [r["scores"][f"reward:{name}/correctness"] for r in load_scored(tmp_path / "logits")[1]]
+    assert got == pytest.approx([r[1] for r in rewards], abs=1e-5)
+
+    result = invoke(*arguments, "--out", tmp_path / "both", "--reward-label", "correctness")
+    assert result.exit_code == 1 and result.output.strip() == (
+        "Error: --reward-label 'correctness': the reward is the model's .score, one number per response; drop "
+        "--reward-label, or pass --reward-output logits to read a column of its .logits instead."
+    )
+    assert not (tmp_path / "both").exists()
+
+
+def test_a_reward_model_with_its_own_code_is_never_run_untrusted(
+    ws: Path, gated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("GATED_RM_MARKER", str(marker))
+    model = gated / "armo-untrusted"
+    for extra in ([], ["--reward-output", "logits", "--reward-label", "0"]):
+        result = invoke("score", "--samples", ws / "alpha-samples", "--out", tmp_path / "out", "--reward-model",
+                        model, *extra)  # fmt: skip
+        assert result.exit_code == 1 and result.output.strip() == (
+            f"Error: {model}: the reward model runs its own code (modeling_gated.GatedRewardModel, auto_map in "
+            "config.json); read it, then pass --trust-remote-code to run it."
+        )
+    # the library's scorer refuses too, rather than load transformers' Llama classifier in its place
+    with pytest.raises(ScoreError, match="pass --trust-remote-code"):
+        RewardScorer(RewardModel(str(model), 0, "helpfulness", 3))
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    # trusted, its code runs (so the marker would have told)
+    assert invoke("score", "--samples", ws / "alpha-samples", "--out", tmp_path / "ok", "--reward-model", model,
+                  "--trust-remote-code").exit_code == 0  # fmt: skip
+    assert marker.exists()
+
+
+def test_which_output_is_the_reward_must_be_known(ws: Path, gated: Path, tmp_path: Path) -> None:
+    model = gated / "armo-undeclared"
+    arguments = ["score", "--samples", ws / "beta-samples", "--reward-model", model, "--trust-remote-code"]
+    result = invoke(*arguments, "--out", tmp_path / "a")
+    assert result.exit_code == 1 and result.output.strip() == (
+        f"Error: {model}: modeling_gated.GatedRewardModel.forward declares no output type, so which output is the "
+        "reward is unknown; pass --reward-output score (its .score) or logits (a column of its .logits)."
+    )
+    result = invoke(*arguments, "--out", tmp_path / "b", "--reward-output", "score")
+    assert result.exit_code == 0, result.output
+    rows = load_scored(tmp_path / "b")[1].to_list()
+    assert [r["scores"]["reward:armo-undeclared"] for r in rows] == pytest.approx(
+        gated_by_hand(model, rows)[0], abs=1e-5
+    )
+    # code written for an older transformers (ArmoRM's imports LLAMA_INPUTS_DOCSTRING, gone in 5.x)
+    old = tmp_path / "armo-old"
+    shutil.copytree(gated / "armo", old)
+    code = old / "modeling_gated.py"
+    code.write_text(code.read_text(encoding="utf-8").replace(
+        "import torch\n", "import torch\nfrom transformers.models.llama.modeling_llama import LLAMA_INPUTS_DOCSTRING\n"
+    ), encoding="utf-8")  # fmt: skip
+    result = invoke("score", "--samples", ws / "beta-samples", "--reward-model", old, "--trust-remote-code",
+                    "--reward-output", "score", "--out", tmp_path / "d")  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"Error: {old}: its code (modeling_gated.GatedRewardModel) does not import with "
+                           "transformers ") and "LLAMA_INPUTS_DOCSTRING" in line  # fmt: skip
+    assert not (tmp_path / "d").exists()
+    # transformers' own classifiers have no .score
+    result = invoke("score", "--samples", ws / "beta-samples", "--reward-model", ws / "rm", "--out", tmp_path / "c",
+                    "--reward-output", "score")  # fmt: skip
+    assert (
+        result.exit_code == 1 and "is a transformers class (LlamaForSequenceClassification)" in result.output
+    )
