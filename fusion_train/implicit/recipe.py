@@ -26,6 +26,7 @@ from fusion_train import options
 from fusion_train.errors import UserError
 from fusion_train.evaluate import ModelSpec
 from fusion_train.implicit import dpo, prefer, sample, score, sft, tuning
+from fusion_train.implicit.rate import rate
 from fusion_train.implicit.verifiers import get_verifier
 from fusion_train.launch import command_arguments, launch, world_size_of
 from fusion_train.models import model_fingerprint
@@ -320,8 +321,6 @@ class ImplicitRun:
     def rate_models(self, models: list[ModelSpec]) -> Path:
         """Every model answers the held-out prompts; the answers are scored and rated against the
         baseline; the rate stage's folder (report.json, report.md, rates.png)."""
-        from fusion_train.implicit.rate import rate
-
         r = self.recipe.rate
         settings = sample.SampleSettings(r.num_samples, r.temperature, r.top_p, r.max_new_tokens, r.seed,
                                          dtype=self.recipe.sample.dtype)  # fmt: skip

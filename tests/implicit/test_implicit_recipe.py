@@ -5,6 +5,7 @@ reruns only what depends on it, and the recipe's implicit keys are checked befor
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import datasets
@@ -13,6 +14,9 @@ import yaml
 
 pytest.importorskip("trl")
 
+from fusion_train import pipeline
+from fusion_train.evaluate import ModelSpec
+from fusion_train.implicit.sample import load_samples
 from fusion_train.pipeline import RecipeError, load_recipe, parse_recipe, run_pipeline
 
 QUICK_TRAINING = {"max_steps": 2, "warmup_ratio": 0.0, "per_device_batch_size": 2}
@@ -101,8 +105,8 @@ def test_fusechat3_recipe_end_to_end_rerun_and_a_changed_setting(workspace: Path
         assert (example["id"], example["source"], example["completion"][0]["content"]) in sampled
     # Every model answered the held-out prompts; the rating compares them with the pivot.
     rated = json.loads((stage_dir(run_dir, "rate", "answers") / "report.json").read_text())
-    assert rated["baseline"] == "pivot"
-    assert set(map(str, json.dumps(rated))) and all(name in json.dumps(rated["models"]) for name in names)
+    assert rated["baseline"] == "pivot" and rated["prompts"] == 3
+    assert {m["name"]: m["responses"] for m in rated["models"]} == dict.fromkeys(names, 3)
     text = (run_dir / "report.md").read_text()
     assert "Answers to the held-out prompts" in text and (run_dir / "rates.png").stat().st_size > 0
 
@@ -114,17 +118,31 @@ def test_fusechat3_recipe_end_to_end_rerun_and_a_changed_setting(workspace: Path
                                       "score/answers"]  # fmt: skip
 
 
-def test_wrpo_recipe_samples_the_sft_model_and_trains_on_its_own_pairs(workspace: Path) -> None:
-    report, log = run(workspace, recipe_of("wrpo"), "wrpo.yaml")
+def test_wrpo_recipe_samples_the_sft_model_and_trains_on_its_own_pairs(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # method both: the explicit pipeline's models (stood in for by a copy of the pivot, so that
+    # this test does not train explicit targets) join the implicit ones in one report and rating.
+    stand_in = workspace / "m-explicit-target"
+    if not stand_in.exists():
+        shutil.copytree(workspace / "m-pivot", stand_in)
+    explicit = [ModelSpec("target-a", str(stand_in), "target")]
+    monkeypatch.setattr(pipeline, "explicit_models", lambda *args: (explicit, None))
+    report, log = run(workspace, recipe_of("wrpo", method="both"), "wrpo.yaml")
     run_dir = workspace / "run-wrpo"
     assert {"prefer/sft", "sft/implicit-sft", "sample/implicit-sft", "score/sources-and-target", "prefer/wrpo",
-            "dpo/implicit-wrpo"} <= set(log["ran"])  # fmt: skip
-    assert "implicit-wrpo" in {row["name"] for row in report["models"]}
+            "dpo/implicit-wrpo", "answer/target-a"} <= set(log["ran"])  # fmt: skip
+    names = {"pivot", "a", "b", "target-a", "implicit-sft", "implicit-wrpo"}
+    assert {row["name"] for row in report["models"]} == names
+    rated = json.loads((stage_dir(run_dir, "rate", "answers") / "report.json").read_text())
+    assert {m["name"] for m in rated["models"]} == names
     sft_model = stage_dir(run_dir, "sft", "implicit-sft") / "model"
     own = json.loads((stage_dir(run_dir, "sample", "implicit-sft") / "manifest.json").read_text())
     assert own["model"]["path"] == str(sft_model) and own["source"] == "implicit-sft"
     pairs = datasets.load_from_disk(str(stage_dir(run_dir, "prefer", "wrpo") / "pairs")).to_list()
     assert pairs and all(p["source"] in ("a", "b") and p["chosen_source"] for p in pairs)
+    target_ids = {row["id"] for row in load_samples(stage_dir(run_dir, "sample", "implicit-sft"))[1]}
+    assert {p["id"] for p in pairs} <= target_ids
     dpo_run = summary(run_dir, "dpo", "implicit-wrpo")
     assert dpo_run["settings"]["loss"] == "wrpo" and dpo_run["model"]["path"] == str(sft_model)
     assert not (stage_dir(run_dir, "prefer", "sft") / "pairs").exists()
