@@ -17,7 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,6 +330,24 @@ def launch_options(function: Any) -> Any:
     ):
         function = option(function)
     return function
+
+
+def launch_if_asked(
+    module: str, command: click.Command, params: Mapping[str, Any], check: Callable[[], object]
+) -> bool:
+    """Under ``--nproc``/``--hostfile``: ``check`` the inputs once (a bad input fails here, before
+    any rank starts, not in every rank), run ``command`` again in every rank and return True (the
+    caller is done); False, and nothing done, without them. ``--shard`` (where a command has it)
+    splits the work between processes the user starts, so it does not go with them."""
+    if not wants_launch(params):
+        return False
+    if params.get("shard"):
+        raise click.UsageError(
+            "--shard splits the work between processes you start; --nproc starts them. Choose one."
+        )
+    check()
+    relaunch(module, command, params)
+    return True
 
 
 def wants_launch(params: Mapping[str, Any]) -> bool:

@@ -45,7 +45,7 @@ from fusion_train.inference import (
     inference_settings,
     load_scorer,
 )
-from fusion_train.launch import barrier, launch_options, process_group, relaunch, wants_launch
+from fusion_train.launch import barrier, launch_if_asked, launch_options, process_group
 from fusion_train.models import identify, load_tokenizer
 from fusion_train.parts import all_part_stats, part_path, parts_to_do, write_part
 from fusion_train.storage import MANIFEST, claim_output, read_json, write_json_atomic
@@ -571,15 +571,13 @@ def represent_command(**params: Any) -> None:
     With --nproc N the parts are split between N processes (one per GPU, or CPU processes) under
     the deepspeed launcher; with --deepspeed zero3 they also split the weights (ZeRO-3)."""
     p = SimpleNamespace(**params)
-    if wants_launch(params):
-        if p.shard:
-            raise click.UsageError(
-                "--shard splits the work between processes you start; --nproc starts them. Choose one."
-            )
-        load_conversations(p.data_path)  # bad data fail here, once, not in every rank
+
+    def check() -> None:
+        load_conversations(p.data_path)
         load_tokenizer(p.model_path, p.gguf_file, p.trust_remote_code)
         check_before_launch(params)
-        relaunch(MODULE, represent_command, params)
+
+    if launch_if_asked(MODULE, represent_command, params, check):
         return
     settings = RepresentSettings(p.top_k, p.max_length, p.overflow, p.chat_template, p.chunk_size)
     summary = represent(
