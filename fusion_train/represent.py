@@ -26,7 +26,6 @@ import click
 import datasets
 import numpy as np
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from fusion_train import options, parts, vocab
 from fusion_train.chat import (
@@ -47,7 +46,7 @@ from fusion_train.inference import (
 )
 from fusion_train.launch import barrier, launch_if_asked, launch_options, process_group
 from fusion_train.models import identify, load_tokenizer
-from fusion_train.parts import all_part_stats, part_path, parts_to_do, write_part
+from fusion_train.parts import all_part_stats, part_path, parts_bar, parts_to_do, write_part
 from fusion_train.storage import MANIFEST, claim_output, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -401,12 +400,7 @@ def represent(
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         features = representation_features(settings.top_k)
         chat = ChatTokenizer.of(tokenizer, template)
-        bar = tqdm(
-            mine,
-            desc=f"represent {Path(model_path).name}",
-            unit="part",
-            disable=not (progress and rank.is_main),
-        )
+        bar = parts_bar(mine, f"represent {Path(model_path).name}", progress and rank.is_main)
         for chunk in bar:
             begin = chunk * settings.chunk_size
             _write_part(

@@ -30,14 +30,13 @@ from typing import Any
 import click
 import datasets
 import torch
-from tqdm.auto import tqdm
 
 from fusion_train import options
 from fusion_train.chat import Conversation, data_fingerprint, load_conversations, resolve_chat_template
 from fusion_train.errors import Command, UserError
 from fusion_train.launch import barrier, launch_if_asked, launch_options, process_group, resolve_device
 from fusion_train.models import load_model, load_tokenizer, model_fingerprint
-from fusion_train.parts import all_part_stats, load_output, part_path, parts_to_do, write_part
+from fusion_train.parts import all_part_stats, load_output, part_path, parts_bar, parts_to_do, write_part
 from fusion_train.represent import parse_shard
 from fusion_train.storage import MANIFEST, check_output, claim_output, read_json, write_json_atomic
 
@@ -342,12 +341,7 @@ def sample(
                 model.to(resolve_device("auto")), tokenizer, plan.template, settings,
                 end_of_turn_ids(tokenizer, model),
             )  # fmt: skip
-            bar = tqdm(
-                mine,
-                desc=f"sample {manifest['source']}",
-                unit="part",
-                disable=not (progress and rank.is_main),
-            )
+            bar = parts_bar(mine, f"sample {manifest['source']}", progress and rank.is_main)
             for chunk in bar:
                 begin = chunk * settings.chunk_size
                 chunk_prompts = plan.prompts[begin : begin + settings.chunk_size]

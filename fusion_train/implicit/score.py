@@ -22,7 +22,6 @@ from typing import Any
 import click
 import datasets
 import torch
-from tqdm.auto import tqdm
 
 from fusion_train import options
 from fusion_train.chat import resolve_chat_template
@@ -31,7 +30,7 @@ from fusion_train.implicit.sample import load_samples
 from fusion_train.implicit.verifiers import Verifier, get_verifier
 from fusion_train.launch import barrier, launch_if_asked, launch_options, process_group, resolve_device
 from fusion_train.models import ModelLoadError, load_tokenizer, model_directory, model_fingerprint
-from fusion_train.parts import PARTS_DIR, load_output, part_path, parts_to_do, write_part
+from fusion_train.parts import PARTS_DIR, load_output, part_path, parts_bar, parts_to_do, write_part
 from fusion_train.represent import parse_shard
 from fusion_train.storage import check_output, claim_output, write_json_atomic
 
@@ -244,7 +243,7 @@ def score(
             else None
         )
         struct = datasets.Features({name: datasets.Value("float64") for name in names})
-        for chunk in tqdm(mine, desc="score", unit="part", disable=not (progress and rank.is_main)):
+        for chunk in parts_bar(mine, "score", progress and rank.is_main):
             part = rows.select(range(chunk * chunk_size, min(len(rows), (chunk + 1) * chunk_size)))
             columns: list[list[float | None]] = []
             if reward is not None:
