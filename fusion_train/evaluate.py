@@ -30,10 +30,9 @@ from fusion_train.launch import (
     Rank,
     all_ranks,
     barrier,
+    launch_if_asked,
     launch_options,
     process_group,
-    relaunch,
-    wants_launch,
 )
 from fusion_train.models import load_tokenizer, model_fingerprint
 from fusion_train.represent import ChatTokenizer, encode_conversation
@@ -413,10 +412,12 @@ def evaluate_command(**params: Any) -> None:
     if unknown:
         raise click.BadParameter(f"no --model is named {unknown[0]!r}", param_hint="--chat-template")
     specs = [replace(spec, chat_template=templates.get(spec.name)) for spec in specs]
-    if wants_launch(params):
-        load_conversations(params["data_path"])  # bad data fail here, once, not in every rank
+
+    def check() -> None:
+        load_conversations(params["data_path"])
         check_before_launch(params)
-        relaunch(MODULE, evaluate_command, params)
+
+    if launch_if_asked(MODULE, evaluate_command, params, check):
         return
     report = evaluate(
         specs, params["data_path"], params["out_dir"], max_length=params["max_length"],

@@ -17,9 +17,10 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +30,10 @@ import torch
 from fusion_train.errors import UserError
 
 T = TypeVar("T")
+# How long a rank of a stage's gloo group waits for the others (torch's default is 30 minutes): a rank
+# whose parts were done in an earlier run waits at the end for all the others' work. A rank that
+# fails does not leave the others waiting: the launcher then ends them all.
+RANK_WAIT = timedelta(days=7)
 LAUNCH_OPTIONS = ("nproc", "hostfile", "master_port", "local_rank")  # never passed on to the ranks
 
 
@@ -159,7 +164,7 @@ def process_group(deepspeed: bool = False) -> Iterator[Rank]:
             skip_shm_comm_op()
             ds.init_distributed(verbose=False)
         elif owned:
-            torch.distributed.init_process_group("gloo")
+            torch.distributed.init_process_group("gloo", timeout=RANK_WAIT)
         yield rank
     finally:
         if owned and torch.distributed.is_initialized():
@@ -330,6 +335,24 @@ def launch_options(function: Any) -> Any:
     ):
         function = option(function)
     return function
+
+
+def launch_if_asked(
+    module: str, command: click.Command, params: Mapping[str, Any], check: Callable[[], object]
+) -> bool:
+    """Under ``--nproc``/``--hostfile``: ``check`` the inputs once (a bad input fails here, before
+    any rank starts, not in every rank), run ``command`` again in every rank and return True (the
+    caller is done); False, and nothing done, without them. ``--shard`` (where a command has it)
+    splits the work between processes the user starts, so it does not go with them."""
+    if not wants_launch(params):
+        return False
+    if params.get("shard"):
+        raise click.UsageError(
+            "--shard splits the work between processes you start; --nproc starts them. Choose one."
+        )
+    check()
+    relaunch(module, command, params)
+    return True
 
 
 def wants_launch(params: Mapping[str, Any]) -> bool:

@@ -8,11 +8,13 @@ every n-th part, and the output is read back only once every part exists.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import datasets
 import pyarrow as pa
+from tqdm.auto import tqdm
 
 from fusion_train.errors import UserError
 from fusion_train.storage import MANIFEST, atomic_directory, read_json, write_json_atomic
@@ -29,6 +31,11 @@ def parts_to_do(out_dir: Path, num_parts: int, share: tuple[int, int]) -> list[i
     """The parts share (i, n) writes (every n-th from i) that do not exist yet."""
     index, count = share
     return [c for c in range(num_parts) if c % count == index and not part_path(out_dir, c).exists()]
+
+
+def parts_bar(parts: list[int], desc: str, show: bool) -> Iterable[int]:
+    """``parts`` with a progress bar (shown by the main rank only, when ``show``)."""
+    return tqdm(parts, desc=desc, unit="part", disable=not show)
 
 
 def write_part(target: Path, data: datasets.Dataset, stats: dict[str, Any] | None = None) -> None:

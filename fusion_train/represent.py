@@ -26,7 +26,6 @@ import click
 import datasets
 import numpy as np
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from fusion_train import options, parts, vocab
 from fusion_train.chat import (
@@ -45,9 +44,9 @@ from fusion_train.inference import (
     inference_settings,
     load_scorer,
 )
-from fusion_train.launch import barrier, launch_options, process_group, relaunch, wants_launch
+from fusion_train.launch import barrier, launch_if_asked, launch_options, process_group
 from fusion_train.models import identify, load_tokenizer
-from fusion_train.parts import all_part_stats, part_path, parts_to_do, write_part
+from fusion_train.parts import all_part_stats, part_path, parts_bar, parts_to_do, write_part
 from fusion_train.storage import MANIFEST, claim_output, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -401,12 +400,7 @@ def represent(
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         features = representation_features(settings.top_k)
         chat = ChatTokenizer.of(tokenizer, template)
-        bar = tqdm(
-            mine,
-            desc=f"represent {Path(model_path).name}",
-            unit="part",
-            disable=not (progress and rank.is_main),
-        )
+        bar = parts_bar(mine, f"represent {Path(model_path).name}", progress and rank.is_main)
         for chunk in bar:
             begin = chunk * settings.chunk_size
             _write_part(
@@ -571,15 +565,13 @@ def represent_command(**params: Any) -> None:
     With --nproc N the parts are split between N processes (one per GPU, or CPU processes) under
     the deepspeed launcher; with --deepspeed zero3 they also split the weights (ZeRO-3)."""
     p = SimpleNamespace(**params)
-    if wants_launch(params):
-        if p.shard:
-            raise click.UsageError(
-                "--shard splits the work between processes you start; --nproc starts them. Choose one."
-            )
-        load_conversations(p.data_path)  # bad data fail here, once, not in every rank
+
+    def check() -> None:
+        load_conversations(p.data_path)
         load_tokenizer(p.model_path, p.gguf_file, p.trust_remote_code)
         check_before_launch(params)
-        relaunch(MODULE, represent_command, params)
+
+    if launch_if_asked(MODULE, represent_command, params, check):
         return
     settings = RepresentSettings(p.top_k, p.max_length, p.overflow, p.chat_template, p.chunk_size)
     summary = represent(

@@ -104,18 +104,25 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         raise
 
 
-def claim_output(out_dir: Path, manifest: dict[str, Any]) -> None:
-    """Record ``manifest`` in ``out_dir``, or check it matches the one already there."""
+def check_output(out_dir: Path, manifest: dict[str, Any]) -> bool:
+    """Whether ``out_dir`` already holds ``manifest``'s run (False: no run yet); a different run's
+    is an error. Writes nothing."""
     manifest = json.loads(json.dumps(manifest))  # compare as it reads back (tuples become lists)
     path = out_dir / MANIFEST
-    if path.exists():
-        existing = read_json(path)
-        if existing != manifest:
-            differing = sorted(k for k in set(existing) | set(manifest) if existing.get(k) != manifest.get(k))
-            raise OutputMismatchError(
-                f"{out_dir} already holds results of a different run (differs in: {', '.join(differing)}). "
-                "Use another --out directory, or delete this one to start over."
-            )
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, manifest)
+    if not path.exists():
+        return False
+    existing = read_json(path)
+    if existing != manifest:
+        differing = sorted(k for k in set(existing) | set(manifest) if existing.get(k) != manifest.get(k))
+        raise OutputMismatchError(
+            f"{out_dir} already holds results of a different run (differs in: {', '.join(differing)}). "
+            "Use another --out directory, or delete this one to start over."
+        )
+    return True
+
+
+def claim_output(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Record ``manifest`` in ``out_dir``, or check it matches the one already there."""
+    if not check_output(out_dir, manifest):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / MANIFEST, manifest)

@@ -23,6 +23,8 @@ from click.testing import CliRunner
 
 from fusion_train.cli import main
 from fusion_train.evaluate import ModelSpec, evaluate, evaluate_command
+from fusion_train.implicit.sample import sample_command
+from fusion_train.implicit.score import score_command
 from fusion_train.inference import InferenceSettings
 from fusion_train.launch import LaunchError, command_arguments, free_port, resolve_device
 from fusion_train.represent import RepresentSettings, load_representation, represent, represent_command
@@ -106,6 +108,14 @@ def test_evaluate_on_two_ranks_gives_the_same_bits_per_byte(
                             "--chat-template", "b=chatml", "--attn-implementation", "eager", "--hostfile", "h"]),
         (train_command, ["--model", ".", "--fused", ".", "--out", "o", "--no-bf16", "--lr", "1e-4", "--resume",
                          "--gradient-checkpointing"]),
+        (sample_command, ["--model", ".", "--data", "d.json", "--out", "o", "--num-samples", "2", "--temperature",
+                          "0.5", "--top-p", "0.9", "--max-new-tokens", "9", "--seed", "3", "--batch-size", "2",
+                          "--chunk-size", "5", "--limit", "4", "--source-name", "s", "--chat-template", "chatml",
+                          "--dtype", "bfloat16", "--stop", "A", "--stop", "B", "--trust-remote-code", "--nproc", "2"]),
+        (score_command, ["--samples", ".", "--samples", ".", "--out", "o", "--reward-model", ".", "--reward-label",
+                         "1", "--reward-chat-template", "plain", "--verifier", "numeric-answer", "--verifier",
+                         "reference-overlap", "--batch-size", "3", "--chunk-size", "7", "--dtype", "float16",
+                         "--hostfile", "h"]),
     ],
 )  # fmt: skip
 def test_command_arguments_parse_back_to_the_same_options(

@@ -60,6 +60,8 @@ class ScoreStage:
 
     reward_model: str | None = None  # a directory, relative to the recipe
     reward_label: str | None = None
+    reward_output: str = "auto"  # auto | score (ArmoRM-style .score) | logits
+    trust_remote_code: bool = False  # a reward model with its own code (ArmoRM) needs it
     verifiers: tuple[str, ...] = ()
     batch_size: int = 8
     dtype: str = "float32"
@@ -152,7 +154,7 @@ def check_implicit(settings: dict[str, Any], base: Path, where: str, names: Sequ
         if not path.is_dir():
             raise RecipeError(f"{where}: score.reward_model: model directory {path} does not exist")
         try:
-            score.reward_model_spec(path, s.reward_label)
+            score.reward_model_spec(path, s.reward_label, None, s.trust_remote_code, s.reward_output)
         except UserError as error:
             raise RecipeError(f"{where}: score.reward_model: {error}") from None
         settings["score"] = s = ScoreStage(**{**asdict(s), "reward_model": str(path)})
@@ -236,7 +238,13 @@ class ImplicitRun:
 
     def score(self, name: str, samples: list[tuple[Path, str]]) -> tuple[Path, str]:
         s = self.recipe.score
-        reward = score.reward_model_spec(s.reward_model, s.reward_label) if s.reward_model else None
+        reward = (
+            score.reward_model_spec(
+                s.reward_model, s.reward_label, None, s.trust_remote_code, s.reward_output
+            )
+            if s.reward_model
+            else None
+        )
         inputs = {"samples": [key for _, key in samples], "settings": asdict(s), "format": score.FORMAT,
                   "reward_model": model_fingerprint(s.reward_model) if s.reward_model else None}  # fmt: skip
 
@@ -244,11 +252,11 @@ class ImplicitRun:
             dirs = [str(path) for path, _ in samples]
             if not self.resources.launches:
                 score.score(dirs, out, reward_model=reward, verifiers=s.verifiers, batch_size=s.batch_size,
-                            dtype=s.dtype)  # fmt: skip
+                            dtype=s.dtype, trust_remote_code=s.trust_remote_code)  # fmt: skip
                 return
             arguments = {"samples_dirs": dirs, "out_dir": out, "reward_model": s.reward_model,
-                         "reward_label": s.reward_label, "verifiers": s.verifiers, "batch_size": s.batch_size,
-                         "dtype": s.dtype}  # fmt: skip
+                         "reward_label": s.reward_label, "reward_output": s.reward_output, "verifiers": s.verifiers,
+                         "batch_size": s.batch_size, "dtype": s.dtype, "trust_remote_code": s.trust_remote_code}  # fmt: skip
             launch_stage(f"score {name}", score.MODULE, score.score_command, arguments, self.resources, out)
 
         return self.stages.run("score", name, inputs, work)

@@ -24,24 +24,25 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import click
 import datasets
 import torch
-from tqdm.auto import tqdm
 
 from fusion_train import options
 from fusion_train.chat import Conversation, data_fingerprint, load_conversations, resolve_chat_template
 from fusion_train.errors import Command, UserError
-from fusion_train.launch import Rank, resolve_device
+from fusion_train.launch import barrier, launch_if_asked, launch_options, process_group, resolve_device
 from fusion_train.models import load_model, load_tokenizer, model_fingerprint
-from fusion_train.parts import all_part_stats, load_output, part_path, parts_to_do, write_part
+from fusion_train.parts import all_part_stats, load_output, part_path, parts_bar, parts_to_do, write_part
 from fusion_train.represent import parse_shard
-from fusion_train.storage import MANIFEST, claim_output, read_json, write_json_atomic
+from fusion_train.storage import MANIFEST, check_output, claim_output, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
+MODULE = "fusion_train.implicit.sample"  # what the launcher runs in every process
 FORMAT = "fusion-train/samples@1"
 SUMMARY = "summary.json"
 # The plain template (models without a chat template, e.g. base models) marks the next turn with
@@ -260,6 +261,50 @@ class SampleSummary:
         self.seconds += other["seconds"]
 
 
+@dataclass(frozen=True)
+class SamplingPlan:
+    """What a ``sample`` run answers and records, worked out and checked before any model loads."""
+
+    prompts: list[Prompt]
+    tokenizer: Any
+    template: str
+    settings: SampleSettings
+    manifest: dict[str, Any]
+
+
+def plan_sampling(
+    model_path: str | Path,
+    data_path: str | Path,
+    settings: SampleSettings = SampleSettings(),
+    *,
+    source_name: str | None = None,
+    limit: int | None = None,
+    trust_remote_code: bool = False,
+) -> SamplingPlan:
+    """The prompts, chat template and manifest of a run; bad data or a tokenizer that cannot be
+    loaded stop it here, before a model is loaded (or, under ``--nproc``, before any rank starts)."""
+    conversations = load_conversations(data_path)[:limit]
+    prompts = prompts_of(conversations, data_path)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    template, template_source = resolve_chat_template(tokenizer, settings.chat_template)
+    if template_source == "builtin:plain" and not settings.stop:
+        settings = replace(settings, stop=PLAIN_TEMPLATE_STOP)
+    manifest = {
+        "format": FORMAT,
+        "source": source_name or Path(model_path).resolve().name,
+        "model": {"path": str(Path(model_path).resolve()), "fingerprint": model_fingerprint(model_path)},
+        "data": {"path": str(Path(data_path).resolve()), "fingerprint": data_fingerprint(conversations)},
+        "num_records": len(prompts),
+        "num_parts": -(-len(prompts) // settings.chunk_size),
+        "chat_template": {
+            "source": template_source,
+            "sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
+        },
+        "settings": asdict(settings),
+    }
+    return SamplingPlan(prompts, tokenizer, template, settings, manifest)
+
+
 def sample(
     model_path: str | Path,
     data_path: str | Path,
@@ -269,49 +314,42 @@ def sample(
     source_name: str | None = None,
     batch_size: int = 8,
     limit: int | None = None,
-    shard: tuple[int, int] = (0, 1),
+    shard: tuple[int, int] | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> SampleSummary | None:
     """Write ``settings.num_samples`` answers by the model at ``model_path`` to every prompt of
-    ``data_path`` into ``out_dir``. Returns the summary once every part exists (``None`` while
-    other shards' parts are still missing)."""
+    ``data_path`` into ``out_dir``.
+
+    In a launched job every rank takes every n-th part and the main rank writes the summary once
+    all ranks are done; ``shard`` (i, n) splits the parts between independent processes instead.
+    Returns the summary once every part exists (``None`` on other ranks, or while other shards'
+    parts are still missing)."""
     out_dir = Path(out_dir)
-    conversations = load_conversations(data_path)[:limit]
-    prompts = prompts_of(conversations, data_path)  # bad data stops the stage before a model is loaded
-    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-    template, template_source = resolve_chat_template(tokenizer, settings.chat_template)
-    if template_source == "builtin:plain" and not settings.stop:
-        settings = replace(settings, stop=PLAIN_TEMPLATE_STOP)
-    num_parts = -(-len(prompts) // settings.chunk_size)
-    manifest = {
-        "format": FORMAT,
-        "source": source_name or Path(model_path).resolve().name,
-        "model": {"path": str(Path(model_path).resolve()), "fingerprint": model_fingerprint(model_path)},
-        "data": {"path": str(Path(data_path).resolve()), "fingerprint": data_fingerprint(conversations)},
-        "num_records": len(prompts),
-        "num_parts": num_parts,
-        "chat_template": {
-            "source": template_source,
-            "sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
-        },
-        "settings": asdict(settings),
-    }
+    plan = plan_sampling(model_path, data_path, settings, source_name=source_name, limit=limit,
+                         trust_remote_code=trust_remote_code)  # fmt: skip
+    settings, manifest, tokenizer = plan.settings, plan.manifest, plan.tokenizer
     claim_output(out_dir, manifest)
-    mine = parts_to_do(out_dir, num_parts, shard)
-    if mine:
-        tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = load_model(model_path, dtype=settings.dtype, trust_remote_code=trust_remote_code)
-        generator = ChatGenerator(
-            model.to(resolve_device("auto")), tokenizer, template, settings, end_of_turn_ids(tokenizer, model)
-        )
-        for chunk in tqdm(mine, desc=f"sample {manifest['source']}", unit="part", disable=not progress):
-            begin = chunk * settings.chunk_size
-            chunk_prompts = prompts[begin : begin + settings.chunk_size]
-            _write_part(generator, chunk_prompts, manifest["source"], batch_size, part_path(out_dir, chunk))
-    return finalize(out_dir)
+    with process_group() as rank:
+        mine = parts_to_do(out_dir, manifest["num_parts"], shard or rank.share)
+        if mine:
+            tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            model = load_model(model_path, dtype=settings.dtype, trust_remote_code=trust_remote_code)
+            generator = ChatGenerator(
+                model.to(resolve_device("auto")), tokenizer, plan.template, settings,
+                end_of_turn_ids(tokenizer, model),
+            )  # fmt: skip
+            bar = parts_bar(mine, f"sample {manifest['source']}", progress and rank.is_main)
+            for chunk in bar:
+                begin = chunk * settings.chunk_size
+                chunk_prompts = plan.prompts[begin : begin + settings.chunk_size]
+                _write_part(
+                    generator, chunk_prompts, manifest["source"], batch_size, part_path(out_dir, chunk)
+                )
+        barrier()  # every rank's parts exist
+    return finalize(out_dir) if rank.is_main else None
 
 
 def _write_part(
@@ -435,24 +473,34 @@ def load_samples(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]
     help="i/n: process every n-th part starting at i. Default: RANK/WORLD_SIZE of the launcher, else everything.",
 )
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
-def sample_command(
-    model_path: str, data_path: str, out_dir: str, num_samples: int, temperature: float, top_p: float,
-    max_new_tokens: int, seed: int, batch_size: int, chunk_size: int, limit: int | None,
-    source_name: str | None, chat_template: str | None, dtype: str, stop: tuple[str, ...], shard: str | None,
-    trust_remote_code: bool,
-) -> None:  # fmt: skip
-    """Sample several responses per prompt from one model (implicit fusion, FuseChat-3.0 / WRPO)."""
-    settings = SampleSettings(
-        num_samples, temperature, top_p, max_new_tokens, seed, chat_template, chunk_size, dtype, stop
-    )
-    summary = sample(
-        model_path, data_path, out_dir, settings, source_name=source_name, batch_size=batch_size, limit=limit,
-        shard=parse_shard(shard) or Rank.of_this_process().share, trust_remote_code=trust_remote_code,
-    )  # fmt: skip
+@launch_options
+def sample_command(**params: Any) -> None:
+    """Sample several responses per prompt from one model (implicit fusion, FuseChat-3.0 / WRPO).
+
+    With --nproc N the parts are split between N processes (one per GPU, or CPU processes) under
+    the deepspeed launcher; what is written does not change."""
+    p = SimpleNamespace(**params)
+    settings = SampleSettings(p.num_samples, p.temperature, p.top_p, p.max_new_tokens, p.seed, p.chat_template,
+                              p.chunk_size, p.dtype, p.stop)  # fmt: skip
+    plan_options = {"source_name": p.source_name, "limit": p.limit, "trust_remote_code": p.trust_remote_code}
+
+    def check() -> None:
+        plan = plan_sampling(p.model_path, p.data_path, settings, **plan_options)
+        check_output(Path(p.out_dir), plan.manifest)
+
+    if launch_if_asked(MODULE, sample_command, params, check):
+        return
+    summary = sample(p.model_path, p.data_path, p.out_dir, settings, batch_size=p.batch_size, shard=parse_shard(p.shard),
+                     **plan_options)  # fmt: skip
     if summary is None:
-        click.echo(f"{out_dir}: this shard is done; other shards' parts are still missing.")
+        if p.shard:
+            click.echo(f"{p.out_dir}: this shard is done; other shards' parts are still missing.")
         return
     click.echo(
-        f"{out_dir}: {summary.responses} responses to {summary.records} prompts, {summary.generated_tokens} tokens, "
-        f"finish reasons {summary.finish_reasons}."
+        f"{p.out_dir}: {summary.responses} responses to {summary.records} prompts, {summary.generated_tokens} "
+        f"tokens, finish reasons {summary.finish_reasons}."
     )
+
+
+if __name__ == "__main__":
+    sample_command(prog_name="fusion-train sample")

@@ -21,24 +21,25 @@ import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import click
 import datasets
 import torch
-from tqdm.auto import tqdm
 
 from fusion_train import options
 from fusion_train.chat import resolve_chat_template
 from fusion_train.errors import Command, UserError
 from fusion_train.implicit.sample import load_samples
 from fusion_train.implicit.verifiers import Verifier, get_verifier
-from fusion_train.launch import Rank, resolve_device
+from fusion_train.launch import barrier, launch_if_asked, launch_options, process_group, resolve_device
 from fusion_train.models import ModelLoadError, load_tokenizer, model_directory, model_fingerprint
-from fusion_train.parts import PARTS_DIR, load_output, part_path, parts_to_do, write_part
+from fusion_train.parts import PARTS_DIR, load_output, part_path, parts_bar, parts_to_do, write_part
 from fusion_train.represent import parse_shard
-from fusion_train.storage import claim_output, read_json, write_json_atomic
+from fusion_train.storage import check_output, claim_output, read_json, write_json_atomic
 
+MODULE = "fusion_train.implicit.score"  # what the launcher runs in every process
 FORMAT = "fusion-train/scored@1"
 SUMMARY = "summary.json"
 REWARD_OUTPUTS = ("auto", "score", "logits")
@@ -278,25 +279,27 @@ def _fingerprint(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def score(
+@dataclass(frozen=True)
+class ScoringPlan:
+    """What a ``score`` run scores and records, worked out and checked before any model loads."""
+
+    rows: datasets.Dataset  # every source's responses, in the order of ``samples_dirs``
+    names: list[str]  # the scorers' names, the reward model first
+    verifiers: dict[str, Verifier]
+    manifest: dict[str, Any]
+
+
+def plan_scoring(
     samples_dirs: list[str | Path],
-    out_dir: str | Path,
     *,
     reward_model: RewardModel | None = None,
     verifiers: tuple[str, ...] = (),
-    batch_size: int = 8,
     chunk_size: int = 4096,
     dtype: str = "float32",
-    shard: tuple[int, int] = (0, 1),
-    trust_remote_code: bool = False,
-    progress: bool = True,
-) -> dict[str, Any] | None:
-    """Score the responses of every ``samples_dirs`` (one per source); write them, with a
-    ``scores`` column (scorer name -> score, null where a verifier could not judge), into
-    ``out_dir``, ``chunk_size`` responses per part (resumable and split between ranks like
-    ``sample``). Returns the summary once every part exists (``None`` while other shards' parts
-    are missing): responses and mean score per scorer and source."""
-    out_dir = Path(out_dir)
+) -> ScoringPlan:
+    """The responses, scorers and manifest of a run; no scorer, an unknown verifier, a sample
+    directory that is not complete or a source given twice stop it here (under ``--nproc``,
+    before any rank starts)."""
     if reward_model is None and not verifiers:
         raise ScoreError("no scorer: give --reward-model DIR and/or --verifier NAME.")
     resolved = {name: get_verifier(name) for name in verifiers}
@@ -321,33 +324,62 @@ def score(
     if len(set(names)) < len(names):
         raise ScoreError(f"a scorer is given twice: {', '.join(names)}.")
     rows = datasets.concatenate_datasets([data for _, _, data in loaded])
-    num_parts = -(-len(rows) // chunk_size)
-    claim_output(out_dir, {
+    manifest = {
         "format": FORMAT,
         "samples": [{"path": str(path.resolve()), "source": m["source"], "fingerprint": _fingerprint(m)}
                     for path, m, _ in loaded],
         "scorers": scorers,
         "num_responses": len(rows),
         "chunk_size": chunk_size,
-        "num_parts": num_parts,
-    })  # fmt: skip
-    mine = parts_to_do(out_dir, num_parts, shard)
-    reward = (
-        RewardScorer(reward_model, batch_size, dtype, trust_remote_code) if mine and reward_model else None
-    )
-    struct = datasets.Features({name: datasets.Value("float64") for name in names})
-    for chunk in tqdm(mine, desc="score", unit="part", disable=not progress):
-        part = rows.select(range(chunk * chunk_size, min(len(rows), (chunk + 1) * chunk_size)))
-        columns: list[list[float | None]] = []
-        if reward is not None:
-            columns.append(
-                reward([[*r["prompt"], {"role": "assistant", "content": r["response"]}] for r in part])
-            )
-        columns += [verifier_scores(name, verifier, part) for name, verifier in resolved.items()]
-        scores = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
-        write_part(part_path(out_dir, chunk), part.add_column("scores", scores, feature=struct))
-    if not all(part_path(out_dir, c).exists() for c in range(num_parts)):  # other ranks' parts
-        return None
+        "num_parts": -(-len(rows) // chunk_size),
+    }  # fmt: skip
+    return ScoringPlan(rows, names, resolved, manifest)
+
+
+def score(
+    samples_dirs: list[str | Path],
+    out_dir: str | Path,
+    *,
+    reward_model: RewardModel | None = None,
+    verifiers: tuple[str, ...] = (),
+    batch_size: int = 8,
+    chunk_size: int = 4096,
+    dtype: str = "float32",
+    shard: tuple[int, int] | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """Score the responses of every ``samples_dirs`` (one per source); write them, with a
+    ``scores`` column (scorer name -> score, null where a verifier could not judge), into
+    ``out_dir``, ``chunk_size`` responses per part (resumable and split between ranks like
+    ``sample``). Returns the summary once every part exists (``None`` on other ranks of a launched
+    job, or while other shards' parts are missing): responses and mean score per scorer and source."""
+    out_dir = Path(out_dir)
+    plan = plan_scoring(samples_dirs, reward_model=reward_model, verifiers=verifiers, chunk_size=chunk_size,
+                        dtype=dtype)  # fmt: skip
+    rows, names, num_parts = plan.rows, plan.names, plan.manifest["num_parts"]
+    claim_output(out_dir, plan.manifest)
+    with process_group() as rank:
+        mine = parts_to_do(out_dir, num_parts, shard or rank.share)
+        reward = (
+            RewardScorer(reward_model, batch_size, dtype, trust_remote_code)
+            if mine and reward_model
+            else None
+        )
+        struct = datasets.Features({name: datasets.Value("float64") for name in names})
+        for chunk in parts_bar(mine, "score", progress and rank.is_main):
+            part = rows.select(range(chunk * chunk_size, min(len(rows), (chunk + 1) * chunk_size)))
+            columns: list[list[float | None]] = []
+            if reward is not None:
+                columns.append(
+                    reward([[*r["prompt"], {"role": "assistant", "content": r["response"]}] for r in part])
+                )
+            columns += [verifier_scores(name, verifier, part) for name, verifier in plan.verifiers.items()]
+            scores = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+            write_part(part_path(out_dir, chunk), part.add_column("scores", scores, feature=struct))
+        barrier()  # every rank's parts exist
+    if not rank.is_main or not all(part_path(out_dir, c).exists() for c in range(num_parts)):
+        return None  # another rank, or other shards' parts are missing
     summary = summarise(load_scored(out_dir)[1], names)
     write_json_atomic(out_dir / SUMMARY, summary)
     return summary
@@ -443,28 +475,47 @@ def load_scored(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]:
     help="i/n: process every n-th part starting at i. Default: RANK/WORLD_SIZE of the launcher, else everything.",
 )
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the reward model directory.")
-def score_command(
-    samples_dirs: tuple[str, ...], out_dir: str, reward_model: str | None, reward_label: str | None,
-    reward_output: str, reward_chat_template: str | None, verifiers: tuple[str, ...], batch_size: int,
-    chunk_size: int, dtype: str, shard: str | None, trust_remote_code: bool,
-) -> None:  # fmt: skip
-    """Score sampled responses with a reward model and/or verifiers (implicit fusion)."""
-    if reward_label is not None and reward_model is None:
+@launch_options
+def score_command(**params: Any) -> None:
+    """Score sampled responses with a reward model and/or verifiers (implicit fusion).
+
+    With --nproc N the parts are split between N processes (one per GPU, or CPU processes) under
+    the deepspeed launcher; the scores do not change."""
+    p = SimpleNamespace(**params)
+    if p.reward_label is not None and p.reward_model is None:
         raise click.BadParameter("needs --reward-model", param_hint="--reward-label")
-    if reward_output != "auto" and reward_model is None:
+    if p.reward_output != "auto" and p.reward_model is None:
         raise click.BadParameter("needs --reward-model", param_hint="--reward-output")
     spec = (
-        reward_model_spec(reward_model, reward_label, reward_chat_template, trust_remote_code, reward_output)
-        if reward_model is not None
+        reward_model_spec(
+            p.reward_model, p.reward_label, p.reward_chat_template, p.trust_remote_code, p.reward_output
+        )
+        if p.reward_model is not None
         else None
     )
-    summary = score(list(samples_dirs), out_dir, reward_model=spec, verifiers=verifiers, batch_size=batch_size,
-                    chunk_size=chunk_size, dtype=dtype, shard=parse_shard(shard) or Rank.of_this_process().share,
-                    trust_remote_code=trust_remote_code)  # fmt: skip
+    plan_options = {
+        "reward_model": spec,
+        "verifiers": p.verifiers,
+        "chunk_size": p.chunk_size,
+        "dtype": p.dtype,
+    }
+
+    def check() -> None:
+        check_output(Path(p.out_dir), plan_scoring(list(p.samples_dirs), **plan_options).manifest)
+
+    if launch_if_asked(MODULE, score_command, params, check):
+        return
+    summary = score(list(p.samples_dirs), p.out_dir, batch_size=p.batch_size, shard=parse_shard(p.shard),
+                    trust_remote_code=p.trust_remote_code, **plan_options)  # fmt: skip
     if summary is None:
-        click.echo(f"{out_dir}: this shard is done; other shards' parts are still missing.")
+        if p.shard:
+            click.echo(f"{p.out_dir}: this shard is done; other shards' parts are still missing.")
         return
     for name, stats in summary["scorers"].items():
         mean = "n/a" if stats["mean"] is None else f"{stats['mean']:.4f}"
         click.echo(f"{name}: mean {mean} over {stats['judged']} responses ({stats['not_judged']} not judged)")
-    click.echo(f"written: {Path(out_dir) / PARTS_DIR}, {SUMMARY}")
+    click.echo(f"written: {Path(p.out_dir) / PARTS_DIR}, {SUMMARY}")
+
+
+if __name__ == "__main__":
+    score_command(prog_name="fusion-train score")

@@ -35,12 +35,11 @@ from fusion_train import options
 from fusion_train.errors import UserError
 from fusion_train.launch import (
     as_world_of_one,
+    launch_if_asked,
     launch_options,
     on_cpu_host,
     parameters_held,
-    relaunch,
     skip_shm_comm_op,
-    wants_launch,
     world_size_of,
 )
 from fusion_train.models import attention_implementation, load_model, load_tokenizer, tokenizer_hash
@@ -415,9 +414,11 @@ def command(
     """A stage command's body: check and relaunch under ``--nproc``/``--hostfile``, else train here
     (in this process, or as one rank of a launched job)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if wants_launch(params):
-        check(settings, world_size_of(params.get("nproc"), params.get("hostfile")))  # once, before any rank
-        relaunch(module, click_command, params)
+
+    def check_once() -> None:
+        check(settings, world_size_of(params.get("nproc"), params.get("hostfile")))
+
+    if launch_if_asked(module, click_command, params, check_once):
         return
     summary = train(settings)
     if summary is not None:

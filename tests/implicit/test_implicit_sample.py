@@ -206,16 +206,18 @@ def test_stop_texts_end_responses_where_they_begin(ws: Path, tmp_path: Path) -> 
     assert load_samples(tmp_path / "plain")[0]["settings"]["stop"] == ["\n\nUser:"]
 
 
-def test_launcher_ranks_split_the_parts(ws: Path, tmp_path: Path) -> None:
-    """RANK / WORLD_SIZE, as a launcher sets them, choose the parts a process writes."""
+def test_shards_split_the_parts(ws: Path, tmp_path: Path) -> None:
+    """--shard i/n chooses the parts a process writes; the last shard to finish writes the summary.
+    (Launched ranks: tests/implicit/test_implicit_ranks.py.)"""
     arguments = ["sample", "--model", str(ws / "model"), "--data", str(ws / "prompts.jsonl"), "--out",
                  str(tmp_path / "out"), "--max-new-tokens", "2", "--num-samples", "1", "--chunk-size", "2"]  # fmt: skip
-    result = CliRunner().invoke(main, arguments, env={"RANK": "1", "WORLD_SIZE": "2"})
+    result = CliRunner().invoke(main, [*arguments, "--shard", "1/2"])
     assert (
         result.exit_code == 0 and "this shard is done; other shards' parts are still missing" in result.output
     )
     assert sorted(p.name for p in (tmp_path / "out" / "parts").iterdir()) == ["part-00001", "part-00003"]
-    result = CliRunner().invoke(main, arguments, env={"RANK": "0", "WORLD_SIZE": "2"})
+    assert not (tmp_path / "out" / "summary.json").exists()
+    result = CliRunner().invoke(main, [*arguments, "--shard", "0/2"])
     assert result.exit_code == 0 and "7 responses to 7 prompts" in result.output
 
 

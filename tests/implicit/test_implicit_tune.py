@@ -1,7 +1,7 @@
 """`fusion-train sft` and `fusion-train dpo` (TRL's SFTTrainer and DPOTrainer, WRPO) end to end on a
 tiny model through the CLI: they publish a loadable model with a summary, every DPO-family loss is
 ln 2 at step 0, SFT resumes from its last checkpoint, 2 CPU ranks under ZeRO-2 work through
---nproc, and bad input is a one-line error."""
+--nproc and train what one process does with their global batch, and bad input is a one-line error."""
 
 from __future__ import annotations
 
@@ -41,13 +41,18 @@ PROMPTS = [
 ]
 
 
-def write_prefs(out: Path, wrpo: bool = True) -> Path:
-    """A `fusion-train prefer` output directory: sft/ and pairs/ (with chosen_source when ``wrpo``)."""
-    sft = [{"id": str(i), "prompt": p, "completion": say(f"Answer number {i}."), "source": "a", "score": 1.0}
-           for i, p in enumerate(PROMPTS)]  # fmt: skip
+def write_prefs(out: Path, wrpo: bool = True, varied: bool = False) -> Path:
+    """A `fusion-train prefer` output directory: sft/ and pairs/ (with chosen_source when ``wrpo``);
+    ``varied``: the i-th answers are i + 1 times as long, so examples differ in their token counts."""
+
+    def times(i: int) -> int:
+        return i + 1 if varied else 1
+
+    sft = [{"id": str(i), "prompt": p, "completion": say(f"Answer number {i}." * times(i)), "source": "a",
+            "score": 1.0} for i, p in enumerate(PROMPTS)]  # fmt: skip
     pairs = []
     for i, p in enumerate(PROMPTS):
-        pair = {"id": str(i), "prompt": p, "chosen": say(f"Good answer {i}."), "rejected": say("I do not know."),
+        pair = {"id": str(i), "prompt": p, "chosen": say(f"Good answer {i}." * times(i)), "rejected": say("I do not know."),
                 "source": "a", "chosen_score": 1.0, "rejected_score": 0.0, "margin": 1.0}  # fmt: skip
         if wrpo:
             pair |= {"chosen_source": say(f"The source's best answer {i}."), "chosen_source_score": 1.0}
@@ -278,3 +283,44 @@ def test_sft_on_two_cpu_ranks_under_zero3_partitions_the_weights(
         assert 0.45 * parameters["total"] <= held <= 0.55 * parameters["total"], parameters
     model = AutoModelForCausalLM.from_pretrained(out)  # full tensors gathered on save
     assert sum(p.numel() for p in model.parameters()) == parameters["total"]
+
+
+@pytest.mark.parametrize("stage", [["sft"], ["dpo", "--loss", "wrpo"]], ids=["sft", "wrpo"])
+def test_two_ranks_train_the_model_one_process_trains_with_their_global_batch(
+    stage: list[str], model_dir: Path, tmp_path: Path
+) -> None:
+    """2 ranks x 1 example per step (ZeRO-2) = 1 process x 2 examples per step, same seed: the same
+    examples in the same steps (the launched ranks split each step's batch of the seeded order),
+    the same loss normalisation (SFT: per token across both ranks; DPO: per pair), so the same
+    trained weights up to float32 rounding."""
+    from safetensors.torch import load_file
+
+    prefs = write_prefs(tmp_path / "prefs", varied=True)
+    common = [*stage, "--model", model_dir, "--prefs", prefs, "--deepspeed", "zero2", "--max-steps", 2, "--lr",
+              "1e-3", "--seed", 3, *QUICK]  # fmt: skip
+    result = invoke(*common, "--out", tmp_path / "one", "--per-device-batch-size", 2)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    run_on_two_ranks(*common, "--out", tmp_path / "two", "--per-device-batch-size", 1)
+    summaries = [json.loads((tmp_path / name / SUMMARY).read_text()) for name in ("one", "two")]
+    assert [s["world_size"] for s in summaries] == [1, 2] and [s["steps"] for s in summaries] == [2, 2]
+    assert summaries[1]["loss"]["start"]["loss"] == pytest.approx(
+        summaries[0]["loss"]["start"]["loss"], rel=1e-5
+    )
+
+    start = load_file(model_dir / "model.safetensors")
+    one, two = (
+        load_file(tmp_path / "one" / "model.safetensors"),
+        load_file(tmp_path / "two" / "model.safetensors"),
+    )
+    assert one.keys() == two.keys() == start.keys()
+    # Two Adam steps (lr 1e-3, then 5e-4 on the cosine schedule) move a weight by up to 1.5e-3: Adam's
+    # first updates are about lr * sign(gradient). The runs differ only in the order float32 sums are
+    # taken (one matrix product over 2 examples, against two ranks' gradients all-reduced): a rounding
+    # of about 1e-7 of a gradient, which Adam's normalised update passes on as about 1e-7 of lr per
+    # step (measured: at most 2.2e-7 in any weight). 1e-6 leaves room for that and none for a wrong
+    # pairing of the examples (another seed, which pairs them otherwise, moves weights by 3e-3) or for
+    # averaging SFT's loss per rank instead of per token (the answers here differ in length).
+    moved = max((one[name] - start[name]).abs().max().item() for name in start)
+    assert moved > 1e-3, moved
+    for name in start:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6, msg=name)
