@@ -64,12 +64,12 @@ IMPLICIT_QUICK = {
     "rate": {"max_new_tokens": 24, "batch_size": 8},
     "evaluate": {"max_length": 256, "batch_tokens": 2048},
 }
-IMPLICIT_DEFAULT = {  # sized for a 2-core CPU: about half an hour
-    "data": {"limit": 64, "heldout_fraction": 0.05},
-    "sample": {"num_samples": 4, "max_new_tokens": 64, "batch_size": 16},
+IMPLICIT_DEFAULT = {  # sized for a 2-core CPU: about 20 minutes
+    "data": {"limit": 48, "heldout_fraction": 0.05},
+    "sample": {"num_samples": 4, "max_new_tokens": 48, "batch_size": 16},
     "sft": {"epochs": 1.0, "learning_rate": 2.0e-5, "warmup_ratio": 0.1, "max_length": 512},
     "dpo": {"epochs": 1.0, "learning_rate": 1.0e-6, "warmup_ratio": 0.1, "max_length": 512},
-    "rate": {"max_new_tokens": 64, "batch_size": 16},
+    "rate": {"max_new_tokens": 48, "batch_size": 16},
     "evaluate": {"max_length": 512, "batch_tokens": 4096},
 }
 
