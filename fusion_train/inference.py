@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -60,6 +61,16 @@ class InferenceSettings:
     tensor_parallel_size: int = 1  # vllm: GPUs one model is split over
 
     def check(self) -> None:
+        """Refuse settings that cannot place a model here. Settings that passed are not checked
+        again in this process (a stage checks its settings before it starts anything, then
+        ``load_scorer`` and ``Scorer.load`` are handed the same ones; for a library caller they
+        are the check)."""
+        if self in _CHECKED:
+            return
+        self._check()
+        _CHECKED.add(self)
+
+    def _check(self) -> None:
         if self.engine not in ENGINES:
             raise InferenceSettingsError(f"--engine {self.engine}: one of {', '.join(ENGINES)}.")
         if self.engine == "vllm":
@@ -101,6 +112,11 @@ class InferenceSettings:
     def resolved_dtype(self, rank: Rank | None = None) -> torch.dtype:
         """The dtype the weights get on this rank's device."""
         return resolve_dtype(self.dtype, resolve_device(self.device, rank))
+
+
+# Settings whose check() passed in this process: what they are checked against (the devices, the
+# process's rank, vLLM's presence) stays as it is for the process's life.
+_CHECKED: weakref.WeakSet[InferenceSettings] = weakref.WeakSet()
 
 
 def inference_settings(params: dict[str, Any]) -> InferenceSettings:

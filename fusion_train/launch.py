@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -137,11 +137,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def as_world_of_one() -> None:
-    """Give a process started without a launcher the variables a launched rank has."""
+@contextmanager
+def world_of_one() -> Iterator[None]:
+    """For the time of a stage, give a process started without a launcher the variables a launched
+    rank has (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``: DeepSpeed
+    and transformers start their process group from them); a launched rank keeps its own.
+
+    On the way out the environment is as it was, also where transformers or DeepSpeed changed it
+    meanwhile, so a library caller's later :func:`launch` is not taken for one inside a launched
+    process. A process group started meanwhile is left alone: transformers (accelerate's
+    ``PartialState``) keeps its own for the rest of the process, and the next stage reuses it.
+    """
+    saved = dict(os.environ)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @contextmanager
@@ -151,26 +166,23 @@ def process_group(deepspeed: bool = False) -> Iterator[Rank]:
     ``deepspeed``: DeepSpeed's own initialisation (its backend: NCCL on GPUs, gloo on CPUs), which
     ZeRO needs also in a world of one; otherwise a gloo group, which is all a stage needs to wait
     for the other ranks. A group this starts is ended on the way out, and so are the variables
-    it set, so a later stage of the same process starts clean.
+    it set (:func:`world_of_one`), so a later stage of the same process starts clean.
     """
-    saved = dict(os.environ)
     rank = Rank.of_this_process()
     owned = not torch.distributed.is_initialized() and (deepspeed or rank.world_size > 1)
-    try:
-        if owned and deepspeed:
-            import deepspeed as ds
+    with world_of_one() if owned and deepspeed else nullcontext():
+        try:
+            if owned and deepspeed:
+                import deepspeed as ds
 
-            as_world_of_one()
-            skip_shm_comm_op()
-            ds.init_distributed(verbose=False)
-        elif owned:
-            torch.distributed.init_process_group("gloo", timeout=RANK_WAIT)
-        yield rank
-    finally:
-        if owned and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved)
+                skip_shm_comm_op()
+                ds.init_distributed(verbose=False)
+            elif owned:
+                torch.distributed.init_process_group("gloo", timeout=RANK_WAIT)
+            yield rank
+        finally:
+            if owned and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
 
 def barrier() -> None:

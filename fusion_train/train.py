@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 import click
 import datasets
@@ -37,7 +37,6 @@ from transformers import SchedulerType, Trainer, TrainingArguments
 from fusion_train import options
 from fusion_train.errors import Command, UserError
 from fusion_train.launch import (
-    as_world_of_one,
     command_arguments,
     launch,
     launch_options,
@@ -45,6 +44,7 @@ from fusion_train.launch import (
     parameters_held,
     skip_shm_comm_op,
     wants_launch,
+    world_of_one,
     world_size_of,
 )
 from fusion_train.losses import CHUNK_TOKENS, fused_weights, head_loss_sums
@@ -71,15 +71,15 @@ class TrainInputError(UserError, ValueError):
     """An input that would make training fail or silently train the wrong thing."""
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run (recorded in the run manifest and ``training_summary.json``)."""
+@dataclass(frozen=True, kw_only=True)
+class TrainerSettings:
+    """The settings every training stage (``train``, ``sft``, ``dpo``) hands to transformers'
+    Trainer: ZeRO config, schedule, batch, precision, logging, checkpoints, seed; checked on
+    construction. A stage's class adds its inputs and its own settings (keyword-only here, so a
+    stage's required fields can come first)."""
 
-    model: str
-    fused: str
-    out: str
-    lm_weight: float = 0.9
-    temperature: float = 1.0
+    input_error: ClassVar[type[UserError]] = TrainInputError  # what a bad setting raises (a stage's own)
+
     deepspeed: str = "zero2"  # a preset name or a JSON file
     learning_rate: float = 5e-6
     epochs: float = 3.0
@@ -99,30 +99,46 @@ class TrainConfig:
     save_total_limit: int = 2  # 0 keeps every checkpoint
     resume: bool = False
     seed: int = 42
-    loss_chunk_tokens: int = CHUNK_TOKENS  # rows of logits at a time in the LM head's loss
 
-    def __post_init__(self) -> None:
-        checks = {
-            "--lm-weight must be in [0, 1]": 0.0 <= self.lm_weight <= 1.0,
-            "--temperature must be positive": self.temperature > 0,
+    def checks(self) -> dict[str, bool]:
+        """Message -> whether it holds; a stage adds its own (``{**super().checks(), ...}``)."""
+        return {
             "--warmup-ratio must be in [0, 1)": 0.0 <= self.warmup_ratio < 1.0,
-            "--per-device-batch-size, --grad-accumulation, --logging-steps, --save-steps and "
-            "--loss-chunk-tokens must be >= 1": min(
-                self.per_device_batch_size,
-                self.grad_accumulation,
-                self.logging_steps,
-                self.save_steps,
-                self.loss_chunk_tokens,
+            "--per-device-batch-size, --grad-accumulation, --logging-steps and --save-steps must be >= 1": min(
+                self.per_device_batch_size, self.grad_accumulation, self.logging_steps, self.save_steps
             )
             >= 1,
             "--epochs must be positive (or set --max-steps)": self.epochs > 0 or self.max_steps > 0,
         }
-        for message, ok in checks.items():
+
+    def __post_init__(self) -> None:
+        for message, ok in self.checks().items():
             if not ok:
-                raise TrainInputError(message)
+                raise self.input_error(message)
 
     def run_settings(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues (the run manifest's)."""
         return {k: v for k, v in asdict(self).items() if k not in NOT_IN_RUN_MANIFEST}
+
+
+@dataclass(frozen=True)
+class TrainConfig(TrainerSettings):
+    """One training run (recorded in the run manifest and ``training_summary.json``)."""
+
+    model: str
+    fused: str
+    out: str
+    lm_weight: float = 0.9
+    temperature: float = 1.0
+    loss_chunk_tokens: int = CHUNK_TOKENS  # rows of logits at a time in the LM head's loss
+
+    def checks(self) -> dict[str, bool]:
+        return {
+            "--lm-weight must be in [0, 1]": 0.0 <= self.lm_weight <= 1.0,
+            "--temperature must be positive": self.temperature > 0,
+            "--loss-chunk-tokens must be >= 1": self.loss_chunk_tokens >= 1,
+            **super().checks(),
+        }
 
 
 def work_dir(out: str | Path) -> Path:
@@ -257,18 +273,7 @@ def load_fused(path: str | Path, tokenizer: Any) -> FusedData:
 # --------------------------------------------------------------------------- DeepSpeed configuration
 
 
-class BatchSettings(Protocol):
-    """What a ZeRO config is checked against (``TrainConfig``'s fields; ``sft`` and ``dpo`` have them too)."""
-
-    per_device_batch_size: int
-    grad_accumulation: int
-    max_grad_norm: float
-    learning_rate: float
-    weight_decay: float
-    bf16: bool | None
-
-
-def deepspeed_config(spec: str, config: BatchSettings, world_size: int) -> dict[str, Any]:
+def deepspeed_config(spec: str, config: TrainerSettings, world_size: int) -> dict[str, Any]:
     """The ZeRO config for ``spec`` (a preset or a JSON file), refused if it contradicts the command line.
 
     Mismatches are judged by transformers' own rule (a non-"auto" value must equal the argument),
@@ -343,6 +348,46 @@ def resolve_bf16(bf16: bool | None) -> bool:
             "--bf16: this machine cannot train in bf16 (no GPU or CPU support); leave it out"
         )
     return default if bf16 is None else bf16
+
+
+def trainer_arguments(
+    arguments_class: type[TrainingArguments], settings: TrainerSettings, output_dir: Path,
+    ds_config: dict[str, Any], **extra: Any,
+) -> Any:  # fmt: skip
+    """``TrainingArguments`` (or a subclass: TRL's ``SFTConfig``, ``DPOConfig``) for ``settings``,
+    with the ZeRO config ``ds_config``, and ``extra`` (a stage's own arguments).
+
+    Made before the model loads: they start the process group (with ZeRO-3 they make
+    ``from_pretrained`` partition the weights at load time); DeepSpeed's CPU communication op is
+    kept from compiling first. bf16 is always explicit: TRL's configs default it to True, also on
+    CPUs (and then run the reference model of DPO under bf16 autocast).
+    """
+    skip_shm_comm_op()
+    return arguments_class(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=settings.grad_accumulation,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.scheduler,
+        warmup_steps=settings.warmup_ratio,  # a float in [0, 1) is a share of the total steps
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        bf16=resolve_bf16(settings.bf16),
+        activation_checkpointing=settings.gradient_checkpointing,  # TRL's default is on
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        deepspeed=copy.deepcopy(ds_config),
+        logging_steps=settings.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit or None,
+        report_to=[] if settings.report_to == "none" else [settings.report_to],
+        seed=settings.seed,
+        use_cpu=on_cpu_host(),  # CPU processes: gloo, no pinned memory, bf16 only when asked
+        **extra,
+    )
 
 
 # --------------------------------------------------------------------------- batches and loss
@@ -671,44 +716,27 @@ def publish(
 def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any] | None:
     """Train one target model and publish it at ``config.out``; return the summary on the main rank.
 
-    Runs in every process of a launched job (or alone, as a world of one). ``callbacks`` are
-    transformers ``TrainerCallback``s, for library users and tests.
+    Runs in every process of a launched job (or alone, as a world of one: the variables of a rank
+    are there for the run only, ``launch.world_of_one``). ``callbacks`` are transformers
+    ``TrainerCallback``s, for library users and tests.
     """
     started = time.time()
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     prepared = prepare(config, world_size, rank)
-    as_world_of_one()
-    tokenizer, fused = prepared.tokenizer, prepared.fused
-    work = work_dir(config.out)
+    with world_of_one():
+        return _train(config, prepared, world_size, started, callbacks)
 
-    skip_shm_comm_op()  # before TrainingArguments, which start the process group
+
+def _train(config: TrainConfig, prepared: Prepared, world_size: int, started: float,
+           callbacks: Sequence[Any]) -> dict[str, Any] | None:  # fmt: skip
+    """``train`` after the checks, in a process that has a rank's variables."""
+    tokenizer, fused = prepared.tokenizer, prepared.fused
     # TrainingArguments come first: with ZeRO-3 they make from_pretrained partition at load time.
-    args = TrainingArguments(
-        output_dir=str(work),
-        per_device_train_batch_size=config.per_device_batch_size,
-        gradient_accumulation_steps=config.grad_accumulation,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.scheduler,
-        warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a share of the total steps
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        bf16=resolve_bf16(config.bf16),
-        activation_checkpointing=config.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        deepspeed=copy.deepcopy(prepared.ds_config),
-        logging_steps=config.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit or None,
-        report_to=[] if config.report_to == "none" else [config.report_to],
-        seed=config.seed,
+    args = trainer_arguments(
+        TrainingArguments, config, work_dir(config.out), prepared.ds_config,
         remove_unused_columns=False,  # the fused columns are not model.forward arguments
         label_names=["labels"],
-        use_cpu=on_cpu_host(),  # CPU processes: gloo, no pinned memory, bf16 only when asked
-    )
+    )  # fmt: skip
     attention = attention_implementation(
         config.attn_implementation, args.device, torch.bfloat16 if args.bf16 else torch.float32
     )

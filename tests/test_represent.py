@@ -4,6 +4,7 @@ model's own loss, the conversation text itself; plus resuming, sharding and bad 
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,12 @@ from click.testing import CliRunner
 from conftest import TRICKY_ANSWERS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fusion_train import inference as inference_module
 from fusion_train import represent as represent_module
 from fusion_train.align import align
 from fusion_train.chat import ChatDataError, load_conversations, resolve_chat_template
 from fusion_train.cli import main
+from fusion_train.inference import InferenceSettings, InferenceSettingsError, load_scorer
 from fusion_train.models import ModelLoadError
 from fusion_train.represent import (
     RepresentationError,
@@ -286,6 +289,22 @@ def test_bad_input_gives_clear_errors(tiny_models: dict, chats: Path, tmp_path: 
     bad.write_text('{"instruction": "a", "output": "b"}\n{"prompt": "x", "completion": "y"}\n')
     with pytest.raises(ChatDataError, match=r"bad.jsonl, record 1: unknown record shape"):
         represent(tiny_models["qwen"], bad, tmp_path / "o4", progress=False)
+
+
+def test_inference_settings_are_checked_once_per_run_and_by_load_scorer(
+    tiny_models: dict, chats: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """represent checks its inference settings before it starts, and loading with them (load_scorer,
+    Scorer.load) does not check them again; a library caller's load_scorer still checks."""
+    monkeypatch.setattr(inference_module, "_CHECKED", weakref.WeakSet())  # none checked yet
+    checked = []
+    real = InferenceSettings._check
+    monkeypatch.setattr(InferenceSettings, "_check", lambda self: checked.append(self) or real(self))
+    represent(tiny_models["smollm2"], chats, tmp_path / "out", inference=InferenceSettings(device="cpu"), limit=1,
+              progress=False)  # fmt: skip
+    assert checked == [InferenceSettings(device="cpu")]
+    with pytest.raises(InferenceSettingsError, match="--device-map auto spreads the model"):
+        load_scorer(tiny_models["smollm2"], InferenceSettings(device="cpu", device_map="auto"), top_k=1)
 
 
 def test_command_line(tiny_models: dict, chats: Path, tmp_path: Path) -> None:

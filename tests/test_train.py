@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from train_fixtures import batch_from_rows, build_fused, dense_loss_sums, dense_reference_losses, fused_rows
+from train_fixtures import (
+    assert_left_no_rank_behind,
+    batch_from_rows,
+    build_fused,
+    dense_loss_sums,
+    dense_reference_losses,
+    fused_rows,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from fusion_train import losses
@@ -352,6 +359,21 @@ def test_output_and_checkpoint_state_are_checked(pivot, good_fused, tmp_path):
     Path(config.out).mkdir()
     with pytest.raises(TrainInputError, match="already exists"):
         prepare(config, world_size=1)
+
+
+def test_training_in_this_process_twice_leaves_no_rank_behind(pivot, good_fused, tmp_path, monkeypatch):
+    """train() run by a library caller, a world of one: the rank's variables are the run's only
+    (a later launch in the same process is not refused as one inside a launched rank), and a
+    second run reuses the process group transformers keeps."""
+    import os
+
+    saved = dict(os.environ)
+    for run in ("first", "second"):
+        config = TrainConfig(model=str(pivot), fused=str(good_fused), out=str(tmp_path / run), max_steps=1,
+                             warmup_ratio=0.0, logging_steps=1, bf16=False)  # fmt: skip
+        summary = train_module.train(config)
+        assert summary is not None and summary["steps"] == 1 and summary["world_size"] == 1
+        assert_left_no_rank_behind(monkeypatch, saved)
 
 
 def test_cli_reports_bad_input_before_training(pivot, tmp_path):

@@ -345,14 +345,16 @@ def test_chunked_head_trains_like_the_logits_loss(setup, tmp_path, stage, model)
 
         pivot = _tiny_gemma2(pivot, tmp_path / "gemma2")
         fused = build_fused(pivot, tmp_path / "fused-gemma2", rows=rows)
-    runs = {}
-    for loss in ("logits", "chunked"):
-        out = tmp_path / loss / "target"
-        out.parent.mkdir()
-        config = {"model": str(pivot), "fused": str(fused), "out": str(out), "deepspeed": stage,
-                  **SETTINGS, "per_device_batch_size": 2, "loss_chunk_tokens": 3}  # fmt: skip
-        _train_keeping_engine_logits(out.parent, config, 2, FUSION_TEST_LOSS=loss)
-        runs[loss] = out
+    # Both runs in one launched job, one after the other (the driver checks each used its loss).
+    runs = {loss: tmp_path / loss / "target" for loss in ("logits", "chunked")}
+    configs = {loss: {"model": str(pivot), "fused": str(fused), "out": str(out), "deepspeed": stage,
+                      **SETTINGS, "per_device_batch_size": 2, "loss_chunk_tokens": 3}
+               for loss, out in runs.items()}  # fmt: skip
+    config_path = tmp_path / "configs.json"
+    config_path.write_text(json.dumps(configs))
+    command = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port())]
+    result = _run([*command, str(DRIVER), str(config_path), "losses", "-"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     summaries = {loss: json.loads((out / SUMMARY).read_text()) for loss, out in runs.items()}
     for which in ("start", "end"):
         for name in ("loss", "clm_loss", "fusion_loss", "grad_norm"):

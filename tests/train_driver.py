@@ -2,7 +2,9 @@
 
 Usage (under ``deepspeed`` or ``torchrun``): ``train_driver.py CONFIG.json MODE ARG`` where MODE is
 ``logits`` (save the engine's logits on fixed tokens at the end of training to ARG) or ``kill``
-(SIGKILL the process at the end of step ARG, like a crashed node).
+(SIGKILL the process at the end of step ARG, like a crashed node), or ``losses`` (CONFIG.json
+holds two configs, ``logits`` and ``chunked``: train the first with the logits-based loss, then
+the second with the chunked head, one after the other in the same launched job; ARG is unused).
 
 Environment: ``FUSION_TEST_LOSS=logits`` trains with the logits-based loss (the whole ``[N, V]``
 logits, then ``supervised_loss_sums``'s autograd function) in place of the chunked head, the
@@ -50,8 +52,36 @@ class KillAtStep(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def train_with_each_loss(configs: dict[str, dict]) -> None:
+    """Train ``configs["logits"]`` with the logits-based loss, then ``configs["chunked"]`` with
+    the chunked head, in this process; refuse to finish unless each run called its own loss."""
+    from train_fixtures import logits_loss_sums
+
+    chunked = train_module.head_loss_sums
+    calls = {"logits": 0, "chunked": 0}
+
+    def counting(loss: str, function):
+        def counted(*args, **kwargs):
+            calls[loss] += 1
+            return function(*args, **kwargs)
+
+        return counted
+
+    for loss, function in (("logits", logits_loss_sums), ("chunked", chunked)):
+        train_module.head_loss_sums = counting(loss, function)
+        try:
+            train(TrainConfig(**configs[loss]))
+        finally:
+            train_module.head_loss_sums = chunked
+        if calls[loss] == 0:
+            raise SystemExit(f"the {loss} run never called its loss")
+
+
 if __name__ == "__main__":
     config_path, mode, argument = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    if mode == "losses":
+        train_with_each_loss(json.loads(Path(config_path).read_text()))
+        sys.exit(0)
     config = TrainConfig(**json.loads(Path(config_path).read_text()))
     if os.environ.get("FUSION_TEST_LOSS") == "logits":
         from train_fixtures import logits_loss_sums

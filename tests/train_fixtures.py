@@ -211,3 +211,24 @@ def logits_loss_sums(
         fused = torch.zeros(len(labels), 0, device=hidden.device)
     clm, fusion = _SupervisedLosses.apply(logits, labels, topk_ids, fused, tokenizer_size)
     return clm_weight * clm + fusion_weight * fusion, clm.detach(), fusion.detach()
+
+
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def assert_left_no_rank_behind(monkeypatch, saved: dict[str, str]) -> None:
+    """After a stage ran in this process (a world of one): the environment is as before it, with
+    none of a launched rank's variables, so the launcher still starts (its start is replaced here:
+    nothing runs)."""
+    import os
+    import subprocess
+
+    from fusion_train import launch
+
+    assert not set(RANK_VARIABLES) & set(os.environ), [k for k in RANK_VARIABLES if k in os.environ]
+    assert dict(os.environ) == saved
+    started = []
+    monkeypatch.setattr(launch.subprocess, "run", lambda command, **kw: started.append(command)
+                        or subprocess.CompletedProcess(command, 0))  # fmt: skip
+    assert launch.launch("fusion_train.train", [], 2, None, None) == 0
+    assert started and started[0][-1] == "fusion_train.train"

@@ -21,7 +21,7 @@ presets, bf16, checkpoints and publishing are ``train``'s (``fusion_train/implic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import click
@@ -186,8 +186,8 @@ class DPOSettings(tuning.TuneSettings):
     loss: str = "sigmoid_norm"
     beta: float | None = None
     alpha_max: float | None = None  # wrpo only; ALPHA_MAX when not given
-    learning_rate: float | None = None  # type: ignore[assignment]
-    epochs: float = 1.0
+    learning_rate: float | None = field(default=None, kw_only=True)  # type: ignore[assignment]
+    epochs: float = field(default=1.0, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:

@@ -4,12 +4,14 @@ the same DeepSpeed presets, launcher, checkpoints and atomic publishing as ``fus
 A stage (``sft.py``, ``dpo.py``) names the data it reads from a ``fusion-train prefer`` output
 (``sft/`` or ``pairs/``) and the TRL config and trainer it builds; the rest is here, once:
 
-- :class:`TuneSettings`, the settings both share, and :func:`tune_options`, their flags;
+- :class:`TuneSettings`, the settings both share (``train``'s, ``train.TrainerSettings``, with the
+  stage's inputs and ``max_length``), and :func:`tune_options`, their flags;
 - :func:`prepare`, every check before a process group or a model exists (the data, the tokenizer's
   chat template, the ZeRO config against the flags, checkpoints and ``--resume``), and the run's
   manifest in ``OUT.work/``, which a resumed run must match;
-- :func:`trl_arguments`, the TRL config (a ``TrainingArguments``) with the ZeRO config, bf16 where
-  ``train`` has it (TRL's own default would turn it on everywhere, CPUs included), checkpoints;
+- :func:`trl_arguments`, the TRL config (a ``TrainingArguments``) made as ``train`` makes its own
+  (``train.trainer_arguments``: the ZeRO config, bf16 where ``train`` has it, TRL's own default
+  would turn it on everywhere, CPUs included, checkpoints);
 - :func:`run`, training, resuming and publishing the model with a JSON summary
   (``train.publish``: a plain HF directory, renamed into place when complete);
 - :func:`command`, a stage's click command body: ``--nproc``/``--hostfile`` re-run the stage's
@@ -18,14 +20,13 @@ A stage (``sft.py``, ``dpo.py``) names the data it reads from a ``fusion-train p
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 import datasets
@@ -34,12 +35,10 @@ from transformers import SchedulerType
 from fusion_train import options
 from fusion_train.errors import UserError
 from fusion_train.launch import (
-    as_world_of_one,
     launch_if_asked,
     launch_options,
-    on_cpu_host,
     parameters_held,
-    skip_shm_comm_op,
+    world_of_one,
     world_size_of,
 )
 from fusion_train.models import attention_implementation, load_model, load_tokenizer, tokenizer_hash
@@ -47,11 +46,12 @@ from fusion_train.options import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_IN
 from fusion_train.storage import MANIFEST, claim_output, read_json
 from fusion_train.train import (
     PRESETS,
+    TrainerSettings,
     deepspeed_config,
     loss_record,
     publish,
-    resolve_bf16,
     resume_point,
+    trainer_arguments,
     work_dir,
 )
 
@@ -59,9 +59,6 @@ log = logging.getLogger(__name__)
 
 RUN_FORMAT = "fusion-train/tune-run@1"
 SUMMARY_FORMAT = "fusion-train/tune-summary@1"
-# Settings that do not change what is trained: a resumed run may change them.
-NOT_IN_RUN_MANIFEST = ("out", "resume", "report_to", "logging_steps", "save_steps", "save_total_limit",
-                       "attn_implementation")  # fmt: skip
 
 
 class TuneInputError(UserError, ValueError):
@@ -69,41 +66,17 @@ class TuneInputError(UserError, ValueError):
 
 
 @dataclass(frozen=True)
-class TuneSettings:
-    """One SFT or preference-training run (recorded in the run manifest and the summary)."""
+class TuneSettings(TrainerSettings):
+    """One SFT or preference-training run (recorded in the run manifest and the summary): the
+    settings every training stage has (``train.TrainerSettings``), its inputs and ``max_length``."""
+
+    input_error: ClassVar[type[UserError]] = TuneInputError
 
     model: str
     prefs: str  # a `fusion-train prefer` output directory
     out: str
-    deepspeed: str = "zero2"  # a preset name or a JSON file
-    learning_rate: float = 5e-6
-    epochs: float = 3.0
-    max_steps: int = -1  # > 0 overrides epochs
-    per_device_batch_size: int = 1
-    grad_accumulation: int = 1
-    warmup_ratio: float = 0.1
-    scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
     max_length: int = 2048
-    gradient_checkpointing: bool = False
-    bf16: bool | None = None  # None: on GPUs that support it (on CPU hosts only when asked)
-    attn_implementation: str = "auto"
-    report_to: str = "none"
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int = 2  # 0 keeps every checkpoint
-    resume: bool = False
-    seed: int = 42
-
-    def __post_init__(self) -> None:
-        if not (self.epochs > 0 or self.max_steps > 0):
-            raise TuneInputError("--epochs must be positive (or set --max-steps)")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise TuneInputError("--warmup-ratio must be in [0, 1)")
-
-    def run_settings(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in NOT_IN_RUN_MANIFEST}
+    warmup_ratio: float = field(default=0.1, kw_only=True)
 
 
 # --------------------------------------------------------------------------- checks
@@ -177,36 +150,11 @@ def prepare(
 
 
 def trl_arguments(config_class: type, settings: TuneSettings, prepared: Prepared, **extra: Any) -> Any:
-    """A TRL config (``SFTConfig``, ``DPOConfig``) for this run. Made before the model loads: with
-    ZeRO-3 it makes ``from_pretrained`` partition the weights at load time."""
-    return config_class(
-        output_dir=str(work_dir(settings.out)),
-        per_device_train_batch_size=settings.per_device_batch_size,
-        gradient_accumulation_steps=settings.grad_accumulation,
-        num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type=settings.scheduler,
-        warmup_steps=settings.warmup_ratio,  # a float in [0, 1) is a share of the total steps
-        weight_decay=settings.weight_decay,
-        max_grad_norm=settings.max_grad_norm,
-        max_length=settings.max_length,
-        # Always explicit: TRL's configs default bf16 to True, also on CPUs (and then run the
-        # reference model of DPO under bf16 autocast).
-        bf16=resolve_bf16(settings.bf16),
-        activation_checkpointing=settings.gradient_checkpointing,  # TRL's default is on
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        deepspeed=copy.deepcopy(prepared.ds_config),
-        logging_steps=settings.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=settings.save_total_limit or None,
-        report_to=[] if settings.report_to == "none" else [settings.report_to],
-        seed=settings.seed,
-        use_cpu=on_cpu_host(),  # CPU processes: gloo, no pinned memory, bf16 only when asked
-        **extra,
-    )
+    """A TRL config (``SFTConfig``, ``DPOConfig``) for this run (``train.trainer_arguments``, plus
+    ``max_length`` and ``extra``). Made before the model loads: with ZeRO-3 it makes
+    ``from_pretrained`` partition the weights at load time."""
+    return trainer_arguments(config_class, settings, work_dir(settings.out), prepared.ds_config,
+                             max_length=settings.max_length, **extra)  # fmt: skip
 
 
 def load_policy(settings: TuneSettings, args: Any) -> Any:
@@ -230,13 +178,18 @@ def run(
 ) -> dict[str, Any] | None:
     """Train with the trainer ``make_trainer`` builds and publish the model at ``settings.out``;
     the summary on the main rank (None on the others). Runs in every rank of a launched job, or
-    alone as a world of one."""
+    alone as a world of one (the variables of a rank there for the run only, as in ``train``)."""
     started = time.time()
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     prepared = prepare(settings, load, stage, world_size, rank)
-    as_world_of_one()
-    skip_shm_comm_op()  # before the TRL config, which starts the process group
     datasets.disable_progress_bars()
+    with world_of_one():
+        return _run(settings, stage, prepared, make_trainer, log_keys, world_size, started)
+
+
+def _run(settings: TuneSettings, stage: str, prepared: Prepared, make_trainer: Callable[[Prepared], Any],
+         log_keys: Sequence[str], world_size: int, started: float) -> dict[str, Any] | None:  # fmt: skip
+    """``run`` after the checks, in a process that has a rank's variables."""
     trainer = make_trainer(prepared)
     result = trainer.train(resume_from_checkpoint=prepared.resume_from)
     parameters = parameters_held(trainer.model)

@@ -13,7 +13,6 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -23,6 +22,8 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 pytest.importorskip("trl")
+
+from train_fixtures import assert_left_no_rank_behind
 
 from fusion_train.cli import main
 from fusion_train.implicit.dpo import LOSS_DEFAULTS
@@ -84,16 +85,6 @@ def prefs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 QUICK = ["--logging-steps", "1", "--warmup-ratio", "0", "--per-device-batch-size", "2"]
 
 
-@pytest.fixture(autouse=True)
-def restore_environment() -> Iterator[None]:
-    """sft and dpo run in this process give it a world of one's variables (RANK, LOCAL_RANK, ...), as
-    `train` does; later tests, which start launchers, must not look like launched ranks."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def invoke(*arguments: str):
     return CliRunner().invoke(main, [str(a) for a in arguments])
 
@@ -111,13 +102,17 @@ def check_published(out: Path, steps: int, bf16: bool = False) -> dict:
     return summary
 
 
-def test_sft_publishes_a_model_and_resumes_from_its_last_checkpoint(model_dir: Path, prefs: Path,
-                                                                    tmp_path: Path) -> None:  # fmt: skip
+def test_sft_publishes_a_model_and_resumes_from_its_last_checkpoint(
+    model_dir: Path, prefs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "sft"
     arguments = ["sft", "--model", model_dir, "--prefs", prefs, "--out", out, "--max-steps", 2, "--save-steps", 1,
                  "--lr", "1e-3", *QUICK]  # fmt: skip
+    saved = dict(os.environ)
     result = invoke(*arguments)
     assert result.exit_code == 0, result.output + repr(result.exception)
+    # Run in this process, as a world of one: its rank's variables were the run's only.
+    assert_left_no_rank_behind(monkeypatch, saved)
     summary = check_published(out, 2)
     assert summary["stage"] == "sft" and summary["data"]["examples"] == len(PROMPTS)
     assert summary["data"]["prefer"]["mode"] == "wrpo"
