@@ -415,7 +415,7 @@ def evaluate_command(**params: Any) -> None:
 
     def check() -> None:
         load_conversations(params["data_path"])
-        check_before_launch(params)
+        check_before_launch(inference_settings(params))
 
     if launch_if_asked(MODULE, evaluate_command, params, check):
         return

@@ -124,13 +124,31 @@ def inference_settings(params: dict[str, Any]) -> InferenceSettings:
     return InferenceSettings(**{f.name: params[f.name] for f in fields(InferenceSettings)})
 
 
-def check_before_launch(params: dict[str, Any]) -> None:
+def check_before_launch(settings: InferenceSettings) -> None:
     """What a command checks once before it starts ``--nproc`` ranks, instead of failing in each."""
-    if params["engine"] == "vllm":
+    if settings.engine == "vllm":
         raise InferenceSettingsError(
             "--engine vllm runs in one process that drives its GPUs; drop --nproc, use --tensor-parallel-size."
         )
-    inference_settings(params).check()
+    settings.check()
+
+
+def vllm_dtype(settings: InferenceSettings) -> str:
+    """The weights' dtype name vLLM is given (``auto``: bf16 on GPUs that support it)."""
+    return str(resolve_dtype(settings.dtype, torch.device("cuda"))).removeprefix("torch.")
+
+
+def vllm_engine(
+    path: str | Path, settings: InferenceSettings, trust_remote_code: bool, **engine_args: Any
+) -> Any:
+    """A ``vllm.LLM`` for the model at ``path`` with its own tokenizer, in ``settings``' dtype over
+    ``tensor_parallel_size`` GPUs (checked settings: vLLM is installed and a GPU is there)."""
+    from vllm import LLM
+
+    return LLM(
+        model=str(path), tokenizer=str(path), dtype=vllm_dtype(settings), tensor_parallel_size=settings.tensor_parallel_size,
+        seed=0, trust_remote_code=trust_remote_code, **engine_args,
+    )  # fmt: skip
 
 
 def inference_zero3_config(dtype: torch.dtype, offload: bool) -> dict[str, Any]:
@@ -368,16 +386,15 @@ class VllmScorer:
     def load(
         cls, path: str | Path, settings: InferenceSettings, top_k: int, trust_remote_code: bool
     ) -> VllmScorer:
-        from vllm import LLM
-
-        dtype = str(resolve_dtype(settings.dtype, torch.device("cuda"))).removeprefix("torch.")
-        llm = LLM(
-            model=str(path), tokenizer=str(path), dtype=dtype, tensor_parallel_size=settings.tensor_parallel_size,
-            max_logprobs=top_k + VLLM_EXTRA_LOGPROBS, logprobs_mode="raw_logprobs", seed=0,
-            trust_remote_code=trust_remote_code,
-        )  # fmt: skip
+        llm = vllm_engine(
+            path,
+            settings,
+            trust_remote_code,
+            max_logprobs=top_k + VLLM_EXTRA_LOGPROBS,
+            logprobs_mode="raw_logprobs",
+        )
         vocab_size = llm.llm_engine.model_config.get_vocab_size()
-        return cls(llm, vocab_size, dtype, top_k)
+        return cls(llm, vocab_size, vllm_dtype(settings), top_k)
 
     def batches(self, encoded: Sequence[EncodedExample], batch_tokens: int) -> list[list[EncodedExample]]:
         return [list(encoded)] if encoded else []

@@ -87,20 +87,28 @@ def inference_options(function: Any) -> Any:
                 default=None,
                 help="Spread the model over the GPUs of one process (accelerate's big-model placement).",
             ),
-            click.option(
-                "--engine",
-                type=click.Choice(["hf", "vllm"]),
-                default="hf",
-                help="hf: transformers, the reference. vllm: vLLM's prompt log-probabilities (extra [vllm], "
-                "a GPU, one process).",
-            ),
-            click.option(
-                "--tensor-parallel-size",
-                type=POSITIVE_INT,
-                default=1,
-                help="--engine vllm: GPUs each model is split over.",
-            ),
+            engine_options("vLLM's prompt log-probabilities"),
         ]
     ):
         function = option(function)
     return function
+
+
+def engine_options(what_vllm_does: str) -> Callable[[Any], Any]:
+    """``--engine hf|vllm`` and ``--tensor-parallel-size``: which library runs the model."""
+
+    def decorate(function: Any) -> Any:
+        function = click.option(
+            "--tensor-parallel-size",
+            type=POSITIVE_INT,
+            default=1,
+            help="--engine vllm: GPUs each model is split over.",
+        )(function)
+        return click.option(
+            "--engine",
+            type=click.Choice(["hf", "vllm"]),
+            default="hf",
+            help=f"hf: transformers, the reference. vllm: {what_vllm_does} (extra [vllm], a GPU, one process).",
+        )(function)
+
+    return decorate

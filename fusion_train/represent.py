@@ -569,7 +569,7 @@ def represent_command(**params: Any) -> None:
     def check() -> None:
         load_conversations(p.data_path)
         load_tokenizer(p.model_path, p.gguf_file, p.trust_remote_code)
-        check_before_launch(params)
+        check_before_launch(inference_settings(params))
 
     if launch_if_asked(MODULE, represent_command, params, check):
         return

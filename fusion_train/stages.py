@@ -55,7 +55,7 @@ class Resources:
     attn_implementation: str = "auto"
     deepspeed: str | None = None  # represent and evaluate: zero3 | zero3-offload (train: train.deepspeed)
     device_map: str | None = None
-    engine: str = "hf"  # represent and evaluate: hf | vllm
+    engine: str = "hf"  # represent, evaluate and sample: hf | vllm
     tensor_parallel_size: int = 1
 
     @property

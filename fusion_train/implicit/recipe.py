@@ -225,7 +225,8 @@ class ImplicitRun:
 
         def work(out: Path) -> None:
             if not self.resources.launches:
-                sample.sample(model, data, out, settings, source_name=name, batch_size=batch_size)
+                sample.sample(model, data, out, settings, source_name=name, batch_size=batch_size,
+                              tensor_parallel_size=self.resources.tensor_parallel_size)  # fmt: skip
                 return
             arguments = {"model_path": model, "data_path": data, "out_dir": out, "source_name": name,
                          "batch_size": batch_size, **asdict(settings)}  # fmt: skip
@@ -301,8 +302,9 @@ class ImplicitRun:
         recipe = self.recipe
         s = recipe.sample
         settings = sample.SampleSettings(
-            s.num_samples, s.temperature, s.top_p, s.max_new_tokens, s.seed, dtype=s.dtype
-        )
+            s.num_samples, s.temperature, s.top_p, s.max_new_tokens, s.seed, dtype=s.dtype,
+            engine=self.resources.engine,
+        )  # fmt: skip
 
         def samples_of(entry: ModelEntry) -> tuple[Path, str]:
             return self.sample(entry.name, entry.path, model_fingerprint(entry.path), entry.chat_template, "train",
@@ -331,7 +333,7 @@ class ImplicitRun:
         baseline; the rate stage's folder (report.json, report.md, rates.png)."""
         r = self.recipe.rate
         settings = sample.SampleSettings(r.num_samples, r.temperature, r.top_p, r.max_new_tokens, r.seed,
-                                         dtype=self.recipe.sample.dtype)  # fmt: skip
+                                         dtype=self.recipe.sample.dtype, engine=self.resources.engine)  # fmt: skip
         answers = [self.sample(m.name, m.path, model_fingerprint(m.path), m.chat_template, "heldout", settings,
                                r.batch_size) for m in models]  # fmt: skip
         scored = self.score("answers", answers)

@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 import datasets
@@ -34,6 +34,7 @@ import torch
 from fusion_train import options
 from fusion_train.chat import Conversation, data_fingerprint, load_conversations, resolve_chat_template
 from fusion_train.errors import Command, UserError
+from fusion_train.inference import ENGINES, InferenceSettings, check_before_launch, vllm_engine
 from fusion_train.launch import barrier, launch_if_asked, launch_options, process_group, resolve_device
 from fusion_train.models import load_model, load_tokenizer, model_fingerprint
 from fusion_train.parts import all_part_stats, load_output, part_path, parts_bar, parts_to_do, write_part
@@ -67,8 +68,11 @@ class SampleSettings:
     chunk_size: int = 64  # records per part
     dtype: str = "float32"
     stop: tuple[str, ...] = ()  # texts that end a response (not kept), besides the end-of-turn token
+    engine: str = "hf"  # hf: transformers with RowSampler | vllm: vLLM's sampler, seeded per response
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine {self.engine}: one of {', '.join(ENGINES)}")
         if self.num_samples < 1 or self.max_new_tokens < 1 or self.chunk_size < 1:
             raise ValueError("--num-samples, --max-new-tokens and --chunk-size must be at least 1")
         if not self.temperature > 0:
@@ -174,59 +178,63 @@ def features() -> datasets.Features:
     )
 
 
-def end_of_turn_ids(tokenizer: Any, model: torch.nn.Module) -> list[int]:
-    """Tokens that end an answer: the tokenizer's end-of-sequence and the model's generation
-    config's (Llama-3 and others end a chat turn with a token other than end-of-sequence)."""
-    configured = model.generation_config.eos_token_id
+def generation_config(model_path: str | Path, trust_remote_code: bool = False) -> Any:
+    """The model's generation config, as ``from_pretrained`` gives it to the model: its
+    generation_config.json, else the defaults its config implies."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except OSError:  # no generation_config.json
+        return GenerationConfig.from_model_config(
+            AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        )
+
+
+def end_of_turn_ids(tokenizer: Any, config: Any) -> list[int]:
+    """Tokens that end an answer: the tokenizer's end-of-sequence and the generation config's
+    (Llama-3 and others end a chat turn with a token other than end-of-sequence)."""
+    configured = config.eos_token_id
     ids = configured if isinstance(configured, list) else [configured]
     return sorted({i for i in [*ids, tokenizer.eos_token_id] if i is not None})
 
 
 @dataclass
 class ChatGenerator:
-    """A model ready to answer rendered prompts in batches."""
+    """What both engines share: the prompt in the model's chat template, and where an answer ends.
+    An engine's ``answer(texts, seeds)`` gives (response text, generated tokens, finish reason)
+    for each rendered prompt, drawing response i's random numbers from ``seeds[i]`` alone."""
 
-    model: torch.nn.Module
     tokenizer: Any
     template: str
     settings: SampleSettings
     stop_ids: list[int]
+    schedules_itself: ClassVar[bool] = False  # True: give it a whole part, it batches on its own
 
     def render(self, prompt: Prompt) -> str:
         return self.tokenizer.apply_chat_template(
             list(prompt.messages), chat_template=self.template, tokenize=False, add_generation_prompt=True
         )
 
-    @torch.inference_mode()
-    def answer(self, texts: list[str], seeds: list[int]) -> list[tuple[str, int, str]]:
-        """(response text, generated tokens, finish reason) for each rendered prompt."""
-        from transformers import GenerationConfig, LogitsProcessorList
+    def prompt_ids(self, text: str) -> list[int]:
+        """A rendered prompt's tokens (the template already holds the special tokens)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-        device = next(self.model.parameters()).device
-        batch = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
-        config = GenerationConfig(
-            do_sample=False,  # the drawn token is the only one RowSampler leaves possible
-            max_new_tokens=self.settings.max_new_tokens,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-            stop_strings=list(self.settings.stop) or None,
-        )
-        sampler = RowSampler(seeds, self.settings.temperature, self.settings.top_p)
-        output = self.model.generate(
-            **batch, generation_config=config, logits_processor=LogitsProcessorList([sampler]),
-            tokenizer=self.tokenizer,
-        )  # fmt: skip
-        results = []
-        for row in output[:, batch["input_ids"].shape[1] :].tolist():
-            end = next((i for i, token in enumerate(row) if token in self.stop_ids), None)
-            tokens = row if end is None else row[:end]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = self.stop_at(text)
-            if cut is not None:  # generation stopped at a stop text: keep what came before it
-                tokens = tokens[: self.tokens_to_stop(tokens)]
-                text, end = text[:cut], len(tokens)
-            results.append((text, len(tokens), "length" if end is None else "stop"))
-        return results
+    def answer(self, texts: list[str], seeds: list[int]) -> list[tuple[str, int, str]]:
+        raise NotImplementedError
+
+    def ending(self, generated: list[int], stopped: bool = False) -> tuple[str, int, str]:
+        """(response text, generated tokens, finish reason) of what an engine generated after the
+        prompt: cut before the first end-of-turn token, or after the tokens of the first stop text
+        (whose text is dropped). ``stopped``: the engine says it stopped before the length limit."""
+        end = next((i for i, token in enumerate(generated) if token in self.stop_ids), None)
+        tokens = generated if end is None else generated[:end]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = self.stop_at(text)
+        if cut is not None:  # generation stopped at a stop text: keep what came before it
+            tokens = tokens[: self.tokens_to_stop(tokens)]
+            text, end = text[:cut], len(tokens)
+        return text, len(tokens), "stop" if end is not None or stopped else "length"
 
     def stop_at(self, text: str) -> int | None:
         """Where the first stop text begins in ``text``, or None."""
@@ -244,6 +252,84 @@ class ChatGenerator:
             else:
                 high = middle
         return low
+
+
+@dataclass
+class HfGenerator(ChatGenerator):
+    """transformers' ``generate`` on batches of left-padded prompts, sampled by :class:`RowSampler`."""
+
+    model: torch.nn.Module
+
+    @torch.inference_mode()
+    def answer(self, texts: list[str], seeds: list[int]) -> list[tuple[str, int, str]]:
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        config = GenerationConfig(
+            do_sample=False,  # the drawn token is the only one RowSampler leaves possible
+            max_new_tokens=self.settings.max_new_tokens,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            stop_strings=list(self.settings.stop) or None,
+        )
+        sampler = RowSampler(seeds, self.settings.temperature, self.settings.top_p)
+        output = self.model.generate(
+            **batch, generation_config=config, logits_processor=LogitsProcessorList([sampler]),
+            tokenizer=self.tokenizer,
+        )  # fmt: skip
+        return [self.ending(row) for row in output[:, batch["input_ids"].shape[1] :].tolist()]
+
+
+@dataclass
+class VllmGenerator(ChatGenerator):
+    """vLLM's own sampler (``--engine vllm``), one request per response with its own seed, so a
+    response's draws do not depend on the requests scheduled with it. vLLM samples in probability
+    order, the HF engine in token-id order (:func:`nucleus_draw`): both draw from the same
+    distribution, but from other numbers, so the two engines write different responses."""
+
+    llm: Any  # vllm.LLM
+    schedules_itself: ClassVar[bool] = True
+
+    def answer(self, texts: list[str], seeds: list[int]) -> list[tuple[str, int, str]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        s = self.settings
+        prompts = [TokensPrompt(prompt_token_ids=self.prompt_ids(text)) for text in texts]
+        params = [
+            SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=seed,
+                           stop=list(s.stop) or None, stop_token_ids=self.stop_ids, skip_special_tokens=True)
+            for seed in seeds
+        ]  # fmt: skip
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [
+            self.ending(list(out.outputs[0].token_ids), stopped=out.outputs[0].finish_reason == "stop")
+            for out in outputs
+        ]
+
+
+def engine_settings(settings: SampleSettings, tensor_parallel_size: int = 1) -> InferenceSettings:
+    """Where ``settings.engine`` runs the model, to be checked before anything starts."""
+    return InferenceSettings(
+        dtype=settings.dtype, engine=settings.engine, tensor_parallel_size=tensor_parallel_size
+    )
+
+
+def load_generator(
+    model_path: str | Path, plan: SamplingPlan, tensor_parallel_size: int = 1, trust_remote_code: bool = False
+) -> ChatGenerator:
+    """The engine ``plan.settings`` ask for, with the model loaded on this rank's device."""
+    tokenizer, settings = plan.tokenizer, plan.settings
+    stop_ids = end_of_turn_ids(tokenizer, generation_config(model_path, trust_remote_code))
+    if settings.engine == "vllm":
+        llm = vllm_engine(model_path, engine_settings(settings, tensor_parallel_size), trust_remote_code)
+        return VllmGenerator(tokenizer, plan.template, settings, stop_ids, llm=llm)
+    tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_model(model_path, dtype=settings.dtype, trust_remote_code=trust_remote_code)
+    return HfGenerator(tokenizer, plan.template, settings, stop_ids, model=model.to(resolve_device("auto")))
 
 
 @dataclass
@@ -315,6 +401,7 @@ def sample(
     batch_size: int = 8,
     limit: int | None = None,
     shard: tuple[int, int] | None = None,
+    tensor_parallel_size: int = 1,
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> SampleSummary | None:
@@ -328,19 +415,13 @@ def sample(
     out_dir = Path(out_dir)
     plan = plan_sampling(model_path, data_path, settings, source_name=source_name, limit=limit,
                          trust_remote_code=trust_remote_code)  # fmt: skip
-    settings, manifest, tokenizer = plan.settings, plan.manifest, plan.tokenizer
+    settings, manifest = plan.settings, plan.manifest
+    engine_settings(settings, tensor_parallel_size).check()
     claim_output(out_dir, manifest)
     with process_group() as rank:
         mine = parts_to_do(out_dir, manifest["num_parts"], shard or rank.share)
         if mine:
-            tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-            model = load_model(model_path, dtype=settings.dtype, trust_remote_code=trust_remote_code)
-            generator = ChatGenerator(
-                model.to(resolve_device("auto")), tokenizer, plan.template, settings,
-                end_of_turn_ids(tokenizer, model),
-            )  # fmt: skip
+            generator = load_generator(model_path, plan, tensor_parallel_size, trust_remote_code)
             bar = parts_bar(mine, f"sample {manifest['source']}", progress and rank.is_main)
             for chunk in bar:
                 begin = chunk * settings.chunk_size
@@ -360,8 +441,10 @@ def _write_part(
     settings = generator.settings
     texts = [generator.render(p) for p in prompts]
     jobs = [(r, j) for r in range(len(prompts)) for j in range(settings.num_samples)]
-    lengths = [len(generator.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+    lengths = [len(generator.prompt_ids(text)) for text in texts]
     ordered = sorted(jobs, key=lambda job: lengths[job[0]])
+    if generator.schedules_itself:
+        batch_size = len(ordered)
     answers: dict[tuple[int, int], tuple[str, int, str]] = {}
     for start in range(0, len(ordered), batch_size):
         batch = ordered[start : start + batch_size]
@@ -472,6 +555,7 @@ def load_samples(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]
     default=None,
     help="i/n: process every n-th part starting at i. Default: RANK/WORLD_SIZE of the launcher, else everything.",
 )
+@options.engine_options("vLLM's sampler, one seeded request per response")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
 @launch_options
 def sample_command(**params: Any) -> None:
@@ -481,17 +565,18 @@ def sample_command(**params: Any) -> None:
     the deepspeed launcher; what is written does not change."""
     p = SimpleNamespace(**params)
     settings = SampleSettings(p.num_samples, p.temperature, p.top_p, p.max_new_tokens, p.seed, p.chat_template,
-                              p.chunk_size, p.dtype, p.stop)  # fmt: skip
+                              p.chunk_size, p.dtype, p.stop, p.engine)  # fmt: skip
     plan_options = {"source_name": p.source_name, "limit": p.limit, "trust_remote_code": p.trust_remote_code}
 
     def check() -> None:
+        check_before_launch(engine_settings(settings, p.tensor_parallel_size))
         plan = plan_sampling(p.model_path, p.data_path, settings, **plan_options)
         check_output(Path(p.out_dir), plan.manifest)
 
     if launch_if_asked(MODULE, sample_command, params, check):
         return
     summary = sample(p.model_path, p.data_path, p.out_dir, settings, batch_size=p.batch_size, shard=parse_shard(p.shard),
-                     **plan_options)  # fmt: skip
+                     tensor_parallel_size=p.tensor_parallel_size, **plan_options)  # fmt: skip
     if summary is None:
         if p.shard:
             click.echo(f"{p.out_dir}: this shard is done; other shards' parts are still missing.")

@@ -1,11 +1,18 @@
 """`sample`: the prompt rule, the sampler against by-hand inverse-CDF draws and against the
 probabilities of a model whose next-token distribution is known, reproducibility across batch
-sizes, shards and a SIGKILL, a real chat model's turn ending, and bad input through the CLI."""
+sizes, shards and a SIGKILL, a real chat model's turn ending, the vLLM engine (its adapter on
+the CPU, the engine itself on a GPU), and bad input through the CLI."""
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import json
 import math
+import sys
+import types
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -19,6 +26,7 @@ from fusion_train import registry_assets as assets
 from fusion_train.chat import Conversation
 from fusion_train.cli import main
 from fusion_train.implicit.sample import (
+    RowSampler,
     SampleError,
     SampleSettings,
     load_samples,
@@ -26,6 +34,7 @@ from fusion_train.implicit.sample import (
     prompt_of,
     sample,
 )
+from fusion_train.inference import InferenceSettings
 
 STOP = 0.3  # the stopper model's end-of-turn probability at temperature 1
 
@@ -255,3 +264,174 @@ def test_a_real_chat_model_ends_its_turn(tmp_path: Path) -> None:
         )
         assert "<|im_end|>" not in r["response"] and r["response"].strip()
         assert r["num_tokens"] < 24 if r["finish_reason"] == "stop" else r["num_tokens"] == 24
+
+
+# --------------------------------------------------------------------------- the vLLM engine
+
+
+class TransformersAsVllm:
+    """``vllm.LLM`` as ``--engine vllm`` drives it (token prompts, one SamplingParams per request,
+    its ``token_ids`` holding the end-of-turn token it stopped at, its finish reason), answered by
+    transformers one request at a time with the HF engine's sampler seeded by the request's seed.
+    The vLLM adapter must then write what the HF engine writes: this checks the adapter (prompt
+    tokens, which seed goes with which response, where an answer ends) where no GPU is; vLLM
+    itself is compared with the HF engine by the GPU test below."""
+
+    created: ClassVar[list[dict]] = []  # engine arguments, per LLM made
+    calls: ClassVar[list[int]] = []  # requests, per generate call
+    params: ClassVar[list] = []  # every request's SamplingParams
+
+    def __init__(self, model: str, **engine_args: object) -> None:
+        from transformers import AutoModelForCausalLM
+
+        TransformersAsVllm.created.append({"model": model, **engine_args})
+        self.model = AutoModelForCausalLM.from_pretrained(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+
+    def generate(self, prompts: list[dict], params: list, use_tqdm: bool) -> list:
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        TransformersAsVllm.calls.append(len(prompts))
+        TransformersAsVllm.params.extend(params)
+        outputs = []
+        for prompt, p in zip(prompts, params, strict=True):
+            ids = torch.tensor([prompt["prompt_token_ids"]])
+            config = GenerationConfig(do_sample=False, max_new_tokens=p.max_tokens, eos_token_id=p.stop_token_ids,
+                                      pad_token_id=self.tokenizer.eos_token_id, stop_strings=p.stop)  # fmt: skip
+            sampler = RowSampler([p.seed], p.temperature, p.top_p)
+            new = self.model.generate(ids, generation_config=config, tokenizer=self.tokenizer,
+                                      logits_processor=LogitsProcessorList([sampler]))[0, ids.shape[1] :].tolist()  # fmt: skip
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            stopped = (bool(new) and new[-1] in p.stop_token_ids) or any(
+                stop in text for stop in p.stop or ()
+            )
+            completion = types.SimpleNamespace(token_ids=new, finish_reason="stop" if stopped else "length")
+            outputs.append(types.SimpleNamespace(outputs=[completion]))
+        return outputs
+
+
+@pytest.fixture
+def transformers_as_vllm(monkeypatch: pytest.MonkeyPatch) -> type[TransformersAsVllm]:
+    """The ``vllm`` module, with :class:`TransformersAsVllm` as its engine, and its GPU check passed."""
+    vllm = types.ModuleType("vllm")
+    vllm.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    vllm.LLM = TransformersAsVllm
+    vllm.SamplingParams = types.SimpleNamespace
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = dict
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setattr(InferenceSettings, "_check_vllm", lambda self: None)
+    monkeypatch.setattr(TransformersAsVllm, "created", [])
+    monkeypatch.setattr(TransformersAsVllm, "calls", [])
+    monkeypatch.setattr(TransformersAsVllm, "params", [])
+    return TransformersAsVllm
+
+
+def test_the_vllm_adapter_writes_what_the_hf_engine_writes(
+    ws: Path, tmp_path: Path, transformers_as_vllm: type[TransformersAsVllm]
+) -> None:
+    """The stopper model ends about a third of its answers with its end-of-turn token; then a stop
+    text taken from one answer ends others early."""
+    for name, stop in [("free", ()), ("stop", None)]:
+        if stop is None:
+            stop = (next(r["response"] for r in rows(tmp_path / "hf-free") if len(r["response"]) > 6)[2:5],)
+        runs = {}
+        for engine in ("hf", "vllm"):
+            settings = SampleSettings(
+                num_samples=3,
+                temperature=1.0,
+                top_p=1.0,
+                max_new_tokens=4,
+                seed=2,
+                chunk_size=4,
+                stop=stop,
+                engine=engine,
+            )
+            sample(ws / "stopper", ws / "prompts.jsonl", tmp_path / f"{engine}-{name}", settings, batch_size=5,
+                   tensor_parallel_size=2 if engine == "vllm" else 1, progress=False)  # fmt: skip
+            runs[engine] = rows(tmp_path / f"{engine}-{name}")
+        assert runs["vllm"] == runs["hf"]
+        reasons = {r["finish_reason"] for r in runs["hf"]}
+        assert reasons == {"stop", "length"}, reasons
+    assert any(stop[0] in r["response"] for r in rows(tmp_path / "hf-free"))
+    assert load_samples(tmp_path / "vllm-stop")[0]["settings"]["engine"] == "vllm"
+    assert transformers_as_vllm.calls == [12, 9] * 2  # a whole part per call: vLLM batches on its own
+    end_of_turn = AutoTokenizer.from_pretrained(ws / "stopper").eos_token_id
+    for i, params in enumerate(transformers_as_vllm.params):  # vLLM ends answers where they end, not later
+        assert (params.stop_token_ids, params.stop) == ([end_of_turn], None if i < 21 else list(stop))
+        assert (params.temperature, params.top_p, params.max_tokens) == (1.0, 1.0, 4)
+    assert transformers_as_vllm.created[0] == {
+        "model": str(ws / "stopper"), "tokenizer": str(ws / "stopper"), "dtype": "float32",
+        "tensor_parallel_size": 2, "seed": 0, "trust_remote_code": False,
+    }  # fmt: skip
+
+
+def test_engine_flags_are_refused_where_they_cannot_run(ws: Path, tmp_path: Path) -> None:
+    arguments = ["sample", "--model", str(ws / "model"), "--data", str(ws / "prompts.jsonl"), "--out",
+                 str(tmp_path / "out"), "--max-new-tokens", "2"]  # fmt: skip
+    cases = [(["--tensor-parallel-size", "2"], "Error: --tensor-parallel-size is vLLM's; add --engine vllm or drop it."),
+             (["--engine", "vllm", "--nproc", "2"], "Error: --engine vllm runs in one process that drives its GPUs; "
+              "drop --nproc, use --tensor-parallel-size.")]  # fmt: skip
+    if not torch.cuda.is_available():
+        cases.append(
+            (["--engine", "vllm"], "Error: --engine vllm needs a CUDA GPU; use the default engine (hf) here.")
+        )
+    for flags, message in cases:
+        result = CliRunner().invoke(main, [*arguments, *flags])
+        assert result.exit_code == 1 and result.output.strip().splitlines() == [message], (
+            flags,
+            result.output,
+        )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
+    reason="needs a CUDA GPU and vLLM",
+)
+def test_vllm_sampling_agrees_with_the_hf_engine(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct in float32 on 24 alpaca-eval prompts. With a nucleus of one token
+    both engines answer greedily and must agree; sampled answers must not depend on how vLLM
+    batched them (a part per call: chunk sizes 24 and 5), and end at the model's turn end."""
+    from fusion_train.registry_assets import ALPACA_EVAL_OUTPUTS, fetch, smollm2_instruct_dir
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(json.loads(fetch(ALPACA_EVAL_OUTPUTS).read_text())[:24]))
+    model = smollm2_instruct_dir()
+    greedy = {"num_samples": 1, "top_p": 1e-9, "max_new_tokens": 32}
+    for engine in ("hf", "vllm"):
+        sample(
+            model,
+            data,
+            tmp_path / f"greedy-{engine}",
+            SampleSettings(**greedy, engine=engine),
+            progress=False,
+        )
+    hf, vllm = rows(tmp_path / "greedy-hf"), rows(tmp_path / "greedy-vllm")
+    same = sum(a["response"] == b["response"] for a, b in zip(hf, vllm, strict=True))
+    assert same >= 0.9 * len(hf), f"{same} of {len(hf)} greedy answers agree"
+
+    sampled = {
+        "num_samples": 3,
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "max_new_tokens": 48,
+        "seed": 4,
+        "engine": "vllm",
+    }
+    for chunk in (24, 5):
+        sample(
+            model,
+            data,
+            tmp_path / f"chunk{chunk}",
+            SampleSettings(**sampled, chunk_size=chunk),
+            progress=False,
+        )
+    first, second = rows(tmp_path / "chunk24"), rows(tmp_path / "chunk5")
+    assert [r["response"] for r in first] == [r["response"] for r in second]
+    assert len({r["response"] for r in first}) > len(first) // 2  # sampled, not greedy
+    assert any(r["finish_reason"] == "stop" for r in first)
+    for r in first:
+        assert "<|im_end|>" not in r["response"]
+        assert r["num_tokens"] < 48 if r["finish_reason"] == "stop" else r["num_tokens"] == 48
