@@ -73,8 +73,10 @@ def response_losses(
     gguf_file: str | None = None,
     inference: InferenceSettings | None = None,
     progress: bool = True,
+    name: str | None = None,
 ) -> list[ExampleLoss]:
     """Summed negative log-likelihood and byte count of every example's assistant text.
+    (``name``: the model's name on the progress bar; default: its directory's name.)
 
     In a launched job (inside :func:`process_group`) every rank scores every n-th batch of the
     same length-sorted batches a single process would form, so the figures do not depend on the
@@ -89,7 +91,10 @@ def response_losses(
     mine = scorer.batches(encoded, batch_tokens)[rank.rank :: rank.world_size]
     losses: dict[str, ExampleLoss] = {}
     bar = tqdm(
-        mine, desc=f"evaluate {Path(model_dir).name}", unit="batch", disable=not (progress and rank.is_main)
+        mine,
+        desc=f"evaluate {name or Path(model_dir).name}",
+        unit="batch",
+        disable=not (progress and rank.is_main),
     )
     for batch in bar:
         for scored in scorer.score(batch, 1, len(tokenizer), pad_id):
@@ -210,7 +215,8 @@ def evaluate(
                 per_model[spec.name] = [ExampleLoss(**x) for x in read_json(cached)]
                 continue
             losses = response_losses(spec.path, conversations, chat_template=spec.chat_template, max_length=max_length,
-                                     batch_tokens=batch_tokens, inference=inference, progress=progress)  # fmt: skip
+                                     batch_tokens=batch_tokens, inference=inference, progress=progress,
+                                     name=spec.name)  # fmt: skip
             if rank.is_main:
                 write_json_atomic(cached, [asdict(x) for x in losses])
             barrier()  # no rank looks for the next cached file before it is written

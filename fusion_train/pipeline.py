@@ -66,7 +66,7 @@ from fusion_train.stages import (
     train_in_stage,
 )
 from fusion_train.storage import atomic_write_text, read_json, write_json_atomic
-from fusion_train.train import PRESETS, TrainConfig, launch_training, train_command
+from fusion_train.train import PRESETS, TrainConfig, launch_training, train, train_command
 
 TWO_TARGET_METHODS = {"slerp", "nuslerp"}  # interpolate exactly two models
 
@@ -412,12 +412,12 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
     if resources.hostfile is not None:
         hostfile = _local_file(base, resources.hostfile, where, "resources.hostfile", "hostfile")
         settings["resources"] = replace(resources, hostfile=hostfile)
-    train = settings["train"]
-    if train.deepspeed not in PRESETS:
-        deepspeed = _local_file(base, train.deepspeed, where, "train.deepspeed",
+    training = settings["train"]
+    if training.deepspeed not in PRESETS:
+        deepspeed = _local_file(base, training.deepspeed, where, "train.deepspeed",
                                 f"neither a preset ({', '.join(PRESETS)}) nor a file:")  # fmt: skip
-        settings["train"] = replace(train, deepspeed=deepspeed)
-    if train.epochs <= 0 and train.max_steps <= 0:
+        settings["train"] = replace(training, deepspeed=deepspeed)
+    if training.epochs <= 0 and training.max_steps <= 0:
         raise RecipeError(f"{where}: train.epochs: must be positive (or set train.max_steps)")
     from varm_merge.cli import resolve_config
 
@@ -565,6 +565,9 @@ def explicit_models(
                 bf16=t.bf16, seed=t.seed, loss_chunk_tokens=t.loss_chunk_tokens,
                 resume=resume, attn_implementation=resources.attn_implementation,
             )  # fmt: skip
+            if not resources.launches:  # one process: no launcher to start
+                train(config)
+                return 0
             return launch_training(config, resources.nproc, resources.hostfile, None)
 
         return stages.run("train", name, inputs, lambda out: train_in_stage(f"training {name}", out, start))

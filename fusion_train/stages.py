@@ -170,7 +170,7 @@ def launch_stage(label: str, module: str, command: click.Command, arguments: dic
 def train_in_stage(label: str, out: Path, start: Callable[[Path, bool], int]) -> None:
     """A training stage's body: ``start(out, resume)`` trains into ``out/model`` (checkpoints in
     ``out/model.work``, resumed when a killed run left them) and returns the launcher's exit
-    status. A run killed after the model was published (whole, by a rename) only lacks the
+    status (0 when it trained in this process). A run killed after the model was published (whole, by a rename) only lacks the
     stage's done mark: nothing is trained again. Checkpoints go once the model is there."""
     if not (out / "model" / TRAINING_SUMMARY).exists():
         code = start(out, (out / "model.work").exists())

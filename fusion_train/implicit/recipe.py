@@ -200,10 +200,11 @@ class Tuning:
     command: click.Command
     settings: Callable[..., tuning.TuneSettings]
     check: Callable[[tuning.TuneSettings, int], Any]
+    train: Callable[[Any], Any]  # in this process, a world of one
 
 
-SFT = Tuning(sft.STAGE, sft.MODULE, sft.sft_command, sft.SFTSettings, sft.check)
-DPO = Tuning(dpo.STAGE, dpo.MODULE, dpo.dpo_command, dpo.DPOSettings, dpo.check)
+SFT = Tuning(sft.STAGE, sft.MODULE, sft.sft_command, sft.SFTSettings, sft.check, sft.sft)
+DPO = Tuning(dpo.STAGE, dpo.MODULE, dpo.dpo_command, dpo.DPOSettings, dpo.check, dpo.dpo)
 
 
 class ImplicitRun:
@@ -286,6 +287,9 @@ class ImplicitRun:
             settings = stage.settings(model=model, prefs=str(prefs[0]), out=str(out / "model"), resume=resume,
                                       attn_implementation=resources.attn_implementation, **values)  # fmt: skip
             stage.check(settings, world_size)  # here, once, before any rank starts
+            if not resources.launches:  # one process: no launcher to start
+                stage.train(settings)
+                return 0
             arguments = command_arguments(stage.command, asdict(settings))
             return launch(stage.module, arguments, resources.nproc, resources.hostfile, None)
 
