@@ -119,6 +119,10 @@ class FuseStage:
 
 @dataclass(frozen=True)
 class TrainStage:
+    """``fusion-train train``'s settings in a recipe. Not derived from ``train.Schedule`` (as the
+    implicit sft/dpo sections are): every key here is part of the train stages' keys, and the
+    weight_decay and max_grad_norm a derived section would add would retrain existing runs."""
+
     clm_baseline: bool = True  # also train the pivot with CLM only, on the same data and schedule
     lm_weight: float = 0.9
     temperature: float = 1.0

@@ -72,13 +72,9 @@ class TrainInputError(UserError, ValueError):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainerSettings:
-    """The settings every training stage (``train``, ``sft``, ``dpo``) hands to transformers'
-    Trainer: ZeRO config, schedule, batch, precision, logging, checkpoints, seed; checked on
-    construction. A stage's class adds its inputs and its own settings (keyword-only here, so a
-    stage's required fields can come first)."""
-
-    input_error: ClassVar[type[UserError]] = TrainInputError  # what a bad setting raises (a stage's own)
+class Schedule:
+    """What changes how a training stage trains: ZeRO config, schedule, batch, precision, seed.
+    A recipe's ``sft`` and ``dpo`` sections hold these too."""
 
     deepspeed: str = "zero2"  # a preset name or a JSON file
     learning_rate: float = 5e-6
@@ -92,13 +88,24 @@ class TrainerSettings:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     bf16: bool | None = None  # None: on GPUs that support it (on CPU hosts only when asked)
+    seed: int = 42
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerSettings(Schedule):
+    """The settings every training stage (``train``, ``sft``, ``dpo``) hands to transformers'
+    Trainer: the schedule, logging and checkpoints; checked on construction. A stage's class adds
+    its inputs and its own settings (keyword-only here, so a stage's required fields can come
+    first)."""
+
+    input_error: ClassVar[type[UserError]] = TrainInputError  # what a bad setting raises (a stage's own)
+
     attn_implementation: str = "auto"
     report_to: str = "none"
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int = 2  # 0 keeps every checkpoint
     resume: bool = False
-    seed: int = 42
 
     def checks(self) -> dict[str, bool]:
         """Message -> whether it holds; a stage adds its own (``{**super().checks(), ...}``)."""

@@ -31,7 +31,7 @@ from fusion_train.implicit.verifiers import get_verifier
 from fusion_train.launch import command_arguments, launch, world_size_of
 from fusion_train.models import model_fingerprint
 from fusion_train.stages import RecipeError, Resources, Stages, launch_stage, train_in_stage
-from fusion_train.train import PRESETS
+from fusion_train.train import PRESETS, Schedule
 
 if TYPE_CHECKING:
     from fusion_train.pipeline import ModelEntry, Recipe
@@ -41,15 +41,10 @@ DPO_NAMES = {"sigmoid": "implicit-dpo", "sigmoid_norm": "implicit-dpo-norm", "wr
 DEFAULT_LOSS = {"fusechat3": "sigmoid_norm", "wrpo": "wrpo"}  # the papers' losses
 
 
-@dataclass(frozen=True)
-class SampleStage:
+@dataclass(frozen=True, kw_only=True)
+class SampleStage(sample.Sampling):
     """``fusion-train sample`` for every source, on the training prompts."""
 
-    num_samples: int = 5
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 1024
-    seed: int = 0
     batch_size: int = 8
     dtype: str = "float32"
 
@@ -75,27 +70,16 @@ class PreferStage:
     drop_truncated: bool = False
 
 
-@dataclass(frozen=True)
-class SFTStage:
+@dataclass(frozen=True, kw_only=True)
+class SFTStage(Schedule):
     """The flags of ``fusion-train sft`` that a recipe sets (the rest: resources, or the defaults)."""
 
-    deepspeed: str = "zero2"
     learning_rate: float = sft.LEARNING_RATE
-    epochs: float = 3.0
-    max_steps: int = -1
-    per_device_batch_size: int = 1
-    grad_accumulation: int = 1
-    warmup_ratio: float = 0.1
-    scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 2048
-    gradient_checkpointing: bool = False
-    bf16: bool | None = None
-    seed: int = 42
+    warmup_ratio: float = tuning.WARMUP_RATIO
+    max_length: int = tuning.MAX_LENGTH
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DPOStage(SFTStage):
     """``fusion-train dpo``; ``loss`` defaults by ``prefer.mode`` (sigmoid_norm, resp. wrpo), beta
     and learning rate by loss (``dpo.LOSS_DEFAULTS``)."""
@@ -107,14 +91,13 @@ class DPOStage(SFTStage):
     epochs: float = 1.0
 
 
-@dataclass(frozen=True)
-class RateStage:
+@dataclass(frozen=True, kw_only=True)
+class RateStage(sample.Sampling):
     """Answers to the held-out prompts by every model of the report, scored as the training
-    responses are, and compared with ``baseline`` (default: the pivot)."""
+    responses are, and compared with ``baseline`` (default: the pivot). One answer per prompt,
+    shorter than the training samples; ``seed`` also seeds the bootstrap."""
 
     num_samples: int = 1
-    temperature: float = 0.8
-    top_p: float = 0.95
     max_new_tokens: int = 512
     seed: int = 1
     batch_size: int = 8
@@ -305,10 +288,7 @@ class ImplicitRun:
         """sample -> score -> prefer -> sft -> dpo; the SFT and the preference-trained models."""
         recipe = self.recipe
         s = recipe.sample
-        settings = sample.SampleSettings(
-            s.num_samples, s.temperature, s.top_p, s.max_new_tokens, s.seed, dtype=s.dtype,
-            engine=self.resources.engine,
-        )  # fmt: skip
+        settings = sample.SampleSettings.drawing(s, dtype=s.dtype, engine=self.resources.engine)
 
         def samples_of(entry: ModelEntry) -> tuple[Path, str]:
             return self.sample(entry.name, entry.path, model_fingerprint(entry.path), entry.chat_template, "train",
@@ -336,8 +316,9 @@ class ImplicitRun:
         """Every model answers the held-out prompts; the answers are scored and rated against the
         baseline; the rate stage's folder (report.json, report.md, rates.png)."""
         r = self.recipe.rate
-        settings = sample.SampleSettings(r.num_samples, r.temperature, r.top_p, r.max_new_tokens, r.seed,
-                                         dtype=self.recipe.sample.dtype, engine=self.resources.engine)  # fmt: skip
+        settings = sample.SampleSettings.drawing(
+            r, dtype=self.recipe.sample.dtype, engine=self.resources.engine
+        )
         answers = [self.sample(m.name, m.path, model_fingerprint(m.path), m.chat_template, "heldout", settings,
                                r.batch_size) for m in models]  # fmt: skip
         scored = self.score("answers", answers)

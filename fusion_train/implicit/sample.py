@@ -22,7 +22,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -55,15 +55,30 @@ class SampleError(UserError, ValueError):
     """Prompts that cannot be answered, or sample directories that are missing or incomplete."""
 
 
-@dataclass(frozen=True)
-class SampleSettings:
-    """Everything that changes what ``sample`` writes (recorded in the manifest)."""
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """How responses are drawn: the settings a recipe's ``sample`` and ``rate`` sections share
+    with ``fusion-train sample``."""
 
     num_samples: int = 5
     temperature: float = 0.8
     top_p: float = 0.95
     max_new_tokens: int = 1024
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.max_new_tokens < 1:
+            raise ValueError("--num-samples and --max-new-tokens must be at least 1")
+        if not self.temperature > 0:
+            raise ValueError("--temperature must be above 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("--top-p must be in (0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleSettings(Sampling):
+    """Everything that changes what ``sample`` writes (recorded in the manifest)."""
+
     chat_template: str | None = None  # built-in name or .jinja file; default: the tokenizer's own
     chunk_size: int = 64  # records per part
     dtype: str = "float32"
@@ -71,14 +86,16 @@ class SampleSettings:
     engine: str = "hf"  # hf: transformers with RowSampler | vllm: vLLM's sampler, seeded per response
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.chunk_size < 1:
+            raise ValueError("--chunk-size must be at least 1")
         if self.engine not in ENGINES:
             raise ValueError(f"--engine {self.engine}: one of {', '.join(ENGINES)}")
-        if self.num_samples < 1 or self.max_new_tokens < 1 or self.chunk_size < 1:
-            raise ValueError("--num-samples, --max-new-tokens and --chunk-size must be at least 1")
-        if not self.temperature > 0:
-            raise ValueError("--temperature must be above 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("--top-p must be in (0, 1]")
+
+    @classmethod
+    def drawing(cls, sampling: Sampling, **settings: Any) -> SampleSettings:
+        """``sampling``'s draws (a recipe section's, say), with the other ``settings``."""
+        return cls(**{f.name: getattr(sampling, f.name) for f in fields(Sampling)}, **settings)
 
 
 @dataclass(frozen=True)
@@ -564,8 +581,7 @@ def sample_command(**params: Any) -> None:
     With --nproc N the parts are split between N processes (one per GPU, or CPU processes) under
     the deepspeed launcher; what is written does not change."""
     p = SimpleNamespace(**params)
-    settings = SampleSettings(p.num_samples, p.temperature, p.top_p, p.max_new_tokens, p.seed, p.chat_template,
-                              p.chunk_size, p.dtype, p.stop, p.engine)  # fmt: skip
+    settings = SampleSettings(**{f.name: params[f.name] for f in fields(SampleSettings)})
     plan_options = {"source_name": p.source_name, "limit": p.limit, "trust_remote_code": p.trust_remote_code}
 
     def check() -> None:

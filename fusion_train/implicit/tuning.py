@@ -58,6 +58,8 @@ from fusion_train.train import (
 log = logging.getLogger(__name__)
 
 RUN_FORMAT = "fusion-train/tune-run@1"
+WARMUP_RATIO = 0.1  # sft and dpo (train: 0.03)
+MAX_LENGTH = 2048  # tokens of prompt and response
 SUMMARY_FORMAT = "fusion-train/tune-summary@1"
 
 
@@ -75,8 +77,8 @@ class TuneSettings(TrainerSettings):
     model: str
     prefs: str  # a `fusion-train prefer` output directory
     out: str
-    max_length: int = 2048
-    warmup_ratio: float = field(default=0.1, kw_only=True)
+    max_length: int = MAX_LENGTH
+    warmup_ratio: float = field(default=WARMUP_RATIO, kw_only=True)
 
 
 # --------------------------------------------------------------------------- checks
@@ -290,7 +292,7 @@ def tune_options(learning_rate: float | None, epochs: float, lr_help: str) -> Ca
                 click.option(
                     "--warmup-ratio",
                     type=click.FloatRange(0.0, 1.0, max_open=True),
-                    default=0.1,
+                    default=WARMUP_RATIO,
                     help="Share of the steps with a linear warmup.",
                 ),
                 click.option(
@@ -306,7 +308,7 @@ def tune_options(learning_rate: float | None, epochs: float, lr_help: str) -> Ca
                 click.option(
                     "--max-length",
                     type=options.MAX_LENGTH,
-                    default=2048,
+                    default=MAX_LENGTH,
                     help="Longest tokenized prompt + response; longer ones are cut at the end.",
                 ),
                 click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False),

@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import types
+import weakref
 from pathlib import Path
 from typing import ClassVar
 
@@ -22,6 +23,7 @@ from implicit_fixtures import build_stopper, write_jsonl
 from test_resume import SAVE, assert_same_output, run_killed
 from transformers import AutoTokenizer
 
+from fusion_train import inference
 from fusion_train import registry_assets as assets
 from fusion_train.chat import Conversation
 from fusion_train.cli import main
@@ -322,6 +324,7 @@ def transformers_as_vllm(monkeypatch: pytest.MonkeyPatch) -> type[TransformersAs
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
     monkeypatch.setattr(InferenceSettings, "_check_vllm", lambda self: None)
+    monkeypatch.setattr(inference, "_CHECKED", weakref.WeakSet())  # what passed here is forgotten after
     monkeypatch.setattr(TransformersAsVllm, "created", [])
     monkeypatch.setattr(TransformersAsVllm, "calls", [])
     monkeypatch.setattr(TransformersAsVllm, "params", [])
