@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from fusion_train.errors import UserError
 from fusion_train.launch import Rank, any_rank, parameters_held, resolve_device, resolve_dtype
-from fusion_train.models import attention_implementation, load_model, output_rows
+from fusion_train.models import attention_implementation, load_model, output_rows, release_memory
 
 if TYPE_CHECKING:
     from fusion_train.represent import EncodedExample
@@ -145,6 +145,7 @@ def vllm_engine(
     ``tensor_parallel_size`` GPUs (checked settings: vLLM is installed and a GPU is there)."""
     from vllm import LLM
 
+    release_memory()  # vLLM starts only with its share of the GPU's memory free
     return LLM(
         model=str(path), tokenizer=str(path), dtype=vllm_dtype(settings), tensor_parallel_size=settings.tensor_parallel_size,
         seed=0, trust_remote_code=trust_remote_code, **engine_args,

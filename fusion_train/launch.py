@@ -12,6 +12,8 @@ group (gloo on CPU hosts), and how many parameter elements each rank holds (ZeRO
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import shutil
 import socket
@@ -135,6 +137,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@functools.cache
+def end_process_group_at_exit() -> None:
+    """End the process group a stage leaves behind (transformers' Trainer keeps its own for the
+    rest of the process) before the interpreter's own teardown: left to it, gloo's threads can be
+    destroyed in an order that aborts a process whose work succeeded ("terminate called without
+    an active exception", pytorch/pytorch#190489). Registered once per process."""
+
+    def end() -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(end)
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -141,6 +142,15 @@ def output_rows(model: torch.nn.Module) -> int:
     """Rows of the output embedding (also of a ZeRO-3 partitioned one, whose local tensor is empty)."""
     weight = model.get_output_embeddings().weight
     return getattr(weight, "ds_shape", weight.shape)[0]
+
+
+def release_memory() -> None:
+    """Free the memory of models no longer referenced now, not when the collector gets to them:
+    the next stage of the same process may need it (vLLM takes a share of the GPU's memory when
+    it starts, and refuses to start without it)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def model_fingerprint(path: str | Path) -> str:

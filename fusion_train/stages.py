@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -167,17 +168,28 @@ def launch_stage(label: str, module: str, command: click.Command, arguments: dic
         )
 
 
+def _training_failed(label: str, out: Path, why: str) -> str:
+    return (
+        f"{label} failed ({why}; {free_gigabytes(out):.1f} GB free on the run's disk): see the log above, "
+        "then rerun the recipe to resume from the last checkpoint"
+    )
+
+
 def train_in_stage(label: str, out: Path, start: Callable[[Path, bool], int]) -> None:
     """A training stage's body: ``start(out, resume)`` trains into ``out/model`` (checkpoints in
-    ``out/model.work``, resumed when a killed run left them) and returns the launcher's exit
-    status (0 when it trained in this process). A run killed after the model was published (whole, by a rename) only lacks the
-    stage's done mark: nothing is trained again. Checkpoints go once the model is there."""
+    ``out/model.work``, resumed when a killed run left them), in this process or under the
+    launcher, and returns the exit status (0 when it trained here). A run killed after the model
+    was published (whole, by a rename) only lacks the stage's done mark: nothing is trained
+    again. Checkpoints go once the model is there."""
     if not (out / "model" / TRAINING_SUMMARY).exists():
-        code = start(out, (out / "model.work").exists())
+        try:
+            code = start(out, (out / "model.work").exists())
+        except Exception as error:
+            if isinstance(error, UserError) or is_disk_full(error):
+                raise  # says what to do itself (a full disk: disk_full_explained, around every stage)
+            traceback.print_exc()  # what a launched rank prints when it fails
+            raise StageError(_training_failed(label, out, f"{type(error).__name__}: {error}")) from error
         if code != 0:
-            raise StageError(
-                f"{label} failed (exit code {code}; {free_gigabytes(out):.1f} GB free on the run's disk): see the "
-                "log above, then rerun the recipe to resume from the last checkpoint"
-            )
+            raise StageError(_training_failed(label, out, f"exit code {code}"))
     for checkpoint in (out / "model.work").glob("checkpoint-*"):  # only needed to resume
         shutil.rmtree(checkpoint)

@@ -38,6 +38,7 @@ from fusion_train import options
 from fusion_train.errors import Command, UserError
 from fusion_train.launch import (
     command_arguments,
+    end_process_group_at_exit,
     launch,
     launch_options,
     on_cpu_host,
@@ -48,7 +49,13 @@ from fusion_train.launch import (
     world_size_of,
 )
 from fusion_train.losses import CHUNK_TOKENS, fused_weights, head_loss_sums
-from fusion_train.models import attention_implementation, load_model, load_tokenizer, tokenizer_hash
+from fusion_train.models import (
+    attention_implementation,
+    load_model,
+    load_tokenizer,
+    release_memory,
+    tokenizer_hash,
+)
 from fusion_train.options import FRACTION, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
 from fusion_train.storage import MANIFEST, claim_output, open_to_umask, read_json, write_json_atomic
 
@@ -355,6 +362,28 @@ def resolve_bf16(bf16: bool | None) -> bool:
             "--bf16: this machine cannot train in bf16 (no GPU or CPU support); leave it out"
         )
     return default if bf16 is None else bf16
+
+
+@contextmanager
+def trainer_in_this_process() -> Iterator[None]:
+    """For the time of a training run (train, sft, dpo) in this process: a rank's variables
+    (``launch.world_of_one``). On the way out, what transformers' Trainer leaves behind goes:
+    accelerate's AcceleratorState, whose DeepSpeed plugin would keep ZeRO-3 switched on for every
+    later ``from_pretrained`` of the process, transformers' DeepSpeed config, and the memory of
+    the model and optimizer, so the stages after it in the same process load models whole. The
+    process group the Trainer starts stays for the next training of the process, and is ended at
+    exit (:func:`launch.end_process_group_at_exit`)."""
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    end_process_group_at_exit()
+    with world_of_one():
+        try:
+            yield
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+            unset_hf_deepspeed_config()
+            release_memory()
 
 
 def trainer_arguments(
@@ -724,13 +753,13 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any] 
     """Train one target model and publish it at ``config.out``; return the summary on the main rank.
 
     Runs in every process of a launched job (or alone, as a world of one: the variables of a rank
-    are there for the run only, ``launch.world_of_one``). ``callbacks`` are transformers
+    are there for the run only, :func:`trainer_in_this_process`). ``callbacks`` are transformers
     ``TrainerCallback``s, for library users and tests.
     """
     started = time.time()
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     prepared = prepare(config, world_size, rank)
-    with world_of_one():
+    with trainer_in_this_process():
         return _train(config, prepared, world_size, started, callbacks)
 
 

@@ -22,7 +22,9 @@ from fusion_train import pipeline
 from fusion_train.chat import load_conversations
 from fusion_train.evaluate import bits_per_byte, response_losses
 from fusion_train.pipeline import RecipeError, load_recipe, parse_recipe, run_pipeline
+from fusion_train.stages import StageError, train_in_stage
 from fusion_train.sweep import parse_variation, sweep_command, variants
+from fusion_train.train import TrainInputError
 
 
 def write_recipe(root: Path, sources: list[str], **overrides) -> Path:
@@ -231,6 +233,32 @@ def test_end_to_end_resume_rerun_and_added_source(workspace: Path, monkeypatch: 
     assert summary["rows"][0]["bits_per_byte"] != summary["rows"][1]["bits_per_byte"]  # two different models
     assert "| train.lm_weight=0.9 | target-qwen |" in result.output
     assert (sweep_dir / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_training_stage_that_fails_is_one_error_line_after_its_log(tmp_path: Path, capsys) -> None:
+    """Training in the recipe's own process (a world of one) or under the launcher: a crash is
+    printed with its traceback, as a failed rank prints it, then one line says how to go on; an
+    error that says what to do itself (a user error, a full disk) is passed on as it is."""
+
+    def raising(error: Exception):
+        def start(out: Path, resume: bool) -> int:
+            raise error
+
+        return start
+
+    with pytest.raises(StageError) as caught:
+        train_in_stage("training target-x", tmp_path, raising(RuntimeError("CUDA out of memory")))
+    assert str(caught.value).startswith("training target-x failed (RuntimeError: CUDA out of memory; ")
+    assert str(caught.value).endswith(
+        "see the log above, then rerun the recipe to resume from the last checkpoint"
+    )
+    assert "Traceback" in capsys.readouterr().err
+    with pytest.raises(StageError, match=r"^training target-x failed \(exit code 3; [0-9.]+ GB free"):
+        train_in_stage("training target-x", tmp_path, lambda out, resume: 3)
+    for error in (TrainInputError("--epochs must be positive"), OSError(errno.ENOSPC, "No space left", "x")):
+        with pytest.raises(type(error)):
+            train_in_stage("training target-x", tmp_path, raising(error))
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_sweep_settings_are_checked() -> None:

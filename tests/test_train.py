@@ -363,17 +363,25 @@ def test_output_and_checkpoint_state_are_checked(pivot, good_fused, tmp_path):
 
 def test_training_in_this_process_twice_leaves_no_rank_behind(pivot, good_fused, tmp_path, monkeypatch):
     """train() run by a library caller, a world of one: the rank's variables are the run's only
-    (a later launch in the same process is not refused as one inside a launched rank), and a
-    second run reuses the process group transformers keeps."""
+    (a later launch in the same process is not refused as one inside a launched rank), a second
+    run reuses the process group transformers keeps, and after a ZeRO-3 run models load whole
+    again (transformers' Trainer would leave ZeRO-3 switched on for every later from_pretrained)."""
     import os
 
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from fusion_train.models import load_model
+
     saved = dict(os.environ)
-    for run in ("first", "second"):
+    for run, deepspeed in (("first", "zero2"), ("second", "zero3")):
         config = TrainConfig(model=str(pivot), fused=str(good_fused), out=str(tmp_path / run), max_steps=1,
-                             warmup_ratio=0.0, logging_steps=1, bf16=False)  # fmt: skip
+                             warmup_ratio=0.0, logging_steps=1, bf16=False, deepspeed=deepspeed)  # fmt: skip
         summary = train_module.train(config)
         assert summary is not None and summary["steps"] == 1 and summary["world_size"] == 1
         assert_left_no_rank_behind(monkeypatch, saved)
+    assert not is_deepspeed_zero3_enabled()
+    model = load_model(pivot)
+    assert all(p.numel() > 0 for p in model.parameters())  # not partitioned away by zero.Init
 
 
 def test_cli_reports_bad_input_before_training(pivot, tmp_path):

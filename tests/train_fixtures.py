@@ -228,7 +228,8 @@ def assert_left_no_rank_behind(monkeypatch, saved: dict[str, str]) -> None:
     assert not set(RANK_VARIABLES) & set(os.environ), [k for k in RANK_VARIABLES if k in os.environ]
     assert dict(os.environ) == saved
     started = []
-    monkeypatch.setattr(launch.subprocess, "run", lambda command, **kw: started.append(command)
-                        or subprocess.CompletedProcess(command, 0))  # fmt: skip
-    assert launch.launch("fusion_train.train", [], 2, None, None) == 0
+    with monkeypatch.context() as patch:  # subprocess.run as it was for what follows
+        patch.setattr(launch.subprocess, "run", lambda command, **kw: started.append(command)
+                      or subprocess.CompletedProcess(command, 0))  # fmt: skip
+        assert launch.launch("fusion_train.train", [], 2, None, None) == 0
     assert started and started[0][-1] == "fusion_train.train"

@@ -29,7 +29,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
-from trl.data_utils import _tokenize, is_conversational
+from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
@@ -118,14 +118,16 @@ class WRPOTrainer(DPOTrainer):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
         def tokenize_source(example: dict[str, Any]) -> dict[str, Any]:
+            """TRL's rule for chosen and rejected, over all three: the completions start where the
+            tokenized prompt and a tokenized prompt + completion first differ. Where the source's
+            answer merges with the prompt's last tokens (an answer opening with a blank line
+            after a template's newline), those prompt tokens join every completion of the row."""
             ids = _tokenize(processing_class, example["prompt"] + example["chosen_source"])["input_ids"]
             prompt = example["prompt_ids"]
-            if ids[: len(prompt)] != prompt:
-                raise ValueError(
-                    "the tokenized prompt is not a prefix of prompt + chosen_source; use a chat template that renders "
-                    "the prompt the same way with and without the answer"
-                )
-            return {"chosen_source_ids": ids[len(prompt) :]}
+            shared = common_prefix_length(prompt, ids)
+            moved = prompt[shared:]
+            return {"prompt_ids": prompt[:shared], "chosen_ids": moved + example["chosen_ids"],
+                    "rejected_ids": moved + example["rejected_ids"], "chosen_source_ids": ids[shared:]}  # fmt: skip
 
         return dataset.map(tokenize_source)
 

@@ -204,7 +204,7 @@ class ImplicitRun:
                settings: sample.SampleSettings, batch_size: int) -> tuple[Path, str]:  # fmt: skip
         """One model's answers to the training (``prompts="train"``) or held-out prompts."""
         data = self.train_file if prompts == "train" else self.heldout_file
-        inputs = {"model": model_key, "data": self.data_key, "prompts": prompts, "settings": asdict(settings),
+        inputs = {"model": model_key, "data": self.data_key, "prompts": prompts, "settings": settings.record(),
                   "chat_template": chat_template, "batch_size": batch_size, "format": sample.FORMAT}  # fmt: skip
 
         def work(out: Path) -> None:

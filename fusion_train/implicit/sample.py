@@ -36,7 +36,7 @@ from fusion_train.chat import Conversation, data_fingerprint, load_conversations
 from fusion_train.errors import Command, UserError
 from fusion_train.inference import ENGINES, InferenceSettings, check_before_launch, vllm_engine
 from fusion_train.launch import barrier, launch_if_asked, launch_options, process_group, resolve_device
-from fusion_train.models import load_model, load_tokenizer, model_fingerprint
+from fusion_train.models import load_model, load_tokenizer, model_fingerprint, release_memory
 from fusion_train.parts import all_part_stats, load_output, part_path, parts_bar, parts_to_do, write_part
 from fusion_train.represent import parse_shard
 from fusion_train.storage import MANIFEST, check_output, claim_output, read_json, write_json_atomic
@@ -91,6 +91,14 @@ class SampleSettings(Sampling):
             raise ValueError("--chunk-size must be at least 1")
         if self.engine not in ENGINES:
             raise ValueError(f"--engine {self.engine}: one of {', '.join(ENGINES)}")
+
+    def record(self) -> dict[str, Any]:
+        """The settings as a manifest (and a recipe's stage key) holds them: the engine only when
+        it is not the default, so runs from before ``--engine`` keep their manifests and keys."""
+        record = asdict(self)
+        if self.engine == "hf":
+            del record["engine"]
+        return record
 
     @classmethod
     def drawing(cls, sampling: Sampling, **settings: Any) -> SampleSettings:
@@ -403,7 +411,7 @@ def plan_sampling(
             "source": template_source,
             "sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
         },
-        "settings": asdict(settings),
+        "settings": settings.record(),
     }
     return SamplingPlan(prompts, tokenizer, template, settings, manifest)
 
@@ -446,6 +454,8 @@ def sample(
                 _write_part(
                     generator, chunk_prompts, manifest["source"], batch_size, part_path(out_dir, chunk)
                 )
+            del generator
+            release_memory()
         barrier()  # every rank's parts exist
     return finalize(out_dir) if rank.is_main else None
 

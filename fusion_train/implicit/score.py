@@ -34,7 +34,13 @@ from fusion_train.errors import Command, UserError
 from fusion_train.implicit.sample import load_samples
 from fusion_train.implicit.verifiers import Verifier, get_verifier
 from fusion_train.launch import barrier, launch_if_asked, launch_options, process_group, resolve_device
-from fusion_train.models import ModelLoadError, load_tokenizer, model_directory, model_fingerprint
+from fusion_train.models import (
+    ModelLoadError,
+    load_tokenizer,
+    model_directory,
+    model_fingerprint,
+    release_memory,
+)
 from fusion_train.parts import PARTS_DIR, load_output, part_path, parts_bar, parts_to_do, write_part
 from fusion_train.represent import parse_shard
 from fusion_train.storage import check_output, claim_output, read_json, write_json_atomic
@@ -377,6 +383,8 @@ def score(
             columns += [verifier_scores(name, verifier, part) for name, verifier in plan.verifiers.items()]
             scores = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
             write_part(part_path(out_dir, chunk), part.add_column("scores", scores, feature=struct))
+        del reward
+        release_memory()
         barrier()  # every rank's parts exist
     if not rank.is_main or not all(part_path(out_dir, c).exists() for c in range(num_parts)):
         return None  # another rank, or other shards' parts are missing

@@ -38,7 +38,6 @@ from fusion_train.launch import (
     launch_if_asked,
     launch_options,
     parameters_held,
-    world_of_one,
     world_size_of,
 )
 from fusion_train.models import attention_implementation, load_model, load_tokenizer, tokenizer_hash
@@ -52,6 +51,7 @@ from fusion_train.train import (
     publish,
     resume_point,
     trainer_arguments,
+    trainer_in_this_process,
     work_dir,
 )
 
@@ -185,7 +185,7 @@ def run(
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     prepared = prepare(settings, load, stage, world_size, rank)
     datasets.disable_progress_bars()
-    with world_of_one():
+    with trainer_in_this_process():
         return _run(settings, stage, prepared, make_trainer, log_keys, world_size, started)
 
 

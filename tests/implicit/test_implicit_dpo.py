@@ -32,6 +32,10 @@ def pairs() -> datasets.Dataset:
          "rejected": say("I do not know any colours at all."), "chosen_source": say("Red, like a ripe tomato.")},
         {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}],
          "chosen": say("4"), "rejected": say("5"), "chosen_source": say("2 + 2 = 4.")},
+        # The source's answer opens with a blank line, whose tokens merge with the template's
+        # newline after "assistant": the prompt alone is no token prefix of prompt + that answer.
+        {"prompt": [{"role": "user", "content": "Name a fruit."}], "chosen": say("A pear."),
+         "rejected": say("No."), "chosen_source": say("\n\nAn apple, crisp and red.")},
     ])  # fmt: skip
 
 
@@ -47,21 +51,36 @@ def model_dir(tokenizer_dirs: dict, tmp_path_factory: pytest.TempPathFactory) ->
 def trainer_for(model_dir: Path, out: Path, max_steps: int = 4) -> WRPOTrainer:
     policy = AutoModelForCausalLM.from_pretrained(model_dir)
     reference = copy.deepcopy(policy)
-    config = DPOConfig(output_dir=str(out), beta=BETA, per_device_train_batch_size=2, max_steps=max_steps,
+    config = DPOConfig(output_dir=str(out), beta=BETA, per_device_train_batch_size=3, max_steps=max_steps,
                        learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
                        bf16=False)  # TRL defaults to bf16, which would run the reference model in bf16 autocast  # fmt: skip
     return WRPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=pairs(),
                        processing_class=AutoTokenizer.from_pretrained(model_dir), alpha_max=0.1)  # fmt: skip
 
 
-def logp_by_hand(model: torch.nn.Module, tokenizer: object, prompt: list, answer: list) -> float:
-    """log p(answer | prompt): the answer's tokens are those after the rendered prompt with its
-    generation prompt, each predicted by the logits one position earlier."""
-    context = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    whole = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
-    assert whole.startswith(context)
-    start = len(tokenizer(context, add_special_tokens=False)["input_ids"])
-    ids = torch.tensor([tokenizer(whole, add_special_tokens=False)["input_ids"]])
+def token_ids(tokenizer: object, messages: list, generation_prompt: bool = False) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def answers_start(tokenizer: object, row: dict) -> int:
+    """Where a row's answers begin, in tokens: after the rendered prompt with its generation
+    prompt, or where one of its three answers' tokens merge with the prompt's last ones (counted
+    here by comparing token lists; then all three answers start there)."""
+    context = token_ids(tokenizer, row["prompt"], generation_prompt=True)
+    starts = [len(context)]
+    for key in ("chosen", "rejected", "chosen_source"):
+        whole = token_ids(tokenizer, row["prompt"] + row[key])
+        starts.append(
+            next((i for i, (a, b) in enumerate(zip(context, whole, strict=False)) if a != b), len(context))
+        )
+    return min(starts)
+
+
+def logp_by_hand(model: torch.nn.Module, tokenizer: object, prompt: list, answer: list, start: int) -> float:
+    """log p(tokens from ``start`` on | those before) over the rendered prompt + answer, each token
+    predicted by the logits one position earlier."""
+    ids = torch.tensor([token_ids(tokenizer, prompt + answer)])
     with torch.no_grad():
         logprobs = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
     return float(sum(logprobs[t - 1, ids[0, t]] for t in range(start, ids.shape[1])))
@@ -93,17 +112,19 @@ def test_loss_matches_the_formula_by_hand(model_dir: Path, tmp_path: Path) -> No
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
-    def r(prompt: list, answer: list) -> float:
-        policy = logp_by_hand(trainer.model, tokenizer, prompt, answer)
-        return policy - logp_by_hand(trainer.ref_model, tokenizer, prompt, answer)
-
-    expected = []
+    expected, starts = [], []
     for row in pairs():
-        p = row["prompt"]
-        inner = BETA * (
-            0.05 * r(p, row["chosen_source"]) + 0.95 * r(p, row["chosen"]) - r(p, row["rejected"])
-        )
+        start = answers_start(tokenizer, row)
+        starts.append(start)
+
+        def r(key: str, row: dict = row, start: int = start) -> float:
+            policy = logp_by_hand(trainer.model, tokenizer, row["prompt"], row[key], start)
+            return policy - logp_by_hand(trainer.ref_model, tokenizer, row["prompt"], row[key], start)
+
+        inner = BETA * (0.05 * r("chosen_source") + 0.95 * r("chosen") - r("rejected"))
         expected.append(-F.logsigmoid(torch.tensor(inner, dtype=torch.float64)).item())
+    prompt_alone = len(token_ids(tokenizer, pairs()[2]["prompt"], generation_prompt=True))
+    assert starts[2] < prompt_alone  # the third row's answers start inside its rendered prompt
     assert abs(expected[0] - math.log(2)) > 1e-3  # the check below is not the trivial one
     assert loss == pytest.approx(sum(expected) / len(expected), rel=1e-4)
 

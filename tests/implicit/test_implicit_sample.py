@@ -5,6 +5,7 @@ the CPU, the engine itself on a GPU), and bad input through the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.machinery
 import importlib.util
 import json
@@ -312,13 +313,29 @@ class TransformersAsVllm:
         return outputs
 
 
+@dataclasses.dataclass(kw_only=True)
+class SamplingParams:
+    """The fields of ``vllm.SamplingParams`` (vLLM >= 0.10) that the adapter may set; a misspelled
+    or unknown one is a TypeError, as in vLLM."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int | None = 16
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+
+
 @pytest.fixture
 def transformers_as_vllm(monkeypatch: pytest.MonkeyPatch) -> type[TransformersAsVllm]:
     """The ``vllm`` module, with :class:`TransformersAsVllm` as its engine, and its GPU check passed."""
     vllm = types.ModuleType("vllm")
     vllm.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
     vllm.LLM = TransformersAsVllm
-    vllm.SamplingParams = types.SimpleNamespace
+    vllm.SamplingParams = SamplingParams
     inputs = types.ModuleType("vllm.inputs")
     inputs.TokensPrompt = dict
     monkeypatch.setitem(sys.modules, "vllm", vllm)
@@ -359,6 +376,7 @@ def test_the_vllm_adapter_writes_what_the_hf_engine_writes(
         assert reasons == {"stop", "length"}, reasons
     assert any(stop[0] in r["response"] for r in rows(tmp_path / "hf-free"))
     assert load_samples(tmp_path / "vllm-stop")[0]["settings"]["engine"] == "vllm"
+    assert "engine" not in load_samples(tmp_path / "hf-stop")[0]["settings"]  # as before --engine existed
     assert transformers_as_vllm.calls == [12, 9] * 2  # a whole part per call: vLLM batches on its own
     end_of_turn = AutoTokenizer.from_pretrained(ws / "stopper").eos_token_id
     for i, params in enumerate(transformers_as_vllm.params):  # vLLM ends answers where they end, not later
@@ -396,7 +414,8 @@ def test_engine_flags_are_refused_where_they_cannot_run(ws: Path, tmp_path: Path
 def test_vllm_sampling_agrees_with_the_hf_engine(tmp_path: Path) -> None:
     """SmolLM2-135M-Instruct in float32 on 24 alpaca-eval prompts. With a nucleus of one token
     both engines answer greedily and must agree; sampled answers must not depend on how vLLM
-    batched them (a part per call: chunk sizes 24 and 5), and end at the model's turn end."""
+    batched them (a part per call: chunk sizes 24 and 5; only kernels' rounding may move a rare
+    draw), and end at the model's turn end."""
     from fusion_train.registry_assets import ALPACA_EVAL_OUTPUTS, fetch, smollm2_instruct_dir
 
     data = tmp_path / "data.json"
@@ -432,7 +451,8 @@ def test_vllm_sampling_agrees_with_the_hf_engine(tmp_path: Path) -> None:
             progress=False,
         )
     first, second = rows(tmp_path / "chunk24"), rows(tmp_path / "chunk5")
-    assert [r["response"] for r in first] == [r["response"] for r in second]
+    same = sum(a["response"] == b["response"] for a, b in zip(first, second, strict=True))
+    assert same >= 0.9 * len(first), f"{same} of {len(first)} answers the same in other batches"
     assert len({r["response"] for r in first}) > len(first) // 2  # sampled, not greedy
     assert any(r["finish_reason"] == "stop" for r in first)
     for r in first:
