@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo demo-quick bench clean
+.PHONY: install test test-portability lint demo demo-quick bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,17 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The tests that compare floats (those using tests/numeric.py), natively, with one thread, with
+# PyTorch's generic kernels and, where the CPU has AVX-512, with AVX2: float results differ across
+# CPUs and thread counts, and these tests must hold on all of them. Run it before submitting.
+NUMERIC_TESTS = $(shell grep -rl '^from numeric import' tests)
+test-portability: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) $(NUMERIC_TESTS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS) $(NUMERIC_TESTS)
+	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q $(PYTEST_ARGS) $(NUMERIC_TESTS)
+	if grep -q avx512 /proc/cpuinfo; then \
+		ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest -q $(PYTEST_ARGS) $(NUMERIC_TESTS); fi
 
 demo: $(STAMP)
 	$(BIN)/fusion-train demo $(DEMO_ARGS)

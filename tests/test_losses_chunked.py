@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numeric import approx_at_scale, assert_close_at_scale
 from train_fixtures import (
     batch_from_rows,
     dense_loss_sums,
@@ -20,8 +21,6 @@ from train_fixtures import (
 from fusion_train import losses
 from fusion_train.losses import fused_weights, head_loss_sums
 from fusion_train.train import TrainInputError
-
-BF16_STEP = 2.0**-7  # relative spacing of bf16 numbers
 
 
 def _problem(n=10, hidden=8, vocab=37, size=31, k=4, dtype=torch.float32, bias=False, seed=0):
@@ -72,27 +71,24 @@ def test_chunked_head_equals_the_logits_loss(dtype, vocab, size, bias, softcap, 
 
     for ours, theirs in zip(chunked, reference, strict=True):
         assert ours.dtype == torch.float32
-        assert ours.item() == pytest.approx(theirs.item(), rel=1e-6, abs=1e-6)
+        assert ours.item() == approx_at_scale(theirs.item(), dtype=torch.float32)
     for name, ours, theirs in zip("hwb", chunked_grads, reference_grads, strict=True):
         if theirs is None:
             assert ours is None
             continue
         assert ours.dtype == theirs.dtype
         ours, theirs = ours.float(), theirs.float()
-        if dtype == torch.float32:
-            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
-        else:  # one bf16 step (both round the logit gradient to bf16, ours each chunk's product too)
-            scale = theirs.abs().max().item()
-            torch.testing.assert_close(ours, theirs, rtol=2 * BF16_STEP, atol=2 * BF16_STEP * scale, msg=name)
+        # In bf16 both round the logit gradient to bf16, ours each chunk's product too: a few steps.
+        assert_close_at_scale(ours, theirs, dtype=dtype, ulps=64 if dtype == torch.float32 else 4, msg=name)
 
     if dtype == torch.float32:  # and the dense float64 reference, written from the formula
         clm, fusion, dense_grads = _dense(leaves, labels, topk_ids, logprobs, size, temperature, softcap,
                                           lambda clm, fusion: 0.3 * clm + 0.7 * fusion)  # fmt: skip
-        assert chunked[1].item() == pytest.approx(clm, rel=1e-5)
-        assert chunked[2].item() == pytest.approx(fusion, rel=1e-5)
+        assert chunked[1].item() == approx_at_scale(clm, dtype=torch.float32)
+        assert chunked[2].item() == approx_at_scale(fusion, dtype=torch.float32)
         for name, ours, theirs in zip("hwb", chunked_grads, dense_grads, strict=True):
             if theirs is not None:
-                torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-5, msg=name)
+                assert_close_at_scale(ours, theirs, dtype=torch.float32, msg=name)
 
 
 def _dense(leaves, labels, topk_ids, logprobs, size, temperature, softcap, combine):
@@ -126,7 +122,7 @@ def test_gradients_computed_in_forward_follow_how_the_loss_is_used(clm_weight, f
     _, _, dense = _dense(leaves, labels, topk_ids, logprobs, 31, 1.0, 4.0,
                          lambda clm, fusion: use(clm_weight * clm + fusion_weight * fusion))  # fmt: skip
     for name, mine, theirs in zip("hwb", ours, dense, strict=True):
-        torch.testing.assert_close(mine.double(), theirs, rtol=1e-4, atol=1e-5, msg=name)
+        assert_close_at_scale(mine, theirs, dtype=torch.float32, msg=name)
 
 
 def test_the_separate_sums_are_not_differentiable():
@@ -153,8 +149,9 @@ def test_rows_without_targets_get_the_clm_gradient_only():
     assert clm_only[2].item() == 0.0
     sums = head_loss_sums(h, w, None, labels, 31, topk_ids, fused, chunk_tokens=3)
     grad = torch.autograd.grad(sums[0], h)[0]
-    torch.testing.assert_close(grad[[2, 7]], grad_clm[[2, 7]], rtol=1e-6, atol=1e-7)
-    assert not torch.allclose(grad[[0, 1]], grad_clm[[0, 1]])
+    assert_close_at_scale(grad[[2, 7]], grad_clm[[2, 7]], dtype=torch.float32)
+    with pytest.raises(AssertionError, match="largest difference"):  # rows with targets do differ
+        assert_close_at_scale(grad[[0, 1]], grad_clm[[0, 1]], dtype=torch.float32)
 
 
 def test_tied_weights_collect_both_gradients():
@@ -174,11 +171,12 @@ def test_tied_weights_collect_both_gradients():
 
     chunked = run(lambda *a, **k: head_loss_sums(*a, **k, chunk_tokens=3))
     reference = run(logits_loss_sums)
-    torch.testing.assert_close(chunked, reference, rtol=1e-5, atol=1e-6)
+    assert_close_at_scale(chunked, reference, dtype=torch.float32)
     embedding_rows = torch.zeros(31, dtype=torch.bool)
     embedding_rows[tokens] = True
     head_only = run(lambda hid, *a, **k: head_loss_sums(hid.detach(), *a, **k, chunk_tokens=3))
-    assert not torch.allclose(chunked[embedding_rows], head_only[embedding_rows])  # both uses count
+    with pytest.raises(AssertionError, match="largest difference"):  # both uses count
+        assert_close_at_scale(chunked[embedding_rows], head_only[embedding_rows], dtype=torch.float32)
 
 
 def test_chunks_follow_the_chunk_tokens(monkeypatch):
@@ -199,12 +197,12 @@ def test_chunks_follow_the_chunk_tokens(monkeypatch):
         assert [rows for rows, _ in seen] == {1: [1] * 10, 3: [3, 3, 3, 1], 10: [10], 1000: [10]}[tokens]
     for tokens in (1, 3, 10):  # equal up to float32 summation order (1-row chunks: vector products)
         for ours, theirs in zip(results[tokens], results[1000], strict=True):
-            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+            assert_close_at_scale(ours, theirs, dtype=torch.float32)
     seen.clear()
     with torch.no_grad():
         sums = head_loss_sums(h, w, b, labels, 31, topk_ids, fused, chunk_tokens=3)
     assert seen == [(3, False), (3, False), (3, False), (1, False)]
-    torch.testing.assert_close(sums[0], results[1000][0])
+    assert_close_at_scale(sums[0], results[1000][0], dtype=torch.float32)
     with pytest.raises(ValueError, match="chunk_tokens must be at least 1"):
         head_loss_sums(h, w, b, labels, 31, chunk_tokens=0)
 
@@ -251,9 +249,9 @@ def test_trainer_on_a_tied_soft_capped_gemma2_matches_the_dense_reference(tiny_m
     clm, fusion = dense_reference_losses(logits, rows, len(tokenizer), temperature=2.0)
     reference = 0.5 * clm + 0.5 * fusion
     reference.backward()
-    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert loss.item() == approx_at_scale(reference.item(), dtype=torch.float32)
     for name, parameter in model.named_parameters():
-        torch.testing.assert_close(grads[name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_close_at_scale(grads[name], parameter.grad, dtype=torch.float32, msg=name)
 
 
 def test_models_that_rescale_their_logits_are_refused(tiny_models, tmp_path):

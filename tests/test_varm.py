@@ -16,6 +16,7 @@ import torch
 import yaml
 from click.testing import CliRunner, Result
 from mergekit.merge_methods import TensorGroup, get
+from numeric import approx_at_scale, assert_close_at_scale
 from varm_fixtures import (
     VOCAB,
     by_hand_matrix_weights,
@@ -82,7 +83,7 @@ def run_error(config: Path, out: Path) -> str:
 def assert_same(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
     assert sorted(actual) == sorted(expected)
     for name in expected:
-        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        assert_close_at_scale(actual[name], expected[name], dtype="float32", msg=name)
 
 
 @pytest.mark.parametrize(
@@ -182,7 +183,7 @@ def test_weights_command_agrees_with_merge(models, tmp_path):
     for name, entry in report["tensors"].items():
         assert sum(entry["weights"]) == pytest.approx(1.0, abs=1e-12)
         expected = by_hand_matrix_weights(base[name], [t[name] for t in tgt], np.ones(2))
-        np.testing.assert_allclose(entry["weights"], expected, rtol=1e-6, err_msg=name)
+        assert_close_at_scale(entry["weights"], expected, dtype="float32", msg=name)
 
     # The merge is exactly base + sum_k w_k delta_k with the reported weights.
     merged = run_ok(write_config(tmp_path / "c.yml", models["base"], targets), tmp_path / "out")
@@ -190,7 +191,7 @@ def test_weights_command_agrees_with_merge(models, tmp_path):
         rebuilt = base[name] + sum(
             w * (t[name] - base[name]) for w, t in zip(entry["weights"], tgt, strict=True)
         )
-        np.testing.assert_allclose(merged[name], rebuilt, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert_close_at_scale(merged[name], rebuilt, dtype="float32", msg=name)
 
     with open(out / CSV_NAME, newline="") as file:
         rows = list(csv.DictReader(file))
@@ -321,10 +322,10 @@ def test_weights_report_matches_statistics_read_from_the_safetensors(
     groups: dict[str, set[str]] = {}
     for name, entry in report["tensors"].items():
         mean_sq = [np.mean((t[name] - base[name]) ** 2) for t in tgt]
-        np.testing.assert_allclose(entry["mean_sq_delta"], mean_sq, rtol=1e-5, err_msg=name)
-        np.testing.assert_allclose(entry["scores"], scores[name], rtol=1e-5, err_msg=name)
+        assert_close_at_scale(entry["mean_sq_delta"], mean_sq, dtype="float32", msg=name)
+        assert_close_at_scale(entry["scores"], scores[name], dtype="float32", msg=name)
         weights = priors * scores[name] / np.sum(priors * scores[name])
-        np.testing.assert_allclose(entry["weights"], weights, rtol=1e-5, err_msg=name)
+        assert_close_at_scale(entry["weights"], weights, dtype="float32", msg=name)
         groups.setdefault(entry["group"], set()).add(name)
     # The reported groups are the README's: every tensor of one group, and nothing else.
     by_hand_groups: dict[str, set[str]] = {}
@@ -338,10 +339,10 @@ def test_weights_report_matches_statistics_read_from_the_safetensors(
     for row in rows:
         k = [str(t) for t in targets].index(row["model"])
         name = row["tensor"]
-        assert float(row["mean_sq_delta"]) == pytest.approx(
-            np.mean((tgt[k][name] - base[name]) ** 2), rel=1e-5
+        assert float(row["mean_sq_delta"]) == approx_at_scale(
+            np.mean((tgt[k][name] - base[name]) ** 2), dtype="float32"
         )
-        assert float(row["score"]) == pytest.approx(scores[name][k], rel=1e-5)
+        assert float(row["score"]) == approx_at_scale(scores[name][k], dtype="float32")
         assert float(row["prior"]) == priors[k]
 
 

@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 from conftest import build_tiny_model
 from implicit_fixtures import build_gated_reward_model, build_reward_model, write_jsonl
+from numeric import approx_at_scale
 from test_resume import SAVE, assert_same_output, run_killed
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -118,7 +119,7 @@ def test_reward_model_and_verifier_scores_per_response(ws: Path, tmp_path: Path)
     assert len(rows) == 24 and [r["source"] for r in rows] == ["alpha"] * 12 + ["beta"] * 12
     assert [s["name"] for s in manifest["scorers"]] == ["reward:rm", "reference-overlap"]
     got = [r["scores"]["reward:rm"] for r in rows]
-    assert got == pytest.approx(unbatched_rewards(ws / "rm", rows, 0), abs=1e-5)
+    assert got == approx_at_scale(unbatched_rewards(ws / "rm", rows, 0), dtype="float32")
     assert len(set(got)) > 12  # the responses differ, and so do their rewards
     for r in rows:
         assert r["scores"]["reference-overlap"] == reference_overlap(r["response"], r["reference"], [])
@@ -140,7 +141,7 @@ def test_a_reward_model_with_several_outputs_needs_a_label(ws: Path, tmp_path: P
         assert invoke(*arguments, "--out", tmp_path / label, "--reward-label", label).exit_code == 0
         rows = load_scored(tmp_path / label)[1].to_list()
         got = [r["scores"]["reward:rm2/safety"] for r in rows]
-        assert got == pytest.approx(unbatched_rewards(ws / "rm2", rows, 1), abs=1e-5)
+        assert got == approx_at_scale(unbatched_rewards(ws / "rm2", rows, 1), dtype="float32")
 
 
 def test_scoring_resumes_after_a_kill_and_splits_between_shards(ws: Path, tmp_path: Path) -> None:
@@ -265,7 +266,7 @@ def test_a_reward_in_score_is_read_from_score(ws: Path, gated: Path, tmp_path: P
     assert (scorer["name"], scorer["output"], scorer["label"]) == (f"reward:{name}", "score", None)
     got = [r["scores"][f"reward:{name}"] for r in rows]
     expected, rewards = gated_by_hand(gated / name, rows)
-    assert got == pytest.approx(expected, abs=1e-5)
+    assert got == approx_at_scale(expected, dtype="float32")
     for column in range(len(LABELS)):  # not any one objective's logit
         assert got != pytest.approx([r[column] for r in rewards], abs=1e-3)
 
@@ -274,7 +275,7 @@ def test_a_reward_in_score_is_read_from_score(ws: Path, gated: Path, tmp_path: P
                     "correctness")  # fmt: skip
     assert result.exit_code == 0, result.output
     got = [r["scores"][f"reward:{name}/correctness"] for r in load_scored(tmp_path / "logits")[1]]
-    assert got == pytest.approx([r[1] for r in rewards], abs=1e-5)
+    assert got == approx_at_scale([r[1] for r in rewards], dtype="float32")
 
     result = invoke(*arguments, "--out", tmp_path / "both", "--reward-label", "correctness")
     assert result.exit_code == 1 and result.output.strip() == (
