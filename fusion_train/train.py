@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from click.core import ParameterSource
 from transformers import SchedulerType, Trainer, TrainingArguments
 
 from fusion_train import options
@@ -931,8 +932,12 @@ def train_command(no_fusion: bool, **options: Any) -> None:
     """Train a target model: the pivot fine-tuned on one source's fused targets, on DeepSpeed ZeRO."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if no_fusion:
-        if options["lm_weight"] not in (0.9, 1.0):
-            raise click.UsageError("--no-fusion means --lm-weight 1.0; drop one of them.")
+        given = click.get_current_context().get_parameter_source("lm_weight") is not ParameterSource.DEFAULT
+        if given and options["lm_weight"] != 1.0:  # the default (0.9) too, when given explicitly
+            raise TrainInputError(
+                f"--no-fusion means --lm-weight 1.0, but --lm-weight {options['lm_weight']:g} was given; "
+                "drop one of them."
+            )
         options["lm_weight"] = 1.0
     relaunching = wants_launch(options)
     nproc, hostfile, master_port = (options.pop(name) for name in ("nproc", "hostfile", "master_port"))

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import pytest
 from byte_reference import BYTE_LEVEL, content_place, reference_places, reference_token_bytes
@@ -28,6 +30,8 @@ from fusion_train.align import (
 from fusion_train.chat import load_conversations, normalise_record, resolve_chat_template
 from fusion_train.cli import main
 from fusion_train.fuse import FusionError, fuse
+from fusion_train.parts import part_path, write_part
+from fusion_train.represent import FORMAT as REPRESENTATION_FORMAT
 from fusion_train.represent import (
     ChatTokenizer,
     RepresentSettings,
@@ -36,6 +40,7 @@ from fusion_train.represent import (
     load_representation,
     position_runs,
     represent,
+    representation_features,
 )
 
 
@@ -304,6 +309,64 @@ def test_dtw_takes_many_to_one_pairs_only_where_texts_agree() -> None:
     assert pivot_index.tolist() == [0, 1]
 
 
+def write_representation(
+    out: Path, tokenizer_dir: Path, examples: dict[str, list[tuple[str, int, int, int]]]
+) -> Path:
+    """A hand-made representation on disk (as `represent` writes it, top-1 rows): per example id,
+    its supervised tokens as (token, message, byte start, byte end); every row's top-1 is its own
+    token, at log-probability 0. Position 0 holds a prompt token (never supervised)."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows = []
+    for id_, tokens in examples.items():
+        ids = tokenizer.convert_tokens_to_ids([token for token, _, _, _ in tokens])
+        assert tokenizer.unk_token_id not in ids
+        run_message, run_start, run_length = position_runs(
+            list(range(1, len(tokens) + 1)), [m for _, m, _, _ in tokens]
+        )
+        rows.append({
+            "id": id_, "domain": "", "input_ids": [tokenizer.bos_token_id or 0, *ids],
+            "run_message": run_message, "run_start": run_start, "run_length": run_length,
+            "byte_start": [a for _, _, a, _ in tokens], "byte_end": [b for _, _, _, b in tokens],
+            "target_logprob": [0.0] * len(tokens), "topk_ids": [[i] for i in ids],
+            "topk_logprobs": [[0.0]] * len(tokens), "nll": 0.0, "num_target_tokens": len(tokens),
+            "num_target_bytes": max(b for _, _, _, b in tokens), "truncated": False,
+        })  # fmt: skip
+    features = representation_features(1)
+    write_part(
+        part_path(out, 0), datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features)
+    )
+    manifest = {"format": REPRESENTATION_FORMAT, "model": {"path": str(tokenizer_dir), "gguf_file": None},
+                "data": {"path": "hand-made", "fingerprint": "same"}, "num_examples": len(rows), "num_parts": 1,
+                "settings": asdict(RepresentSettings(top_k=1))}  # fmt: skip
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_report_counts_the_pairs_the_byte_rule_refused(
+    tokenizer_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """SmolLM2's ChatML puts the answer right after "assistant\n"; Mistral's template puts
+    "[/INST] " before it, and its "▁Hello" covers that space too (byte -1). Spans clipped to the
+    answer (the former rule) would pair "Hello" with "▁Hello"; the byte rule refuses: the first
+    token of each of the three answers, 3 pairs. " world" and the ends of turn pair under both."""
+    pivot = write_representation(tmp_path / "pivot", tokenizer_dirs["smollm2"], {
+        "two-turns": [("Hello", 1, 0, 5), ("Ġworld", 1, 5, 11), ("<|im_end|>", 1, 11, 11),
+                      ("Hi", 3, 0, 2), ("<|im_end|>", 3, 2, 2)],
+        "one-turn": [("Hello", 1, 0, 5), ("<|im_end|>", 1, 5, 5)],
+    })  # fmt: skip
+    source = write_representation(tmp_path / "source", tokenizer_dirs["mistral"], {
+        "two-turns": [("▁Hello", 1, -1, 5), ("▁world", 1, 5, 11), ("</s>", 1, 11, 11),
+                      ("▁Hi", 3, -1, 2), ("</s>", 3, 2, 2)],
+        "one-turn": [("▁Hello", 1, -1, 5), ("</s>", 1, 5, 5)],
+    })  # fmt: skip
+    report = align(pivot, source, tmp_path / "out", progress=False)
+    assert report["pivot_supervised_tokens"] == 7
+    assert report["tokens_aligned"] == 4  # " world" and three ends of turn
+    assert report["pairs_refused_by_byte_rule"] == 3
+    out = load_representation_like(tmp_path / "out")
+    assert [example_arrays(out, row)["aligned_index"].tolist() for row in range(len(out))] == [[1, 2, 4], [1]]
+
+
 @pytest.fixture(scope="module")
 def aligned(represented: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("aligned")
@@ -400,8 +463,6 @@ def test_aligned_distributions_are_the_sources_mapped_independently(
 
 
 def load_representation_like(path: Path):
-    import datasets
-
     return datasets.load_from_disk(str(path / "data"))
 
 

@@ -175,6 +175,42 @@ def test_a_model_replaced_at_the_same_path_is_scored_again(
     assert len(list((tmp_path / "eval" / "losses").iterdir())) == 4
 
 
+def test_cached_losses_are_kept_per_max_length(
+    heldout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--max-length changes which tokens are scored, so losses cached at one length are never a
+    model's losses at another. Scoring is replaced by losses of 1 bit per byte at the default
+    length and 2 bits per byte at --max-length 64: the report shows which length was scored."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    scored = []
+
+    def response_losses(path, conversations, *, max_length, **_):
+        scored.append(max_length)
+        bits = 1.0 if max_length == 2048 else 2.0
+        return [
+            ExampleLoss(c.id, c.domain, bits * math.log(2) * (10 + i), 10 + i)
+            for i, c in enumerate(conversations)
+        ]
+
+    monkeypatch.setattr(evaluate_module, "response_losses", response_losses)
+    out = tmp_path / "eval"
+
+    def bits_per_byte_at(*max_length: str) -> float:
+        args = ["evaluate", "--data", str(heldout), "--model", f"m={model}", "--out", str(out), *max_length]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "report.json").read_text())["models"][0]["bits_per_byte"]["value"]
+
+    assert bits_per_byte_at() == pytest.approx(1.0, rel=1e-12) and scored == [2048]
+    assert bits_per_byte_at("--max-length", "64") == pytest.approx(2.0, rel=1e-12) and scored == [2048, 64]
+    # Both are cached now: neither length is scored again, and each keeps its own losses.
+    assert bits_per_byte_at("--max-length", "2048") == pytest.approx(1.0, rel=1e-12)
+    assert bits_per_byte_at("--max-length", "64") == pytest.approx(2.0, rel=1e-12)
+    assert scored == [2048, 64] and len(list((out / "losses").iterdir())) == 2
+
+
 def test_evaluate_command(tiny_models: dict, heldout: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(
         main,

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from fusion_train import losses
 from fusion_train import train as train_module
 from fusion_train.cli import main
+from fusion_train.launch import world_size_of
 from fusion_train.losses import CHUNK_TOKENS
 from fusion_train.train import (
     FusionCollator,
@@ -402,7 +403,7 @@ def test_cli_reports_bad_input_before_training(pivot, tmp_path):
             "0.5",
         ],
     )
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert "--no-fusion means --lm-weight 1.0" in result.output
 
 
@@ -443,6 +444,46 @@ def test_launcher_problems_are_reported_before_starting(pivot, good_fused, tmp_p
     result = runner.invoke(train_command, [*base, "--nproc", "2"])
     assert result.exit_code == 1
     assert "`deepspeed` launcher is not installed" in result.output
+
+
+def test_world_size_counts_nproc_on_every_node_of_the_hostfile(tmp_path):
+    """The deepspeed launcher starts --num_gpus N processes on each node of a hostfile (else each
+    node's slots): the world whose batch size and data shares the inputs are checked for."""
+    two_nodes = tmp_path / "two-nodes"
+    two_nodes.write_text("node-a slots=4\nnode-b slots=8\n")
+    one_node = tmp_path / "one-node"
+    one_node.write_text("node-a slots=4\n")
+    assert world_size_of(2, str(two_nodes)) == 4  # 2 on node-a + 2 on node-b
+    assert world_size_of(None, str(two_nodes)) == 12  # 4 + 8 slots
+    assert world_size_of(3, str(one_node)) == 3
+    assert world_size_of(None, str(one_node)) == 4
+    assert world_size_of(3, None) == 3 and world_size_of(None, None) == 1
+
+
+def test_no_fusion_trains_with_lm_weight_one_and_refuses_another_given_lm_weight(tmp_path, monkeypatch):
+    """--no-fusion is --lm-weight 1.0; an --lm-weight given with it must be 1.0 as well, the
+    default's value (0.9) included: one line naming both flags, before anything is read."""
+    for name in ("model", "fused"):
+        (tmp_path / name).mkdir()
+    base = ["train", "--model", str(tmp_path / "model"), "--fused", str(tmp_path / "fused"),
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    seen = []
+    monkeypatch.setattr(train_module, "train", lambda config: seen.append(config.lm_weight))
+    runner = CliRunner()
+    for extra, lm_weight in [([], 0.9), (["--lm-weight", "0.5"], 0.5), (["--no-fusion"], 1.0),
+                             (["--no-fusion", "--lm-weight", "1.0"], 1.0), (["--lm-weight", "1", "--no-fusion"], 1.0)]:  # fmt: skip
+        result = runner.invoke(main, base + extra)
+        assert result.exit_code == 0, (extra, result.output)
+        assert seen.pop() == lm_weight, extra
+    for extra, shown in [(["--no-fusion", "--lm-weight", "0.9"], "0.9"), (["--lm-weight", "0.5", "--no-fusion"], "0.5"),
+                         (["--no-fusion", "--lm-weight", "0"], "0")]:  # fmt: skip
+        result = runner.invoke(main, base + extra)
+        assert result.exit_code != 0 and isinstance(result.exception, SystemExit), (extra, result.output)
+        assert "Traceback" not in result.output
+        assert result.output.strip().splitlines() == [
+            f"Error: --no-fusion means --lm-weight 1.0, but --lm-weight {shown} was given; drop one of them."
+        ]
+    assert seen == [] and not (tmp_path / "out").exists() and not work_dir(tmp_path / "out").exists()
 
 
 def test_launched_processes_receive_the_same_configuration(pivot, good_fused, tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ from fusion_train import registry_assets as assets
 from fusion_train.chat import Conversation
 from fusion_train.cli import main
 from fusion_train.implicit.sample import (
+    ChatGenerator,
     RowSampler,
     SampleError,
     SampleSettings,
@@ -216,6 +217,35 @@ def test_stop_texts_end_responses_where_they_begin(ws: Path, tmp_path: Path) -> 
     plain = SampleSettings(num_samples=1, max_new_tokens=1, chat_template="plain")
     sample(ws / "model", ws / "prompts.jsonl", tmp_path / "plain", plain, progress=False)
     assert load_samples(tmp_path / "plain")[0]["settings"]["stop"] == ["\n\nUser:"]
+
+
+def test_a_response_cut_at_a_stop_text_counts_the_stop_texts_tokens(tokenizer_dirs: dict) -> None:
+    """num_tokens counts what was generated up to the end of the stop text (its tokens included,
+    the end-of-turn token not): the transformers engine halts on the token that completes a stop
+    text, so that token is usually the last one, followed only by padding in a batch."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dirs["smollm2"])
+    end_of_turn = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+    def ending(stop: str, *tokens: str) -> tuple[str, int, str]:
+        generator = ChatGenerator(tokenizer, "", SampleSettings(stop=(stop,)), end_of_turn)
+        return generator.ending(tokenizer.convert_tokens_to_ids(list(tokens)))
+
+    # "Hello" " world" "\n\n" "User" ":": the fifth token completes "\n\nUser:".
+    user = "\n\nUser:"
+    assert ending(user, "Hello", "Ġworld", "ĊĊ", "User", ":") == ("Hello world", 5, "stop")
+    assert ending(user, "Hello", "Ġworld", "ĊĊ", "User", ":", "<|im_end|>", "<|im_end|>") == (
+        "Hello world",
+        5,
+        "stop",
+    )
+    assert ending(user, "Hello", "Ġworld", "ĊĊ", "User", ":", "Ġhi") == ("Hello world", 5, "stop")
+    assert ending(user, "ĊĊ", "User", ":") == ("", 3, "stop")
+    # "wor" ends inside " world": the second token completes it; the text stops before it.
+    assert ending("wor", "Hello", "Ġworld", "!") == ("Hello ", 2, "stop")
+    assert ending("wor", "Hello", "Ġworld") == ("Hello ", 2, "stop")
+    # No stop text: up to the end-of-turn token (not counted), or every token at the length limit.
+    assert ending(user, "Hello", "!", "<|im_end|>", "Ġhi") == ("Hello!", 2, "stop")
+    assert ending(user, "Hello", "!") == ("Hello!", 2, "length")
 
 
 def test_shards_split_the_parts(ws: Path, tmp_path: Path) -> None:
