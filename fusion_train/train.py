@@ -366,25 +366,54 @@ def resolve_bf16(bf16: bool | None) -> bool:
 
 
 @contextmanager
-def trainer_in_this_process() -> Iterator[None]:
+def trainer_in_this_process() -> Iterator[Callable[[Trainer], Trainer]]:
     """For the time of a training run (train, sft, dpo) in this process: a rank's variables
-    (``launch.world_of_one``). On the way out, what transformers' Trainer leaves behind goes:
+    (``launch.world_of_one``). Yields ``track``: the run passes its Trainer through it. On the way
+    out, what the Trainer leaves behind goes: its DeepSpeed engines (:func:`release_trainer`),
     accelerate's AcceleratorState, whose DeepSpeed plugin would keep ZeRO-3 switched on for every
     later ``from_pretrained`` of the process, transformers' DeepSpeed config, and the memory of
-    the model and optimizer, so the stages after it in the same process load models whole. The
-    process group the Trainer starts stays for the next training of the process, and is ended at
-    exit (:func:`launch.end_process_group_at_exit`)."""
+    the model and optimizer, so the stages after it in the same process start from what the
+    process held before. The process group the Trainer starts stays for the next training of the
+    process, and is ended at exit (:func:`launch.end_process_group_at_exit`)."""
     from accelerate.state import AcceleratorState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    trainers: list[Trainer] = []
+
+    def track(trainer: Trainer) -> Trainer:
+        trainers.append(trainer)
+        return trainer
 
     end_process_group_at_exit()
     with world_of_one():
         try:
-            yield
+            yield track
         finally:
+            for trainer in trainers:
+                release_trainer(trainer)
+            trainers.clear()
             AcceleratorState._reset_state(reset_partial_state=True)
             unset_hf_deepspeed_config()
             release_memory()
+
+
+def release_trainer(trainer: Trainer) -> None:
+    """Let the garbage collector have a finished Trainer's model, optimizer and engines.
+
+    A DeepSpeed engine hooks itself into the model's parameters and modules (autograd hooks are
+    held on the C++ side, where the collector cannot follow the cycle), so engine, optimizer and
+    model would live as long as the process unless the engine is destroyed: accelerate's
+    ``free_memory`` destroys the training engine, and a frozen reference model that TRL wrapped in
+    an engine of its own (DPO under ZeRO-3) is destroyed here."""
+    from deepspeed import DeepSpeedEngine
+
+    trainer.accelerator.free_memory()
+    reference = getattr(trainer, "ref_model", None)
+    if isinstance(reference, DeepSpeedEngine):
+        reference.destroy()
+    for name in ("model", "model_wrapped", "ref_model", "optimizer", "lr_scheduler", "deepspeed"):
+        if hasattr(trainer, name):
+            setattr(trainer, name, None)
 
 
 def trainer_arguments(
@@ -760,12 +789,12 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any] 
     started = time.time()
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     prepared = prepare(config, world_size, rank)
-    with trainer_in_this_process():
-        return _train(config, prepared, world_size, started, callbacks)
+    with trainer_in_this_process() as track:
+        return _train(config, prepared, world_size, started, callbacks, track)
 
 
 def _train(config: TrainConfig, prepared: Prepared, world_size: int, started: float,
-           callbacks: Sequence[Any]) -> dict[str, Any] | None:  # fmt: skip
+           callbacks: Sequence[Any], track: Callable[[Trainer], Trainer]) -> dict[str, Any] | None:  # fmt: skip
     """``train`` after the checks, in a process that has a rank's variables."""
     tokenizer, fused = prepared.tokenizer, prepared.fused
     # TrainingArguments come first: with ZeRO-3 they make from_pretrained partition at load time.
@@ -780,17 +809,19 @@ def _train(config: TrainConfig, prepared: Prepared, world_size: int, started: fl
     model = load_model(config.model, attn_implementation=attention)
     model.config.use_cache = False
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = FusionTrainer(
-        model=model,
-        args=args,
-        train_dataset=fused.data,
-        data_collator=FusionCollator(pad_id if pad_id is not None else 0),
-        processing_class=tokenizer,
-        callbacks=list(callbacks),
-        lm_weight=config.lm_weight,
-        temperature=config.temperature,
-        tokenizer_size=len(tokenizer),
-        loss_chunk_tokens=config.loss_chunk_tokens,
+    trainer = track(
+        FusionTrainer(
+            model=model,
+            args=args,
+            train_dataset=fused.data,
+            data_collator=FusionCollator(pad_id if pad_id is not None else 0),
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+            lm_weight=config.lm_weight,
+            temperature=config.temperature,
+            tokenizer_size=len(tokenizer),
+            loss_chunk_tokens=config.loss_chunk_tokens,
+        )
     )
     result = trainer.train(resume_from_checkpoint=prepared.resume_from)
     parameters = parameters_held(trainer.model)

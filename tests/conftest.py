@@ -8,16 +8,20 @@ what the stages compute is checked against independent computations, not against
 
 from __future__ import annotations
 
+import functools
+import gc
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from fusion_train import pipeline
 from fusion_train import registry_assets as assets
 from fusion_train.represent import RepresentSettings, represent
+from fusion_train.stages import Stages
 from fusion_train.vocab import CACHE_ENV
 
 QWEN_PADDED_VOCAB = 151936  # Qwen's embedding has more rows than its 151,851 tokens
@@ -128,3 +132,38 @@ def represented(tiny_models: dict[str, Path], chats: Path, tmp_path_factory: pyt
     for name, model in tiny_models.items():
         represent(model, chats, root / name, settings, batch_tokens=256, progress=False)
     return {name: root / name for name in tiny_models}
+
+
+def heavy_objects() -> dict[int, str]:
+    """The models, Trainers and DeepSpeed engines alive in this process (after a collection)."""
+    from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedModel, Trainer
+
+    gc.collect()
+    heavy = (torch.nn.Module, Trainer, DeepSpeedEngine)
+    return {id(o): type(o).__name__ for o in gc.get_objects() if isinstance(o, heavy) and
+            (not isinstance(o, torch.nn.Module) or isinstance(o, PreTrainedModel | DeepSpeedEngine))}  # fmt: skip
+
+
+@pytest.fixture
+def kept_by_stages(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
+    """Each stage of a recipe run in the test (and its evaluation) must leave the process as it
+    found it: the list collects, per stage, the models, Trainers and engines it left alive."""
+    kept: list[tuple[str, list[str]]] = []
+
+    def checked(label: Callable[..., str], function: Callable[..., object]) -> Callable[..., object]:
+        @functools.wraps(function)
+        def run(*args: object, **kwargs: object) -> object:
+            before = heavy_objects()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                after = heavy_objects()
+                if left := sorted(after[i] for i in after.keys() - before.keys()):
+                    kept.append((label(*args, **kwargs), left))
+
+        return run
+
+    monkeypatch.setattr(Stages, "run", checked(lambda _, stage, name, *a, **k: f"{stage}/{name}", Stages.run))
+    monkeypatch.setattr(pipeline, "evaluate", checked(lambda *a, **k: "evaluate", pipeline.evaluate))
+    return kept

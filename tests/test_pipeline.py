@@ -104,7 +104,9 @@ def stage_log(run_dir: Path) -> dict:
     return json.loads((run_dir / "pipeline.json").read_text())
 
 
-def test_end_to_end_resume_rerun_and_added_source(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_end_to_end_resume_rerun_and_added_source(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch, kept_by_stages: list
+) -> None:
     recipe = load_recipe(write_recipe(workspace, ["mistral"]))
     run_dir = Path(recipe.run_dir)
 
@@ -123,6 +125,7 @@ def test_end_to_end_resume_rerun_and_added_source(workspace: Path, monkeypatch: 
     report = run_pipeline(recipe, echo=lambda _: None)
     log = stage_log(run_dir)
     assert sorted(log["reused"]) == ["align/mistral", "data/split", "represent/mistral", "represent/pivot"]
+    assert kept_by_stages == []  # training, merging and evaluating in this process keep nothing alive
     assert sorted(log["ran"]) == ["fuse/mistral", "merge/task_arithmetic", "merge/varm", "merge/varm-weights",
                                   "train/clm-baseline", "train/target-mistral"]  # fmt: skip
     for artefact in ("report.md", "report.png", "varm_weights.png", "evaluate/report.json"):

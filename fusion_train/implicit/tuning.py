@@ -185,14 +185,15 @@ def run(
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     prepared = prepare(settings, load, stage, world_size, rank)
     datasets.disable_progress_bars()
-    with trainer_in_this_process():
-        return _run(settings, stage, prepared, make_trainer, log_keys, world_size, started)
+    with trainer_in_this_process() as track:
+        return _run(settings, stage, prepared, lambda: track(make_trainer(prepared)), log_keys, world_size,
+                    started)  # fmt: skip
 
 
-def _run(settings: TuneSettings, stage: str, prepared: Prepared, make_trainer: Callable[[Prepared], Any],
+def _run(settings: TuneSettings, stage: str, prepared: Prepared, make_trainer: Callable[[], Any],
          log_keys: Sequence[str], world_size: int, started: float) -> dict[str, Any] | None:  # fmt: skip
     """``run`` after the checks, in a process that has a rank's variables."""
-    trainer = make_trainer(prepared)
+    trainer = make_trainer()
     result = trainer.train(resume_from_checkpoint=prepared.resume_from)
     parameters = parameters_held(trainer.model)
 

@@ -76,9 +76,12 @@ def summary(run_dir: Path, stage: str, name: str) -> dict:
     return json.loads((stage_dir(run_dir, stage, name) / "model" / "training_summary.json").read_text())
 
 
-def test_fusechat3_recipe_end_to_end_rerun_and_a_changed_setting(workspace: Path) -> None:
+def test_fusechat3_recipe_end_to_end_rerun_and_a_changed_setting(
+    workspace: Path, kept_by_stages: list
+) -> None:
     recipe = recipe_of("fusechat3")
     report, log = run(workspace, recipe)
+    assert kept_by_stages == []  # sampling, scoring, SFT, DPO and evaluating keep nothing alive
     run_dir = workspace / "run-fusechat3"
     names = {row["name"]: row["role"] for row in report["models"]}
     assert names == {"pivot": "pivot", "a": "source", "b": "source", "implicit-sft": "implicit",
