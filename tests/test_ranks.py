@@ -172,6 +172,7 @@ def test_device_is_honoured_and_a_missing_gpu_refused(tiny_models: dict, chats: 
     assert not out.exists()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_represent_on_the_gpu_agrees_with_the_cpu(
     tiny_models: dict, chats: Path, represented: dict, tmp_path: Path
@@ -186,6 +187,7 @@ def test_represent_on_the_gpu_agrees_with_the_cpu(
     assert summary["placement"]["device"] == "cuda:0"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
     reason="needs a CUDA GPU and vLLM",
