@@ -57,6 +57,9 @@ WHEELS = [
     Wheel("pydantic-core", "2.50.5", "pydantic's compiled core (the exact version pydantic pins)"),
     Wheel("annotated-types", "0.8.0", "a pydantic requirement"),
     Wheel("typing-inspection", "0.4.5", "a pydantic requirement"),
+    # The image's version is not listed, and pydantic-core fails to import below 4.14 (Sentinel);
+    # a newer typing-extensions serves every older user.
+    Wheel("typing-extensions", "4.16.0", "pydantic and pydantic-core need >= 4.16"),
     Wheel("immutables", "0.21", "a mergekit requirement"),
     Wheel("hjson", "3.1.0", "a deepspeed requirement (its config reader)"),
     Wheel("dill", "0.4.1", "a datasets requirement (< 0.4.2)"),
@@ -251,7 +254,7 @@ def prepare(dest: Path, budget_mib: float) -> None:
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     total = sum(size for _, _, size, _ in rows) / 2**20
     for name, version, size, why in rows:
-        print(f"{size / 2**20:7.2f} MiB  {name} {version}: {why}")
+        print(f"{size / 2**20:7.2f} MiB  {f'{name} {version}'.strip()}: {why}")
     print(f"{total:7.2f} MiB  in all, in {dest} (budget {budget_mib:.0f} MiB of the 64 MiB that travel)")
     print(
         f"{len(unverified)} requirements on image packages whose versions are not listed, checked on the device:"
