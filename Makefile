@@ -46,7 +46,7 @@ gpu-wheels: $(STAMP)
 # GPU_CHECK_ARGS=--dry-run: the same check on the CPU at tiny shapes (the test suite runs it too).
 GPU_OUT ?= bench/out/gpu
 gpu-check:
-	bash bench/gpu_check.sh $(GPU_CHECK_ARGS) $(GPU_OUT)
+	PYTHON="$(wildcard $(abspath $(BIN))/python)" bash bench/gpu_check.sh $(GPU_CHECK_ARGS) $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -33,7 +33,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 if [ $dry_run = 1 ]; then
-    mode=dry-run install_cap=0 tests_cap=${GPU_CHECK_TESTS_S:-120} figures_cap=${GPU_CHECK_FIGURES_S:-120}
+    mode=dry-run tests_cap=${GPU_CHECK_TESTS_S:-120} figures_cap=${GPU_CHECK_FIGURES_S:-120}
 else
     mode=gpu install_cap=${GPU_CHECK_INSTALL_S:-45} tests_cap=${GPU_CHECK_TESTS_S:-170}
     figures_cap=${GPU_CHECK_FIGURES_S:-210}
