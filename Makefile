@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-portability lint demo demo-quick bench clean
+.PHONY: install test test-portability lint demo demo-quick bench gpu-wheels gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,16 @@ bench: $(STAMP)
 	$(BIN)/python bench/align.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/merge.py
+
+# The GPU check (docs/gpu.md): here, the wheels the GPU machine's image lacks, and the real
+# tokenizers, into gpu-wheels/ (it travels with the project); there, `bash bench/gpu_check.sh OUT`.
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m bench.gpu_wheels gpu-wheels
+
+# GPU_CHECK_ARGS=--dry-run: the same check on the CPU at tiny shapes (the test suite runs it too).
+GPU_OUT ?= bench/out/gpu
+gpu-check:
+	PYTHON="$(wildcard $(abspath $(BIN))/python)" bash bench/gpu_check.sh $(GPU_CHECK_ARGS) $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

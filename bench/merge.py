@@ -149,11 +149,13 @@ def in_memory_varm(workdir: Path, out: Path) -> None:
     save_file(merged, out / "model.safetensors", metadata={"format": "pt"})
 
 
-def child(case: str, workdir: Path, out: Path) -> None:
-    """One measured run; prints a JSON line. Imports happen before the clock and baseline RSS."""
+def child(case: str, workdir: Path, out: Path, options: list[str]) -> None:
+    """One measured run (``options``: more `varm-merge run` options); prints a JSON line. Imports
+    happen before the clock and baseline RSS."""
     import matplotlib.pyplot  # noqa: F401  (the layer case's heatmap; imported before the clock)
     import mergekit.merge  # noqa: F401
     import safetensors.torch  # noqa: F401
+    import torch
     from click.testing import CliRunner
 
     from varm_merge.cli import main
@@ -166,13 +168,22 @@ def child(case: str, workdir: Path, out: Path) -> None:
         in_memory_varm(workdir, out)
     else:
         config = workdir / f"{case}.yml"
-        args = ["run", str(config), str(out), "--quiet", "--no-copy-tokenizer", "--no-write-model-card"]
+        args = [
+            "run",
+            str(config),
+            str(out),
+            "--quiet",
+            "--no-copy-tokenizer",
+            "--no-write-model-card",
+            *options,
+        ]
         result = CliRunner().invoke(main, args, catch_exceptions=False)
         if result.exit_code != 0:
             raise SystemExit(result.output)
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     anon_peak = anon.stop()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
     print(
         json.dumps(
             {
@@ -182,14 +193,17 @@ def child(case: str, workdir: Path, out: Path) -> None:
                 "peak_mb": peak,
                 "anon_peak_mb": anon_peak,
                 "baseline_mb": baseline,
+                "gpu_peak_mb": gpu_peak,
             }
         )
     )
 
 
-def run_case(case: str, workdir: Path, threads: int | None) -> dict:
+def run_case(case: str, workdir: Path, threads: int | None, options: tuple[str, ...] = ()) -> dict:
+    """One case in a fresh child process; ``options``: more `varm-merge run` options (``--cuda``)."""
     out = workdir / f"out-{case}"
     cmd = [sys.executable, __file__, "--child", case, "--workdir", str(workdir), "--out", str(out)]
+    cmd += [f"--merge-option={option}" for option in options]
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -211,12 +225,16 @@ def main() -> None:
         "--threads", type=int, help="OMP_NUM_THREADS for every run (steadier figures on a shared machine)"
     )
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument(
+        "--cuda", action="store_true", help="merge on the GPU (mergekit's --cuda; in_memory stays on the CPU)"
+    )
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--merge-option", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
-        child(args.child, args.workdir, args.out)
+        child(args.child, args.workdir, args.out, args.merge_option)
         return
 
     workdir = args.workdir / args.preset
@@ -230,7 +248,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {case: [] for case in args.cases}
     for _ in range(args.repeats):
         for case in args.cases:  # interleaved, so drift in machine load hits every case alike
-            runs[case].append(run_case(case, workdir, args.threads))
+            runs[case].append(run_case(case, workdir, args.threads, ("--cuda",) if args.cuda else ()))
 
     rows = {
         case: {

@@ -81,13 +81,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_gpu_memory() -> str:
-    """The peak GPU memory since the last call (and resets it); empty without a GPU."""
+def peak_gpu_gib() -> float | None:
+    """The peak GPU memory allocated since the last call, in GiB (and resets it); None without a GPU."""
     if not torch.cuda.is_available():
-        return ""
+        return None
     peak = torch.cuda.max_memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
-    return f", peak GPU memory {peak:.2f} GiB"
+    return peak
+
+
+def peak_gpu_memory() -> str:
+    """``peak_gpu_gib`` for the printed figures; empty without a GPU."""
+    peak = peak_gpu_gib()
+    return "" if peak is None else f", peak GPU memory {peak:.2f} GiB"
 
 
 def main() -> None:

@@ -38,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -114,14 +116,46 @@ def trainable_copy(model_dir: Path, root: Path) -> Path:
 # --------------------------------------------------------------------------- training steps
 
 
-def paired_steps(model_dir: Path, fused: Path, root: Path, steps: int, batch: int) -> dict[float, list[dict]]:
-    """Training steps of both modes on the same batches, alternating, in one process.
+@contextmanager
+def rss_step() -> Iterator[dict]:
+    """The time and peak RSS (``peak_mib``, from a reset high-water mark) of what runs inside."""
+    measured: dict = {}
+    reset_peak()
+    started = time.perf_counter()
+    yield measured
+    measured.update(seconds=time.perf_counter() - started, peak_mib=rss_kib("VmHWM") / 1024)
+
+
+def alternating_steps(
+    trainer: FusionTrainer,
+    model: torch.nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    measure: Callable[[], AbstractContextManager[dict]] = rss_step,
+) -> dict[float, list[dict]]:
+    """Training steps of both modes (lm weight 1.0: CLM-only, 0.9: fusion) on the same batches.
 
     Each batch is trained as CLM-only, then as fusion (the order flips every batch), each a full
-    step: forward, loss, backward, AdamW update. On a machine shared with other jobs, timing the
-    two modes back to back on the same batch is what keeps their ratio meaningful. The peak RSS
-    of each step is measured from a reset high-water mark.
+    step: forward, loss, backward, AdamW update, measured by ``measure``. On a machine shared with
+    other jobs, timing the two modes back to back on the same batch is what keeps their ratio
+    meaningful. The first batch warms up and is not counted.
     """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    results: dict[float, list[dict]] = {1.0: [], 0.9: []}
+    for index, inputs in enumerate(batches):
+        for lm_weight in (1.0, 0.9) if index % 2 == 0 else (0.9, 1.0):
+            trainer.lm_weight = lm_weight
+            with measure() as measured:
+                trainer.compute_loss(model, inputs).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if index:
+                results[lm_weight].append(measured)
+    return results
+
+
+def paired_steps(model_dir: Path, fused: Path, root: Path, steps: int, batch: int) -> dict[float, list[dict]]:
+    """``alternating_steps`` of the model on ``steps`` + 1 batches of its fused data, in float32 on the
+    CPU, with the peak RSS of each step."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -135,23 +169,11 @@ def paired_steps(model_dir: Path, fused: Path, root: Path, steps: int, batch: in
         temperature=1.0,
         tokenizer_size=len(tokenizer),
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     collate = FusionCollator(tokenizer.pad_token_id)
-    results: dict[float, list[dict]] = {1.0: [], 0.9: []}
-    for index in range(steps + 1):  # the first batch warms up and is not counted
-        rows = [data[(index * batch + i) % len(data)] for i in range(batch)]
-        inputs = collate(rows)
-        for lm_weight in (1.0, 0.9) if index % 2 == 0 else (0.9, 1.0):
-            trainer.lm_weight = lm_weight
-            reset_peak()
-            started = time.perf_counter()
-            trainer.compute_loss(model, inputs).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            seconds = time.perf_counter() - started
-            if index:
-                results[lm_weight].append({"seconds": seconds, "peak_kib": rss_kib("VmHWM")})
-    return results
+    batches = [
+        collate([data[(index * batch + i) % len(data)] for i in range(batch)]) for index in range(steps + 1)
+    ]
+    return alternating_steps(trainer, model, batches)
 
 
 # --------------------------------------------------------------------------- loss memory
@@ -175,14 +197,22 @@ def sparse_loss(logits, labels, topk_ids, topk_logprobs, lm_weight: float) -> to
 HEAD_WAYS = ("chunked", "sparse", "dense")
 
 
-def head_problem(positions: int, vocab: int, hidden: int, top_k: int, seed: int = 0) -> tuple:
-    """Hidden states [N, H] and a head [V, H] (both trainable), labels and top-k targets."""
+def head_problem(
+    positions: int, vocab: int, hidden: int, top_k: int, seed: int = 0,
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+) -> tuple:  # fmt: skip
+    """Hidden states [N, H] and a head [V, H] (both trainable, in ``dtype``), labels and top-k
+    targets, on ``device`` (drawn on the CPU, so every device gets the same problem)."""
     generator = torch.Generator().manual_seed(seed)
-    h = torch.randn(positions, hidden, generator=generator).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=generator) * (4 / hidden**0.5)).requires_grad_()
-    labels = torch.randint(0, vocab, (positions,), generator=generator)
-    topk_ids = torch.randint(0, vocab, (positions, top_k), generator=generator)
-    topk_logprobs = torch.log_softmax(torch.randn(positions, top_k, generator=generator), -1)
+    h = torch.randn(positions, hidden, generator=generator).to(device, dtype).requires_grad_()
+    w = (
+        (torch.randn(vocab, hidden, generator=generator) * (4 / hidden**0.5))
+        .to(device, dtype)
+        .requires_grad_()
+    )
+    labels = torch.randint(0, vocab, (positions,), generator=generator).to(device)
+    topk_ids = torch.randint(0, vocab, (positions, top_k), generator=generator).to(device)
+    topk_logprobs = torch.log_softmax(torch.randn(positions, top_k, generator=generator), -1).to(device)
     return h, w, labels, topk_ids, topk_logprobs
 
 
@@ -317,6 +347,22 @@ def logits_head(hidden, weight, bias, labels, size, topk_ids, fused, *, clm_weig
     return clm_weight * clm + fusion_weight * fusion, clm.detach(), fusion.detach()
 
 
+def random_fused_rows(vocab: int, sequences: int, length: int, top_k: int, seed: int = 0) -> list[dict]:
+    """Fused rows as the collator receives them: random tokens, every token after the first
+    supervised, random top-k targets (a training step's cost does not depend on their values)."""
+    generator = np.random.default_rng(seed)
+    return [
+        {
+            "input_ids": generator.integers(0, vocab, length),
+            "run_start": np.array([1]),
+            "run_length": np.array([length - 1]),
+            "topk_ids": generator.integers(0, vocab, (length - 1, top_k)),
+            "topk_logprobs": np.log(generator.dirichlet(np.ones(top_k), length - 1)).astype(np.float16),
+        }
+        for _ in range(sequences)
+    ]
+
+
 def vocab_step_memory(
     vocab: int, sequences: int, length: int, hidden: int, top_k: int, chunk_tokens: int, logits: int
 ) -> dict:
@@ -343,18 +389,7 @@ def vocab_step_memory(
         args = TrainingArguments(output_dir=tmp, report_to=[], use_cpu=True)
         trainer = FusionTrainer(model=model, args=args, lm_weight=0.9, temperature=1.0, tokenizer_size=vocab,
                                 loss_chunk_tokens=chunk_tokens)  # fmt: skip
-    generator = np.random.default_rng(0)
-    rows = [
-        {
-            "input_ids": generator.integers(0, vocab, length),
-            "run_start": np.array([1]),
-            "run_length": np.array([length - 1]),
-            "topk_ids": generator.integers(0, vocab, (length - 1, top_k)),
-            "topk_logprobs": np.log(generator.dirichlet(np.ones(top_k), length - 1)).astype(np.float16),
-        }
-        for _ in range(sequences)
-    ]
-    inputs = FusionCollator(0)(rows)
+    inputs = FusionCollator(0)(random_fused_rows(vocab, sequences, length, top_k))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     loss_peaks, step_peaks = [], []
     for _ in range(3):  # the first step creates the AdamW states
@@ -478,8 +513,8 @@ def main() -> None:
     print(f"{'':22}{'median step s':>14}{'peak RSS MiB':>14}")
     for name, runs in (("CLM only (lm 1.0)", clm), ("fusion (lm 0.9)", fusion)):
         median = statistics.median(r["seconds"] for r in runs)
-        print(f"{name:22}{median:14.2f}{max(r['peak_kib'] for r in runs) / 1024:14.0f}")
-    peak_ratio = max(r["peak_kib"] for r in fusion) / max(r["peak_kib"] for r in clm)
+        print(f"{name:22}{median:14.2f}{max(r['peak_mib'] for r in runs):14.0f}")
+    peak_ratio = max(r["peak_mib"] for r in fusion) / max(r["peak_mib"] for r in clm)
     print(f"{'ratio fusion / CLM':22}{time_ratio:14.3f}{peak_ratio:14.3f}  (goal <= 1.10)")
     print("(time ratio: median over batches of fusion / CLM on the same batch, timed back to back)")
     head_comparison(*head_args)

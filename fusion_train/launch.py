@@ -252,11 +252,9 @@ def read_hostfile(hostfile: str) -> dict[str, int]:
     return dict(hosts)
 
 
-def launcher_command(
-    module: str, nproc: int | None, hostfile: str | None, master_port: int | None
-) -> list[str]:
-    """The ``deepspeed`` launcher command that runs ``module`` in every process; checked first."""
-
+def deepspeed_launcher() -> str:
+    """The ``deepspeed`` launcher script: next to this Python (a virtual environment), else on PATH
+    (packages installed into a folder of their own, as the GPU check does)."""
     sibling = Path(sys.executable).with_name("deepspeed")
     launcher = str(sibling) if sibling.exists() else shutil.which("deepspeed")
     if launcher is None:
@@ -264,7 +262,14 @@ def launcher_command(
             "the `deepspeed` launcher is not installed next to this Python nor on PATH; "
             "install deepspeed in this environment."
         )
-    command = [launcher]
+    return launcher
+
+
+def launcher_command(
+    module: str, nproc: int | None, hostfile: str | None, master_port: int | None
+) -> list[str]:
+    """The ``deepspeed`` launcher command that runs ``module`` in every process; checked first."""
+    command = [deepspeed_launcher()]
     if nproc is not None:
         if nproc < 1:
             raise LaunchError("--nproc must be at least 1.")

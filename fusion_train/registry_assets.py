@@ -235,10 +235,23 @@ def real_tokenizer_dir(name: str) -> Path:
     SentencePiece with byte fallback, 32,000 tokens, given the llama2 template. ``qwen``: Qwen's
     tiktoken BPE, 151,851 tokens, given the chatml template.
     """
-    target = cache_dir() / "tokenizers" / name
-    if not (target / "tokenizer_config.json").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            REAL_TOKENIZERS[name](Path(tmp) / name)
-            os.replace(Path(tmp) / name, target)
+    cached = cached_tokenizer_dir(name)
+    if cached is not None:
+        return cached
+    target = _tokenizer_path(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        REAL_TOKENIZERS[name](Path(tmp) / name)
+        os.replace(Path(tmp) / name, target)
     return target
+
+
+def cached_tokenizer_dir(name: str) -> Path | None:
+    """The real tokenizer ``name`` if it is already in the cache, else None: never downloads
+    (for machines without network, such as the GPU check's, which carries the cache)."""
+    target = _tokenizer_path(name)
+    return target if (target / "tokenizer_config.json").exists() else None
+
+
+def _tokenizer_path(name: str) -> Path:
+    return cache_dir() / "tokenizers" / name

@@ -38,12 +38,13 @@ from fusion_train.represent import RepresentSettings, load_representation, repre
 from fusion_train.train import train_command
 
 pytestmark = pytest.mark.slow
-FUSION_TRAIN = str(Path(sys.executable).with_name("fusion-train"))
+# The CLI as a module: also where the package is on PYTHONPATH rather than installed (the GPU check).
+FUSION_TRAIN = [sys.executable, "-m", "fusion_train"]
 
 
 def run_cli(*arguments: str, timeout: int = 600) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [FUSION_TRAIN, *arguments, "--master-port", str(free_port())],
+        [*FUSION_TRAIN, *arguments, "--master-port", str(free_port())],
         capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -188,20 +189,23 @@ def test_device_is_honoured_and_a_missing_gpu_refused(tiny_models: dict, chats: 
     assert not out.exists()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_represent_on_the_gpu_agrees_with_the_cpu(
-    tiny_models: dict, chats: Path, represented: dict, tmp_path: Path
-) -> None:
-    run_cli(*represent_arguments(tiny_models["qwen"], chats, tmp_path), "--device", "cuda", "--dtype", "float32",
+def test_represent_on_the_gpu_agrees_with_the_cpu(tiny_models: dict, chats: Path, tmp_path: Path) -> None:
+    """Against a CPU run of its own: conftest's ``represented`` takes the GPU too where there is one."""
+    cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
+    run_cli(*represent_arguments(tiny_models["qwen"], chats, cpu), "--device", "cpu", "--dtype", "float32")
+    run_cli(*represent_arguments(tiny_models["qwen"], chats, gpu), "--device", "cuda", "--dtype", "float32",
             "--nproc", "1")  # fmt: skip
-    ours, reference = load_representation(tmp_path), load_representation(represented["qwen"])
+    ours, reference = load_representation(gpu), load_representation(cpu)
     ids = np.concatenate([np.asarray(x) for x in ours["topk_ids"]])
     reference_ids = np.concatenate([np.asarray(x) for x in reference["topk_ids"]])
     assert (ids == reference_ids).all(axis=1).mean() >= 0.99
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((gpu / "summary.json").read_text())
     assert summary["placement"]["device"] == "cuda:0"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
     reason="needs a CUDA GPU and vLLM",

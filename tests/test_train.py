@@ -48,7 +48,7 @@ PRECISIONS = [
     pytest.param("cpu", torch.float32, id="cpu-float32"),
     pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
     pytest.param("cuda", torch.bfloat16, id="cuda-bf16",
-                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+                 marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
 ]  # fmt: skip
 
 

@@ -24,6 +24,7 @@ from train_driver import PROBE_TOKENS
 from train_fixtures import batch_from_rows, build_fused, dense_reference_losses, fused_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fusion_train.launch import deepspeed_launcher
 from fusion_train.train import SUMMARY, TrainConfig, prepare, to_arguments, work_dir
 
 VENV_BIN = Path(sys.executable).parent
@@ -68,7 +69,7 @@ def _train_keeping_engine_logits(
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config))
     engine_logits = tmp_path / "engine-logits.safetensors"
-    command = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port())]
+    command = [deepspeed_launcher(), "--num_gpus", str(ranks), "--master_port", str(_free_port())]
     result = _run([*command, str(DRIVER), str(config_path), "logits", str(engine_logits)], gpus=gpus, **env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return engine_logits
@@ -315,7 +316,10 @@ def test_two_nodes_through_the_per_node_launcher(setup, tmp_path):
     "device",
     [
         "cpu",
-        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")],
+        ),
     ],
 )
 def test_bf16_mixed_precision(setup, tmp_path, stage, device):
@@ -359,7 +363,7 @@ def test_chunked_head_trains_like_the_logits_loss(setup, tmp_path, stage, model)
                for loss, out in runs.items()}  # fmt: skip
     config_path = tmp_path / "configs.json"
     config_path.write_text(json.dumps(configs))
-    command = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port())]
+    command = [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(_free_port())]
     result = _run([*command, str(DRIVER), str(config_path), "losses", "-"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     summaries = {loss: json.loads((out / SUMMARY).read_text()) for loss, out in runs.items()}

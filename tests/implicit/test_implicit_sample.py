@@ -437,6 +437,7 @@ def test_engine_flags_are_refused_where_they_cannot_run(ws: Path, tmp_path: Path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
     reason="needs a CUDA GPU and vLLM",
