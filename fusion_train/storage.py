@@ -19,6 +19,8 @@ from typing import IO, Any, TypeVar
 from fusion_train.errors import UserError
 
 MANIFEST = "manifest.json"
+# Published beside a trained model by train, sft and dpo: a model folder without it is unfinished.
+TRAINING_SUMMARY = "training_summary.json"
 
 
 class OutputMismatchError(UserError, ValueError):

@@ -59,12 +59,12 @@ from fusion_train.models import (
 )
 from fusion_train.options import FRACTION, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
 from fusion_train.storage import MANIFEST, claim_output, open_to_umask, read_json, write_json_atomic
+from fusion_train.storage import TRAINING_SUMMARY as SUMMARY
 
 log = logging.getLogger(__name__)
 
 FUSED_FORMAT = "fusion-train/fused@1"
 RUN_FORMAT = "fusion-train/train-run@1"
-SUMMARY = "training_summary.json"
 CONFIG_DIR = Path(__file__).parent / "deepspeed_configs"
 PRESETS = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3-offload": "zero3_offload.json"}
 FUSED_COLUMNS = ("input_ids", "run_start", "run_length", "topk_ids", "topk_logprobs")

@@ -159,11 +159,6 @@ def localise(data: Any, config_file: str, allow_pickle: bool) -> dict[str, Any]:
     return rewrite(data)
 
 
-def _scalar(value: Any, default: float) -> float:
-    """A number for the analysis report; filtered or gradient settings still apply in the merge itself."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
-
-
 def prepare_config(
     data: dict[str, Any], config_file: str, out_dir: Path, cache_dir: str | None = None
 ) -> Path:
