@@ -32,6 +32,13 @@ class UserError(Exception):
     """A problem in the user's input or environment; the message names the culprit and the fix."""
 
 
+def one_line(error: BaseException | str) -> str:
+    """An error (``ValueError: ...``) or a message on one line, for a user error that quotes code
+    it does not control (a user's verifier, a library): its line breaks would split the error line."""
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def read_text(path: str | Path, error_class: type[UserError] = UserError) -> str:
     """A UTF-8 text file (a byte-order mark is allowed); other encodings are a user error naming it."""
     data = Path(path).read_bytes()

@@ -36,9 +36,11 @@ from fusion_train.launch import (
 )
 from fusion_train.models import load_tokenizer, model_fingerprint
 from fusion_train.represent import ChatTokenizer, encode_conversation
-from fusion_train.storage import atomic_write_text, read_json, write_json_atomic
+from fusion_train.storage import atomic_write_text, read_json, refuse_unrelated, write_json_atomic
 
 MODULE = "fusion_train.evaluate"  # what the launcher runs in every process
+# What evaluate writes into --out (it keeps no manifest: a rerun rewrites the report, reusing the losses).
+OUTPUTS = ("report.json", "report.md", "report.png", "losses")
 BOOTSTRAP_SAMPLES = 1000
 ROLES = ("pivot", "source", "target", "baseline", "merge", "implicit", "model")  # how the report groups rows
 
@@ -193,6 +195,7 @@ def evaluate(
     to that model. In a launched job the ranks share each model's batches and rank 0 writes.
     """
     out_dir = Path(out_dir)
+    refuse_unrelated(out_dir, OUTPUTS)
     inference = inference or InferenceSettings()
     inference.check()
     if len({m.name for m in models}) < len(models):
@@ -420,6 +423,7 @@ def evaluate_command(**params: Any) -> None:
     specs = [replace(spec, chat_template=templates.get(spec.name)) for spec in specs]
 
     def check() -> None:
+        refuse_unrelated(Path(params["out_dir"]), OUTPUTS)
         load_conversations(params["data_path"])
         check_before_launch(inference_settings(params))
 

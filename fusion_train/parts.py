@@ -65,12 +65,20 @@ def read_manifest(out_dir: Path, format: str, command: str, error: type[UserErro
             f"{out_dir}: no {MANIFEST}; is it the output of `fusion-train {command} --out {out_dir}`?"
         )
     manifest = read_json(out_dir / MANIFEST)
-    if manifest.get("format") != format:
+    found = manifest.get("format")
+    if found == format:
+        return manifest
+    kind = str(found).partition("@")[0]
+    if kind != format.partition("@")[0]:  # another stage's output (of any version), not an older one
         raise error(
-            f"{out_dir}: format {manifest.get('format')!r}, this version reads {format!r}; "
-            f"run `fusion-train {command}` again into a new --out directory."
+            f"{out_dir}: holds {kind.removeprefix('fusion-train/')} (format {found!r}), "
+            f"not the output of `fusion-train {command}` ({format!r}) that is needed here; pass the --out "
+            f"directory of `fusion-train {command}`."
         )
-    return manifest
+    raise error(
+        f"{out_dir}: format {found!r}, this version reads {format!r}; "
+        f"run `fusion-train {command}` again into a new --out directory."
+    )
 
 
 def load_parts(out_dir: Path, num_parts: int, command: str, error: type[UserError]) -> list[datasets.Dataset]:

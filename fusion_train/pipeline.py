@@ -31,7 +31,7 @@ import yaml
 from fusion_train import options
 from fusion_train.align import align, align_command
 from fusion_train.chat import BUILTIN_TEMPLATES, load_conversations
-from fusion_train.errors import Command, read_yaml
+from fusion_train.errors import Command, UserError, read_yaml
 from fusion_train.evaluate import MODULE as EVALUATE_MODULE
 from fusion_train.evaluate import ModelSpec, evaluate, evaluate_command
 from fusion_train.fuse import fuse, fuse_command
@@ -39,6 +39,7 @@ from fusion_train.implicit.recipe import (
     IMPLICIT_COMMANDS,
     IMPLICIT_ONLY_TYPES,
     IMPLICIT_SETTINGS,
+    MODEL_NAMES,
     DPOStage,
     ImplicitRun,
     PreferStage,
@@ -48,6 +49,8 @@ from fusion_train.implicit.recipe import (
     SFTStage,
     check_implicit,
 )
+from fusion_train.implicit.sample import prompts_of
+from fusion_train.inference import check_before_launch
 from fusion_train.launch import world_size_of
 from fusion_train.losses import CHUNK_TOKENS
 from fusion_train.models import model_fingerprint
@@ -63,6 +66,7 @@ from fusion_train.stages import (
     disk_full_explained,
     file_fingerprint,
     launch_stage,
+    recipe_error,
     train_in_stage,
 )
 from fusion_train.storage import atomic_write_text, read_json, write_json_atomic
@@ -410,12 +414,30 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
     implicit = {
         name: _build(cls, raw.get(name) or {}, where, name) for name, cls in IMPLICIT_SETTINGS.items()
     }
-    if fusion != "explicit":
-        implicit = check_implicit(implicit, base, where, names)
     resources = settings["resources"]
     if resources.hostfile is not None:
         hostfile = _local_file(base, resources.hostfile, where, "resources.hostfile", "hostfile")
-        settings["resources"] = replace(resources, hostfile=hostfile)
+        settings["resources"] = resources = replace(resources, hostfile=hostfile)
+    inference = resources.inference()
+    try:  # what every stage that runs a model checks (before it launches its ranks)
+        if resources.launches:
+            check_before_launch(inference)
+        else:
+            inference.check()
+    except UserError as error:
+        raise recipe_error(where, "resources", error, {f.name for f in fields(Resources)}) from None
+    made = set(MODEL_NAMES) if fusion != "explicit" else set()
+    if fusion != "implicit":
+        made |= {"clm-baseline", *(f"target-{n}" for n in names[1:])}
+        made |= {f"merge-{method}" for method in settings["merge"].methods}
+    models = [("pivot", pivot), *((f"sources[{i}]", s) for i, s in enumerate(sources))]
+    for key, entry in models:  # evaluate and rate name the models in their reports
+        if entry.name in made:
+            raise RecipeError(
+                f"{where}: {key}.name: {entry.name!r} is the name of a model the run makes; pick another"
+            )
+    if fusion != "explicit":
+        implicit = check_implicit(implicit, base, where, models, resources)
     training = settings["train"]
     if training.deepspeed not in PRESETS:
         deepspeed = _local_file(base, training.deepspeed, where, "train.deepspeed",
@@ -448,6 +470,9 @@ def split_data(recipe: Recipe, stages: Stages) -> tuple[Path, Path, str]:
     def work(out: Path) -> None:
         records = load_conversations(data.train)
         heldout = load_conversations(data.heldout) if data.heldout else []
+        if recipe.implicit:  # every record is a prompt to sample: refused here, before any stage runs a model
+            prompts_of(records, data.train)
+            prompts_of(heldout, data.heldout or data.train)
         if not data.heldout:
             cut = int(data.heldout_fraction * 10_000)
             in_heldout = [int(hashlib.sha256(c.id.encode()).hexdigest(), 16) % 10_000 < cut for c in records]

@@ -13,10 +13,11 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 import click
 
-from fusion_train.errors import UserError
+from fusion_train.errors import UserError, one_line
 from fusion_train.inference import InferenceSettings
 from fusion_train.launch import command_arguments, launch
 from fusion_train.storage import TRAINING_SUMMARY, write_json_atomic
@@ -34,6 +35,21 @@ DONE = ".done.json"
 
 class RecipeError(UserError, ValueError):
     """A recipe that cannot run; the message names the key and the fix."""
+
+
+def recipe_error(where: str, section: str, error: UserError, keys: Collection[str]) -> RecipeError:
+    """A command's check, failed on a recipe's section: the flags it names become the section's
+    keys (``--warmup-ratio`` -> ``sft.warmup_ratio``), so the line names what to edit in the recipe."""
+    named = False
+
+    def key(flag: re.Match[str]) -> str:
+        nonlocal named
+        name = flag.group(1).replace("-", "_")
+        named = named or name in keys
+        return f"{section}.{name}" if name in keys else flag.group(0)
+
+    message = re.sub(r"--([a-z][a-z0-9-]*)", key, one_line(str(error)))
+    return RecipeError(f"{where}: {message}" if named else f"{where}: {section}: {message}")
 
 
 class DiskFullError(UserError, RuntimeError):

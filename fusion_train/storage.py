@@ -11,7 +11,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -106,21 +106,93 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         raise
 
 
+def is_temporary(name: str) -> bool:
+    """A name :func:`_beside` gives: what a killed writer leaves, never a user's file."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _holds_something(path: Path) -> bool:
+    """A file, or a folder with a file somewhere in it (temporary names aside)."""
+    if is_temporary(path.name):
+        return False
+    return not path.is_dir() or any(_holds_something(p) for p in path.iterdir())
+
+
+def _entries(folder: Path, leave_out: Collection[str] = ()) -> list[str]:
+    """What ``folder`` holds besides ``leave_out``, folders marked with a slash; temporary names
+    and folders without a file are left out (a run makes folders before their first file)."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        f"{p.name}/" if p.is_dir() else p.name
+        for p in folder.iterdir()
+        if p.name not in leave_out and _holds_something(p)
+    )
+
+
+def _listed(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def refuse_unrelated(out_dir: Path, own: Collection[str] = ()) -> None:
+    """The rule for every command's ``--out``: new, empty, or its own earlier output. A folder
+    holding anything else (``own``: the names of a command's outputs without a manifest) is the
+    user's, and a command would write into it; refused, naming what is there."""
+    found = _entries(out_dir, own)
+    if found:
+        raise OutputMismatchError(
+            f"{out_dir} holds files that are not an output of this command ({_listed(found)}; no {MANIFEST}). "
+            "Pass a new or empty --out directory."
+        )
+
+
+_ABSENT = object()  # a key one manifest has and the other has not
+
+
+def _shown(value: Any, width: int = 48) -> str:
+    text = "(none)" if value is _ABSENT else json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def differences(old: Any, new: Any, key: str = "") -> list[str]:
+    """Every value that differs between two manifests, as ``key: old -> new``, keys dotted down
+    to the values (``settings.temperature: 0.8 -> 0.5``), list items by index."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            line
+            for k in sorted(set(old) | set(new))
+            for line in differences(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{key}.{k}" if key else k)
+        ]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        pairs = enumerate(zip(old, new, strict=True))
+        return [line for i, (a, b) in pairs for line in differences(a, b, f"{key}[{i}]")]
+    return [] if old == new else [f"{key}: {_shown(old)} -> {_shown(new)}"]
+
+
 def check_output(out_dir: Path, manifest: dict[str, Any]) -> bool:
-    """Whether ``out_dir`` already holds ``manifest``'s run (False: no run yet); a different run's
-    is an error. Writes nothing."""
+    """Whether ``out_dir`` already holds ``manifest``'s run (False: no run yet); a different run's,
+    or files of anything else, are an error that says what the folder holds. Writes nothing."""
     manifest = json.loads(json.dumps(manifest))  # compare as it reads back (tuples become lists)
     path = out_dir / MANIFEST
     if not path.exists():
+        refuse_unrelated(out_dir)
         return False
     existing = read_json(path)
-    if existing != manifest:
-        differing = sorted(k for k in set(existing) | set(manifest) if existing.get(k) != manifest.get(k))
-        raise OutputMismatchError(
-            f"{out_dir} already holds results of a different run (differs in: {', '.join(differing)}). "
-            "Use another --out directory, or delete this one to start over."
-        )
-    return True
+    if existing == manifest:
+        return True
+    results = _entries(out_dir, {MANIFEST})
+    holds = (
+        f"already holds results of a different run ({_listed(results)})"
+        if results
+        else f"holds the {MANIFEST} of a different run, and no results yet"
+    )
+    if existing.get("format") != manifest.get("format"):
+        why = f"its format is {existing.get('format')!r}, this command writes {manifest.get('format')!r}"
+    else:
+        why = f"differs in: {'; '.join(differences(existing, manifest))}"
+    raise OutputMismatchError(
+        f"{out_dir} {holds}: {why}. Use another --out directory, or delete this one to start over."
+    )
 
 
 def claim_output(out_dir: Path, manifest: dict[str, Any]) -> None:

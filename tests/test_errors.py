@@ -89,6 +89,20 @@ def data_case(name: str, content: str | bytes, *names: str) -> Callable[[Path, P
     return build
 
 
+def out_case(command: str) -> Callable[[Path, Path], Case]:
+    """A command whose --out holds a file of the user's: refused, the file left alone (one rule for all)."""
+
+    def build(ws: Path, tmp: Path) -> Case:
+        out = _file(tmp / "mine", "notes.txt", "mine").parent
+        model = f"m={ws / 'model'}" if command == "evaluate" else str(ws / "model")
+        args = [command, "--model", model, "--data", str(ws / "chats.jsonl"), "--out", str(out)]
+        names = ["mine holds files that are not an output of this command (notes.txt; no manifest.json)",
+                 "new or empty --out"]  # fmt: skip
+        return Case("fusion-train", args, names)
+
+    return build
+
+
 def flag_case(command: str, flag: str, value: str, *names: str) -> Callable[[Path, Path], Case]:
     """A number out of range: refused by click's range types, before anything is read."""
 
@@ -271,6 +285,14 @@ CASES: dict[str, Callable[[Path, Path], Case]] = {
     "model name with a slash": recipe_case(
         ["sources[0].name", "a/b"], sources=[{"name": "a/b", "path": "ws:m-source"}]
     ),
+    "a source named as a model the run makes": recipe_case(
+        ["sources[0].name", "'clm-baseline' is the name of a model the run makes"],
+        sources=[{"name": "clm-baseline", "path": "ws:m-source"}],
+    ),
+    "vLLM in launched ranks": recipe_case(
+        ["resources.engine vllm runs in one process", "drop resources.nproc"],
+        resources={"engine": "vllm", "nproc": 2},
+    ),
     "sweep value out of range": recipe_case(
         ["--vary train.lm_weight=1.5", "train.lm_weight", "not in the range"], command="sweep"
     ),
@@ -331,8 +353,16 @@ CASES: dict[str, Callable[[Path, Path], Case]] = {
             "--out",
             str(_file(tmp / "out", "manifest.json", '{"format": "other"}').parent),
         ],
-        ["out already holds results of a different run", "--out"],
+        [
+            "out holds the manifest.json of a different run, and no results yet",
+            "its format is 'other'",
+            "--out",
+        ],
     ),
+    **{
+        f"{command} into a folder of other files": out_case(command)
+        for command in ("represent", "sample", "evaluate")
+    },
     "represent chat template missing": lambda ws, tmp: Case(
         "fusion-train",
         [
@@ -390,6 +420,19 @@ CASES: dict[str, Callable[[Path, Path], Case]] = {
         ["weights", "--base", str(ws / "base"), "--model", str(ws / "nan"), "--out", str(tmp / "w")],
         ["NaN or Inf"],
         [tmp / "w"],
+    ),
+    "weights into a folder of other files": lambda ws, tmp: Case(
+        "varm-merge",
+        [
+            "weights",
+            "--base",
+            str(ws / "base"),
+            "--model",
+            str(ws / "t1"),
+            "--out",
+            str(_file(tmp / "mine", "notes.txt", "mine").parent),
+        ],
+        ["mine holds files that are not an output of this command (notes.txt; no manifest.json)"],
     ),
     "weights of a pickle-only model": lambda ws, tmp: Case(
         "varm-merge",

@@ -97,6 +97,8 @@ def test_checkpoints_killed_while_being_written_are_ignored(tiny_models, tmp_pat
     fused = build_fused(pivot, tmp_path / "fused")
     config = TrainConfig(model=str(pivot), fused=str(fused), out=str(tmp_path / "target"), resume=True)
     work = work_dir(config.out)
+    prepare(config, world_size=1)  # a run records its manifest before its first checkpoint
+    caplog.clear()
     complete = json.dumps({"global_step": 2})
     _checkpoint(work, 2, complete)
     _checkpoint(work, 10, complete)  # later than checkpoint-2 by step, earlier by name

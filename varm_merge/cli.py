@@ -29,9 +29,9 @@ from pydantic import ValidationError
 
 from fusion_train import __version__
 from fusion_train.errors import Group, ReportsUserErrors, UserError, read_yaml
-from fusion_train.storage import atomic_directory
+from fusion_train.storage import atomic_directory, refuse_unrelated
 from varm_merge.method import DEFAULT_EPSILON, GROUPED_GRANULARITIES, ensure_registered
-from varm_merge.weights import REPORT_GRANULARITIES, analyse
+from varm_merge.weights import CSV_NAME, JSON_NAME, PNG_NAME, REPORT_GRANULARITIES, analyse
 
 CONFIG_DIR = Path(str(resources.files("merge_configs")))
 PIVOT_PLACEHOLDER = "PIVOT_MODEL"
@@ -312,6 +312,7 @@ def weights(
     """Stream the models once and write the VaRM weights per tensor per model (JSON, CSV, heatmap)."""
     if priors and len(priors) != len(models):
         raise click.UsageError(f"{len(priors)} --prior values for {len(models)} --model values")
+    refuse_unrelated(Path(out), (JSON_NAME, CSV_NAME, PNG_NAME))
     for path in (base, *models):
         check_model_dir(Path(path), allow_pickle=False, pickle_fix="")
     with refused_as_input_error("varm-merge weights"):

@@ -38,11 +38,9 @@ from fusion_train.storage import atomic_directory, atomic_write_text, claim_outp
 FORMAT = "fusion-train/preferences@1"
 MODES = ("fusechat3", "wrpo", "sft")
 SFT_DIR, PAIRS_DIR = "sft", "pairs"
-HINTS = {  # why pairs were dropped -> what to change
-    "below margin": "Lower --margin (the largest margin was {:.4g}).",
+HINTS = {  # why pairs were dropped -> what to change (below margin, no source response: see drop_hints)
     "one response": "Sample more responses per prompt (--num-samples), or keep more of them scored.",
     "identical responses": "Sample at a higher --temperature.",
-    "no source response": "Score the sources' samples together with the target's.",
     "no target response": "Score the target's own samples (sampled after SFT) together with the sources'.",
 }
 
@@ -201,14 +199,14 @@ def prefer(
         "largest_margin": largest_margin,
         "by_source": {src: dict(by_source[src]) for src in sources if src in by_source},
     }
+    hints = drop_hints(dropped, excluded, largest_margin, target_source)
     if mode == "sft" and not sft_rows:
         raise PreferError(
-            f"{scored_dir}: no prompt has a scored source response ({dict(excluded)} left out)."
+            f"{scored_dir}: no prompt has a scored source response ({dict(excluded)} left out). {hints}".rstrip()
         )
     if mode != "sft" and not pair_rows:
         raise PreferError(
-            f"{scored_dir}: no preference pair kept ({len(prompts)} prompts; dropped: {dict(dropped)}). "
-            + " ".join(HINTS[reason] for reason in HINTS if reason in dropped).format(largest_margin)
+            f"{scored_dir}: no preference pair kept ({len(prompts)} prompts; dropped: {dict(dropped)}). {hints}".rstrip()
         )
     out_dir = Path(out_dir)
     claim_output(out_dir, {
@@ -228,6 +226,31 @@ def prefer(
     write_json_atomic(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", markdown_report(report))
     return report
+
+
+def drop_hints(
+    dropped: Counter[str], excluded: Counter[str], largest_margin: float | None, target_source: str | None
+) -> str:
+    """What to change, for the reasons pairs (or SFT examples) were dropped; only advice that can help."""
+    hints = []
+    if "below margin" in dropped:
+        hints.append(
+            f"Lower --margin (the largest margin was {largest_margin:.4g})."
+            if largest_margin
+            else "Every pair's scores tie, so no pair can have a margin: rank with another scorer (--scorer, or "
+            "score with a reward model), or sample more, more varied responses (--num-samples, --temperature)."
+        )
+    if "no source response" in dropped:
+        if excluded["not judged"]:
+            hints.append(
+                "Some prompts' responses were all left unjudged: use a scorer that judges them (the built-in "
+                "verifiers need a reference answer in the data)."
+            )
+        if excluded["truncated"]:
+            hints.append("Some prompts' responses were all cut at --max-new-tokens: drop --drop-truncated.")
+        if target_source is not None and not excluded:
+            hints.append("Score the sources' samples together with the target's.")
+    return " ".join([*hints, *(HINTS[reason] for reason in HINTS if reason in dropped)])
 
 
 def _drop_reason(chosen: Response, rejected: Response, margin: float) -> str | None:

@@ -16,7 +16,7 @@ their last checkpoint) when a run was killed.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,15 +29,16 @@ from fusion_train.implicit import dpo, prefer, sample, score, sft, tuning
 from fusion_train.implicit.rate import rate
 from fusion_train.implicit.verifiers import get_verifier
 from fusion_train.launch import command_arguments, launch, world_size_of
-from fusion_train.models import model_fingerprint
-from fusion_train.stages import RecipeError, Resources, Stages, launch_stage, train_in_stage
-from fusion_train.train import PRESETS, Schedule
+from fusion_train.models import load_tokenizer, model_fingerprint
+from fusion_train.stages import RecipeError, Resources, Stages, launch_stage, recipe_error, train_in_stage
+from fusion_train.train import PRESETS, Schedule, deepspeed_config
 
 if TYPE_CHECKING:
     from fusion_train.pipeline import ModelEntry, Recipe
 
 SFT_NAME = "implicit-sft"  # the SFT model's name in reports, and its samples' source name (WRPO)
 DPO_NAMES = {"sigmoid": "implicit-dpo", "sigmoid_norm": "implicit-dpo-norm", "wrpo": "implicit-wrpo"}
+MODEL_NAMES = (SFT_NAME, *DPO_NAMES.values())  # every name the implicit stages give their models
 DEFAULT_LOSS = {"fusechat3": "sigmoid_norm", "wrpo": "wrpo"}  # the papers' losses
 
 
@@ -119,9 +120,17 @@ IMPLICIT_ONLY_TYPES: dict[type, dict[str, click.ParamType]] = {
 }  # fmt: skip
 
 
-def check_implicit(settings: dict[str, Any], base: Path, where: str, names: Sequence[str]) -> dict[str, Any]:
-    """Checks across keys of the implicit sections (each value was checked on its own); paths
-    become absolute. ``names``: the recipe's model names."""
+def check_implicit(
+    settings: dict[str, Any],
+    base: Path,
+    where: str,
+    models: Sequence[tuple[str, ModelEntry]],
+    resources: Resources,
+) -> dict[str, Any]:
+    """What the implicit stages will check, checked here, naming the recipe key: across keys of the
+    implicit sections (each value was checked on its own), the models' tokenizers, the pivot's chat
+    template (sft, dpo), prefer's scorer, and sft's and dpo's settings as their commands build them.
+    Paths become absolute. ``models``: (recipe key, entry), the pivot first."""
     s: ScoreStage = settings["score"]
     if s.reward_model is None and not s.verifiers:
         raise RecipeError(
@@ -132,43 +141,79 @@ def check_implicit(settings: dict[str, Any], base: Path, where: str, names: Sequ
             get_verifier(name)
         except UserError as error:
             raise RecipeError(f"{where}: score.verifiers: {error}") from None
+    scorers = list(s.verifiers)
     if s.reward_model is not None:
         path = (base / s.reward_model).expanduser().resolve()
         if not path.is_dir():
             raise RecipeError(f"{where}: score.reward_model: model directory {path} does not exist")
         try:
-            score.reward_model_spec(path, s.reward_label, None, s.trust_remote_code, s.reward_output)
+            spec = score.reward_model_spec(path, s.reward_label, None, s.trust_remote_code, s.reward_output)
+            load_tokenizer(path, trust_remote_code=s.trust_remote_code)
         except UserError as error:
             raise RecipeError(f"{where}: score.reward_model: {error}") from None
+        scorers.insert(0, spec.name)
         settings["score"] = s = ScoreStage(**{**asdict(s), "reward_model": str(path)})
     elif s.reward_label is not None:
         raise RecipeError(f"{where}: score.reward_label: needs score.reward_model")
-    if s.reward_model is not None and s.verifiers and settings["prefer"].scorer is None:
+    p, d = settings["prefer"], settings["dpo"]
+    if len(scorers) > 1 and p.scorer is None:
         raise RecipeError(
             f"{where}: prefer.scorer: score gives several scores; say which one ranks the responses"
         )
-    p, d = settings["prefer"], settings["dpo"]
+    if p.scorer is not None and p.scorer not in scorers:
+        raise RecipeError(
+            f"{where}: prefer.scorer: {p.scorer!r} is not a score the score section gives ({', '.join(scorers)})"
+        )
+    for key, entry in models:  # sample (every model) and sft (the pivot) read them
+        try:
+            tokenizer = load_tokenizer(entry.path)
+            if key == "pivot":
+                tuning.require_chat_template(tokenizer, entry.path)
+        except tuning.TuneInputError as error:
+            raise RecipeError(
+                f"{where}: {key}: {error} sft and dpo train the pivot in that template; {key}.chat_template "
+                "is for sampling and evaluation only."
+            ) from None
+        except UserError as error:
+            raise RecipeError(f"{where}: {key}.path: {error}") from None
     if d.loss == "wrpo" and p.mode != "wrpo":
         raise RecipeError(f"{where}: dpo.loss: wrpo needs WRPO's pairs; set prefer.mode: wrpo")
     if d.alpha_max is not None and (d.loss or DEFAULT_LOSS[p.mode]) != "wrpo":
         raise RecipeError(f"{where}: dpo.alpha_max: WRPO's; drop it or use dpo.loss: wrpo")
-    for stage in ("sft", "dpo"):
-        value = settings[stage].deepspeed
-        if value not in PRESETS:
-            path = (base / value).expanduser().resolve()
+    world_size = world_size_of(resources.nproc, resources.hostfile)
+    for stage in (SFT, DPO):
+        section = settings[stage.name]
+        if section.deepspeed not in PRESETS:
+            path = (base / section.deepspeed).expanduser().resolve()
             if not path.is_file():
                 raise RecipeError(
-                    f"{where}: {stage}.deepspeed: neither a preset ({', '.join(PRESETS)}) nor a file: {path}"
+                    f"{where}: {stage.name}.deepspeed: neither a preset ({', '.join(PRESETS)}) nor a file: {path}"
                 )
-            settings[stage] = type(settings[stage])(**{**asdict(settings[stage]), "deepspeed": str(path)})
-        if settings[stage].epochs <= 0 and settings[stage].max_steps <= 0:
-            raise RecipeError(f"{where}: {stage}.epochs: must be positive (or set {stage}.max_steps)")
+            settings[stage.name] = section = replace(section, deepspeed=str(path))
+        if section.epochs <= 0 and section.max_steps <= 0:
+            raise RecipeError(
+                f"{where}: {stage.name}.epochs: must be positive (or set {stage.name}.max_steps)"
+            )
+        try:  # the settings, and the ZeRO config against them, as the stage's command checks them
+            trial = stage.settings(model="", prefs="", out="", **command_values(section, p.mode))
+            deepspeed_config(trial.deepspeed, trial, world_size)
+        except UserError as error:
+            raise recipe_error(where, stage.name, error, {f.name for f in fields(section)}) from None
+    names = [entry.name for _, entry in models]
     baseline = settings["rate"].baseline
     if baseline is not None and baseline not in names:
         raise RecipeError(
             f"{where}: rate.baseline: {baseline!r} is not a model of the recipe ({', '.join(names)})"
         )
     return settings
+
+
+def command_values(section: SFTStage, mode: str) -> dict[str, Any]:
+    """A recipe's sft or dpo section as its command's settings (dpo's loss: by ``mode`` when not set)."""
+    values = asdict(section)
+    if isinstance(section, DPOStage):
+        values["loss"] = section.loss or DEFAULT_LOSS[mode]
+    return values
 
 
 # --------------------------------------------------------------------------- running
@@ -259,9 +304,7 @@ class ImplicitRun:
         self, name: str, stage: Tuning, model: str, model_key: str, prefs: tuple[Path, str]
     ) -> tuple[Path, str]:
         """SFT or preference training of ``model`` on ``prefs``, in the recipe's ranks."""
-        values = asdict(self.recipe.sft if stage is SFT else self.recipe.dpo)
-        if stage is DPO:
-            values["loss"] = self.loss
+        values = command_values(self.recipe.sft if stage is SFT else self.recipe.dpo, self.recipe.prefer.mode)
         resources = self.resources
         world_size = world_size_of(resources.nproc, resources.hostfile)
         inputs = {"model": model_key, "prefs": prefs[1], "settings": values, "world_size": world_size}

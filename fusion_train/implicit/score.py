@@ -30,7 +30,7 @@ import torch
 
 from fusion_train import options
 from fusion_train.chat import resolve_chat_template
-from fusion_train.errors import Command, UserError
+from fusion_train.errors import Command, UserError, one_line
 from fusion_train.implicit.sample import load_samples
 from fusion_train.implicit.verifiers import Verifier, get_verifier
 from fusion_train.launch import barrier, launch_if_asked, launch_options, process_group, resolve_device
@@ -268,10 +268,18 @@ class RewardScorer:
 
 
 def verifier_scores(name: str, verifier: Verifier, rows: datasets.Dataset) -> list[float | None]:
-    """``verifier`` on every response; anything but a finite number or None is refused, naming it."""
+    """``verifier`` on every response; an exception in it, or anything but a finite number or None,
+    stops the run naming the verifier and the record (the user's code: ``--debug`` shows where)."""
     scores: list[float | None] = []
     for row in rows:
-        value = verifier(row["response"], row["reference"], row["prompt"])
+        try:
+            value = verifier(row["response"], row["reference"], row["prompt"])
+        except Exception as error:
+            raise ScoreError(
+                f"--verifier {name!r} raised on record {row['id']!r} (source {row['source']!r}, sample "
+                f"{row['sample_index']}): {one_line(error)}. Fix the verifier; `fusion-train --debug score ...` "
+                "shows the traceback."
+            ) from error
         if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
             raise ScoreError(
                 f"--verifier {name!r} returned {value!r} for record {row['id']!r}; a verifier returns a finite "
@@ -279,6 +287,11 @@ def verifier_scores(name: str, verifier: Verifier, rows: datasets.Dataset) -> li
             )
         scores.append(None if value is None else float(value))
     return scores
+
+
+def sampled_from(manifest: dict[str, Any]) -> str:
+    """The prompts of a ``sample`` output, in words: its data file and how many of its records."""
+    return f"{manifest['num_records']} records of {manifest['data']['path']}"
 
 
 def _fingerprint(manifest: dict[str, Any]) -> str:
@@ -304,8 +317,8 @@ def plan_scoring(
     dtype: str = "float32",
 ) -> ScoringPlan:
     """The responses, scorers and manifest of a run; no scorer, an unknown verifier, a sample
-    directory that is not complete or a source given twice stop it here (under ``--nproc``,
-    before any rank starts)."""
+    directory that is not complete, a source given twice or samples of different prompts stop it
+    here (under ``--nproc``, before any rank starts)."""
     if reward_model is None and not verifiers:
         raise ScoreError("no scorer: give --reward-model DIR and/or --verifier NAME.")
     resolved = {name: get_verifier(name) for name in verifiers}
@@ -318,6 +331,14 @@ def plan_scoring(
                 "give each source once (or sample with different --source-name)."
             )
         sources[manifest["source"]] = path
+    first, first_manifest, _ = loaded[0]
+    for path, manifest, _ in loaded[1:]:
+        if manifest["data"]["fingerprint"] != first_manifest["data"]["fingerprint"]:
+            raise ScoreError(
+                f"{first} and {path} hold answers to different prompts: {first} to {sampled_from(first_manifest)}, "
+                f"{path} to {sampled_from(manifest)}; score together only samples of the same prompts (every source "
+                "sampled with the same --data and --limit)."
+            )
     scorers: list[dict[str, Any]] = [{"name": name, "kind": "verifier"} for name in verifiers]
     if reward_model is not None:
         scorers.insert(0, {

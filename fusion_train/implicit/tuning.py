@@ -34,6 +34,7 @@ from transformers import SchedulerType
 
 from fusion_train import options
 from fusion_train.errors import UserError
+from fusion_train.implicit import prefer
 from fusion_train.launch import (
     launch_if_asked,
     launch_options,
@@ -95,11 +96,28 @@ class Prepared:
     resume_from: str | None
 
 
+def require_chat_template(tokenizer: Any, model: str | Path) -> None:
+    """TRL renders the conversations in the tokenizer's own chat template (never a built-in one)."""
+    if tokenizer.chat_template is None:
+        raise TuneInputError(
+            f"{model}: the tokenizer has no chat template; TRL renders the conversations with it. "
+            "Add one to tokenizer_config.json (or chat_template.jinja)."
+        )
+
+
 def load_split(prefs: str | Path, split: str, columns: Sequence[str], hint: str = "") -> datasets.Dataset:
     """``prefs/split`` (``sft`` or ``pairs``), reduced to ``columns``; a missing directory, missing
     columns or no rows are one-line input errors."""
     path = Path(prefs) / split
     if not (path / "state.json").is_file():
+        manifest_path = Path(prefs) / MANIFEST
+        made = read_json(manifest_path) if manifest_path.is_file() else {}
+        if made.get("format") == prefer.FORMAT and split == prefer.PAIRS_DIR:
+            raise TuneInputError(
+                f"{prefs}: the output of `fusion-train prefer --mode {made['settings']['mode']}`, the SFT set "
+                "alone (no pairs/); preference training needs the output of `fusion-train prefer --mode "
+                "fusechat3` or `--mode wrpo`."
+            )
         raise TuneInputError(
             f"{prefs}: no {split}/ data set in it; pass the output directory of `fusion-train prefer`."
         )
@@ -128,11 +146,7 @@ def prepare(
         raise TuneInputError(f"{out} already exists; pass another --out or delete it.")
     data = load(settings)
     tokenizer = load_tokenizer(settings.model)
-    if tokenizer.chat_template is None:
-        raise TuneInputError(
-            f"{settings.model}: the tokenizer has no chat template; TRL renders the conversations with it. "
-            "Add one to tokenizer_config.json (or chat_template.jinja)."
-        )
+    require_chat_template(tokenizer, settings.model)
     ds_config = deepspeed_config(settings.deepspeed, settings, world_size)
     resume_from = resume_point(work, settings.resume)
     manifest_path = Path(settings.prefs) / MANIFEST

@@ -6,17 +6,23 @@ in it): such responses are left out of preference pairs instead of being ranked 
 
 Built in: ``numeric-answer`` (math: 1.0 when the response's last number equals the reference's,
 else 0.0) and ``reference-overlap`` (ROUGE-L F-measure of the words, offline and free). Any
-other callable with the same signature is used by its import path, ``package.module:function``.
+other callable with the same signature is used by its import path, ``package.module:function``:
+a module importable as usual, or a ``module.py`` in the current directory (which the
+``fusion-train`` script, unlike ``python -m``, does not put on the import path).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import re
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
 
-from fusion_train.errors import UserError
+from fusion_train.errors import UserError, one_line
 
 Verifier = Callable[[str, "str | None", Sequence[dict[str, str]]], "float | None"]
 
@@ -76,19 +82,57 @@ def reference_overlap(response: str, reference: str | None, prompt: Sequence[dic
 VERIFIERS: dict[str, Verifier] = {"numeric-answer": numeric_answer, "reference-overlap": reference_overlap}
 
 
+def _missing(error: ModuleNotFoundError, module_name: str) -> bool:
+    """Whether the module itself (or its package) is missing, not something it imports."""
+    return error.name is not None and (module_name + ".").startswith(error.name + ".")
+
+
+def import_user_module(module_name: str, option: str) -> ModuleType:
+    """The module of a ``module:function`` option: importable as usual, else from the current
+    directory (on the import path only while it is imported, so that its files shadow nothing
+    imported later); ``option`` names it in errors."""
+    here = str(Path.cwd())
+    for extra in ([], [here]):
+        sys.path[:0] = extra
+        importlib.invalidate_caches()
+        try:
+            return importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if not _missing(error, module_name):
+                raise UserError(f"{option}: importing {module_name} failed ({one_line(error)}).") from error
+        except Exception as error:  # the user's module raised, or does not parse
+            raise UserError(f"{option}: importing {module_name} failed ({one_line(error)}).") from error
+        finally:
+            del sys.path[: len(extra)]
+    raise UserError(
+        f"{option}: no module {module_name!r} on the import path (PYTHONPATH) or in the current directory {here}; "
+        "run from the folder holding it, or add that folder to PYTHONPATH."
+    )
+
+
 def get_verifier(name: str) -> Verifier:
-    """A built-in verifier by name, or any callable by ``package.module:function``."""
+    """A built-in verifier by name, or any callable by ``package.module:function`` that can be
+    called as ``f(response, reference, prompt)``."""
     if name in VERIFIERS:
         return VERIFIERS[name]
     module_name, sep, attribute = name.partition(":")
-    if not sep:
+    if not sep or not module_name or not attribute:
         raise UserError(
             f"--verifier {name!r}: unknown; built in: {', '.join(VERIFIERS)}, or give package.module:function."
         )
-    try:
-        found = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise UserError(f"--verifier {name!r}: cannot import it ({error}).") from error
+    module = import_user_module(module_name, f"--verifier {name!r}")
+    found = getattr(module, attribute, None)
+    if found is None:
+        raise UserError(f"--verifier {name!r}: {module.__file__} has no {attribute!r}.")
     if not callable(found):
         raise UserError(f"--verifier {name!r}: {type(found).__name__} is not callable.")
+    try:
+        inspect.signature(found).bind("response", "reference", [])
+    except TypeError as error:
+        raise UserError(
+            f"--verifier {name!r}: {attribute}{inspect.signature(found)} cannot be called as "
+            f"{attribute}(response, reference, prompt) ({one_line(error)})."
+        ) from error
+    except ValueError:  # no signature to read (some built-ins): a wrong one shows when it is called
+        pass
     return found

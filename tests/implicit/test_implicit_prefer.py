@@ -220,3 +220,29 @@ def test_sample_score_prefer_through_the_cli(tokenizer_dirs: dict, tmp_path: Pat
         assert ("target", pair["rejected"][0]["content"]) in by_text
         assert (pair["source"], pair["chosen_source"][0]["content"]) in by_text
         assert pair["source"] in ("src1", "src2")
+
+
+def test_advice_when_no_pair_is_kept_is_advice_that_helps(tmp_path: Path) -> None:
+    """Every score ties: no margin can be met, so "lower --margin" would not help. In fusechat3 mode
+    (no target), a prompt whose responses were all left unjudged needs a scorer that judges them,
+    not WRPO's advice to score the sources with the target."""
+    ties = write_scored(tmp_path / "ties", {"q1": {"A": [("a0", 0.5, "stop"), ("a1", 0.5, "stop")]},
+                                            "q2": {"A": [("b0", 0.2, "stop"), ("b1", 0.2, "stop")]}})  # fmt: skip
+    result = invoke("--scored", ties, "--out", tmp_path / "out", "--mode", "fusechat3", "--margin", 0.1)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.strip() == (
+        f"Error: {ties}: no preference pair kept (2 prompts; dropped: {{'below margin': 2}}). Every pair's scores "
+        "tie, so no pair can have a margin: rank with another scorer (--scorer, or score with a reward model), or "
+        "sample more, more varied responses (--num-samples, --temperature)."
+    )
+    unjudged = write_scored(tmp_path / "unjudged", {"q1": {"A": [("a0", None, "stop"), ("a1", None, "stop")]},
+                                                    "q2": {"A": [("b0", 0.2, "stop")]}})  # fmt: skip
+    result = invoke("--scored", unjudged, "--out", tmp_path / "out", "--mode", "fusechat3")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.strip() == (
+        f"Error: {unjudged}: no preference pair kept (2 prompts; dropped: {{'no source response': 1, 'one "
+        "response': 1}). Some prompts' responses were all left unjudged: use a scorer that judges them (the "
+        "built-in verifiers need a reference answer in the data). Sample more responses per prompt "
+        "(--num-samples), or keep more of them scored."
+    )
+    assert not (tmp_path / "out").exists()

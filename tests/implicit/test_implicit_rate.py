@@ -39,7 +39,9 @@ def write_samples(out: Path, source: str, answers: dict[str, list[str]]) -> Path
     datasets.Dataset.from_list(rows, features=sample.features()).save_to_disk(
         str(parts.part_path(out, 0) / "data")
     )
-    write_json_atomic(out / "manifest.json", {"format": sample.FORMAT, "source": source, "num_parts": 1})
+    data = {"path": "/prompts.jsonl", "fingerprint": ",".join(answers)}  # the same prompts, the same data
+    write_json_atomic(out / "manifest.json", {"format": sample.FORMAT, "source": source, "num_parts": 1,
+                                              "data": data, "num_records": len(answers)})  # fmt: skip
     return out
 
 
@@ -120,7 +122,11 @@ def test_win_rates_and_means_by_hand(scored: Path, tmp_path: Path) -> None:
     assert [m["mean_score"] for m in other["models"]] != [m["mean_score"] for m in report["models"]]
     # a rerun with other settings into the same directory is refused, not mixed
     result = invoke("rate", "--scored", scored, "--out", tmp_path / "rates", "--baseline", "A", "--seed", 4)
-    assert result.exit_code == 1 and "differs in: settings" in result.output
+    assert result.exit_code == 1 and result.output.strip() == (
+        f"Error: {tmp_path / 'rates'} already holds results of a different run (rates.png, report.json, "
+        "report.md): differs in: settings.seed: 3 -> 4. Use another --out directory, or delete this one to start "
+        "over."
+    )
 
 
 def synthetic(out: Path, base: np.ndarray, other: np.ndarray, none_at: tuple[int, ...] = ()) -> Path:
@@ -218,3 +224,55 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--confidence" in result.output
     # with --scorer, the same data rates fine
     assert invoke("rate", "--scored", two, "--out", out, "--baseline", "A", "--scorer", "t").exit_code == 0
+
+
+def test_a_samples_folder_is_named_as_one(tmp_path: Path) -> None:
+    samples = write_samples(tmp_path / "samples", "A", ANSWERS["A"])
+    assert cli_error("--scored", samples, "--out", tmp_path / "out", "--baseline", "A") == (
+        f"Error: {samples}: holds samples (format 'fusion-train/samples@1'), not the output of `fusion-train score` "
+        "('fusion-train/scored@1') that is needed here; pass the --out directory of `fusion-train score`."
+    )
+
+
+@pytest.mark.parametrize("command", ["score", "prefer", "rate"])
+def test_an_out_holding_other_files_is_refused_and_left_as_it_is(tmp_path: Path, command: str) -> None:
+    """One rule for every command's --out: new, empty, or the command's own earlier output."""
+    samples = write_samples(tmp_path / "samples", "A", ANSWERS["A"])
+    scored = write_scored(tmp_path / "scored", {"q1": {"A": [("a", 0.9, "stop"), ("b", 0.1, "stop")]}})
+    arguments = {
+        "score": ["--samples", samples, "--verifier", NAME],
+        "prefer": ["--scored", scored, "--mode", "fusechat3"],
+        "rate": ["--scored", scored, "--baseline", "A"],
+    }[command]
+    out = tmp_path / "mine"
+    (out / "notes").mkdir(parents=True)
+    (out / "notes" / "todo.txt").write_text("keep me")
+    (out / "thesis.tex").write_text("keep me too")
+    result = invoke(command, *arguments, "--out", out)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.strip() == (
+        f"Error: {out} holds files that are not an output of this command (notes/, thesis.tex; no manifest.json). "
+        "Pass a new or empty --out directory."
+    )
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "notes",
+        "notes/todo.txt",
+        "thesis.tex",
+    ]
+    # an empty folder is fine, and so is a rerun into the command's own output
+    (tmp_path / "empty").mkdir()
+    for _ in range(2):
+        result = invoke(command, *arguments, "--out", tmp_path / "empty")
+        assert result.exit_code == 0, result.output
+
+
+def test_a_folder_with_another_runs_manifest_but_no_results_says_so(scored: Path, tmp_path: Path) -> None:
+    """What a run killed right after recording its manifest leaves: not "already holds results"."""
+    out = tmp_path / "rates"
+    assert invoke("rate", "--scored", scored, "--out", out, "--baseline", "A").exit_code == 0
+    for name in ("report.json", "report.md", "rates.png"):
+        (out / name).unlink()
+    assert cli_error("--scored", scored, "--out", out, "--baseline", "B") == (
+        f"Error: {out} holds the manifest.json of a different run, and no results yet: differs in: "
+        'settings.baseline: "A" -> "B". Use another --out directory, or delete this one to start over.'
+    )

@@ -11,10 +11,12 @@ from pathlib import Path
 import datasets
 import pytest
 import yaml
+from click.testing import CliRunner
 
 pytest.importorskip("trl")
 
 from fusion_train import pipeline
+from fusion_train.cli import main
 from fusion_train.evaluate import ModelSpec
 from fusion_train.implicit.sample import load_samples
 from fusion_train.pipeline import RecipeError, load_recipe, parse_recipe, run_pipeline
@@ -177,3 +179,59 @@ def test_implicit_keys_are_checked_before_anything_runs(workspace: Path) -> None
     both = parse_recipe({**base, "method": "both", "train": {"max_steps": 1}}, base=workspace,
                         default_run_dir=workspace / "r")  # fmt: skip
     assert both.explicit and both.implicit and both.train.max_steps == 1 and both.dpo.max_steps == 2
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(workspace: Path) -> Path:
+    """A pivot without a chat template, a folder without a tokenizer, a ZeRO config for another
+    batch size, and training data with a record that is no prompt."""
+    plain = workspace / "m-plain"
+    if not plain.exists():
+        shutil.copytree(workspace / "m-pivot", plain)
+        (plain / "chat_template.jinja").unlink()
+    (workspace / "m-empty").mkdir(exist_ok=True)
+    (workspace / "ds-micro4.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
+    records = [{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hi."}]},
+               {"messages": [{"role": "assistant", "content": "Nobody asked."}]}]  # fmt: skip
+    (workspace / "no-question.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return workspace
+
+
+TRAINING = {**QUICK_TRAINING, "max_length": 128}
+
+
+@pytest.mark.parametrize(
+    ("change", "names"),
+    [
+        pytest.param({"pivot": {"name": "pivot", "path": "m-plain"}},
+                     ["recipe.yaml: pivot: ", "m-plain: the tokenizer has no chat template",
+                      "pivot.chat_template is for sampling and evaluation only"], id="pivot without chat template"),
+        pytest.param({"prefer": {"mode": "fusechat3", "scorer": "reward:rm"}},
+                     ["prefer.scorer: 'reward:rm' is not a score the score section gives (reference-overlap)"],
+                     id="scorer that score does not give"),
+        pytest.param({"sources": [{"name": "implicit-sft", "path": "m-a"}]},
+                     ["sources[0].name: 'implicit-sft' is the name of a model the run makes"],
+                     id="source named as the SFT model"),
+        pytest.param({"sources": [{"name": "a", "path": "m-a"}, {"name": "e", "path": "m-empty"}]},
+                     ["sources[1].path: ", "m-empty: no tokenizer files"], id="source without tokenizer"),
+        pytest.param({"dpo": {**TRAINING, "deepspeed": "ds-micro4.json"}},
+                     ["recipe.yaml: dpo.deepspeed ", "ds-micro4.json contradicts", "train_micro_batch_size_per_gpu"],
+                     id="ZeRO config against the batch size"),
+        pytest.param({"data": {"train": "no-question.jsonl", "heldout": "heldout.jsonl"}},
+                     ["no-question.jsonl, record 1 (id ", "no user turn to answer"], id="record that is no prompt"),
+    ],
+)  # fmt: skip
+def test_what_a_stage_would_refuse_is_refused_before_any_model_runs(
+    bad_inputs: Path, tmp_path: Path, change: dict, names: list[str]
+) -> None:
+    """Every requirement of a later stage, checked before the first stage runs a model, as one line
+    naming the recipe key (or the data file and record)."""
+    path = bad_inputs / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe_of("fusechat3", run_dir=str(tmp_path / "run"), **change)))
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    *stages, line = result.output.strip().splitlines()
+    assert line.startswith("Error: ") and stages in ([], ["> data/split ..."]), result.output
+    for name in names:
+        assert name in line, (name, line)
+    assert not any((tmp_path / "run").glob("*/*/.done.json")) and not (tmp_path / "run" / "sample").exists()

@@ -268,8 +268,10 @@ def test_a_rerun_with_other_settings_is_refused(ws: Path, tmp_path: Path) -> Non
                  str(tmp_path / "out"), "--max-new-tokens", "2", "--num-samples", "1"]  # fmt: skip
     assert CliRunner().invoke(main, arguments).exit_code == 0
     result = CliRunner().invoke(main, [*arguments, "--temperature", "0.5"])
-    assert (
-        result.exit_code == 1 and "differs in: settings" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip() == (
+        f"Error: {tmp_path / 'out'} already holds results of a different run (parts/, summary.json): differs in: "
+        "settings.temperature: 0.8 -> 0.5. Use another --out directory, or delete this one to start over."
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ from test_resume import SAVE, assert_same_output, run_killed
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fusion_train.cli import main
-from fusion_train.implicit.sample import SampleSettings, sample
+from fusion_train.errors import DEBUG_ENV
+from fusion_train.implicit.sample import SampleSettings, load_samples, sample
 from fusion_train.implicit.score import RewardModel, RewardScorer, ScoreError, load_scored, score
 from fusion_train.implicit.verifiers import lcs_length, numeric_answer, reference_overlap
 
@@ -342,3 +344,98 @@ def test_which_output_is_the_reward_must_be_known(ws: Path, gated: Path, tmp_pat
     assert (
         result.exit_code == 1 and "is a transformers class (LlamaForSequenceClassification)" in result.output
     )
+
+
+# --------------------------------------------------------------------------- a user's verifier that fails
+
+
+def raising_verifier(response: str, reference: str | None, prompt: list) -> float:
+    raise ValueError("no number in the answer")
+
+
+def two_argument_verifier(response: str, reference: str | None) -> float:
+    return 0.0
+
+
+def error_line(result: object) -> str:
+    """The one line a failed command prints (besides progress bars): exit status 1, no traceback."""
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    lines = [line for line in result.output.splitlines() if "Error" in line]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def test_a_verifier_that_raises_is_one_line_naming_it_the_record_and_the_exception(
+    ws: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(DEBUG_ENV, "0")  # restored after the test: --debug sets it
+    name = "test_implicit_score:raising_verifier"
+    first = load_samples(ws / "beta-samples")[1][0]
+    arguments = ["score", "--samples", ws / "beta-samples", "--out", tmp_path / "out", "--verifier", name]
+    assert error_line(invoke(*arguments)) == (
+        f"Error: --verifier {name!r} raised on record {first['id']!r} (source 'beta', sample 0): ValueError: no "
+        "number in the answer. Fix the verifier; `fusion-train --debug score ...` shows the traceback."
+    )
+    assert not (tmp_path / "out" / "parts" / "part-00000").exists()
+    result = invoke("--debug", *arguments)  # the traceback, down to the verifier's own line
+    assert isinstance(result.exception, ScoreError) and isinstance(result.exception.__cause__, ValueError)
+
+
+def test_a_verifier_with_the_wrong_signature_is_refused_before_anything_runs(
+    ws: Path, tmp_path: Path
+) -> None:
+    name = "test_implicit_score:two_argument_verifier"
+    line = error_line(
+        invoke("score", "--samples", ws / "beta-samples", "--out", tmp_path / "out", "--verifier", name)
+    )
+    assert line.startswith(f"Error: --verifier {name!r}: two_argument_verifier(response")
+    assert "cannot be called as two_argument_verifier(response, reference, prompt)" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_verifier_module_in_the_working_directory_is_found(
+    ws: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The `fusion-train` script does not put the working directory on the import path (`python -m`
+    does): a verifier module there is found all the same, and the error for one that is nowhere
+    says where it was looked for."""
+    module = "cwd_word_counter"
+    (tmp_path / f"{module}.py").write_text(
+        "def words(response, reference, prompt):\n    return float(len(response.split()))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    try:
+        result = invoke(
+            "score", "--samples", ws / "beta-samples", "--out", "out", "--verifier", f"{module}:words"
+        )
+        assert result.exit_code == 0, result.output
+    finally:
+        sys.modules.pop(module, None)
+    rows = load_scored(tmp_path / "out")[1].to_list()
+    assert [r["scores"][f"{module}:words"] for r in rows] == [float(len(r["response"].split())) for r in rows]
+    assert str(tmp_path) not in sys.path  # on it only while the module was imported
+
+    result = invoke(
+        "score", "--samples", ws / "beta-samples", "--out", "o2", "--verifier", "nowhere_to_find:f"
+    )
+    assert error_line(result) == (
+        "Error: --verifier 'nowhere_to_find:f': no module 'nowhere_to_find' on the import path (PYTHONPATH) or "
+        f"in the current directory {tmp_path}; run from the folder holding it, or add that folder to PYTHONPATH."
+    )
+
+
+def test_samples_of_different_prompts_are_refused(ws: Path, tmp_path: Path) -> None:
+    """Only `prefer` used to notice (and only prompts under the same id); `score` refuses up front."""
+    other = write_jsonl(tmp_path / "other.jsonl", [{"instruction": "Say hi.", "output": "Hi."}])
+    sample(ws / "beta", other, tmp_path / "beta-other", SampleSettings(num_samples=1, max_new_tokens=2),
+           progress=False)  # fmt: skip
+    result = invoke("score", "--samples", ws / "alpha-samples", "--samples", tmp_path / "beta-other",
+                    "--verifier", "reference-overlap", "--out", tmp_path / "out")  # fmt: skip
+    assert error_line(result) == (
+        f"Error: {ws / 'alpha-samples'} and {tmp_path / 'beta-other'} hold answers to different prompts: "
+        f"{ws / 'alpha-samples'} to 4 records of {ws / 'prompts.jsonl'}, {tmp_path / 'beta-other'} to 1 records "
+        f"of {other}; score together only samples of the same prompts (every source sampled with the same --data "
+        "and --limit)."
+    )
+    assert not (tmp_path / "out").exists()

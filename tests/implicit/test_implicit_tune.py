@@ -217,6 +217,17 @@ def test_bad_input_is_one_line(model_dir: Path, prefs: Path, tmp_path: Path) -> 
         in result.output
     )
 
+    sft_only = write_prefs(tmp_path / "sft-only")  # what `prefer --mode sft` writes: no pairs/
+    shutil.rmtree(sft_only / "pairs")
+    (sft_only / "manifest.json").write_text(
+        json.dumps({"format": "fusion-train/preferences@1", "settings": {"mode": "sft"}})
+    )
+    result = invoke("dpo", "--model", model_dir, "--prefs", sft_only, "--out", tmp_path / "out")
+    assert result.exit_code == 1 and result.output.strip() == (
+        f"Error: {sft_only}: the output of `fusion-train prefer --mode sft`, the SFT set alone (no pairs/); "
+        "preference training needs the output of `fusion-train prefer --mode fusechat3` or `--mode wrpo`."
+    )
+
     plain = tmp_path / "no-template"
     shutil.copytree(model_dir, plain)
     (plain / "chat_template.jinja").unlink()
