@@ -252,6 +252,9 @@ class ImplicitRun:
         inputs = {"model": model_key, "data": self.data_key, "prompts": prompts, "settings": settings.record(),
                   "chat_template": chat_template, "batch_size": batch_size, "format": sample.FORMAT}  # fmt: skip
 
+        # the template is in the key on its own (keys of earlier runs stay), and in what samples
+        settings = replace(settings, chat_template=chat_template)
+
         def work(out: Path) -> None:
             if not self.resources.launches:
                 sample.sample(model, data, out, settings, source_name=name, batch_size=batch_size,

@@ -235,3 +235,29 @@ def test_what_a_stage_would_refuse_is_refused_before_any_model_runs(
     for name in names:
         assert name in line, (name, line)
     assert not any((tmp_path / "run").glob("*/*/.done.json")) and not (tmp_path / "run" / "sample").exists()
+
+
+def test_a_models_chat_template_is_the_one_it_samples_with(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sources[i].chat_template`` reaches the sampler (it was in the stage key only)."""
+    from fusion_train.implicit import sample
+
+    seen: dict[str, str | None] = {}
+
+    class Stop(Exception):
+        pass
+
+    def recorded(model, data, out, settings, *, source_name, **kwargs):
+        seen[source_name] = settings.chat_template
+        if len(seen) == 2:
+            raise Stop
+
+    monkeypatch.setattr(sample, "sample", recorded)
+    recipe = recipe_of("fusechat3", run_dir="run-templates",
+                       sources=[{"name": "a", "path": "m-a"}, {"name": "b", "path": "m-b", "chat_template": "chatml"}])  # fmt: skip
+    path = workspace / "templates.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(Stop):
+        run_pipeline(load_recipe(path), echo=lambda _: None)
+    assert seen == {"a": None, "b": "chatml"}
