@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import QWEN_PADDED_VOCAB, build_tiny_model, write_chats
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "walkthrough.md"  # linked from the README
 MARKER = "<!-- walkthrough -->"
 # The pivot shares no tokenizer with the sources: both align paths that cross tokenizers run.
 MODELS = {"pivot": "smollm2", "source-1": "mistral", "source-2": "qwen"}
