@@ -86,6 +86,11 @@ def supervised_positions(arrays: dict[str, np.ndarray]) -> np.ndarray:
     return offsets + np.arange(lengths.sum())
 
 
+def gold_ids(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The supervised tokens' ids, in order."""
+    return arrays["input_ids"][supervised_positions(arrays)]
+
+
 def span_keys(arrays: dict[str, np.ndarray], clip: bool = False) -> np.ndarray:
     """One int64 per supervised token: (message, byte start, byte end) packed, so that equal
     spans are equal keys and key order is span order.
@@ -189,8 +194,7 @@ def align_by_dtw(
     its source tokens that stands for the same text (equal ``token_codes``), and none if no
     such token exists: a token covering part of another's text predicts something else.
     """
-    pivot_ids = pivot_arrays["input_ids"][supervised_positions(pivot_arrays)]
-    source_ids = source_arrays["input_ids"][supervised_positions(source_arrays)]
+    pivot_ids, source_ids = gold_ids(pivot_arrays), gold_ids(source_arrays)
     pivot_messages = np.repeat(pivot_arrays["run_message"], pivot_arrays["run_length"])
     source_messages = np.repeat(source_arrays["run_message"], source_arrays["run_length"])
     pairs: dict[int, int] = {}
@@ -244,22 +248,22 @@ def _offset_keys(messages: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 def align_by_bytes(
     pivot_arrays: dict[str, np.ndarray],
     source_arrays: dict[str, np.ndarray],
-    pivot_lengths: np.ndarray,
-    source_lengths: np.ndarray,
+    gold: tuple[np.ndarray, np.ndarray],
+    lengths: tuple[np.ndarray, np.ndarray],
     pairs: tuple[np.ndarray, np.ndarray],
 ) -> BytePlaces:
     """The source token whose distribution speaks for each pivot token, and at which offset.
 
     ``pairs`` (``align_by_spans`` with token codes) come first, at offset 0: the same bytes
     covered and stood for, and the end-of-turn tokens by role. Every other pivot token that
-    stands for as many bytes as it covers (``pivot_lengths``, per id) takes the source token that
+    stands for as many bytes as it covers takes the source token that
     covers its first byte: offset 0 where both start at the same byte, else the number of that
     token's bytes before it. A source token qualifies when it stands for as many bytes as it
-    covers (so its bytes are the text's) and overlaps no other source token. One search over
-    sorted keys: linear in the tokens of the example, plus a logarithm.
+    covers (so its bytes are the text's) and overlaps no other source token. ``gold``: both
+    sides' supervised token ids (``gold_ids``); ``lengths``: the bytes each pivot and each source
+    id stands for. One search over sorted keys: linear in the tokens of the example, plus a log.
     """
-    p_ids = pivot_arrays["input_ids"][supervised_positions(pivot_arrays)]
-    s_ids = source_arrays["input_ids"][supervised_positions(source_arrays)]
+    (p_ids, s_ids), (pivot_lengths, source_lengths) = gold, lengths
     p_start, p_end = (pivot_arrays[k].astype(np.int64) for k in ("byte_start", "byte_end"))
     s_start, s_end = (source_arrays[k].astype(np.int64) for k in ("byte_start", "byte_end"))
     p_messages = np.repeat(pivot_arrays["run_message"], pivot_arrays["run_length"])
@@ -326,7 +330,7 @@ def span_rows(
 
 def byte_rows(
     places: BytePlaces,
-    p: dict[str, np.ndarray],
+    gold: tuple[np.ndarray, np.ndarray],
     s: dict[str, np.ndarray],
     tables: continuations.Continuations,
 ) -> AlignedRows:
@@ -334,26 +338,29 @@ def byte_rows(
     distribution over the next pivot token (``Continuations.condition``); conditioned rows
     (offset > 0) are renormalised by the mass kept. Rows that keep nothing, or map nothing, are
     left out. ``target_logprob`` is the source's own gold log-probability where the spans agree
-    (as ``spans``), else the converted probability of the pivot's gold token."""
-    source_ids = s["input_ids"][supervised_positions(s)]
-    pivot_gold = p["input_ids"][supervised_positions(p)][places.pivot_index]
+    (as ``spans``), else the converted probability of the pivot's gold token. ``gold``: both
+    sides' supervised token ids (``gold_ids``)."""
     source_probs = np.exp(s["topk_logprobs"][places.source_index].astype(np.float32))
     view = tables.condition(
-        s["topk_ids"][places.source_index], source_probs, source_ids[places.source_index], places.offset
+        s["topk_ids"][places.source_index], source_probs, gold[1][places.source_index], places.offset
     )
     tiny = np.finfo(np.float32).tiny
-    inside = places.offset > 0
-    probs = np.where(inside[:, None], view.probs / np.maximum(view.kept, tiny)[:, None], view.probs)
-    keep = view.mapped > 0
-    gold = (probs * (view.ids == pivot_gold[:, None])).sum(axis=1)
+    kept = np.maximum(view.kept, tiny)
+    probs = view.probs
+    inside = np.flatnonzero(places.offset > 0)
+    probs[inside] /= kept[inside, None]
+    target = s["target_logprob"][places.source_index].astype(np.float32)
+    converted = np.flatnonzero(~places.same_span)
+    pivot_gold = gold[0][places.pivot_index[converted]]
     with np.errstate(divide="ignore"):
-        converted = np.log(gold)
-    own = s["target_logprob"][places.source_index].astype(np.float32)
+        target[converted] = np.log(
+            (probs[converted] * (view.ids[converted] == pivot_gold[:, None])).sum(axis=1)
+        )
+    keep = view.mapped > 0
     return AlignedRows(
-        places.pivot_index[keep], view.ids[keep], probs[keep],
-        (view.mapped / np.maximum(view.kept, tiny))[keep],
-        (view.kept / np.maximum(source_probs.sum(axis=1), tiny))[keep],
-        np.where(places.same_span, own, converted)[keep], len(places.pivot_index), int((view.kept <= 0).sum()),
+        places.pivot_index[keep], view.ids[keep], probs[keep], (view.mapped / kept)[keep],
+        (view.kept / np.maximum(source_probs.sum(axis=1), tiny))[keep], target[keep],
+        len(places.pivot_index), int((view.kept <= 0).sum()),
     )  # fmt: skip
 
 
@@ -405,17 +412,18 @@ def _pairs(
             yield p, example_arrays(source, source_rows[p["id"]])
 
 
-def check_settings(token_align: str, vocab_map: str) -> None:
-    """Refuse settings ``align`` cannot run (recipes are checked with it before any stage runs)."""
+def settings_problem(token_align: str, vocab_map: str) -> str | None:
+    """What is wrong with a combination of settings, or None (recipes are checked with it too)."""
     if token_align not in TOKEN_ALIGN:
-        raise AlignmentError(f"unknown --token-align {token_align!r}; choose one of {', '.join(TOKEN_ALIGN)}")
+        return f"unknown token_align {token_align!r}; choose one of {', '.join(TOKEN_ALIGN)}"
     if vocab_map not in vocab.METHODS:
-        raise AlignmentError(f"unknown --vocab-map {vocab_map!r}; choose one of {', '.join(vocab.METHODS)}")
+        return f"unknown vocab_map {vocab_map!r}; choose one of {', '.join(vocab.METHODS)}"
     if token_align == "bytes" and vocab_map != "exact":
-        raise AlignmentError(
-            f"--vocab-map {vocab_map} does not apply to --token-align bytes, which maps every source token by "
-            "its bytes (to the longest pivot token they begin with); leave --vocab-map at exact with it."
+        return (
+            f"vocab_map {vocab_map} does not apply to token_align bytes, which maps every source token by its "
+            "bytes (to the longest pivot token they begin with); leave vocab_map at exact with it"
         )
+    return None
 
 
 @dataclass(frozen=True)
@@ -446,24 +454,28 @@ class Aligner:
             return cls(token_align, pivot_table, source_table, pivot_lengths=lengths, tables=tables)
         return cls(token_align, pivot_table, source_table)
 
-    def pairs(self, p: dict[str, np.ndarray], s: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens paired one-to-one: by spans (``bytes`` starts from these too), or by DTW."""
+    def pairs(
+        self, p: dict[str, np.ndarray], s: dict[str, np.ndarray], gold: tuple[np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens paired one-to-one: by spans (``bytes`` starts from these too), or by DTW.
+        ``gold``: both sides' supervised token ids (``gold_ids``)."""
         if self.strings is not None:
             return align_by_dtw(p, s, *self.strings, self.pivot_table, self.source_table)
-        p_codes = self.pivot_table[p["input_ids"][supervised_positions(p)]]
-        s_codes = self.source_table[s["input_ids"][supervised_positions(s)]]
-        return align_by_spans(span_keys(p), span_keys(s), p_codes, s_codes)
+        return align_by_spans(
+            span_keys(p), span_keys(s), self.pivot_table[gold[0]], self.source_table[gold[1]]
+        )
 
     def rows(
         self, p: dict[str, np.ndarray], s: dict[str, np.ndarray], mapping: vocab.VocabMap
     ) -> tuple[AlignedRows, BytePlaces | None]:
         """The source's distributions on one example's pivot tokens (and, for bytes, where from);
         ``mapping`` maps source ids for ``spans`` and ``dtw``."""
-        pairs = self.pairs(p, s)
+        gold = gold_ids(p), gold_ids(s)
+        pairs = self.pairs(p, s, gold)
         if self.tables is None or self.pivot_lengths is None:
             return span_rows(*pairs, s, mapping), None
-        places = align_by_bytes(p, s, self.pivot_lengths, self.tables.lengths, pairs)
-        return byte_rows(places, p, s, self.tables), places
+        places = align_by_bytes(p, s, gold, (self.pivot_lengths, self.tables.lengths), pairs)
+        return byte_rows(places, gold, s, self.tables), places
 
 
 def align(
@@ -475,7 +487,9 @@ def align(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write the source's distributions on the pivot's supervised tokens; return the report."""
-    check_settings(token_align, vocab_map)
+    problem = settings_problem(token_align, vocab_map)
+    if problem:
+        raise AlignmentError(f"--token-align {token_align} --vocab-map {vocab_map}: {problem}.")
     pivot_dir, source_dir, out_dir = Path(pivot_dir), Path(source_dir), Path(out_dir)
     pivot_manifest, source_manifest = read_manifest(pivot_dir), read_manifest(source_dir)
     check_pair(pivot_manifest, source_manifest, pivot_dir, source_dir)
@@ -511,9 +525,9 @@ def align(
             if token_align == "spans":
                 pivot_index, source_index = align_by_spans(span_keys(p, clip=True), span_keys(s, clip=True))
             else:
-                pivot_index, source_index = aligner.pairs(p, s)
-            source_gold.append(s["input_ids"][supervised_positions(s)][source_index])
-            pivot_gold.append(p["input_ids"][supervised_positions(p)][pivot_index])
+                pivot_index, source_index = aligner.pairs(p, s, (gold_ids(p), gold_ids(s)))
+            source_gold.append(gold_ids(s)[source_index])
+            pivot_gold.append(gold_ids(p)[pivot_index])
         source_all, pivot_all = np.concatenate(source_gold), np.concatenate(pivot_gold)
         cooccurrence = (source_all, pivot_all, np.ones(len(source_all), dtype=np.int64))
     mapping = vocab.build_vocab_map(

@@ -106,26 +106,29 @@ class Continuations:
     """The tables of one (source, pivot) pair; see the module's docstring.
 
     Entries of source token ``t`` are ``starts[t] .. starts[t] + lengths[t] - 1``, one per byte
-    offset; special tokens and ids without a token have ``lengths[t] == 0``. ``specials[t]`` is
-    the pivot id a special source token means (by role, as the vocabulary map says), else -1.
+    offset; special tokens and ids without a token have ``lengths[t] == 0``. ``head[t]`` is the
+    pivot id a whole source token begins with: ``first_pivot`` at offset 0 for text, the pivot
+    token of the same role (as the vocabulary map says) for special tokens; -1 for none.
     """
 
     starts: np.ndarray  # int64 [source ids]
     lengths: np.ndarray  # int64 [source ids]
     first_pivot: np.ndarray  # int32 [entries]
     prefix: np.ndarray  # int32 [entries]
-    specials: np.ndarray  # int32 [source ids]
+    head: np.ndarray  # int64 [source ids]
 
     @classmethod
     def of(
         cls, source: vocab.TokenBytes, specials: np.ndarray, first_pivot: np.ndarray, prefix: np.ndarray
     ) -> Continuations:
-        """The tables around the two per-entry arrays (the part worth caching)."""
+        """The tables around the two per-entry arrays (the part worth caching); ``specials``: the
+        vocabulary map's pivot id per source id, read for special tokens only."""
         lengths = piece_lengths(source)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         is_special = np.array([piece is None for piece in source.pieces], dtype=bool)
-        own = np.where(is_special, specials, -1).astype(np.int32)
-        return cls(starts, lengths, first_pivot.astype(np.int32), prefix.astype(np.int32), own)
+        text_head = first_pivot[np.minimum(starts, max(len(first_pivot) - 1, 0))] if len(first_pivot) else -1
+        head = np.where(lengths > 0, text_head, np.where(is_special, specials, -1)).astype(np.int64)
+        return cls(starts, lengths, first_pivot.astype(np.int32), prefix.astype(np.int32), head)
 
     def condition(
         self, ids: np.ndarray, probs: np.ndarray, gold: np.ndarray, offsets: np.ndarray
@@ -141,15 +144,20 @@ class Continuations:
         """
         valid = (ids >= 0) & (ids < len(self.starts))
         token = np.where(valid, ids, 0)
-        o = offsets[:, None]
-        longer = valid & (self.lengths[token] > o)
-        first = np.where(longer, self.first_pivot[np.where(longer, self.starts[token] + o, 0)], -1)
-        emitted = np.where(longer & (o > 0), self.starts[token] + o - 1, 0)
-        gold_emitted = np.where(offsets > 0, self.starts[gold] + offsets - 1, 0)
-        agrees = self.prefix[emitted] == self.prefix[gold_emitted][:, None]
-        kept = np.where(o == 0, valid, longer & agrees)
-        pivot = np.where(o == 0, np.where(longer, first, self.specials[token]), np.where(kept, first, -1))
-        pivot = np.where(valid, pivot, -1)
+        pivot = np.where(valid, self.head[token], -1)
+        kept = valid
+        inside = np.flatnonzero(offsets > 0)  # the few rows read from inside a token: the long way
+        if len(inside):
+            t, o = token[inside], offsets[inside][:, None]
+            longer = valid[inside] & (self.lengths[t] > o)
+            entry = np.where(longer, self.starts[t] + o, 1)  # entries before a longer token's end
+            agrees = (
+                self.prefix[entry - 1]
+                == self.prefix[self.starts[gold[inside]] + offsets[inside] - 1][:, None]
+            )
+            kept = valid.copy()
+            kept[inside] = longer & agrees
+            pivot[inside] = np.where(kept[inside], self.first_pivot[entry], -1)
         landed = np.where(pivot >= 0, probs, 0)
         merged_ids, merged_probs = vocab.merge_rows(pivot, landed)
         return Conditioned(merged_ids, merged_probs, np.where(kept, probs, 0).sum(axis=1), landed.sum(axis=1))
