@@ -151,12 +151,9 @@ class Continuations:
             t, o = token[inside], offsets[inside][:, None]
             longer = valid[inside] & (self.lengths[t] > o)
             entry = np.where(longer, self.starts[t] + o, 1)  # entries before a longer token's end
-            agrees = (
-                self.prefix[entry - 1]
-                == self.prefix[self.starts[gold[inside]] + offsets[inside] - 1][:, None]
-            )
+            emitted = self.prefix[self.starts[gold[inside]] + offsets[inside] - 1][:, None]
             kept = valid.copy()
-            kept[inside] = longer & agrees
+            kept[inside] = longer & (self.prefix[entry - 1] == emitted)
             pivot[inside] = np.where(kept[inside], self.first_pivot[entry], -1)
         landed = np.where(pivot >= 0, probs, 0)
         merged_ids, merged_probs = vocab.merge_rows(pivot, landed)
