@@ -688,3 +688,35 @@ def test_recipes_and_sweeps_take_bytes(tmp_path: Path) -> None:
         parse({**base, "fuse": {"min_source_mass": 1.5}})
     assert parse_variation("align.token_align=bytes") == ("align", "token_align", ["bytes"])
     assert parse_variation("fuse.min_source_mass=0.1,0.3") == ("fuse", "min_source_mass", [0.1, 0.3])
+
+
+def test_align_command_and_outputs_written_before_source_mass(represented: dict, tmp_path: Path) -> None:
+    """`fusion-train align --token-align bytes` reports its cases; an aligned output written before
+    the source_mass column existed fuses as if every row used the whole stored mass."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from fusion_train.cli import main
+
+    result = CliRunner().invoke(main, ["align", "--pivot", str(represented["smollm2"]), "--source",
+                                       str(represented["qwen"]), "--out", str(tmp_path / "a"), "--token-align", "bytes"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (
+        "pivot tokens with a source distribution" in result.output
+        and "inside a source token" in result.output
+    )
+    align(represented["smollm2"], represented["qwen"], tmp_path / "s", progress=False)
+    shutil.copytree(tmp_path / "s", tmp_path / "old", ignore=shutil.ignore_patterns("data"))
+    old = datasets.load_from_disk(str(tmp_path / "s" / "data")).remove_columns("source_mass")
+    old.save_to_disk(str(tmp_path / "old" / "data"))
+    for name in ("s", "old"):
+        fuse(
+            represented["smollm2"],
+            [tmp_path / name],
+            tmp_path / f"f-{name}",
+            progress=False,
+            min_source_mass=1.0,
+        )
+    fused = [datasets.load_from_disk(str(tmp_path / f"f-{name}" / "data")).to_dict() for name in ("s", "old")]
+    assert fused[0] == fused[1]
