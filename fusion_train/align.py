@@ -256,10 +256,10 @@ def align_by_bytes(
 
     ``pairs`` (``align_by_spans`` with token codes) come first, at offset 0: the same bytes
     covered and stood for, and the end-of-turn tokens by role. Every other pivot token that
-    stands for as many bytes as it covers takes the source token that
-    covers its first byte: offset 0 where both start at the same byte, else the number of that
-    token's bytes before it. A source token qualifies when it stands for as many bytes as it
-    covers (so its bytes are the text's) and overlaps no other source token. ``gold``: both
+    stands for as many bytes as it covers takes the source token covering its first byte: offset
+    0 where both start at the same byte, else the number of that token's bytes before it. A
+    source token qualifies when it stands for as many bytes as it covers (so its bytes are the
+    text's: the emitted bytes are read from them) and overlaps no other source token. ``gold``: both
     sides' supervised token ids (``gold_ids``); ``lengths``: the bytes each pivot and each source
     id stands for. One search over sorted keys: linear in the tokens of the example, plus a log.
     """

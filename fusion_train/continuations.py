@@ -126,8 +126,8 @@ class Continuations:
         lengths = piece_lengths(source)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         is_special = np.array([piece is None for piece in source.pieces], dtype=bool)
-        text_head = first_pivot[np.minimum(starts, max(len(first_pivot) - 1, 0))] if len(first_pivot) else -1
-        head = np.where(lengths > 0, text_head, np.where(is_special, specials, -1)).astype(np.int64)
+        head = np.where(is_special, specials, -1).astype(np.int64)
+        head[lengths > 0] = first_pivot[starts[lengths > 0]]
         return cls(starts, lengths, first_pivot.astype(np.int32), prefix.astype(np.int32), head)
 
     def condition(
