@@ -29,12 +29,12 @@ import click
 import yaml
 
 from fusion_train import options
-from fusion_train.align import align, align_command
+from fusion_train.align import align, align_command, settings_problem
 from fusion_train.chat import BUILTIN_TEMPLATES, load_conversations
 from fusion_train.errors import Command, UserError, read_yaml
 from fusion_train.evaluate import MODULE as EVALUATE_MODULE
 from fusion_train.evaluate import ModelSpec, evaluate, evaluate_command
-from fusion_train.fuse import fuse, fuse_command
+from fusion_train.fuse import MIN_SOURCE_MASS, fuse, fuse_command
 from fusion_train.implicit.recipe import (
     IMPLICIT_COMMANDS,
     IMPLICIT_ONLY_TYPES,
@@ -89,7 +89,7 @@ class ModelEntry:
 
 # What a source may set for its own stages, over the recipe's stage settings. Other training
 # settings would give its target another schedule than the shared CLM-only baseline's.
-SOURCE_SETTINGS = {"align": ("token_align", "vocab_map"), "fuse": ("criterion", "ce_unit"),
+SOURCE_SETTINGS = {"align": ("token_align", "vocab_map"), "fuse": ("criterion", "ce_unit", "min_source_mass"),
                    "train": ("lm_weight", "temperature")}  # fmt: skip
 
 
@@ -119,6 +119,24 @@ class AlignStage:
 class FuseStage:
     criterion: str = "min-ce"
     ce_unit: str = "byte"
+    min_source_mass: float = MIN_SOURCE_MASS  # changes only sources aligned by bytes (see fuse_inputs)
+
+
+def align_inputs(pivot_key: str, source_key: str, settings: AlignStage) -> dict[str, Any]:
+    """What the align stage's key holds."""
+    return {"pivot": pivot_key, "source": source_key, "settings": asdict(settings)}
+
+
+def fuse_inputs(
+    pivot_key: str, aligned_key: str, settings: FuseStage, aligned_by: AlignStage
+) -> dict[str, Any]:
+    """What the fuse stage's key holds. ``min_source_mass`` changes only the fusion of a source
+    aligned by bytes (the others use the whole stored mass on every row): it joins the key only
+    then, so the stages of every other run keep their keys."""
+    values = asdict(settings)
+    if aligned_by.token_align != "bytes":
+        del values["min_source_mass"]
+    return {"pivot": pivot_key, "aligned": [aligned_key], "settings": values}
 
 
 @dataclass(frozen=True)
@@ -411,6 +429,12 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
             f"{where}: sources: per-source `settings` are for the explicit stages; method is implicit"
         )
     settings = {name: _build(cls, raw.get(name) or {}, where, name) for name, cls in STAGE_SETTINGS.items()}
+    for index, source in enumerate(sources):
+        own = source.settings.get("align", {})
+        chosen = replace(settings["align"], **own)
+        problem = settings_problem(chosen.token_align, chosen.vocab_map)
+        if problem:
+            raise RecipeError(f"{where}: {f'sources[{index}].settings.align' if own else 'align'}: {problem}")
     implicit = {
         name: _build(cls, raw.get(name) or {}, where, name) for name, cls in IMPLICIT_SETTINGS.items()
     }
@@ -608,12 +632,13 @@ def explicit_models(
         align_settings, fuse_settings, train_settings = recipe.stages_for(source)
         source_repr, source_key = represent_stage(source)
         aligned, aligned_key = stages.run(
-            "align", source.name, {"pivot": pivot_key, "source": source_key, "settings": asdict(align_settings)},
+            "align", source.name, align_inputs(pivot_key, source_key, align_settings),
             lambda out, s=source_repr, a=align_settings: align(pivot_repr, s, out, a.token_align, a.vocab_map),
         )  # fmt: skip
         fused, fused_key = stages.run(
-            "fuse", source.name, {"pivot": pivot_key, "aligned": [aligned_key], "settings": asdict(fuse_settings)},
-            lambda out, a=aligned, f=fuse_settings: fuse(pivot_repr, [a], out, f.criterion, f.ce_unit),
+            "fuse", source.name, fuse_inputs(pivot_key, aligned_key, fuse_settings, align_settings),
+            lambda out, a=aligned, f=fuse_settings: fuse(pivot_repr, [a], out, f.criterion, f.ce_unit,
+                                                         min_source_mass=f.min_source_mass),
         )  # fmt: skip
         first_fused = first_fused or fused
         out, key = train_stage(f"target-{source.name}", fused, fused_key, train_settings, no_fusion=False)

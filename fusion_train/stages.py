@@ -140,6 +140,13 @@ def disk_full_explained(label: str, out: Path) -> Iterator[None]:
         ) from error
 
 
+def stage_key(stage: str, inputs: dict[str, Any]) -> str:
+    """The key naming a stage's folder: a hash of the stage and everything it reads."""
+    return hashlib.sha256(
+        json.dumps({"stage": stage, **inputs}, sort_keys=True, default=str).encode()
+    ).hexdigest()[:12]
+
+
 class Stages:
     """Runs a stage into ``RUN/<stage>/<name>-<key>`` unless that folder is already complete."""
 
@@ -149,9 +156,7 @@ class Stages:
     def run(
         self, stage: str, name: str, inputs: dict[str, Any], work: Callable[[Path], Any]
     ) -> tuple[Path, str]:
-        key = hashlib.sha256(
-            json.dumps({"stage": stage, **inputs}, sort_keys=True, default=str).encode()
-        ).hexdigest()[:12]
+        key = stage_key(stage, inputs)
         out = self.run_dir / stage / f"{name}-{key}"
         label = f"{stage}/{name}"
         if (out / DONE).exists():

@@ -478,25 +478,44 @@ class VocabMap:
         mapped = np.where(known, self.source_to_pivot[np.clip(ids, 0, max(size - 1, 0))], -1)
         kept = np.where(mapped >= 0, probs, 0)
         mass = kept.sum(axis=1)
-        # Equal pivot ids become neighbours once each row is sorted; each run adds into one slot.
-        order = np.argsort(mapped, axis=1, kind="stable")
-        sorted_ids = np.take_along_axis(mapped, order, axis=1)
-        sorted_probs = np.take_along_axis(kept, order, axis=1)
-        starts = np.ones(sorted_ids.shape, dtype=bool)
-        starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
-        run = np.cumsum(starts, axis=1) - 1
-        rows = np.broadcast_to(np.arange(len(ids))[:, None], ids.shape)
-        merged_probs = np.zeros_like(kept)
-        np.add.at(merged_probs, (rows, run), sorted_probs)
-        merged_ids = np.full(ids.shape, -1, dtype=np.int64)
-        merged_ids[rows[starts], run[starts]] = sorted_ids[starts]
-        merged_probs[merged_ids < 0] = 0
-        rank = np.argsort(np.where(merged_ids >= 0, -merged_probs, np.inf), axis=1, kind="stable")
-        out_ids = np.take_along_axis(merged_ids, rank, axis=1)
-        out_probs = np.take_along_axis(merged_probs, rank, axis=1)
+        out_ids, out_probs = merge_rows(mapped, kept)
         if renormalise:
             out_probs = out_probs / np.where(mass > 0, mass, 1)[:, None]
         return MappedTopK(out_ids, out_probs, mass)
+
+
+def merge_rows(ids: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of [n, k] ids (-1: none) and probabilities, add up the probabilities that landed on
+    one id into one slot, and sort each row by probability, descending; empty slots (merged
+    duplicates, ids -1) hold id -1 and probability 0 at the end. Several source tokens can mean
+    one pivot token: their probabilities belong together."""
+    # Equal ids become neighbours once each row is sorted; each run adds into one slot.
+    order = np.argsort(ids, axis=1, kind="stable")
+    sorted_ids = np.take_along_axis(ids, order, axis=1)
+    sorted_probs = np.take_along_axis(probs, order, axis=1)
+    starts = np.ones(sorted_ids.shape, dtype=bool)
+    starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    run = np.cumsum(starts, axis=1) - 1
+    rows = np.broadcast_to(np.arange(len(ids))[:, None], ids.shape)
+    merged_probs = np.zeros_like(probs)
+    np.add.at(merged_probs, (rows, run), sorted_probs)
+    merged_ids = np.full(ids.shape, -1, dtype=np.int64)
+    merged_ids[rows[starts], run[starts]] = sorted_ids[starts]
+    merged_probs[merged_ids < 0] = 0
+    rank = np.argsort(np.where(merged_ids >= 0, -merged_probs, np.inf), axis=1, kind="stable")
+    return np.take_along_axis(merged_ids, rank, axis=1), np.take_along_axis(merged_probs, rank, axis=1)
+
+
+def canonical_ids(token_bytes: TokenBytes) -> dict[bytes, int]:
+    """One id per distinct text token's bytes: where several ids stand for the same bytes
+    (SentencePiece: ``"A"`` and ``<0x41>``), the ordinary token wins, then the lower id (the id
+    the tokenizer itself emits for that text)."""
+    canonical: dict[bytes, int] = {}
+    for index in sorted(range(len(token_bytes)), key=lambda i: (i in token_bytes.byte_pieces, i)):
+        piece = token_bytes.pieces[index]
+        if piece is not None:
+            canonical.setdefault(piece, index)
+    return canonical
 
 
 Cooccurrence = tuple[np.ndarray, np.ndarray, np.ndarray]  # (source ids, pivot ids, counts), one row per pair
@@ -548,11 +567,7 @@ def map_vocabularies(
         raise ValueError("co-occurrence counts are needed for method 'stats', and only for it")
     counts = dict.fromkeys(COUNT_KEYS, 0)
     result = np.full(len(source), -1, dtype=np.int32)
-    canonical: dict[bytes, int] = {}
-    for index in sorted(range(len(pivot)), key=lambda i: (i in pivot.byte_pieces, i)):
-        piece = pivot.pieces[index]
-        if piece is not None:
-            canonical.setdefault(piece, index)
+    canonical = canonical_ids(pivot)
     unmatched = []
     for index, piece in enumerate(source.pieces):
         if piece is None:

@@ -224,8 +224,8 @@ def write_stage_outputs(root: Path) -> tuple[Path, list[Path]]:
                     "settings": {}, "top_k": 2}  # fmt: skip
         (out / "manifest.json").write_text(json.dumps(manifest))
         rows = [
-            {"id": id_, "aligned_index": [0, 1], "source_nll": nll[k], "source_num_target_tokens": 2,
-             "source_num_target_bytes": 10, **_distribution(name)}
+            {"id": id_, "aligned_index": [0, 1], "source_mass": [1.0, 1.0], "source_nll": nll[k],
+             "source_num_target_tokens": 2, "source_num_target_bytes": 10, **_distribution(name)}
             for id_, nll in NLL.items()
         ]  # fmt: skip
         _save(out / "data", align.aligned_features(2), rows)
