@@ -444,7 +444,7 @@ def sample_figure(run: Run, figure: Figure) -> None:
         generator = load_generator(model_dir, plan)
         tokenizer, model = generator.tokenizer, generator.model
         config = GenerationConfig(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
-                                  max_new_tokens=settings.max_new_tokens, eos_token_id=generator.stop_ids,
+                                  max_new_tokens=settings.max_new_tokens, eos_token_id=generator.end_ids,
                                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
         prompts = sorted((generator.render(p) for p in plan.prompts for _ in range(s.num_samples)), key=len)
         tokens = 0

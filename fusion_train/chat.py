@@ -267,3 +267,50 @@ def render(tokenizer: Any, template: str, conv: Conversation) -> RenderedConvers
         offsets.append((found, lead, len(stripped)))
         cursor = found + len(stripped)
     return RenderedConversation(text, tuple(offsets))
+
+
+# Three turns to render: where the answer ends and the second question begins shows what the
+# template writes between an assistant turn and the user's next one.
+_QUESTION, _ANSWER, _FOLLOW_UP = "What is one plus one?", "Two.", "And two plus two?"
+
+
+@dataclass(frozen=True)
+class TurnOpening:
+    """What a template writes at the start of a user turn that follows an assistant turn (its
+    whitespace stripped, e.g. ``User:``, ``[INST]``, ``<|im_start|>user``). A model that writes
+    it itself is inventing the user's next turn."""
+
+    text: str
+    after_line_break: bool  # the template puts a line break before it (a line must start with it)
+
+
+def user_turn_opening(tokenizer: Any, template: str) -> TurnOpening | None:
+    """The opening of the next user turn, read from what ``template`` renders between an answer
+    and a follow-up question, less what it writes after an answer that ends the conversation (the
+    closing of the assistant turn: an end-of-sequence token, a newline). None when the template
+    writes nothing but whitespace there, or cannot render a follow-up question."""
+    from jinja2 import TemplateError
+
+    turns = [{"role": "user", "content": _QUESTION}, {"role": "assistant", "content": _ANSWER}]
+    try:
+        closed = tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False)
+        followed = tokenizer.apply_chat_template(
+            [*turns, {"role": "user", "content": _FOLLOW_UP}], chat_template=template, tokenize=False
+        )
+    except TemplateError:  # e.g. a template that refuses more than one user turn
+        return None
+    answer, closed_answer = followed.find(_ANSWER), closed.find(_ANSWER)
+    follow_up = followed.find(_FOLLOW_UP, answer)
+    if min(answer, closed_answer, follow_up) < 0:  # the template rewrites message text
+        return None
+    between = followed[answer + len(_ANSWER) : follow_up]
+    closing = closed[closed_answer + len(_ANSWER) :]
+    shared = 0
+    while shared < min(len(between), len(closing)) and between[shared] == closing[shared]:
+        shared += 1
+    rest = between[shared:]
+    opening = rest.strip()
+    if not opening:
+        return None
+    before = between[: len(between) - len(rest.lstrip())]
+    return TurnOpening(opening, "\n" in before)

@@ -34,7 +34,7 @@ from fusion_train.launch import (
     launch_options,
     process_group,
 )
-from fusion_train.models import load_tokenizer, model_fingerprint
+from fusion_train.models import check_model_directory, load_tokenizer, model_fingerprint
 from fusion_train.represent import ChatTokenizer, encode_conversation
 from fusion_train.storage import atomic_write_text, read_json, refuse_unrelated, write_json_atomic
 
@@ -198,6 +198,8 @@ def evaluate(
     refuse_unrelated(out_dir, OUTPUTS)
     inference = inference or InferenceSettings()
     inference.check()
+    for spec in models:  # every one before the first is scored
+        check_model_directory(spec.path)
     if len({m.name for m in models}) < len(models):
         raise EvaluateError("two models have the same name; names label the report's rows")
     if compare_to is not None and compare_to not in {m.name for m in models}:
@@ -425,6 +427,8 @@ def evaluate_command(**params: Any) -> None:
     def check() -> None:
         refuse_unrelated(Path(params["out_dir"]), OUTPUTS)
         load_conversations(params["data_path"])
+        for spec in specs:
+            check_model_directory(spec.path)
         check_before_launch(inference_settings(params))
 
     if launch_if_asked(MODULE, evaluate_command, params, check):

@@ -70,7 +70,15 @@ from fusion_train.stages import (
     train_in_stage,
 )
 from fusion_train.storage import atomic_write_text, read_json, write_json_atomic
-from fusion_train.train import PRESETS, TrainConfig, launch_training, train, train_command
+from fusion_train.train import (
+    PRESETS,
+    Schedule,
+    TrainConfig,
+    launch_training,
+    schedule_problem,
+    train,
+    train_command,
+)
 
 TWO_TARGET_METHODS = {"slerp", "nuslerp"}  # interpolate exactly two models
 
@@ -469,6 +477,13 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
         settings["train"] = replace(training, deepspeed=deepspeed)
     if training.epochs <= 0 and training.max_steps <= 0:
         raise RecipeError(f"{where}: train.epochs: must be positive (or set train.max_steps)")
+    if fusion != "implicit":  # a schedule of max_steps is judged here; one of epochs once the data is there
+        schedule = Schedule(
+            **{f.name: getattr(training, f.name) for f in fields(Schedule) if hasattr(training, f.name)}
+        )
+        problem = schedule_problem(schedule, None, 1, lambda key: f"train.{key}")
+        if problem:
+            raise RecipeError(f"{where}: {problem}")
     from varm_merge.cli import resolve_config
 
     for method in settings["merge"].methods:

@@ -45,7 +45,7 @@ from fusion_train.inference import (
     load_scorer,
 )
 from fusion_train.launch import barrier, launch_if_asked, launch_options, process_group
-from fusion_train.models import identify, load_tokenizer
+from fusion_train.models import check_model_directory, identify, load_tokenizer
 from fusion_train.parts import all_part_stats, part_path, parts_bar, parts_to_do, write_part
 from fusion_train.storage import MANIFEST, claim_output, read_json, write_json_atomic
 
@@ -373,6 +373,7 @@ def represent(
     """
     out_dir = Path(out_dir)
     conversations = load_conversations(data_path)[:limit]
+    check_model_directory(model_path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model_path, gguf_file, trust_remote_code)
     template, template_source = resolve_chat_template(tokenizer, settings.chat_template)
     inference = inference or InferenceSettings()
@@ -568,6 +569,7 @@ def represent_command(**params: Any) -> None:
 
     def check() -> None:
         load_conversations(p.data_path)
+        check_model_directory(p.model_path, gguf_file=p.gguf_file, trust_remote_code=p.trust_remote_code)
         load_tokenizer(p.model_path, p.gguf_file, p.trust_remote_code)
         check_before_launch(inference_settings(params))
 

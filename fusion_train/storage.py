@@ -8,6 +8,7 @@ a rerun with a different one is refused instead of mixing two runs' results.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -67,9 +68,41 @@ def atomic_write_text(path: Path, text: str) -> None:
         handle.write(text)
 
 
+def non_finite_keys(payload: Any, key: str = "") -> list[str]:
+    """The dotted keys (``loss.end.grad_norm``, list items by index) of NaN and infinite numbers."""
+    if isinstance(payload, float):
+        return [] if math.isfinite(payload) else [key or "(the value)"]
+    if isinstance(payload, dict):
+        return [
+            k
+            for name, v in payload.items()
+            for k in non_finite_keys(v, f"{key}.{name}" if key else str(name))
+        ]
+    if isinstance(payload, (list, tuple)):
+        return [k for i, v in enumerate(payload) for k in non_finite_keys(v, f"{key}[{i}]")]
+    return []
+
+
+def finite_or_null(payload: Any) -> Any:
+    """``payload`` with every NaN and infinite number replaced by None (JSON null)."""
+    if isinstance(payload, float):
+        return payload if math.isfinite(payload) else None
+    if isinstance(payload, dict):
+        return {k: finite_or_null(v) for k, v in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return [finite_or_null(v) for v in payload]
+    return payload
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON atomically (see :func:`atomic_write_text`)."""
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    """Write JSON atomically (see :func:`atomic_write_text`), strict: NaN and Infinity are not JSON
+    (other readers refuse them), so a payload holding them is refused, naming their keys; a
+    stage decides what a non-finite number means before it writes one."""
+    bad = non_finite_keys(payload)
+    if bad:
+        raise ValueError(f"{path}: not written, non-finite numbers at {', '.join(bad[:5])}")
+    text = json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 def read_json(path: Path) -> Any:

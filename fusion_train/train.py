@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -33,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from click.core import ParameterSource
-from transformers import SchedulerType, Trainer, TrainingArguments
+from transformers import SchedulerType, Trainer, TrainerCallback, TrainingArguments
 
 from fusion_train import options
 from fusion_train.errors import Command, UserError
@@ -52,13 +53,22 @@ from fusion_train.launch import (
 from fusion_train.losses import CHUNK_TOKENS, fused_weights, head_loss_sums
 from fusion_train.models import (
     attention_implementation,
+    check_model_directory,
     load_model,
     load_tokenizer,
     release_memory,
     tokenizer_hash,
 )
 from fusion_train.options import FRACTION, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
-from fusion_train.storage import MANIFEST, claim_output, open_to_umask, read_json, write_json_atomic
+from fusion_train.storage import (
+    MANIFEST,
+    claim_output,
+    finite_or_null,
+    non_finite_keys,
+    open_to_umask,
+    read_json,
+    write_json_atomic,
+)
 from fusion_train.storage import TRAINING_SUMMARY as SUMMARY
 
 log = logging.getLogger(__name__)
@@ -456,6 +466,105 @@ def trainer_arguments(
     )
 
 
+# --------------------------------------------------------------------------- the learning-rate schedule
+
+
+def option_flag(name: str) -> str:
+    """A setting's command-line flag (``max_steps`` -> ``--max-steps``)."""
+    return "--" + name.replace("_", "-")
+
+
+def optimizer_steps(settings: Schedule, examples: int, world_size: int) -> int:
+    """The optimizer steps the Trainer runs (``Trainer.set_initial_training_values``): ``max_steps``,
+    else ``epochs`` passes over ``examples`` in batches of ``per_device_batch_size`` (the last one
+    short) dealt to ``world_size`` ranks, every rank as many (accelerate's even batches), and
+    ``grad_accumulation`` batches per step (the last step of an epoch takes what is left)."""
+    if settings.max_steps > 0:
+        return settings.max_steps
+    batches = math.ceil(math.ceil(examples / settings.per_device_batch_size) / world_size)
+    return math.ceil(settings.epochs * max(math.ceil(batches / settings.grad_accumulation), 1))
+
+
+def learning_rates(settings: Schedule, steps: int, peak: float = 1.0) -> Iterator[float]:
+    """The learning rate of each of ``steps`` optimizer steps with peak ``peak``: transformers'
+    scheduler ``settings.scheduler`` made as the Trainer makes it (``get_scheduler``, with
+    ``TrainingArguments.get_warmup_steps``' ceil(steps x warmup_ratio) warmup steps) on a
+    one-parameter optimizer, read before each step and stepped after it, as the Trainer does.
+    (Schedules that wait for metrics, such as reduce_lr_on_plateau, start at the peak.)"""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    warmup = math.ceil(steps * settings.warmup_ratio)
+    scheduler = get_scheduler(
+        settings.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps
+    )
+    for _ in range(steps):
+        yield optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+
+
+def schedule_problem(
+    settings: Schedule, examples: int | None, world_size: int, flag: Callable[[str], str] = option_flag
+) -> str | None:
+    """What is wrong with a schedule under which no optimizer step has a learning rate above zero
+    (a single step within a warmup from 0): the model would come out as it went in, and the run
+    look like one where training had no effect. None when some step trains. ``examples``: the
+    training examples (None: not known yet, as in a recipe; then only ``max_steps`` is judged).
+    ``flag``: how a setting is named (a flag, or a recipe key)."""
+    if settings.max_steps > 0:
+        steps, how = settings.max_steps, f"{flag('max_steps')} {settings.max_steps}"
+    elif examples is None:
+        return None
+    else:
+        steps = optimizer_steps(settings, examples, world_size)
+        how = f"{flag('epochs')} {settings.epochs:g} over {examples} examples ({steps} optimizer step"
+        how += "s)" if steps != 1 else ")"
+    try:
+        if any(rate > 0 for rate in learning_rates(settings, steps)):
+            return None
+    except (ValueError, TypeError) as error:  # a schedule that needs arguments no setting gives
+        return (
+            f"{flag('scheduler')} {settings.scheduler}: transformers cannot make this schedule here ({error}); "
+            "choose another."
+        )
+    ratio = flag("warmup_ratio")
+    return (
+        f"{how} with {ratio} {settings.warmup_ratio:g}: every optimizer step runs at learning rate 0 "
+        f"({settings.scheduler} schedule), so the model would not change; use more steps or {ratio} 0."
+    )
+
+
+class StepLearningRates(TrainerCallback):
+    """The learning rate each optimizer step runs at, read from the optimizer just before the step,
+    and written into the Trainer's logs in place of its own ``learning_rate``: under DeepSpeed the
+    Trainer reads the scheduler after DeepSpeed's engine has stepped it, so it logs the next step's
+    rate (a run of one step at rate 0 logged the peak). Give it to the trainer when it is made,
+    so it comes before the callbacks that print the logs."""
+
+    def __init__(self) -> None:
+        self.rates: dict[int, float] = {}  # optimizer step (from 1) -> its learning rate
+
+    def on_step_begin(
+        self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any
+    ) -> None:
+        self.rates[state.global_step + 1] = float(optimizer.param_groups[0]["lr"])
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        rate = self.rates.get(state.global_step)
+        if logs is not None and "learning_rate" in logs and rate is not None:
+            logs["learning_rate"] = rate
+            state.log_history[-1]["learning_rate"] = rate  # the Trainer stored a copy before calling us
+
+    def summary(self, peak: float) -> dict[str, Any]:
+        """The rates this process's steps ran at (a resumed run's from where it resumed), for the
+        training summary: the first and last step's, the highest, and how many steps ran at 0."""
+        steps = sorted(self.rates)
+        rates = [self.rates[s] for s in steps]
+        return {"peak": peak, "first": rates[0] if rates else None, "last": rates[-1] if rates else None,
+                "highest": max(rates, default=None), "steps_at_zero": rates.count(0.0)}  # fmt: skip
+
+
 # --------------------------------------------------------------------------- batches and loss
 
 
@@ -722,8 +831,12 @@ def prepare(config: TrainConfig, world_size: int, rank: int = 0) -> Prepared:
     out, work = Path(config.out), work_dir(config.out)
     if out.exists():
         raise TrainInputError(f"{out} already exists; pass another --out or delete it.")
+    check_model_directory(config.model)
     tokenizer = load_tokenizer(config.model)
     fused = load_fused(config.fused, tokenizer)
+    problem = schedule_problem(config, len(fused.data), world_size)
+    if problem:
+        raise TrainInputError(problem)
     ds_config = deepspeed_config(config.deepspeed, config, world_size)
     resume_from = resume_point(work, config.resume)
     if rank == 0:
@@ -737,7 +850,7 @@ def prepare(config: TrainConfig, world_size: int, rank: int = 0) -> Prepared:
     return Prepared(tokenizer, fused, ds_config, resume_from)
 
 
-LOSS_KEYS = ("step", "loss", "clm_loss", "fusion_loss", "grad_norm")
+LOSS_KEYS = ("step", "loss", "clm_loss", "fusion_loss", "grad_norm", "learning_rate")
 
 
 def loss_record(
@@ -770,6 +883,10 @@ def publish(
     if trainer.is_world_process_zero():
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the summary records the settings
         result = summary()
+        infinite = non_finite_keys(result)
+        if infinite:  # an fp16 step's grad_norm is inf where the loss scaler skipped it; a diverged loss NaN
+            log.warning("%s: non-finite numbers written as null: %s", SUMMARY, ", ".join(infinite))
+            result = finite_or_null(result)
         write_json_atomic(staging / SUMMARY, result)
         open_to_umask(staging)
         os.replace(staging, out)
@@ -809,6 +926,7 @@ def _train(config: TrainConfig, prepared: Prepared, world_size: int, started: fl
     model = load_model(config.model, attn_implementation=attention)
     model.config.use_cache = False
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rates = StepLearningRates()
     trainer = track(
         FusionTrainer(
             model=model,
@@ -816,7 +934,7 @@ def _train(config: TrainConfig, prepared: Prepared, world_size: int, started: fl
             train_dataset=fused.data,
             data_collator=FusionCollator(pad_id if pad_id is not None else 0),
             processing_class=tokenizer,
-            callbacks=list(callbacks),
+            callbacks=[rates, *callbacks],
             lm_weight=config.lm_weight,
             temperature=config.temperature,
             tokenizer_size=len(tokenizer),
@@ -846,6 +964,7 @@ def _train(config: TrainConfig, prepared: Prepared, world_size: int, started: fl
             "epochs": trainer.state.epoch,
             "resumed_from": Path(prepared.resume_from).name if prepared.resume_from else None,
             "loss": {"start": loss_record(history, 0), "end": loss_record(history, -1)},
+            "learning_rate": rates.summary(config.learning_rate),
             "train_loss": result.training_loss,
             "train_runtime_s": result.metrics.get("train_runtime"),
             "wall_time_s": time.time() - started,

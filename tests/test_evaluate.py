@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import build_tiny_model
 from numeric import approx_at_scale
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -176,14 +177,14 @@ def test_a_model_replaced_at_the_same_path_is_scored_again(
 
 
 def test_cached_losses_are_kept_per_max_length(
-    heldout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    heldout: Path, tokenizer_dirs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--max-length changes which tokens are scored, so losses cached at one length are never a
     model's losses at another. Scoring is replaced by losses of 1 bit per byte at the default
     length and 2 bits per byte at --max-length 64: the report shows which length was scored."""
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
+    model = build_tiny_model(
+        tokenizer_dirs["smollm2"], tmp_path / "model", hidden=16, layers=1
+    )  # checked, not loaded
     scored = []
 
     def response_losses(path, conversations, *, max_length, **_):

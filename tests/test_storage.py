@@ -3,6 +3,8 @@ the user's umask allows, so colleagues and other nodes can read them on shared s
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import stat
 from collections.abc import Iterator
@@ -11,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from fusion_train.represent import RepresentSettings, represent
-from fusion_train.storage import atomic_directory, atomic_file, atomic_write_text
+from fusion_train.storage import (
+    atomic_directory,
+    atomic_file,
+    atomic_write_text,
+    finite_or_null,
+    write_json_atomic,
+)
 
 
 @pytest.fixture(params=[0o022, 0o002, 0o077], ids=lambda m: f"umask-{m:03o}")
@@ -57,6 +65,20 @@ def test_failed_writes_leave_nothing(tmp_path: Path) -> None:
         handle.write(b"half")
         raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_json_is_written_strict_naming_non_finite_numbers(tmp_path: Path) -> None:
+    """NaN and Infinity are not JSON (Python writes them; strict readers refuse the file)."""
+    payload = {"loss": {"start": 1.0, "end": math.nan}, "rates": [0.5, -math.inf], "note": "nan"}
+    with pytest.raises(
+        ValueError, match=r"report.json: not written, non-finite numbers at loss.end, rates\[1\]"
+    ):
+        write_json_atomic(tmp_path / "report.json", payload)
+    assert list(tmp_path.iterdir()) == []
+    cleaned = finite_or_null(payload)
+    assert cleaned == {"loss": {"start": 1.0, "end": None}, "rates": [0.5, None], "note": "nan"}
+    write_json_atomic(tmp_path / "report.json", cleaned)
+    assert json.loads((tmp_path / "report.json").read_text(), parse_constant=pytest.fail) == cleaned
 
 
 def test_a_stage_output_is_readable_by_others_under_umask_022(tiny_models, chats, tmp_path: Path) -> None:

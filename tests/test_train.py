@@ -9,6 +9,7 @@ import math
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -503,3 +504,24 @@ def test_launched_processes_receive_the_same_configuration(pivot, good_fused, tm
     assert result.exit_code == 0, result.output
     assert seen == [config]
     assert config.run_settings()["loss_chunk_tokens"] == 37  # recorded: it changes float summation order
+
+
+def test_a_summary_with_non_finite_numbers_is_published_with_nulls(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An fp16 step's grad_norm is inf where the loss scaler skipped it: the model is still published,
+    its summary valid JSON, and the log names what became null."""
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(output_dir=str(tmp_path / "work")),
+        is_world_process_zero=lambda: True,
+        accelerator=SimpleNamespace(wait_for_everyone=lambda: None),
+        save_model=lambda folder: Path(folder).mkdir(parents=True),
+    )
+    summary = {"steps": 2, "loss": {"start": {"loss": 0.7, "grad_norm": math.inf}, "end": {"loss": math.nan}}}
+    with caplog.at_level("WARNING"):
+        result = train_module.publish(trainer, tmp_path / "model", lambda: summary)  # type: ignore[arg-type]
+    expected = {"steps": 2, "loss": {"start": {"loss": 0.7, "grad_norm": None}, "end": {"loss": None}}}
+    assert result == expected
+    written = (tmp_path / "model" / "training_summary.json").read_text()
+    assert json.loads(written, parse_constant=pytest.fail) == expected
+    assert "non-finite numbers written as null: loss.start.grad_norm, loss.end.loss" in caplog.text

@@ -12,9 +12,10 @@ two responses only; the subclass here tokenizes, pads and scores the third one i
 forward pass. The pairs come from ``fusion-train prefer --mode wrpo``.
 
 ``fusion-train dpo --loss sigmoid|sigmoid_norm|wrpo`` (implicit stage 5) trains on
-``fusion-train prefer``'s ``pairs/``: ``sigmoid`` is DPO, ``sigmoid_norm`` TRL's length-normalised
-DPO (the rewards are mean, not summed, log-ratios per token; FuseChat-3.0's choice for Llama),
-``wrpo`` the subclass here. Defaults follow the papers (see ``LOSS_DEFAULTS``). Launcher, ZeRO
+``fusion-train prefer``'s ``pairs/``: ``sigmoid`` is DPO (TRL's), ``sigmoid_norm`` TRL's
+length-normalised DPO (the rewards are mean, not summed, log-ratios per token; FuseChat-3.0's
+choice for Llama), computed here so that the rewards logged are those it compares, ``wrpo`` the
+subclass here. Defaults follow the papers (see ``LOSS_DEFAULTS``). Launcher, ZeRO
 presets, bf16, checkpoints and publishing are ``train``'s (``fusion_train/implicit/tuning.py``);
 ``--nproc``/``--hostfile`` re-run this module under the ``deepspeed`` launcher.
 """
@@ -86,18 +87,88 @@ class WRPOCollator(DataCollatorForPreference):
         }
 
 
-class WRPOTrainer(DPOTrainer):
-    """DPOTrainer whose data also holds ``chosen_source`` and whose loss is WRPO's (``beta`` from
-    the DPOConfig, ``alpha_max`` here). The reference model is run alongside the policy: reference
-    log-probabilities precomputed by TRL cover two responses, not three."""
+def sequence_logps(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], parts: int
+) -> tuple[torch.Tensor, ...]:
+    """Summed log-probabilities of the completion tokens of each of a batch's ``parts`` (chosen,
+    rejected, and WRPO's chosen_source, one after the other): TRL's fused LM head scores only the
+    labelled positions, and gives 0 elsewhere."""
+    mask = inputs["completion_mask"]
+    labels = inputs["input_ids"].masked_fill(mask == 0, -100)
+    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
+                    use_cache=False, fused_lm_head=True)  # fmt: skip
+    per_token = outputs.log_probs[:, -(mask.size(1) - 1) :]
+    return per_token.sum(dim=1).chunk(parts, dim=0)
 
-    def __init__(self, *args: Any, alpha_max: float = 0.1, **kwargs: Any) -> None:
-        self.alpha_max = alpha_max
+
+class OwnLossTrainer(DPOTrainer):
+    """A DPOTrainer whose loss is computed here, from the summed log-probabilities of each response
+    under the policy and the reference model (run alongside: precomputed reference values would
+    cover TRL's two responses only), so that the rewards it logs are the ones its loss compares."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         config = kwargs.get("args")
         if config is not None and (config.precompute_ref_log_probs or config.ld_alpha is not None):
             raise ValueError(
-                "WRPO runs the reference model itself: unset precompute_ref_log_probs and ld_alpha."
+                f"{type(self).__name__} runs the reference model itself: unset precompute_ref_log_probs and ld_alpha."
             )
+        super().__init__(*args, **kwargs)
+
+    def policy_and_reference(
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], parts: int
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        with torch.no_grad():
+            reference = sequence_logps(self.ref_model, inputs, parts)
+        return sequence_logps(model, inputs, parts), reference
+
+    def log_means(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Each metric's mean over the batches of every rank."""
+        mode = "train" if self.model.training else "eval"
+        for name, values in metrics.items():
+            self._metrics[mode][name].append(self.accelerator.gather(values.detach().float()).mean().item())
+
+
+class LengthNormalisedDPOTrainer(OwnLossTrainer):
+    """TRL's ``sigmoid_norm`` loss, ``-log sigmoid(beta (r(y_w) / n_w - r(y_l) / n_l))`` with n a
+    response's tokens, logging the length-normalised rewards ``beta r(y) / n``, their margins and
+    accuracies: what the loss compares. TRL 1.16 logs ``rewards/*`` of this loss from the summed
+    log-ratios, which can rank a pair the other way; those are kept as ``summed_rewards/*``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        config = kwargs.get("args")
+        if config is not None and list(config.loss_type) != ["sigmoid_norm"]:
+            raise ValueError(
+                f"{type(self).__name__} computes the sigmoid_norm loss; loss_type was {config.loss_type}."
+            )
+        super().__init__(*args, **kwargs)
+
+    def _compute_loss(
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool
+    ) -> Any:
+        if return_outputs:
+            raise ValueError("this trainer does not return model outputs; unset prediction_loss_only=False")
+        policy, reference = self.policy_and_reference(model, inputs, 2)
+        tokens = inputs["completion_mask"].sum(dim=1).clamp(min=1).chunk(2, dim=0)  # as TRL counts them
+        summed = [self.beta * (p - r) for p, r in zip(policy, reference, strict=True)]
+        chosen, rejected = (reward / n for reward, n in zip(summed, tokens, strict=True))
+        self.log_means({
+            "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+            "rewards/accuracies": chosen > rejected, "summed_rewards/chosen": summed[0],
+            "summed_rewards/rejected": summed[1], "summed_rewards/margins": summed[0] - summed[1],
+            "summed_rewards/accuracies": summed[0] > summed[1],
+        })  # fmt: skip
+        return -F.logsigmoid(chosen - rejected).mean()
+
+
+class WRPOTrainer(OwnLossTrainer):
+    """DPOTrainer whose data also holds ``chosen_source`` and whose loss is WRPO's (``beta`` from
+    the DPOConfig, ``alpha_max`` here). Logs each response's reward (``rewards/chosen`` is y_wt's,
+    ``rewards/chosen_source`` y_ws's), y_wt's margin over y_l, and as WRPO's reference code does,
+    the weighted chosen reward ``alpha r(y_ws) + (1 - alpha) r(y_wt)`` the loss compares with
+    r(y_l): ``rewards/weighted_chosen``, ``rewards/weighted_margins``, ``rewards/weighted_accuracies``."""
+
+    def __init__(self, *args: Any, alpha_max: float = 0.1, **kwargs: Any) -> None:
+        self.alpha_max = alpha_max
         super().__init__(*args, **kwargs)
         collator = self.data_collator
         self.data_collator = WRPOCollator(
@@ -136,36 +207,24 @@ class WRPOTrainer(DPOTrainer):
         if "chosen_source_ids" not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, "chosen_source_ids"]
 
-    def sequence_logps(
-        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, ...]:
-        """Summed log-probabilities of each third's completion tokens (TRL's fused LM head scores
-        only the labelled positions, and gives 0 elsewhere)."""
-        mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(mask == 0, -100)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
-                        use_cache=False, fused_lm_head=True)  # fmt: skip
-        per_token = outputs.log_probs[:, -(mask.size(1) - 1) :]
-        return per_token.sum(dim=1).chunk(len(GROUPS), dim=0)
-
     def _compute_loss(
         self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool
     ) -> Any:
-        mode = "train" if self.model.training else "eval"
-        policy = self.sequence_logps(model, inputs)
-        with torch.no_grad():
-            reference = self.sequence_logps(self.ref_model, inputs)
-        alpha = alpha_at(self.state.global_step, self.state.max_steps, self.alpha_max)
-        loss = wrpo_loss(policy, reference, self.beta, alpha).mean()
-        rewards = [self.beta * (p - r).detach() for p, r in zip(policy, reference, strict=True)]
-        for group, reward in zip(GROUPS, rewards, strict=True):
-            self._metrics[mode][f"rewards/{group}"].append(self.accelerator.gather(reward).mean().item())
-        margins = self.accelerator.gather(rewards[0] - rewards[1])
-        self._metrics[mode]["rewards/margins"].append(margins.mean().item())
-        self._metrics[mode]["rewards/accuracies"].append((margins > 0).float().mean().item())
-        self._metrics[mode]["wrpo/alpha"].append(alpha)
         if return_outputs:
             raise ValueError("WRPO does not return model outputs; unset prediction_loss_only=False")
+        policy, reference = self.policy_and_reference(model, inputs, len(GROUPS))
+        alpha = alpha_at(self.state.global_step, self.state.max_steps, self.alpha_max)
+        loss = wrpo_loss(policy, reference, self.beta, alpha).mean()
+        chosen, rejected, source = (self.beta * (p - r) for p, r in zip(policy, reference, strict=True))
+        weighted = alpha * source + (1 - alpha) * chosen
+        self.log_means({
+            "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/chosen_source": source,
+            "rewards/margins": chosen - rejected, "rewards/accuracies": chosen > rejected,
+            "rewards/weighted_chosen": weighted, "rewards/weighted_margins": weighted - rejected,
+            "rewards/weighted_accuracies": weighted > rejected,
+        })  # fmt: skip
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["wrpo/alpha"].append(alpha)
         return loss
 
 
@@ -174,10 +233,13 @@ class WRPOTrainer(DPOTrainer):
 MODULE = "fusion_train.implicit.dpo"  # what the launcher runs in every process
 STAGE = "dpo"
 LOSSES = ("sigmoid", "sigmoid_norm", "wrpo")
-# (beta, learning rate) per loss, from the papers: FuseChat-3.0 trains Llama-3.1-8B with
-# length-normalised DPO at beta 10, lr 8e-7, and Qwen/Gemma with beta 0.01 (no learning rate is
-# recorded here for those: the Llama 8e-7 is the default); WRPO uses beta 0.01, lr 3e-7, alpha_max 0.1.
-LOSS_DEFAULTS = {"sigmoid": (0.01, 8e-7), "sigmoid_norm": (10.0, 8e-7), "wrpo": (0.01, 3e-7)}
+# (beta, learning rate) per loss, from the papers, whose learning rates are for a global batch of
+# 128: FuseChat-3.0 trains Llama-3.1-8B with length-normalised DPO at beta 10, lr 8e-7, and
+# Qwen-2.5-7B and Gemma-2-9B with DPO at beta 0.01, lr 3e-7 and 5e-7 (Qwen's is sigmoid's default);
+# WRPO: beta 0.01, lr 3e-7, alpha_max 0.1.
+LOSS_DEFAULTS = {"sigmoid": (0.01, 3e-7), "sigmoid_norm": (10.0, 8e-7), "wrpo": (0.01, 3e-7)}
+# sigmoid: TRL's own (its rewards are the summed log-ratios the loss compares); the others log theirs.
+TRAINERS = {"sigmoid": DPOTrainer, "sigmoid_norm": LengthNormalisedDPOTrainer, "wrpo": WRPOTrainer}
 ALPHA_MAX = 0.1
 
 
@@ -227,19 +289,21 @@ def dpo(settings: DPOSettings) -> dict[str, Any] | None:
     """Preference-train ``settings.model`` on ``prefs/pairs`` (the reference model: the same model,
     frozen) and publish it at ``settings.out``; return the summary on the main rank."""
 
-    def make_trainer(prepared: tuning.Prepared) -> Any:
+    def make_trainer(prepared: tuning.Prepared, callbacks: list[Any]) -> Any:
         wrpo = settings.loss == "wrpo"
         args = tuning.trl_arguments(DPOConfig, settings, prepared, beta=settings.beta,
                                     loss_type=["sigmoid" if wrpo else settings.loss])  # fmt: skip
         policy, reference = tuning.load_policy(settings, args), tuning.load_policy(settings, args)
         kwargs: dict[str, Any] = {"alpha_max": settings.alpha_max} if wrpo else {}
-        return (WRPOTrainer if wrpo else DPOTrainer)(
+        return TRAINERS[settings.loss](
             model=policy, ref_model=reference, args=args, train_dataset=prepared.data,
-            processing_class=prepared.tokenizer, **kwargs,
+            processing_class=prepared.tokenizer, callbacks=callbacks, **kwargs,
         )  # fmt: skip
 
-    keys = ("step", "loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins",
-            "rewards/accuracies", "wrpo/alpha")  # fmt: skip
+    keys = ("step", "loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/margins",
+            "rewards/accuracies", "summed_rewards/margins", "summed_rewards/accuracies", "rewards/chosen_source",
+            "rewards/weighted_chosen", "rewards/weighted_margins", "rewards/weighted_accuracies",
+            "wrpo/alpha")  # fmt: skip
     return tuning.run(settings, STAGE, load_pairs, make_trainer, log_keys=keys)
 
 
@@ -248,11 +312,16 @@ def dpo(settings: DPOSettings) -> dict[str, Any] | None:
               help="sigmoid: DPO; sigmoid_norm: length-normalised DPO (FuseChat-3.0); wrpo: WRPO (needs pairs "
               "of `fusion-train prefer --mode wrpo`).")  # fmt: skip
 @click.option("--beta", type=tuning.POSITIVE_FLOAT, default=None,
-              help="beta of the loss. Default by --loss: sigmoid 0.01, sigmoid_norm 10, wrpo 0.01.")  # fmt: skip
+              help="beta of the loss. Default by --loss, the papers': sigmoid 0.01 (FuseChat-3.0, Qwen-2.5 and "
+              "Gemma-2), sigmoid_norm 10 (FuseChat-3.0, Llama-3.1), wrpo 0.01 (WRPO).")  # fmt: skip
 @click.option("--alpha-max", type=click.FloatRange(0.0, 1.0), default=None,
-              help=f"WRPO: the weight of the source's response at the end of training (default {ALPHA_MAX}).")  # fmt: skip
+              help=f"WRPO: the weight of the source's response at the end of training (default {ALPHA_MAX}, WRPO's).")  # fmt: skip
 @tuning.tune_options(
-    None, 1.0, "Peak learning rate. Default by --loss: sigmoid 8e-7, sigmoid_norm 8e-7, wrpo 3e-7."
+    None,
+    1.0,
+    "Peak learning rate. Default by --loss, the papers': sigmoid 3e-7 (FuseChat-3.0, Qwen-2.5; "
+    "it gives Gemma-2 5e-7), sigmoid_norm 8e-7 (FuseChat-3.0, Llama-3.1), wrpo 3e-7 (WRPO). The papers' "
+    "rates are for a global batch of 128 (processes x --per-device-batch-size x --grad-accumulation).",
 )
 def dpo_command(**params: Any) -> None:
     """Preference-train a model on `fusion-train prefer`'s pairs (DPO, length-normalised DPO or

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,8 @@ def bootstrap_interval(
 
 def prompt_scores(rows: Any, scorer: str, sources: list[str]) -> tuple[list[str], np.ndarray, dict[str, int]]:
     """Prompt ids (first-seen order), a [source, prompt] array of each source's mean judged score
-    on each prompt (NaN where it has none), and per source the responses the scorer left unjudged."""
+    on each prompt (NaN where it has none), and per source the responses the scorer left unjudged
+    (no score, or a non-finite one: ``score``'s summary names them)."""
     ids: dict[str, int] = {}
     prompts: dict[str, tuple[Any, str]] = {}
     index = {src: i for i, src in enumerate(sources)}
@@ -76,7 +78,7 @@ def prompt_scores(rows: Any, scorer: str, sources: list[str]) -> tuple[list[str]
                 "under the same id; sample every model from the same prompt data."
             )
         value = row["scores"][scorer]
-        if value is None:
+        if value is None or not math.isfinite(value):  # a NaN or infinite reward judges nothing either
             unjudged[row["source"]] += 1
         else:
             cells.append((index[row["source"]], ids[key], value))

@@ -31,7 +31,7 @@ from fusion_train.implicit.verifiers import get_verifier
 from fusion_train.launch import command_arguments, launch, world_size_of
 from fusion_train.models import load_tokenizer, model_fingerprint
 from fusion_train.stages import RecipeError, Resources, Stages, launch_stage, recipe_error, train_in_stage
-from fusion_train.train import PRESETS, Schedule, deepspeed_config
+from fusion_train.train import PRESETS, Schedule, deepspeed_config, schedule_problem
 
 if TYPE_CHECKING:
     from fusion_train.pipeline import ModelEntry, Recipe
@@ -47,7 +47,7 @@ class SampleStage(sample.Sampling):
     """``fusion-train sample`` for every source, on the training prompts."""
 
     batch_size: int = 8
-    dtype: str = "float32"
+    dtype: str = "auto"  # as ``fusion-train sample``'s
 
 
 @dataclass(frozen=True)
@@ -65,17 +65,37 @@ class ScoreStage:
 
 @dataclass(frozen=True)
 class PreferStage:
+    """``fusion-train prefer``; None: the mode's paper value (``prefer.PAPER_RULES``)."""
+
     mode: str = "fusechat3"  # fusechat3 | wrpo
-    margin: float = 0.01
+    sft_share: float | str | None = None  # fusechat3 0.4, wrpo 1/3; or all (both sets on every prompt)
+    margin: float | None = None  # fusechat3 0.01, wrpo 0
+    max_margin: float | str | None = None  # fusechat3 0.1, wrpo none
+    gate: str | None = None  # a verifier of the score section: correctness before reward
+    gate_pass: float = 1.0
     scorer: str | None = None  # which score ranks responses, when score gives several (also rate's)
     drop_truncated: bool = False
+
+    def settings(self, mode: str, target: str | None) -> dict[str, Any]:
+        """``prefer``'s arguments for one of its runs (mode sft: WRPO's first step), defaults
+        resolved, so that the stage key says what runs; raises PreferError naming the recipe key."""
+        values = prefer.data_settings(
+            mode, self.sft_share, self.margin, self.max_margin, lambda k: f"prefer.{k}"
+        )
+        return {"mode": mode, **values, "gate": self.gate, "gate_pass": self.gate_pass, "target_source": target,
+                "scorer": self.scorer, "drop_truncated": self.drop_truncated}  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
 class SFTStage(Schedule):
-    """The flags of ``fusion-train sft`` that a recipe sets (the rest: resources, or the defaults)."""
+    """The flags of ``fusion-train sft`` that a recipe sets (the rest: resources, or the defaults).
+    Learning rate and epochs default by ``prefer.mode`` to FuseChat-3.0's or WRPO's SFT
+    (``sft.SFT_DEFAULTS``); gradient accumulation to the papers' global batch of 128, for which
+    those rates are (:func:`tuning.papers_grad_accumulation`)."""
 
-    learning_rate: float = sft.LEARNING_RATE
+    learning_rate: float | None = None  # type: ignore[assignment]
+    epochs: float | None = None  # type: ignore[assignment]
+    grad_accumulation: int | None = None  # type: ignore[assignment]
     warmup_ratio: float = tuning.WARMUP_RATIO
     max_length: int = tuning.MAX_LENGTH
 
@@ -83,12 +103,11 @@ class SFTStage(Schedule):
 @dataclass(frozen=True, kw_only=True)
 class DPOStage(SFTStage):
     """``fusion-train dpo``; ``loss`` defaults by ``prefer.mode`` (sigmoid_norm, resp. wrpo), beta
-    and learning rate by loss (``dpo.LOSS_DEFAULTS``)."""
+    and learning rate by loss (``dpo.LOSS_DEFAULTS``), gradient accumulation as sft's."""
 
     loss: str | None = None
     beta: float | None = None
     alpha_max: float | None = None
-    learning_rate: float | None = None  # type: ignore[assignment]
     epochs: float = 1.0
 
 
@@ -156,14 +175,7 @@ def check_implicit(
     elif s.reward_label is not None:
         raise RecipeError(f"{where}: score.reward_label: needs score.reward_model")
     p, d = settings["prefer"], settings["dpo"]
-    if len(scorers) > 1 and p.scorer is None:
-        raise RecipeError(
-            f"{where}: prefer.scorer: score gives several scores; say which one ranks the responses"
-        )
-    if p.scorer is not None and p.scorer not in scorers:
-        raise RecipeError(
-            f"{where}: prefer.scorer: {p.scorer!r} is not a score the score section gives ({', '.join(scorers)})"
-        )
+    check_prefer(p, s.verifiers, scorers, where)
     for key, entry in models:  # sample (every model) and sft (the pivot) read them
         try:
             tokenizer = load_tokenizer(entry.path)
@@ -190,12 +202,16 @@ def check_implicit(
                     f"{where}: {stage.name}.deepspeed: neither a preset ({', '.join(PRESETS)}) nor a file: {path}"
                 )
             settings[stage.name] = section = replace(section, deepspeed=str(path))
-        if section.epochs <= 0 and section.max_steps <= 0:
+        values = command_values(section, p.mode, world_size)
+        if values["epochs"] <= 0 and section.max_steps <= 0:
             raise RecipeError(
                 f"{where}: {stage.name}.epochs: must be positive (or set {stage.name}.max_steps)"
             )
+        problem = schedule_problem(section, None, 1, lambda key, stage=stage: f"{stage.name}.{key}")
+        if problem:  # a schedule of max_steps is judged here; one of epochs once the data is there
+            raise RecipeError(f"{where}: {problem}")
         try:  # the settings, and the ZeRO config against them, as the stage's command checks them
-            trial = stage.settings(model="", prefs="", out="", **command_values(section, p.mode))
+            trial = stage.settings(model="", prefs="", out="", **values)
             deepspeed_config(trial.deepspeed, trial, world_size)
         except UserError as error:
             raise recipe_error(where, stage.name, error, {f.name for f in fields(section)}) from None
@@ -208,11 +224,55 @@ def check_implicit(
     return settings
 
 
-def command_values(section: SFTStage, mode: str) -> dict[str, Any]:
-    """A recipe's sft or dpo section as its command's settings (dpo's loss: by ``mode`` when not set)."""
+def check_prefer(p: PreferStage, verifiers: Sequence[str], scorers: Sequence[str], where: str) -> None:
+    """The prefer section against the score section, and a split that leaves both training stages
+    prompts (a recipe runs SFT and preference training: a share of 0 or 1 starves one)."""
+    if len(scorers) > 1 and p.scorer is None:
+        raise RecipeError(
+            f"{where}: prefer.scorer: score gives several scores; say which one ranks the responses"
+        )
+    if p.scorer is not None and p.scorer not in scorers:
+        raise RecipeError(
+            f"{where}: prefer.scorer: {p.scorer!r} is not a score the score section gives ({', '.join(scorers)})"
+        )
+    if p.gate is not None and p.gate not in verifiers:
+        raise RecipeError(
+            f"{where}: prefer.gate: {p.gate!r} is not a verifier of the score section "
+            f"({', '.join(verifiers) or 'none: add it to score.verifiers'})"
+        )
+    if p.gate is not None and p.gate == (p.scorer or scorers[0]):
+        raise RecipeError(
+            f"{where}: prefer.gate: {p.gate!r} also ranks the responses; set prefer.scorer to another"
+        )
+    try:
+        values = p.settings(p.mode, None)
+    except prefer.PreferError as error:
+        raise RecipeError(f"{where}: {str(error).rstrip('.')}") from None
+    if values["sft_share"] in (0, 1):
+        raise RecipeError(
+            f"{where}: prefer.sft_share: {prefer.shown(values['sft_share'])} leaves {'sft' if values['sft_share'] == 0 else 'dpo'} "
+            f"no prompt, and a recipe runs both; give a share between 0 and 1, or {prefer.ALL}"
+        )
+
+
+def command_values(
+    section: SFTStage, mode: str, world_size: int, examples: int | None = None
+) -> dict[str, Any]:
+    """A recipe's sft or dpo section as its command's settings, the defaults that depend on the
+    run filled in: dpo's loss by ``mode``, sft's learning rate and epochs by ``mode`` (dpo's come
+    by loss, from ``dpo.DPOSettings``), and the gradient accumulation that makes the global batch
+    the papers' over ``world_size`` ranks, for ``examples`` training examples (None: not known yet)."""
     values = asdict(section)
     if isinstance(section, DPOStage):
         values["loss"] = section.loss or DEFAULT_LOSS[mode]
+    else:
+        learning_rate, epochs = sft.SFT_DEFAULTS[mode]
+        values["learning_rate"] = learning_rate if section.learning_rate is None else section.learning_rate
+        values["epochs"] = epochs if section.epochs is None else section.epochs
+    if section.grad_accumulation is None:
+        values["grad_accumulation"] = tuning.papers_grad_accumulation(
+            section.per_device_batch_size, world_size, examples
+        )
     return values
 
 
@@ -295,9 +355,7 @@ class ImplicitRun:
         return self.stages.run("score", name, inputs, work)
 
     def prefer(self, mode: str, scored: tuple[Path, str], target: str | None = None) -> tuple[Path, str]:
-        p = self.recipe.prefer
-        settings = {"mode": mode, "margin": p.margin, "target_source": target, "scorer": p.scorer,
-                    "drop_truncated": p.drop_truncated}  # fmt: skip
+        settings = self.recipe.prefer.settings(mode, target)
         return self.stages.run(
             "prefer", mode, {"scored": scored[1], "settings": settings},
             lambda out: prefer.prefer(scored[0], out, **settings),
@@ -307,9 +365,11 @@ class ImplicitRun:
         self, name: str, stage: Tuning, model: str, model_key: str, prefs: tuple[Path, str]
     ) -> tuple[Path, str]:
         """SFT or preference training of ``model`` on ``prefs``, in the recipe's ranks."""
-        values = command_values(self.recipe.sft if stage is SFT else self.recipe.dpo, self.recipe.prefer.mode)
         resources = self.resources
         world_size = world_size_of(resources.nproc, resources.hostfile)
+        examples = tuning.count_examples(prefs[0], prefer.SFT_DIR if stage is SFT else prefer.PAIRS_DIR)
+        section = self.recipe.sft if stage is SFT else self.recipe.dpo
+        values = command_values(section, self.recipe.prefer.mode, world_size, examples)
         inputs = {"model": model_key, "prefs": prefs[1], "settings": values, "world_size": world_size}
 
         def start(out: Path, resume: bool) -> int:

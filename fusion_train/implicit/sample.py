@@ -20,23 +20,37 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import click
 import datasets
 import torch
 
 from fusion_train import options
-from fusion_train.chat import Conversation, data_fingerprint, load_conversations, resolve_chat_template
+from fusion_train.chat import (
+    Conversation,
+    TurnOpening,
+    data_fingerprint,
+    load_conversations,
+    resolve_chat_template,
+    user_turn_opening,
+)
 from fusion_train.errors import Command, UserError
 from fusion_train.inference import ENGINES, InferenceSettings, check_before_launch, vllm_engine
 from fusion_train.launch import barrier, launch_if_asked, launch_options, process_group, resolve_device
-from fusion_train.models import load_model, load_tokenizer, model_fingerprint, release_memory
+from fusion_train.models import (
+    check_model_directory,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    release_memory,
+)
 from fusion_train.parts import all_part_stats, load_output, part_path, parts_bar, parts_to_do, write_part
 from fusion_train.represent import parse_shard
 from fusion_train.storage import MANIFEST, check_output, claim_output, read_json, write_json_atomic
@@ -46,9 +60,11 @@ log = logging.getLogger(__name__)
 MODULE = "fusion_train.implicit.sample"  # what the launcher runs in every process
 FORMAT = "fusion-train/samples@1"
 SUMMARY = "summary.json"
-# The plain template (models without a chat template, e.g. base models) marks the next turn with
-# this text; a base model would otherwise go on to write the user's next message itself.
-PLAIN_TEMPLATE_STOP = ("\n\nUser:",)
+# How many of the most likely tokens nucleus_draw looks at first, and then for the rows whose
+# nucleus is larger, on a CPU (the rest take the whole vocabulary, sorted). SmolLM2-135M-Instruct's
+# top-p 0.95 nucleus at temperature 0.8 held a median of 8 tokens over 512 draws, 11% held more
+# than 64, none more than 1024; sorting all 49,152 costs 30x a top-64.
+CANDIDATES = (64, 1024)
 
 
 class SampleError(UserError, ValueError):
@@ -81,8 +97,8 @@ class SampleSettings(Sampling):
 
     chat_template: str | None = None  # built-in name or .jinja file; default: the tokenizer's own
     chunk_size: int = 64  # records per part
-    dtype: str = "float32"
-    stop: tuple[str, ...] = ()  # texts that end a response (not kept), besides the end-of-turn token
+    dtype: str = "auto"  # as represent's: bfloat16 on GPUs that support it, float32 elsewhere
+    stop: tuple[str, ...] = ()  # texts that end a response (not kept), besides turn ends and next turns
     engine: str = "hf"  # hf: transformers with RowSampler | vllm: vLLM's sampler, seeded per response
 
     def __post_init__(self) -> None:
@@ -152,37 +168,73 @@ def nucleus_draw(
     by inverse CDF with the row's uniform number in [0, 1).
 
     The nucleus holds the most likely tokens whose preceding mass (in descending probability) is
-    below ``top_p``, so at least one token. The CDF runs in token-id order, not in probability
-    order: logits computed in another batch differ by rounding, which can swap two tokens of
-    near-equal probability; in probability order such a swap moves the draw whenever it involves
-    the token at the uniform number, in id order only when that number lies within rounding of a
-    boundary.
+    below ``top_p``, so at least one token (every token at ``top_p`` 1). The CDF runs in token-id
+    order, not in probability order: logits computed in another batch differ by rounding, which
+    can swap two tokens of near-equal probability; in probability order such a swap moves the draw
+    whenever it involves the token at the uniform number, in id order only when that number lies
+    within rounding of a boundary.
+
+    On a CPU the nucleus is looked for among the top ``CANDIDATES`` first (sorting the whole
+    vocabulary is what made sampling slower than ``generate``'s own); on a GPU the whole vocabulary
+    is sorted at once, since choosing rows by their nucleus would wait for the GPU at every step.
     """
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    in_nucleus = torch.zeros_like(probs, dtype=torch.bool).scatter_(
-        1, order, sorted_probs.cumsum(-1) - sorted_probs < top_p
-    )
-    cumulative = (probs * in_nucleus).cumsum(-1)
-    threshold = uniforms.double()[:, None] * cumulative[:, -1:]
-    return torch.searchsorted(cumulative, threshold, right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
+    scaled = logits.double() / temperature  # double: the probabilities as exact as the logits
+    log_total = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    if top_p >= 1:
+        return _inverse_cdf((scaled - log_total).exp(), uniforms.double())
+    vocab = scaled.shape[-1]
+    tokens = torch.empty(len(scaled), dtype=torch.long, device=scaled.device)
+    rows = torch.arange(len(scaled), device=scaled.device)
+    sizes = [k for k in CANDIDATES if k < vocab] if scaled.device.type == "cpu" else []
+    for k in [*sizes, vocab]:
+        candidates = logits[rows]  # ranked in the logits' own precision (float32: half the work)
+        ids = candidates.topk(k, dim=-1).indices if k < vocab else candidates.argsort(dim=-1, descending=True)
+        probs = (scaled[rows].gather(1, ids) - log_total[rows]).exp()
+        in_nucleus = probs.cumsum(-1) - probs < top_p
+        if k == vocab:  # every row left: the nucleus in id order is the whole vocabulary, masked
+            masses = torch.zeros_like(probs).scatter_(1, ids, probs * in_nucleus)
+            tokens[rows] = _inverse_cdf(masses, uniforms[rows].double())
+            break
+        complete = probs.sum(-1) >= top_p  # the (k + 1)-th token is outside the nucleus
+        by_id, order = ids.sort(dim=-1)
+        masses = (probs * in_nucleus).gather(1, order)
+        picked = _inverse_cdf(masses, uniforms[rows].double())
+        tokens[rows[complete]] = by_id.gather(1, picked[:, None])[complete, 0]
+        rows = rows[~complete]
+        if not len(rows):
+            break
+    return tokens
+
+
+def _inverse_cdf(masses: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row, the index at which the cumulative ``masses`` first exceed the row's uniform number
+    times their total (an index of zero mass is never picked)."""
+    cumulative = masses.cumsum(-1)
+    threshold = uniforms[:, None] * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, threshold, right=True)[:, 0].clamp(max=masses.shape[-1] - 1)
 
 
 class RowSampler:
-    """A logits processor that samples each row with its own generator and leaves only the drawn
-    token possible, so ``generate`` in greedy mode emits it (transformers' own sampling shares one
-    random stream across the batch, which would tie a response to its batch-mates)."""
+    """A logits processor that samples each row with its own random numbers and leaves only the
+    drawn token possible, so ``generate`` in greedy mode emits it (transformers' own sampling shares
+    one random stream across the batch, which would tie a response to its batch-mates). Row i's
+    numbers come from a generator seeded with ``seeds[i]``, one per generated token, drawn at once."""
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float) -> None:
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, max_new_tokens: int) -> None:
+        self.uniforms = torch.stack(
+            [torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+             for s in seeds]
+        )  # fmt: skip
         self.temperature = temperature
         self.top_p = top_p
+        self.step = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        uniforms = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
-        tokens = nucleus_draw(scores, uniforms.to(scores.device), self.temperature, self.top_p)
-        only = torch.full_like(scores, float("-inf"))
-        return only.scatter_(1, tokens[:, None], 0.0)
+        if self.uniforms.device != scores.device:  # once: the numbers wait on the model's device
+            self.uniforms = self.uniforms.to(scores.device)
+        tokens = nucleus_draw(scores, self.uniforms[:, self.step], self.temperature, self.top_p)
+        self.step += 1
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens[:, None], 0.0)
 
 
 def features() -> datasets.Features:
@@ -224,16 +276,73 @@ def end_of_turn_ids(tokenizer: Any, config: Any) -> list[int]:
     return sorted({i for i in [*ids, tokenizer.eos_token_id] if i is not None})
 
 
+@dataclass(frozen=True)
+class NextTurnStop:
+    """Where a response ends because the model began the user's next turn itself: at the opening
+    the chat template writes for that turn (:func:`fusion_train.chat.user_turn_opening`), whatever
+    whitespace comes before it.
+
+    An opening that starts with a token the response text never shows (``<|im_start|>``,
+    ``<start_of_turn>``) stops generation at that token, like an end-of-turn token. Any other
+    (``User:``) is looked for in the text: at the start of the response or of a line when the
+    template breaks the line before it, anywhere otherwise."""
+
+    opening: TurnOpening
+    token_id: int | None  # the opening's hidden first token, or None: the opening is looked for in the text
+
+    @classmethod
+    def of(cls, tokenizer: Any, template: str) -> NextTurnStop | None:
+        opening = user_turn_opening(tokenizer, template)
+        if opening is None:
+            return None
+        first = tokenizer(opening.text, add_special_tokens=False)["input_ids"][0]
+        hidden = tokenizer.decode([first], skip_special_tokens=True) == ""
+        return cls(opening, first if hidden else None)
+
+    @property
+    def pattern(self) -> re.Pattern[str] | None:
+        """The opening in a response's text, with the whitespace before it (None for a token)."""
+        if self.token_id is not None:
+            return None
+        return re.compile(
+            (r"(?:\A|\n)\s*" if self.opening.after_line_break else r"\s*") + re.escape(self.opening.text)
+        )
+
+    @property
+    def engine_stop(self) -> str | None:
+        """A literal stop text for the engines' own stop-string matching, which ends generation
+        early on the usual spacing (a line break right before the opening); the response is cut
+        at the exact rule afterwards (:meth:`ChatGenerator.ending`)."""
+        if self.token_id is not None:
+            return None
+        return ("\n" if self.opening.after_line_break else "") + self.opening.text
+
+    def record(self) -> dict[str, Any]:
+        """What the manifest holds: the opening, and whether it stops as a token."""
+        return {**asdict(self.opening), "token": self.token_id is not None}
+
+
+class Ending(NamedTuple):
+    """A response as written: its text, its generated tokens (the end-of-turn token not counted),
+    why it ended, and whether it ended where the model began the user's next turn."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str  # "stop" | "length"
+    next_turn: bool
+
+
 @dataclass
 class ChatGenerator:
     """What both engines share: the prompt in the model's chat template, and where an answer ends.
-    An engine's ``answer(texts, seeds)`` gives (response text, generated tokens, finish reason)
-    for each rendered prompt, drawing response i's random numbers from ``seeds[i]`` alone."""
+    An engine's ``answer(texts, seeds)`` gives an :class:`Ending` for each rendered prompt, drawing
+    response i's random numbers from ``seeds[i]`` alone."""
 
     tokenizer: Any
     template: str
     settings: SampleSettings
     stop_ids: list[int]
+    next_turn: NextTurnStop | None = field(default=None, kw_only=True)
     schedules_itself: ClassVar[bool] = False  # True: give it a whole part, it batches on its own
 
     def render(self, prompt: Prompt) -> str:
@@ -245,30 +354,51 @@ class ChatGenerator:
         """A rendered prompt's tokens (the template already holds the special tokens)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def answer(self, texts: list[str], seeds: list[int]) -> list[tuple[str, int, str]]:
+    def answer(self, texts: list[str], seeds: list[int]) -> list[Ending]:
         raise NotImplementedError
 
-    def ending(self, generated: list[int], stopped: bool = False) -> tuple[str, int, str]:
-        """(response text, generated tokens, finish reason) of what an engine generated after the
-        prompt: cut before the first end-of-turn token, or after the tokens of the first stop text
-        (whose text is dropped). ``stopped``: the engine says it stopped before the length limit."""
-        end = next((i for i, token in enumerate(generated) if token in self.stop_ids), None)
-        tokens = generated if end is None else generated[:end]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = self.stop_at(text)
-        if cut is not None:  # generation stopped at a stop text: keep what came before it
-            tokens = tokens[: self.tokens_to_stop(tokens)]
-            text, end = text[:cut], len(tokens)
-        return text, len(tokens), "stop" if end is not None or stopped else "length"
+    @property
+    def end_ids(self) -> list[int]:
+        """Tokens at which generation ends: the end-of-turn tokens, and a next turn's opening token."""
+        turn = self.next_turn.token_id if self.next_turn else None
+        return self.stop_ids if turn is None or turn in self.stop_ids else [*self.stop_ids, turn]
 
-    def stop_at(self, text: str) -> int | None:
-        """Where the first stop text begins in ``text``, or None."""
-        found = [i for i in (text.find(s) for s in self.settings.stop) if i >= 0]
+    @property
+    def engine_stops(self) -> list[str]:
+        """Stop texts for the engine: ``--stop``'s, and the literal form of a next turn's opening."""
+        turn = self.next_turn.engine_stop if self.next_turn else None
+        return [*self.settings.stop, *([turn] if turn else [])]
+
+    def ending(self, generated: list[int], stopped: bool = False) -> Ending:
+        """The response in what an engine generated after the prompt: cut before the first
+        end-of-turn token (or a next turn's opening token), or after the tokens of the first stop
+        text or next turn's opening in the text (whose text is dropped, with the whitespace before
+        an opening). ``stopped``: the engine says it stopped before the length limit."""
+        end = next((i for i, token in enumerate(generated) if token in self.end_ids), None)
+        tokens = generated if end is None else generated[:end]
+        next_turn = end is not None and generated[end] not in self.stop_ids
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        found = self.stop_at(text)
+        if found is not None:  # a stop text or the next turn: keep what came before it
+            tokens = tokens[: self.tokens_to_stop(tokens)]
+            (cut, next_turn), end = found, len(tokens)
+            text = text[:cut]
+        return Ending(text, len(tokens), "stop" if end is not None or stopped else "length", next_turn)
+
+    def stop_at(self, text: str) -> tuple[int, bool] | None:
+        """Where the first stop text or next turn's opening begins in ``text``, and whether it is
+        the opening; None when neither is there."""
+        found = [(i, False) for i in (text.find(s) for s in self.settings.stop) if i >= 0]
+        pattern = self.next_turn.pattern if self.next_turn else None
+        match = pattern.search(text) if pattern else None
+        if match:
+            found.append((match.start(), True))
         return min(found) if found else None
 
     def tokens_to_stop(self, tokens: list[int]) -> int:
-        """The fewest leading tokens whose text holds a stop text (the stop text's own tokens are
-        counted): found by bisection, since holding one only starts, never stops, as tokens are added."""
+        """The fewest leading tokens whose text holds a stop text or a next turn's opening (their own
+        tokens are counted): found by bisection, since holding one only starts, never stops, as
+        tokens are added."""
         low, high = 1, len(tokens)
         while low < high:
             middle = (low + high) // 2
@@ -283,10 +413,10 @@ class ChatGenerator:
 class HfGenerator(ChatGenerator):
     """transformers' ``generate`` on batches of left-padded prompts, sampled by :class:`RowSampler`."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module = field(kw_only=True)
 
     @torch.inference_mode()
-    def answer(self, texts: list[str], seeds: list[int]) -> list[tuple[str, int, str]]:
+    def answer(self, texts: list[str], seeds: list[int]) -> list[Ending]:
         from transformers import GenerationConfig, LogitsProcessorList
 
         device = next(self.model.parameters()).device
@@ -294,11 +424,12 @@ class HfGenerator(ChatGenerator):
         config = GenerationConfig(
             do_sample=False,  # the drawn token is the only one RowSampler leaves possible
             max_new_tokens=self.settings.max_new_tokens,
-            eos_token_id=self.stop_ids,
+            eos_token_id=self.end_ids,
             pad_token_id=self.tokenizer.pad_token_id,
-            stop_strings=list(self.settings.stop) or None,
+            stop_strings=self.engine_stops or None,
         )
-        sampler = RowSampler(seeds, self.settings.temperature, self.settings.top_p)
+        s = self.settings
+        sampler = RowSampler(seeds, s.temperature, s.top_p, s.max_new_tokens)
         output = self.model.generate(
             **batch, generation_config=config, logits_processor=LogitsProcessorList([sampler]),
             tokenizer=self.tokenizer,
@@ -313,10 +444,10 @@ class VllmGenerator(ChatGenerator):
     order, the HF engine in token-id order (:func:`nucleus_draw`): both draw from the same
     distribution, but from other numbers, so the two engines write different responses."""
 
-    llm: Any  # vllm.LLM
+    llm: Any = field(kw_only=True)  # vllm.LLM
     schedules_itself: ClassVar[bool] = True
 
-    def answer(self, texts: list[str], seeds: list[int]) -> list[tuple[str, int, str]]:
+    def answer(self, texts: list[str], seeds: list[int]) -> list[Ending]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -324,7 +455,7 @@ class VllmGenerator(ChatGenerator):
         prompts = [TokensPrompt(prompt_token_ids=self.prompt_ids(text)) for text in texts]
         params = [
             SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=seed,
-                           stop=list(s.stop) or None, stop_token_ids=self.stop_ids, skip_special_tokens=True)
+                           stop=self.engine_stops or None, stop_token_ids=self.end_ids, skip_special_tokens=True)
             for seed in seeds
         ]  # fmt: skip
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -347,14 +478,17 @@ def load_generator(
     """The engine ``plan.settings`` ask for, with the model loaded on this rank's device."""
     tokenizer, settings = plan.tokenizer, plan.settings
     stop_ids = end_of_turn_ids(tokenizer, generation_config(model_path, trust_remote_code))
+    shared = {"next_turn": plan.next_turn}
     if settings.engine == "vllm":
         llm = vllm_engine(model_path, engine_settings(settings, tensor_parallel_size), trust_remote_code)
-        return VllmGenerator(tokenizer, plan.template, settings, stop_ids, llm=llm)
+        return VllmGenerator(tokenizer, plan.template, settings, stop_ids, llm=llm, **shared)
     tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = load_model(model_path, dtype=settings.dtype, trust_remote_code=trust_remote_code)
-    return HfGenerator(tokenizer, plan.template, settings, stop_ids, model=model.to(resolve_device("auto")))
+    inference = engine_settings(settings)
+    model = load_model(model_path, dtype=inference.resolved_dtype(), trust_remote_code=trust_remote_code)
+    return HfGenerator(tokenizer, plan.template, settings, stop_ids, model=model.to(resolve_device("auto")),
+                       **shared)  # fmt: skip
 
 
 @dataclass
@@ -363,10 +497,11 @@ class SampleSummary:
     responses: int = 0
     generated_tokens: int = 0
     finish_reasons: dict[str, int] = field(default_factory=dict)
+    next_turn_stops: int = 0  # responses cut where the model began the user's next turn itself
     seconds: float = 0.0
 
     def add(self, other: dict[str, Any]) -> None:
-        for key in ("records", "responses", "generated_tokens"):
+        for key in ("records", "responses", "generated_tokens", "next_turn_stops"):
             setattr(self, key, getattr(self, key) + other[key])
         self.finish_reasons = dict(Counter(self.finish_reasons) + Counter(other["finish_reasons"]))
         self.seconds += other["seconds"]
@@ -381,6 +516,7 @@ class SamplingPlan:
     template: str
     settings: SampleSettings
     manifest: dict[str, Any]
+    next_turn: NextTurnStop | None
 
 
 def plan_sampling(
@@ -396,10 +532,10 @@ def plan_sampling(
     loaded stop it here, before a model is loaded (or, under ``--nproc``, before any rank starts)."""
     conversations = load_conversations(data_path)[:limit]
     prompts = prompts_of(conversations, data_path)
+    check_model_directory(model_path, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     template, template_source = resolve_chat_template(tokenizer, settings.chat_template)
-    if template_source == "builtin:plain" and not settings.stop:
-        settings = replace(settings, stop=PLAIN_TEMPLATE_STOP)
+    next_turn = NextTurnStop.of(tokenizer, template)
     manifest = {
         "format": FORMAT,
         "source": source_name or Path(model_path).resolve().name,
@@ -410,10 +546,12 @@ def plan_sampling(
         "chat_template": {
             "source": template_source,
             "sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
+            "next_turn": next_turn.record() if next_turn else None,
         },
         "settings": settings.record(),
+        "dtype": str(engine_settings(settings).resolved_dtype()).removeprefix("torch."),
     }
-    return SamplingPlan(prompts, tokenizer, template, settings, manifest)
+    return SamplingPlan(prompts, tokenizer, template, settings, manifest, next_turn)
 
 
 def sample(
@@ -472,7 +610,7 @@ def _write_part(
     ordered = sorted(jobs, key=lambda job: lengths[job[0]])
     if generator.schedules_itself:
         batch_size = len(ordered)
-    answers: dict[tuple[int, int], tuple[str, int, str]] = {}
+    answers: dict[tuple[int, int], Ending] = {}
     for start in range(0, len(ordered), batch_size):
         batch = ordered[start : start + batch_size]
         seeds = [sample_seed(settings.seed, prompts[r].id, j) for r, j in batch]
@@ -480,16 +618,16 @@ def _write_part(
             answers[job] = answer
     rows = []
     for r, j in jobs:
-        response, num_tokens, finish = answers[r, j]
-        p = prompts[r]
+        answer, p = answers[r, j], prompts[r]
         rows.append({"id": p.id, "domain": p.domain, "source": source, "sample_index": j, "prompt": list(p.messages),
-                     "reference": p.reference, "response": response, "num_tokens": num_tokens,
-                     "finish_reason": finish})  # fmt: skip
+                     "reference": p.reference, "response": answer.text, "num_tokens": answer.num_tokens,
+                     "finish_reason": answer.finish_reason})  # fmt: skip
     stats = {
         "records": len(prompts),
         "responses": len(rows),
         "generated_tokens": sum(row["num_tokens"] for row in rows),
         "finish_reasons": dict(Counter(row["finish_reason"] for row in rows)),
+        "next_turn_stops": sum(answer.next_turn for answer in answers.values()),
         "seconds": time.perf_counter() - started,
     }
     write_part(target, datasets.Dataset.from_list(rows, features=features()), stats)
@@ -570,12 +708,19 @@ def load_samples(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]
     help="Built-in template (plain, chatml, llama2) or a .jinja file. Default: the tokenizer's own, "
     "else the plain fallback.",
 )
-@click.option("--dtype", type=options.MODEL_DTYPES, default="float32", help="Weights' dtype for generation.")
+@click.option(
+    "--dtype",
+    type=options.MODEL_DTYPES,
+    default="auto",
+    help="Weights' dtype for generation: auto is bfloat16 on GPUs that support it, float32 elsewhere "
+    "(as represent's).",
+)
 @click.option(
     "--stop",
     multiple=True,
-    help="Repeatable: a text that ends a response (and is not kept). Default with the plain template: "
-    "'\\n\\nUser:', where a model without a chat template would begin the next turn itself.",
+    help="Repeatable: a text that ends a response (and is not kept). Besides these, a response always "
+    "ends where the model begins the user's next turn as the chat template writes it (e.g. 'User:' at the "
+    "start of a line in the plain template, whatever the spacing); the summary counts those.",
 )
 @click.option(
     "--shard",
@@ -609,7 +754,8 @@ def sample_command(**params: Any) -> None:
         return
     click.echo(
         f"{p.out_dir}: {summary.responses} responses to {summary.records} prompts, {summary.generated_tokens} "
-        f"tokens, finish reasons {summary.finish_reasons}."
+        f"tokens, finish reasons {summary.finish_reasons}; {summary.next_turn_stops} cut where the model began "
+        "the user's next turn itself."
     )
 
 

@@ -35,9 +35,10 @@ from fusion_train.implicit.sample import load_samples
 from fusion_train.implicit.verifiers import Verifier, get_verifier
 from fusion_train.launch import barrier, launch_if_asked, launch_options, process_group, resolve_device
 from fusion_train.models import (
-    ModelLoadError,
+    REWARD_MODEL,
+    check_model_directory,
+    from_pretrained,
     load_tokenizer,
-    model_directory,
     model_fingerprint,
     release_memory,
 )
@@ -151,9 +152,7 @@ def reward_model_spec(
 
     if output not in REWARD_OUTPUTS:
         raise ScoreError(f"--reward-output {output!r}: use one of {', '.join(REWARD_OUTPUTS)}.")
-    path = model_directory(path)
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"{path}: no config.json; pass a saved Hugging Face reward model directory.")
+    path = check_model_directory(path, kind=REWARD_MODEL, trust_remote_code=trust_remote_code)
     custom = custom_model_class(path, trust_remote_code)
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     names = [str(config.id2label.get(i, i)) for i in range(config.num_labels)]
@@ -201,15 +200,15 @@ class RewardScorer:
     def __init__(
         self, spec: RewardModel, batch_size: int = 8, dtype: str = "float32", trust_remote_code: bool = False
     ) -> None:
-        from transformers import AutoModelForSequenceClassification
-
         self.spec = spec
-        custom_model_class(Path(spec.path), trust_remote_code)  # never a built-in stand-in for its own class
-        self.tokenizer = load_tokenizer(spec.path, trust_remote_code=trust_remote_code)
+        path = Path(spec.path)
+        custom_model_class(path, trust_remote_code)  # never a built-in stand-in for its own class
+        check_model_directory(path, kind=REWARD_MODEL, trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         self.template, _ = resolve_chat_template(self.tokenizer, spec.chat_template)
         self.device = resolve_device("auto")
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            spec.path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto", local_files_only=True,
+        self.model = from_pretrained(  # refused if its score head (or any weight) is not in the checkpoint
+            REWARD_MODEL, path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto",
             trust_remote_code=trust_remote_code, use_safetensors=True,
         ).eval().to(self.device)  # fmt: skip
         self.pad_id = self.model.config.pad_token_id
@@ -414,27 +413,34 @@ def score(
     return summary
 
 
+EXAMPLES = 5  # ids of non-finite scores shown per scorer and source
+
+
 def summarise(scored: datasets.Dataset, names: list[str]) -> dict[str, Any]:
-    """Per scorer: responses it judged, those it could not, the mean score, overall and per source."""
+    """Per scorer: responses it judged, those it could not, the mean score, overall and per source.
+
+    A reward model can output NaN or infinity (a broken head, an overflow in float16): such scores
+    are counted apart (``non_finite``, with example ``id#sample_index``) and kept out of the mean,
+    which one NaN would make NaN (and the summary invalid JSON)."""
     sources = sorted(set(scored["source"]))
     all_scores = scored["scores"]
-    by_source = scored["source"]
+    rows = list(zip(scored["source"], scored["id"], scored["sample_index"], strict=True))
 
-    def stats(values: list[float | None]) -> dict[str, Any]:
-        judged = [v for v in values if v is not None]
-        return {"judged": len(judged), "not_judged": len(values) - len(judged),
-                "mean": sum(judged) / len(judged) if judged else None}  # fmt: skip
+    def stats(name: str, source: str | None) -> dict[str, Any]:
+        values = [
+            (s[name], f"{i}#{j}")
+            for s, (o, i, j) in zip(all_scores, rows, strict=True)
+            if source is None or o == source
+        ]
+        judged = [v for v, _ in values if v is not None and math.isfinite(v)]
+        bad = [example for v, example in values if v is not None and not math.isfinite(v)]
+        return {"judged": len(judged), "not_judged": sum(v is None for v, _ in values), "non_finite": len(bad),
+                "non_finite_examples": bad[:EXAMPLES], "mean": sum(judged) / len(judged) if judged else None}  # fmt: skip
 
     return {
         "responses": len(scored),
         "scorers": {
-            name: {
-                **stats([s[name] for s in all_scores]),
-                "by_source": {
-                    src: stats([s[name] for s, o in zip(all_scores, by_source, strict=True) if o == src])
-                    for src in sources
-                },
-            }
+            name: {**stats(name, None), "by_source": {src: stats(name, src) for src in sources}}
             for name in names
         },
     }
@@ -543,6 +549,10 @@ def score_command(**params: Any) -> None:
     for name, stats in summary["scorers"].items():
         mean = "n/a" if stats["mean"] is None else f"{stats['mean']:.4f}"
         click.echo(f"{name}: mean {mean} over {stats['judged']} responses ({stats['not_judged']} not judged)")
+        for source, counts in stats["by_source"].items():
+            if counts["non_finite"]:
+                click.echo(f"  {source}: {counts['non_finite']} non-finite scores (NaN or infinite), left out of the "
+                           f"mean; prefer and rate never rank them: {', '.join(counts['non_finite_examples'])}")  # fmt: skip
     click.echo(f"written: {Path(p.out_dir) / PARTS_DIR}, {SUMMARY}")
 
 

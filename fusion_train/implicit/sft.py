@@ -23,7 +23,12 @@ from fusion_train.implicit.prefer import SFT_DIR
 
 MODULE = "fusion_train.implicit.sft"  # what the launcher runs in every process
 STAGE = "sft"
-LEARNING_RATE = 5e-6  # as `fusion-train train`
+# (learning rate, epochs) of the SFT step per method, for the papers' global batch of 128:
+# FuseChat-3.0 fine-tunes Llama-3.1-8B for 3 epochs at 5e-6 (Qwen-2.5 and Gemma-2 at 2e-6); WRPO
+# for 1 epoch at 7e-6 (its configs). The command's defaults are FuseChat-3.0's; a recipe with
+# prefer.mode wrpo takes WRPO's.
+SFT_DEFAULTS = {"fusechat3": (5e-6, 3.0), "wrpo": (7e-6, 1.0)}
+LEARNING_RATE, EPOCHS = SFT_DEFAULTS["fusechat3"]
 
 
 @dataclass(frozen=True)
@@ -45,17 +50,23 @@ def sft(settings: SFTSettings) -> dict[str, Any] | None:
     the summary on the main rank."""
     from trl import SFTConfig, SFTTrainer
 
-    def make_trainer(prepared: tuning.Prepared) -> Any:
+    def make_trainer(prepared: tuning.Prepared, callbacks: list[Any]) -> Any:
         args = tuning.trl_arguments(SFTConfig, settings, prepared)
         return SFTTrainer(model=tuning.load_policy(settings, args), args=args, train_dataset=prepared.data,
-                          processing_class=prepared.tokenizer)  # fmt: skip
+                          processing_class=prepared.tokenizer, callbacks=callbacks)  # fmt: skip
 
     return tuning.run(settings, STAGE, load_sft, make_trainer,
-                      log_keys=("step", "loss", "grad_norm", "mean_token_accuracy"))  # fmt: skip
+                      log_keys=("step", "loss", "grad_norm", "learning_rate", "mean_token_accuracy"))  # fmt: skip
 
 
 @click.command("sft", cls=Command)
-@tuning.tune_options(LEARNING_RATE, 3.0, "Peak learning rate.")
+@tuning.tune_options(
+    LEARNING_RATE,
+    EPOCHS,
+    "Peak learning rate. Default: FuseChat-3.0's (with 3 epochs; for Qwen-2.5 and "
+    "Gemma-2 it gives 2e-6); WRPO's SFT: 7e-6 with --epochs 1. The papers' rates are for a global batch "
+    "of 128 (processes x --per-device-batch-size x --grad-accumulation).",
+)
 def sft_command(**params: Any) -> None:
     """Fine-tune a model on the best response per prompt (`fusion-train prefer`'s sft/), on TRL's
     SFTTrainer and DeepSpeed ZeRO."""

@@ -41,16 +41,24 @@ from fusion_train.launch import (
     parameters_held,
     world_size_of,
 )
-from fusion_train.models import attention_implementation, load_model, load_tokenizer, tokenizer_hash
+from fusion_train.models import (
+    attention_implementation,
+    check_model_directory,
+    load_model,
+    load_tokenizer,
+    tokenizer_hash,
+)
 from fusion_train.options import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
 from fusion_train.storage import MANIFEST, claim_output, read_json
 from fusion_train.train import (
     PRESETS,
+    StepLearningRates,
     TrainerSettings,
     deepspeed_config,
     loss_record,
     publish,
     resume_point,
+    schedule_problem,
     trainer_arguments,
     trainer_in_this_process,
     work_dir,
@@ -61,6 +69,8 @@ log = logging.getLogger(__name__)
 RUN_FORMAT = "fusion-train/tune-run@1"
 WARMUP_RATIO = 0.1  # sft and dpo (train: 0.03)
 MAX_LENGTH = 2048  # tokens of prompt and response
+GLOBAL_BATCH = 128  # the papers' (SFT and preference training), for which their learning rates are
+MIN_STEPS = 8  # optimizer steps per epoch that a data set smaller than MIN_STEPS x GLOBAL_BATCH still gets
 SUMMARY_FORMAT = "fusion-train/tune-summary@1"
 
 
@@ -80,6 +90,19 @@ class TuneSettings(TrainerSettings):
     out: str
     max_length: int = MAX_LENGTH
     warmup_ratio: float = field(default=WARMUP_RATIO, kw_only=True)
+
+
+def papers_grad_accumulation(per_device_batch_size: int, world_size: int, examples: int | None = None) -> int:
+    """The micro-steps per optimizer step that make the global batch GLOBAL_BATCH (rounded up to a
+    whole number of micro-batches), or ``examples // MIN_STEPS`` when that is smaller, so a small
+    data set still takes several steps (None: as many examples as it takes)."""
+    target = GLOBAL_BATCH if examples is None else max(1, min(GLOBAL_BATCH, examples // MIN_STEPS))
+    return -(-target // (per_device_batch_size * world_size))
+
+
+def count_examples(prefs: str | Path, split: str) -> int:
+    """Rows of ``prefs/split`` (``sft`` or ``pairs``), memory-mapped, not read."""
+    return datasets.load_from_disk(str(Path(prefs) / split)).num_rows
 
 
 # --------------------------------------------------------------------------- checks
@@ -144,9 +167,13 @@ def prepare(
     out, work = Path(settings.out), work_dir(settings.out)
     if out.exists():
         raise TuneInputError(f"{out} already exists; pass another --out or delete it.")
+    check_model_directory(settings.model)
     data = load(settings)
     tokenizer = load_tokenizer(settings.model)
     require_chat_template(tokenizer, settings.model)
+    problem = schedule_problem(settings, len(data), world_size)
+    if problem:
+        raise TuneInputError(problem)
     ds_config = deepspeed_config(settings.deepspeed, settings, world_size)
     resume_from = resume_point(work, settings.resume)
     manifest_path = Path(settings.prefs) / MANIFEST
@@ -189,25 +216,28 @@ def run(
     settings: TuneSettings,
     stage: str,
     load: Callable[[TuneSettings], datasets.Dataset],
-    make_trainer: Callable[[Prepared], Any],
-    log_keys: Sequence[str] = ("step", "loss", "grad_norm"),
+    make_trainer: Callable[[Prepared, list[Any]], Any],
+    log_keys: Sequence[str] = ("step", "loss", "grad_norm", "learning_rate"),
 ) -> dict[str, Any] | None:
-    """Train with the trainer ``make_trainer`` builds and publish the model at ``settings.out``;
-    the summary on the main rank (None on the others). Runs in every rank of a launched job, or
-    alone as a world of one (the variables of a rank there for the run only, as in ``train``)."""
+    """Train with the trainer ``make_trainer`` builds (with the callbacks it is given, first) and
+    publish the model at ``settings.out``; the summary on the main rank (None on the others). Runs
+    in every rank of a launched job, or alone as a world of one (the variables of a rank there for
+    the run only, as in ``train``)."""
     started = time.time()
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     prepared = prepare(settings, load, stage, world_size, rank)
     datasets.disable_progress_bars()
     with trainer_in_this_process() as track:
-        return _run(settings, stage, prepared, lambda: track(make_trainer(prepared)), log_keys, world_size,
+        return _run(settings, stage, prepared, lambda callbacks: track(make_trainer(prepared, callbacks)), log_keys, world_size,
                     started)  # fmt: skip
 
 
-def _run(settings: TuneSettings, stage: str, prepared: Prepared, make_trainer: Callable[[], Any],
+def _run(settings: TuneSettings, stage: str, prepared: Prepared, make_trainer: Callable[[list[Any]], Any],
          log_keys: Sequence[str], world_size: int, started: float) -> dict[str, Any] | None:  # fmt: skip
-    """``run`` after the checks, in a process that has a rank's variables."""
-    trainer = make_trainer()
+    """``run`` after the checks, in a process that has a rank's variables; ``make_trainer`` takes
+    the callbacks to add."""
+    rates = StepLearningRates()
+    trainer = make_trainer([rates])
     result = trainer.train(resume_from_checkpoint=prepared.resume_from)
     parameters = parameters_held(trainer.model)
 
@@ -234,6 +264,7 @@ def _run(settings: TuneSettings, stage: str, prepared: Prepared, make_trainer: C
             "epochs": trainer.state.epoch,
             "resumed_from": Path(prepared.resume_from).name if prepared.resume_from else None,
             "loss": {"start": loss_record(history, 0, log_keys), "end": loss_record(history, -1, log_keys)},
+            "learning_rate": rates.summary(settings.learning_rate),
             "train_loss": result.training_loss,
             "train_runtime_s": result.metrics.get("train_runtime"),
             "wall_time_s": time.time() - started,
@@ -302,7 +333,9 @@ def tune_options(learning_rate: float | None, epochs: float, lr_help: str) -> Ca
                     "--grad-accumulation",
                     type=POSITIVE_INT,
                     default=1,
-                    help="Micro-steps per optimizer step.",
+                    help="Micro-steps per optimizer step. The papers train with a global batch (processes x "
+                    "--per-device-batch-size x this) of 128, for which their learning rates are; a recipe "
+                    "reaches it by default.",
                 ),
                 click.option(
                     "--warmup-ratio",

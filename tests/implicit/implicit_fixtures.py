@@ -56,6 +56,35 @@ def build_stopper(tokenizer_dir: Path, out: Path, stop_probability: float) -> Pa
     return out
 
 
+def build_scripted(tokenizer_dir: Path, out: Path, follows: dict[str, str]) -> Path:
+    """A model that says token ``follows[t]`` after token ``t`` (given as token strings), with
+    probability 1 to float precision, and any token with equal probability after any other token.
+
+    As in :func:`build_stopper` the layers add nothing, so the final hidden state is the normed
+    embedding of the current token: token t's embedding is the unit vector e_j (j its place in
+    ``follows``), which the final norm scales to about sqrt(hidden) e_j, and the LM head's row of
+    ``follows[t]`` is 50 e_j: a logit of about 200 against 0 for every other token. Other tokens
+    embed to zero, which gives every token the logit 0."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = tiny_config(tokenizer)
+    vocabulary = tokenizer.get_vocab()
+    assert len(follows) <= config.hidden_size and all(t in vocabulary for t in [*follows, *follows.values()])
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.zero_()
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        for j, (token, following) in enumerate(follows.items()):
+            model.model.embed_tokens.weight[tokenizer.convert_tokens_to_ids(token), j] = 1.0
+            model.lm_head.weight[tokenizer.convert_tokens_to_ids(following), j] = 50.0
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def build_reward_model(
     tokenizer_dir: Path, out: Path, labels: list[str] | None = None, seed: int = 0
 ) -> Path:

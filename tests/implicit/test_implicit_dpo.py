@@ -1,6 +1,6 @@
-"""WRPO on TRL's DPOTrainer: the loss of a batch equals the formula computed by hand from plain
-forward passes, is ln 2 at step 0 (policy = reference), alpha follows its schedule, and a short
-training run moves the policy."""
+"""WRPO and length-normalised DPO on TRL's DPOTrainer: the loss of a batch and the rewards logged
+equal the formula computed by hand from plain forward passes, the loss is ln 2 at step 0 (policy =
+reference), alpha follows its schedule, and a short training run moves the policy."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytest.importorskip("trl")
 
-from trl import DPOConfig
+from numeric import approx_at_scale
+from trl import DPOConfig, DPOTrainer
 
-from fusion_train.implicit.dpo import WRPOTrainer, alpha_at
+from fusion_train.implicit.dpo import LengthNormalisedDPOTrainer, WRPOTrainer, alpha_at
 
 BETA = 0.5
 
@@ -48,14 +49,24 @@ def model_dir(tokenizer_dirs: dict, tmp_path_factory: pytest.TempPathFactory) ->
     )
 
 
-def trainer_for(model_dir: Path, out: Path, max_steps: int = 4) -> WRPOTrainer:
+def trainer_for(
+    model_dir: Path, out: Path, max_steps: int = 4, loss: str = "wrpo", alpha_max: float = 0.1
+) -> DPOTrainer:
+    """A WRPO trainer on :func:`pairs`, or for another loss one on the pairs without the source's
+    answers (the third row, whose answer merges with the prompt, left out)."""
     policy = AutoModelForCausalLM.from_pretrained(model_dir)
     reference = copy.deepcopy(policy)
     config = DPOConfig(output_dir=str(out), beta=BETA, per_device_train_batch_size=3, max_steps=max_steps,
                        learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-                       bf16=False)  # TRL defaults to bf16, which would run the reference model in bf16 autocast  # fmt: skip
-    return WRPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=pairs(),
-                       processing_class=AutoTokenizer.from_pretrained(model_dir), alpha_max=0.1)  # fmt: skip
+                       bf16=False, loss_type=[{"wrpo": "sigmoid", "stock": "sigmoid_norm"}.get(loss, loss)])  # TRL defaults to bf16, which would run the reference model in bf16 autocast  # fmt: skip
+    common = {"model": policy, "ref_model": reference, "args": config,
+              "processing_class": AutoTokenizer.from_pretrained(model_dir)}  # fmt: skip
+    if loss == "wrpo":
+        return WRPOTrainer(train_dataset=pairs(), alpha_max=alpha_max, **common)
+    data = pairs().select([0, 1]).remove_columns("chosen_source")
+    return {"sigmoid_norm": LengthNormalisedDPOTrainer, "stock": DPOTrainer}.get(loss, DPOTrainer)(
+        train_dataset=data, **common
+    )
 
 
 def token_ids(tokenizer: object, messages: list, generation_prompt: bool = False) -> list[int]:
@@ -101,32 +112,108 @@ def test_loss_at_step_zero_is_ln_2(model_dir: Path, tmp_path: Path) -> None:
     assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
 
 
-def test_loss_matches_the_formula_by_hand(model_dir: Path, tmp_path: Path) -> None:
-    trainer = trainer_for(model_dir, tmp_path)
-    torch.manual_seed(1)
-    with torch.no_grad():  # a policy that differs from the reference
-        for parameter in trainer.model.parameters():
+def perturb(model: torch.nn.Module, seed: int = 1) -> None:
+    """A policy that differs from the reference (the same for every trainer made from one model)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    trainer.state.global_step, trainer.state.max_steps = 2, 4  # alpha = 0.05
+
+
+def logged(trainer: DPOTrainer, names: list[str]) -> list[float]:
+    """The values last logged under ``names`` (as eval metrics: the model loads in eval mode)."""
+    mode = "train" if trainer.model.training else "eval"
+    return [trainer._metrics[mode][name][-1] for name in names]
+
+
+def test_loss_matches_the_formula_by_hand(model_dir: Path, tmp_path: Path) -> None:
+    """WRPO at alpha 0.5: the loss, each response's reward beta r(y), y_wt's margin over y_l, and
+    the weighted chosen reward beta (alpha r(y_ws) + (1 - alpha) r(y_wt)) with its margin over
+    beta r(y_l) and its accuracy, all as the mean over the batch's three rows."""
+    trainer = trainer_for(model_dir, tmp_path, alpha_max=1.0)
+    perturb(trainer.model)
+    trainer.state.global_step, trainer.state.max_steps = 2, 4  # alpha = 0.5
     loss = float(trainer.compute_loss(trainer.model, batch_of(trainer)))
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
-    expected, starts = [], []
+    expected, starts, rewards, scale = [], [], [], 0.0
     for row in pairs():
         start = answers_start(tokenizer, row)
         starts.append(start)
-
-        def r(key: str, row: dict = row, start: int = start) -> float:
+        by_key = {}
+        for key in ("chosen", "rejected", "chosen_source"):
             policy = logp_by_hand(trainer.model, tokenizer, row["prompt"], row[key], start)
-            return policy - logp_by_hand(trainer.ref_model, tokenizer, row["prompt"], row[key], start)
-
-        inner = BETA * (0.05 * r("chosen_source") + 0.95 * r("chosen") - r("rejected"))
+            reference = logp_by_hand(trainer.ref_model, tokenizer, row["prompt"], row[key], start)
+            by_key[key] = BETA * (policy - reference)
+            scale = max(scale, BETA * abs(policy), BETA * abs(reference))
+        rewards.append(by_key)
+        inner = 0.5 * by_key["chosen_source"] + 0.5 * by_key["chosen"] - by_key["rejected"]
         expected.append(-F.logsigmoid(torch.tensor(inner, dtype=torch.float64)).item())
     prompt_alone = len(token_ids(tokenizer, pairs()[2]["prompt"], generation_prompt=True))
     assert starts[2] < prompt_alone  # the third row's answers start inside its rendered prompt
     assert abs(expected[0] - math.log(2)) > 1e-3  # the check below is not the trivial one
-    assert loss == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+    assert loss == approx_at_scale(sum(expected) / len(expected), dtype=torch.float32, scale=scale)
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    weighted = [0.5 * r["chosen_source"] + 0.5 * r["chosen"] for r in rewards]
+    by_hand = [mean([r[key] for r in rewards]) for key in ("chosen", "rejected", "chosen_source")]
+    by_hand += [mean([r["chosen"] - r["rejected"] for r in rewards]), mean(weighted),
+                mean([w - r["rejected"] for w, r in zip(weighted, rewards, strict=True)])]  # fmt: skip
+    names = ["rewards/chosen", "rewards/rejected", "rewards/chosen_source", "rewards/margins",
+             "rewards/weighted_chosen", "rewards/weighted_margins"]  # fmt: skip
+    assert logged(trainer, names) == approx_at_scale(by_hand, dtype=torch.float32, scale=scale)
+    accuracies = [mean([r["chosen"] > r["rejected"] for r in rewards]),
+                  mean([w > r["rejected"] for w, r in zip(weighted, rewards, strict=True)])]  # fmt: skip
+    assert accuracies[0] != accuracies[1]  # y_ws's reward turns some pairs around
+    names = ["rewards/accuracies", "rewards/weighted_accuracies"]  # shares of the 3 rows, in float32
+    assert logged(trainer, names) == approx_at_scale(accuracies, dtype=torch.float32)
+    assert logged(trainer, ["wrpo/alpha"]) == [0.5]
+
+
+def test_length_normalised_rewards_are_the_ones_the_loss_compares(model_dir: Path, tmp_path: Path) -> None:
+    """sigmoid_norm: the logged rewards are beta r(y) / n(y), n the response's tokens (its answer
+    and the template's end of turn), with their margins and accuracies; the summed ones beside
+    them. The loss is TRL's own sigmoid_norm loss on the same batch, and the formula by hand."""
+    trainer = trainer_for(model_dir, tmp_path, loss="sigmoid_norm")
+    perturb(trainer.model, seed=16)  # the first pair: summed rewards say chosen, normalised rejected
+    loss = float(trainer.compute_loss(trainer.model, batch_of(trainer)))
+
+    stock = trainer_for(model_dir, tmp_path / "stock", loss="stock")
+    perturb(stock.model, seed=16)
+    assert stock.args.loss_type == ["sigmoid_norm"] and type(stock) is DPOTrainer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    summed, normalised, scale = [], [], 0.0
+    for row in pairs().select([0, 1]):
+        start = len(token_ids(tokenizer, row["prompt"], generation_prompt=True))
+        pair = []
+        for key in ("chosen", "rejected"):
+            policy = logp_by_hand(trainer.model, tokenizer, row["prompt"], row[key], start)
+            reference = logp_by_hand(trainer.ref_model, tokenizer, row["prompt"], row[key], start)
+            tokens = len(token_ids(tokenizer, row["prompt"] + row[key])) - start
+            pair.append((BETA * (policy - reference), tokens))
+            scale = max(scale, BETA * abs(policy), BETA * abs(reference))
+        summed.append([reward for reward, _ in pair])
+        normalised.append([reward / tokens for reward, tokens in pair])
+    assert [s[0] > s[1] for s in summed] != [
+        n[0] > n[1] for n in normalised
+    ]  # the two rank a pair differently
+    expected = [-F.logsigmoid(torch.tensor(c - r, dtype=torch.float64)).item() for c, r in normalised]
+    assert loss == approx_at_scale(sum(expected) / 2, dtype=torch.float32, scale=scale)
+    stock_loss = float(stock.compute_loss(stock.model, batch_of(stock)))
+    assert loss == approx_at_scale(stock_loss, dtype=torch.float32, scale=scale)
+
+    for prefix, values in (("rewards", normalised), ("summed_rewards", summed)):
+        by_hand = [sum(v[0] for v in values) / 2, sum(v[1] for v in values) / 2,
+                   sum(v[0] - v[1] for v in values) / 2]  # fmt: skip
+        names = [f"{prefix}/chosen", f"{prefix}/rejected", f"{prefix}/margins"]
+        assert logged(trainer, names) == approx_at_scale(by_hand, dtype=torch.float32, scale=scale), prefix
+        accuracy = [sum(v[0] > v[1] for v in values) / 2]
+        assert logged(trainer, [f"{prefix}/accuracies"]) == approx_at_scale(accuracy, dtype=torch.float32), (
+            prefix
+        )
 
 
 def test_training_moves_the_policy_towards_the_chosen(model_dir: Path, tmp_path: Path) -> None:

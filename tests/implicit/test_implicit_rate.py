@@ -241,7 +241,7 @@ def test_an_out_holding_other_files_is_refused_and_left_as_it_is(tmp_path: Path,
     scored = write_scored(tmp_path / "scored", {"q1": {"A": [("a", 0.9, "stop"), ("b", 0.1, "stop")]}})
     arguments = {
         "score": ["--samples", samples, "--verifier", NAME],
-        "prefer": ["--scored", scored, "--mode", "fusechat3"],
+        "prefer": ["--scored", scored, "--mode", "fusechat3", "--sft-share", "all", "--max-margin", "none"],
         "rate": ["--scored", scored, "--baseline", "A"],
     }[command]
     out = tmp_path / "mine"

@@ -99,6 +99,10 @@ def test_fusechat3_recipe_end_to_end_rerun_and_a_changed_setting(
     assert dpo_run["model"]["path"] == str(stage_dir(run_dir, "sft", "implicit-sft") / "model")
     assert dpo_run["data"]["path"] == str(prefs) and dpo_run["settings"]["loss"] == "sigmoid_norm"
     assert sft_run["steps"] == dpo_run["steps"] == 2
+    # FuseChat-3.0's SFT epochs; the papers' global batch of 128, capped at an eighth of the (at
+    # most 6) examples: one example of 2 per step, so accumulation 1 (uncapped it would be 64).
+    assert sft_run["settings"]["epochs"] == 3.0 and sft_run["data"]["examples"] <= 6
+    assert sft_run["settings"]["grad_accumulation"] == dpo_run["settings"]["grad_accumulation"] == 1
     sampled = {  # every response of the sources, by (id, source, text)
         (row["id"], row["source"], row["response"])
         for s in ("a", "b")
@@ -108,6 +112,10 @@ def test_fusechat3_recipe_end_to_end_rerun_and_a_changed_setting(
     }
     for example in datasets.load_from_disk(str(prefs / "sft")).to_list():
         assert (example["id"], example["source"], example["completion"][0]["content"]) in sampled
+    # FuseChat-3.0's split (4:6 by a hash of the id): r3 alone falls in the SFT set (bucket 2574 < 4000)
+    sft_ids = {e["id"] for e in datasets.load_from_disk(str(prefs / "sft"))}
+    pair_ids = {e["id"] for e in datasets.load_from_disk(str(prefs / "pairs"))}
+    assert sft_ids == {"r3"} and pair_ids and not sft_ids & pair_ids
     # Every model answered the held-out prompts; the rating compares them with the pivot.
     rated = json.loads((stage_dir(run_dir, "rate", "answers") / "report.json").read_text())
     assert rated["baseline"] == "pivot" and rated["prompts"] == 3
@@ -150,7 +158,11 @@ def test_wrpo_recipe_samples_the_sft_model_and_trains_on_its_own_pairs(
     assert {p["id"] for p in pairs} <= target_ids
     dpo_run = summary(run_dir, "dpo", "implicit-wrpo")
     assert dpo_run["settings"]["loss"] == "wrpo" and dpo_run["model"]["path"] == str(sft_model)
+    assert summary(run_dir, "sft", "implicit-sft")["settings"]["epochs"] == 1.0  # WRPO's SFT
     assert not (stage_dir(run_dir, "prefer", "sft") / "pairs").exists()
+    # WRPO's split (1:2): the SFT model was not trained on the prompts of its own pairs
+    sft_ids = {e["id"] for e in datasets.load_from_disk(str(stage_dir(run_dir, "prefer", "sft") / "sft"))}
+    assert sft_ids == {"r3"} and not sft_ids & {p["id"] for p in pairs}
 
 
 def test_implicit_keys_are_checked_before_anything_runs(workspace: Path) -> None:
@@ -171,12 +183,35 @@ def test_implicit_keys_are_checked_before_anything_runs(workspace: Path) -> None
     fails({"dpo": {"loss": "wrpo"}}, "dpo.loss: wrpo needs WRPO's pairs; set prefer.mode: wrpo")
     fails({"dpo": {"alpha_max": 0.2}}, "dpo.alpha_max: WRPO's")
     fails({"prefer": {"mode": "sft"}}, "prefer.mode")
+    fails({"prefer": {"gate": "numeric-answer"}},
+          r"prefer.gate: 'numeric-answer' is not a verifier of the score section \(reference-overlap\)")  # fmt: skip
+    fails(
+        {"prefer": {"gate": "reference-overlap"}}, "prefer.gate: 'reference-overlap' also ranks the responses"
+    )
+    fails({"prefer": {"sft_share": 0}}, "prefer.sft_share: 0 leaves sft no prompt, and a recipe runs both")
+    fails({"prefer": {"mode": "wrpo", "sft_share": 1.0}}, "prefer.sft_share: 1 leaves dpo no prompt")
+    fails({"prefer": {"sft_share": 1.5}}, "prefer.sft_share: 1.5: expected a fraction from 0 to 1, or all")
+    fails(
+        {"prefer": {"sft_share": "half"}}, "prefer.sft_share: 'half': expected a fraction from 0 to 1, or all"
+    )
+    fails(
+        {"prefer": {"margin": 0.2}},
+        r"prefer.margin 0.2 is above prefer.max_margin 0.1: no pair could be kept$",
+    )
+    fails(
+        {"prefer": {"max_margin": "wide"}},
+        "prefer.max_margin: 'wide': expected a non-negative number, or none",
+    )
+    # the paper's values, resolved per run: what runs is what the stage key holds
+    settings = parse_recipe({**base, "prefer": {"mode": "wrpo"}}, base=workspace,
+                            default_run_dir=workspace / "r").prefer.settings("sft", None)  # fmt: skip
+    assert (settings["sft_share"], settings["margin"], settings["max_margin"]) == (1 / 3, 0.0, "none")
     fails({"rate": {"baseline": "c"}}, r"rate.baseline: 'c' is not a model of the recipe \(pivot, a, b\)")
     fails({"rate": {"confidence": 1.5}}, "rate.confidence")
     fails({"sample": {"num_samples": 0}}, "sample.num_samples")
     fails({"sources": [{"name": "a", "path": "m-a", "settings": {"train": {"lm_weight": 0.5}}}]},
           "per-source `settings` are for the explicit stages")  # fmt: skip
-    both = parse_recipe({**base, "method": "both", "train": {"max_steps": 1}}, base=workspace,
+    both = parse_recipe({**base, "method": "both", "train": {"max_steps": 1, "warmup_ratio": 0.0}}, base=workspace,
                         default_run_dir=workspace / "r")  # fmt: skip
     assert both.explicit and both.implicit and both.train.max_steps == 1 and both.dpo.max_steps == 2
 

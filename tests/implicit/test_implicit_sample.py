@@ -20,21 +20,25 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import build_tiny_model
-from implicit_fixtures import build_stopper, write_jsonl
+from implicit_fixtures import build_scripted, build_stopper, write_jsonl
 from test_resume import SAVE, assert_same_output, run_killed
 from transformers import AutoTokenizer
 
 from fusion_train import inference
 from fusion_train import registry_assets as assets
-from fusion_train.chat import Conversation
+from fusion_train.chat import Conversation, TurnOpening, resolve_chat_template, user_turn_opening
 from fusion_train.cli import main
+from fusion_train.implicit import sample as sample_module
 from fusion_train.implicit.sample import (
     ChatGenerator,
+    NextTurnStop,
     RowSampler,
     SampleError,
     SampleSettings,
+    load_generator,
     load_samples,
     nucleus_draw,
+    plan_sampling,
     prompt_of,
     sample,
 )
@@ -116,6 +120,58 @@ def test_nucleus_draw_is_the_inverse_cdf_of_the_filtered_distribution() -> None:
         logits.repeat(3, 1), torch.tensor([0.1, 0.5, 0.9]), 1.0, 1.0
     )  # each row its own number
     assert rows.tolist() == [0, 1, 2]
+
+
+def sorted_nucleus(row: torch.Tensor, temperature: float, top_p: float) -> tuple[list[float], list[int]]:
+    """A row's probabilities and its nucleus in id order, the slow way: sort every probability and
+    keep the tokens whose preceding mass is below top_p."""
+    probs = torch.softmax(row.double() / temperature, dim=-1).tolist()
+    kept, before = [], 0.0
+    for i in sorted(range(len(probs)), key=lambda i: -probs[i]):
+        if before >= top_p:
+            break
+        kept.append(i)
+        before += probs[i]
+    return probs, sorted(kept)
+
+
+def sorted_nucleus_draw(
+    logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float
+) -> list:
+    """Per row, the first nucleus token (in id order) whose cumulative mass exceeds u x the nucleus's."""
+    drawn = []
+    for row, u in zip(logits, uniforms.tolist(), strict=True):
+        probs, nucleus = sorted_nucleus(row, temperature, top_p)
+        total, cumulative = sum(probs[i] for i in nucleus), 0.0
+        drawn.append(nucleus[-1])
+        for i in nucleus:
+            cumulative += probs[i]
+            if cumulative > u * total:
+                drawn[-1] = i
+                break
+    return drawn
+
+
+def test_nucleus_draw_looks_far_enough_down_the_ranking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU the nucleus is looked for among the top 64, then the top 1,024, then everything:
+    rows whose nucleus holds one token, dozens, hundreds, thousands or tens of thousands of the
+    49,152 all draw what the sorted rule draws, and what the whole-vocabulary path (a GPU's) draws."""
+    generator = torch.Generator().manual_seed(0)
+    vocab, n = 49152, 40
+    logits = torch.randn(n, vocab, generator=generator)
+    for row in range(n):  # a head of `size` tokens far above the rest: nuclei of every size
+        size = [1, 20, 60, 100, 900, 1500, 5000, 0][row % 8]
+        logits[row, torch.randperm(vocab, generator=generator)[:size]] += 12.0 + row % 3
+    uniforms = torch.rand(n, generator=generator, dtype=torch.float64)
+    sizes = [len(sorted_nucleus(row, 0.8, 0.95)[1]) for row in logits]
+    for low, high in [(1, 1), (2, 64), (65, 1024), (1025, 20000), (20001, vocab)]:
+        assert any(low <= s <= high for s in sizes), (low, high, sizes)
+    for temperature, top_p in [(0.8, 0.95), (1.0, 0.5), (1.5, 0.99)]:
+        expected = sorted_nucleus_draw(logits, uniforms, temperature, top_p)
+        assert nucleus_draw(logits, uniforms, temperature, top_p).tolist() == expected
+        with monkeypatch.context() as patch:
+            patch.setattr(sample_module, "CANDIDATES", ())
+            assert nucleus_draw(logits, uniforms, temperature, top_p).tolist() == expected
 
 
 def nucleus_stop_probability(temperature: float, top_p: float, vocab: int) -> float:
@@ -214,10 +270,6 @@ def test_stop_texts_end_responses_where_they_begin(ws: Path, tmp_path: Path) -> 
             assert after == before
     assert load_samples(tmp_path / "stop")[0]["settings"]["stop"] == [stop]
 
-    plain = SampleSettings(num_samples=1, max_new_tokens=1, chat_template="plain")
-    sample(ws / "model", ws / "prompts.jsonl", tmp_path / "plain", plain, progress=False)
-    assert load_samples(tmp_path / "plain")[0]["settings"]["stop"] == ["\n\nUser:"]
-
 
 def test_a_response_cut_at_a_stop_text_counts_the_stop_texts_tokens(tokenizer_dirs: dict) -> None:
     """num_tokens counts what was generated up to the end of the stop text (its tokens included,
@@ -226,26 +278,186 @@ def test_a_response_cut_at_a_stop_text_counts_the_stop_texts_tokens(tokenizer_di
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dirs["smollm2"])
     end_of_turn = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
-    def ending(stop: str, *tokens: str) -> tuple[str, int, str]:
+    def ending(stop: str, *tokens: str) -> tuple[str, int, str, bool]:
         generator = ChatGenerator(tokenizer, "", SampleSettings(stop=(stop,)), end_of_turn)
         return generator.ending(tokenizer.convert_tokens_to_ids(list(tokens)))
 
     # "Hello" " world" "\n\n" "User" ":": the fifth token completes "\n\nUser:".
     user = "\n\nUser:"
-    assert ending(user, "Hello", "Ġworld", "ĊĊ", "User", ":") == ("Hello world", 5, "stop")
+    assert ending(user, "Hello", "Ġworld", "ĊĊ", "User", ":") == ("Hello world", 5, "stop", False)
     assert ending(user, "Hello", "Ġworld", "ĊĊ", "User", ":", "<|im_end|>", "<|im_end|>") == (
         "Hello world",
         5,
         "stop",
+        False,
     )
-    assert ending(user, "Hello", "Ġworld", "ĊĊ", "User", ":", "Ġhi") == ("Hello world", 5, "stop")
-    assert ending(user, "ĊĊ", "User", ":") == ("", 3, "stop")
+    assert ending(user, "Hello", "Ġworld", "ĊĊ", "User", ":", "Ġhi") == ("Hello world", 5, "stop", False)
+    assert ending(user, "ĊĊ", "User", ":") == ("", 3, "stop", False)
     # "wor" ends inside " world": the second token completes it; the text stops before it.
-    assert ending("wor", "Hello", "Ġworld", "!") == ("Hello ", 2, "stop")
-    assert ending("wor", "Hello", "Ġworld") == ("Hello ", 2, "stop")
+    assert ending("wor", "Hello", "Ġworld", "!") == ("Hello ", 2, "stop", False)
+    assert ending("wor", "Hello", "Ġworld") == ("Hello ", 2, "stop", False)
     # No stop text: up to the end-of-turn token (not counted), or every token at the length limit.
-    assert ending(user, "Hello", "!", "<|im_end|>", "Ġhi") == ("Hello!", 2, "stop")
-    assert ending(user, "Hello", "!") == ("Hello!", 2, "length")
+    assert ending(user, "Hello", "!", "<|im_end|>", "Ġhi") == ("Hello!", 2, "stop", False)
+    assert ending(user, "Hello", "!") == ("Hello!", 2, "length", False)
+
+
+# --------------------------------------------------------------------------- the user's next turn
+
+TURN_TEMPLATES = {
+    "hashes": "{% for m in messages %}### {{ m['role'] | capitalize }}:\n{{ m['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}",
+    "bare": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}",  # nothing opens a turn
+}
+
+
+@pytest.fixture(scope="module")
+def gemma3() -> AutoTokenizer:
+    return AutoTokenizer.from_pretrained(assets.gemma3_270m_dir())
+
+
+@pytest.mark.parametrize(
+    ("tokenizer_name", "template", "expected"),
+    [
+        # The plain template renders "...Assistant: Two.<eos>\nUser: And two plus two?": after the
+        # answer, "<eos>\n" closes the turn (it also ends a conversation) and "User: " opens the next.
+        ("gemma3", "plain", TurnOpening("User:", after_line_break=True)),
+        ("smollm2", "plain", TurnOpening("User:", after_line_break=True)),
+        # SmolLM2's own: "Two.<|im_end|>\n<|im_start|>user\nAnd two..."; the closing "<|im_end|>\n" is shared.
+        ("smollm2", None, TurnOpening("<|im_start|>user", after_line_break=True)),
+        ("qwen", "chatml", TurnOpening("<|im_start|>user", after_line_break=True)),
+        # Llama-2: "[INST] ... [/INST] Two.</s>[INST] And two...": no line break before "[INST]".
+        ("mistral", None, TurnOpening("[INST]", after_line_break=False)),
+        ("smollm2", "hashes", TurnOpening("### User:", after_line_break=True)),
+        ("smollm2", "bare", None),
+    ],
+)
+def test_the_next_turns_opening_is_read_from_the_template(
+    tokenizer_dirs: dict, gemma3: AutoTokenizer, tmp_path: Path, tokenizer_name: str, template: str | None,
+    expected: TurnOpening | None,
+) -> None:  # fmt: skip
+    tokenizer = (
+        gemma3
+        if tokenizer_name == "gemma3"
+        else AutoTokenizer.from_pretrained(tokenizer_dirs[tokenizer_name])
+    )
+    if template in TURN_TEMPLATES:
+        (tmp_path / "t.jinja").write_text(TURN_TEMPLATES[template])
+        template = str(tmp_path / "t.jinja")
+    text, _ = resolve_chat_template(tokenizer, template)
+    assert user_turn_opening(tokenizer, text) == expected
+    stop = NextTurnStop.of(tokenizer, text)
+    if expected is None:
+        assert stop is None
+    elif expected.text.startswith("<|im_start|>"):  # a token the text never shows: a stop token
+        assert stop.token_id == tokenizer.convert_tokens_to_ids("<|im_start|>") and stop.pattern is None
+    else:
+        assert (
+            stop.token_id is None
+            and stop.engine_stop == ("\n" if expected.after_line_break else "") + expected.text
+        )
+
+
+def ending_of(
+    tokenizer: object, template: str | None, tokens: list[str], stop: tuple[str, ...] = ()
+) -> tuple:
+    """``ChatGenerator.ending`` of the given tokens under ``template`` (None: the tokenizer's own)."""
+    text, _ = resolve_chat_template(tokenizer, template)
+    generator = ChatGenerator(tokenizer, text, SampleSettings(stop=stop), [tokenizer.eos_token_id],
+                              next_turn=NextTurnStop.of(tokenizer, text))  # fmt: skip
+    return generator.ending(tokenizer.convert_tokens_to_ids(tokens))
+
+
+def test_a_response_ends_where_the_model_opens_the_users_next_turn(
+    gemma3: AutoTokenizer, tokenizer_dirs: dict
+) -> None:
+    """Gemma-3 in the plain template: "User:" at the start of the response or of a line, whatever
+    the whitespace before it, ends the response; the whitespace goes, the opening's tokens count
+    (as a stop text's do). Elsewhere in a line it is text. Llama-2's "[INST]" ends it anywhere,
+    ChatML's <|im_start|> token as an end-of-turn token does (not counted)."""
+    cases = [
+        (["Sure", ".", "\n", "User", ":", "▁hi"], ("Sure.", 5, "stop", True)),
+        (["Sure", ".", "\n\n", "User", ":", "▁hi"], ("Sure.", 5, "stop", True)),
+        (["Sure", ".", "\n", "▁▁", "User", ":"], ("Sure.", 6, "stop", True)),  # "\n  User:"
+        (["Sure", ".", "▁", "\n", "User", ":"], ("Sure. ", 6, "stop", True)),  # its own line's end stays
+        (["User", ":", "▁hi"], ("", 2, "stop", True)),  # the response opens with it
+        (["▁▁", "User", ":"], ("", 3, "stop", True)),
+        (["The", "▁User", ":", "▁field"], ("The User: field", 4, "length", False)),  # inside a line
+        (["Sure", ".", "\n", "Users", ":"], ("Sure.\nUsers:", 5, "length", False)),  # another word
+        (["Sure", ".", "\n", "User"], ("Sure.\nUser", 4, "length", False)),  # not complete yet
+        (["Sure", ".", "<eos>", "\n", "User", ":"], ("Sure.", 2, "stop", False)),  # the turn ended first
+    ]
+    for tokens, expected in cases:
+        assert ending_of(gemma3, "plain", tokens) == expected, tokens
+    # a --stop text that begins before the opening wins, and is not a next turn
+    stopped = ending_of(gemma3, "plain", ["Sure", ".", "\n", "User", ":"], stop=(".",))
+    assert stopped == ("Sure", 2, "stop", False)
+
+    mistral = AutoTokenizer.from_pretrained(tokenizer_dirs["mistral"])  # Llama-2: "[INST]" anywhere
+    smollm2 = AutoTokenizer.from_pretrained(tokenizer_dirs["smollm2"])  # ChatML: the <|im_start|> token
+    cases = [
+        (mistral, ["▁D", "one", ".", "▁[", "INST", "]", "▁hi"], ("Done.", 6, "stop", True)),
+        (mistral, ["▁D", "one", ".", "▁[", "INST"], ("Done. [INST", 5, "length", False)),
+        (smollm2, ["Hi", "<|im_start|>", "user", "Ċ"], ("Hi", 1, "stop", True)),
+        (smollm2, ["Hi", "<|im_end|>", "<|im_start|>", "user"], ("Hi", 1, "stop", False)),
+        (smollm2, ["Hi", "Ġuser", ":"], ("Hi user:", 3, "length", False)),
+    ]
+    for tokenizer, tokens, expected in cases:
+        assert ending_of(tokenizer, None, tokens) == expected, tokens
+
+
+@pytest.fixture(scope="module")
+def scripted(gemma3: AutoTokenizer, tokenizer_dirs: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Models that always answer the same: Gemma-3 in the plain template (its prompt ends with the
+    token "▁" of "Assistant: ") says "Sure.\nUser: hi\nUser: hi..." (``plain``) or "Sure.\n  User:
+    hi\n  User: hi..." (``spaced``); SmolLM2 in its ChatML (prompt ending "assistant\n") says "Hi"
+    and opens a turn with <|im_start|> (``chatml``)."""
+    root = tmp_path_factory.mktemp("scripted")
+    gemma3_dir = assets.gemma3_270m_dir()
+    build_scripted(gemma3_dir, root / "plain", {"▁": "Sure", "Sure": ".", ".": "\n", "\n": "User", "User": ":",
+                                                ":": "▁hi", "▁hi": "\n"})  # fmt: skip
+    build_scripted(gemma3_dir, root / "spaced", {"▁": "Sure", "Sure": ".", ".": "\n", "\n": "▁▁", "▁▁": "User",
+                                                 "User": ":", ":": "▁hi", "▁hi": "\n"})  # fmt: skip
+    build_scripted(tokenizer_dirs["smollm2"], root / "chatml", {"Ċ": "Hi", "Hi": "<|im_start|>"})
+    write_jsonl(root / "prompts.jsonl", records(3))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("model", "template", "expected"),
+    [("plain", "plain", ("Sure.", 5)), ("spaced", "plain", ("Sure.", 6)), ("chatml", None, ("Hi", 1))],
+)
+def test_invented_turns_are_cut_and_counted(scripted: Path, tmp_path: Path, model: str, template: str | None,
+                                            expected: tuple[str, int]) -> None:  # fmt: skip
+    """Every answer of a scripted model goes on to open the user's next turn: each is cut there,
+    ends with "stop", and the summary and the command count them. "\n  User:" is not the engine's
+    literal stop text "\nUser:": that model runs to the length limit and is cut afterwards."""
+    arguments = ["sample", "--model", str(scripted / model), "--data", str(scripted / "prompts.jsonl"), "--out",
+                 str(tmp_path / "out"), "--num-samples", "2", "--max-new-tokens", "12"]  # fmt: skip
+    result = CliRunner().invoke(main, [*arguments, *(["--chat-template", template] if template else [])])
+    assert result.exit_code == 0, result.output
+    assert "6 responses to 3 prompts" in result.output
+    assert "6 cut where the model began the user's next turn itself." in result.output
+    got = rows(tmp_path / "out")
+    assert [(r["response"], r["num_tokens"], r["finish_reason"]) for r in got] == [(*expected, "stop")] * 6
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["next_turn_stops"] == 6 and summary["finish_reasons"] == {"stop": 6}
+    opening = load_samples(tmp_path / "out")[0]["chat_template"]["next_turn"]
+    assert opening == ({"text": "<|im_start|>user", "after_line_break": True, "token": True} if model == "chatml"
+                       else {"text": "User:", "after_line_break": True, "token": False})  # fmt: skip
+
+
+def test_generation_stops_at_the_opening(scripted: Path) -> None:
+    """The transformers engine stops generating once "\nUser:" is complete (transformers' stop
+    strings): five forward passes for "Sure" "." "\n" "User" ":", not the 40 allowed."""
+    settings = SampleSettings(max_new_tokens=40, chat_template="plain")
+    plan = plan_sampling(scripted / "plain", scripted / "prompts.jsonl", settings)
+    generator = load_generator(scripted / "plain", plan)
+    forward = generator.model.forward
+    calls = []
+    generator.model.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+    texts = [generator.render(p) for p in plan.prompts]
+    assert generator.answer(texts, [1, 2, 3]) == [("Sure.", 5, "stop", True)] * 3
+    assert len(calls) == 5
 
 
 def test_shards_split_the_parts(ws: Path, tmp_path: Path) -> None:
@@ -273,6 +485,32 @@ def test_a_rerun_with_other_settings_is_refused(ws: Path, tmp_path: Path) -> Non
         f"Error: {tmp_path / 'out'} already holds results of a different run (parts/, summary.json): differs in: "
         "settings.temperature: 0.8 -> 0.5. Use another --out directory, or delete this one to start over."
     )
+
+
+def test_dtype_auto_resolves_as_represents(ws: Path, tmp_path: Path) -> None:
+    """``--dtype`` defaults to auto, read as represent reads it (bfloat16 on GPUs that support it,
+    float32 elsewhere), not as the checkpoint's dtype: a model saved in bfloat16 samples in float32
+    on a CPU, and the manifest records what auto became."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(ws / "model", dtype=torch.bfloat16).save_pretrained(
+        tmp_path / "bf16"
+    )
+    AutoTokenizer.from_pretrained(ws / "model").save_pretrained(tmp_path / "bf16")
+    expected = InferenceSettings(dtype="auto").resolved_dtype()
+    assert expected == (
+        torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    )
+    plan = plan_sampling(tmp_path / "bf16", ws / "prompts.jsonl", SampleSettings(max_new_tokens=1))
+    assert plan.settings.dtype == "auto" and plan.manifest["dtype"] == str(expected).removeprefix("torch.")
+    assert load_generator(tmp_path / "bf16", plan).model.dtype == expected
+    arguments = ["sample", "--model", str(ws / "model"), "--data", str(ws / "prompts.jsonl"), "--out",
+                 str(tmp_path / "out"), "--max-new-tokens", "1", "--num-samples", "1"]  # fmt: skip
+    assert CliRunner().invoke(main, arguments).exit_code == 0
+    assert load_samples(tmp_path / "out")[0]["settings"]["dtype"] == "auto"
+    from fusion_train.implicit.recipe import SampleStage
+
+    assert SampleStage().dtype == "auto"
 
 
 # --------------------------------------------------------------------------- a real chat model
@@ -333,7 +571,7 @@ class TransformersAsVllm:
             ids = torch.tensor([prompt["prompt_token_ids"]])
             config = GenerationConfig(do_sample=False, max_new_tokens=p.max_tokens, eos_token_id=p.stop_token_ids,
                                       pad_token_id=self.tokenizer.eos_token_id, stop_strings=p.stop)  # fmt: skip
-            sampler = RowSampler([p.seed], p.temperature, p.top_p)
+            sampler = RowSampler([p.seed], p.temperature, p.top_p, p.max_tokens)
             new = self.model.generate(ids, generation_config=config, tokenizer=self.tokenizer,
                                       logits_processor=LogitsProcessorList([sampler]))[0, ids.shape[1] :].tolist()  # fmt: skip
             text = self.tokenizer.decode(new, skip_special_tokens=True)
@@ -410,9 +648,10 @@ def test_the_vllm_adapter_writes_what_the_hf_engine_writes(
     assert load_samples(tmp_path / "vllm-stop")[0]["settings"]["engine"] == "vllm"
     assert "engine" not in load_samples(tmp_path / "hf-stop")[0]["settings"]  # as before --engine existed
     assert transformers_as_vllm.calls == [12, 9] * 2  # a whole part per call: vLLM batches on its own
-    end_of_turn = AutoTokenizer.from_pretrained(ws / "stopper").eos_token_id
+    tokenizer = AutoTokenizer.from_pretrained(ws / "stopper")
+    end_of_turn = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_start|>")]  # and a next turn
     for i, params in enumerate(transformers_as_vllm.params):  # vLLM ends answers where they end, not later
-        assert (params.stop_token_ids, params.stop) == ([end_of_turn], None if i < 21 else list(stop))
+        assert (params.stop_token_ids, params.stop) == (end_of_turn, None if i < 21 else list(stop))
         assert (params.temperature, params.top_p, params.max_tokens) == (1.0, 1.0, 4)
     assert transformers_as_vllm.created[0] == {
         "model": str(ws / "stopper"), "tokenizer": str(ws / "stopper"), "dtype": "float32",

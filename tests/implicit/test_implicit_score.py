@@ -5,6 +5,7 @@ forward passes, label selection, pluggable verifiers, and bad input through the 
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import sys
@@ -127,6 +128,38 @@ def test_reward_model_and_verifier_scores_per_response(ws: Path, tmp_path: Path)
         assert r["scores"]["reference-overlap"] == reference_overlap(r["response"], r["reference"], [])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["scorers"]["reward:rm"]["by_source"]["beta"]["mean"] == pytest.approx(sum(got[12:]) / 12)
+
+
+def test_non_finite_rewards_are_counted_per_source_with_ids_and_left_out_of_the_mean(
+    ws: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reward model that outputs NaN or infinity (here: rows 1 and 4 of every part of 12, so
+    record 0 and record 1, sample 1 of each source) is counted per source, with ids, in the
+    summary, which stays valid JSON; the mean is over the finite rewards."""
+    real = RewardScorer.__call__
+
+    def broken(self: RewardScorer, conversations: list) -> list[float]:
+        rewards = real(self, conversations)
+        rewards[1], rewards[4] = math.nan, -math.inf
+        return rewards
+
+    monkeypatch.setattr(RewardScorer, "__call__", broken)
+    out = tmp_path / "scored"
+    result = invoke("score", "--samples", ws / "alpha-samples", "--samples", ws / "beta-samples", "--out", out,
+                    "--reward-model", ws / "rm", "--chunk-size", 12)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = load_scored(out)[1].to_list()
+    ids = list(dict.fromkeys(r["id"] for r in rows))
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=pytest.fail)
+    stats = summary["scorers"]["reward:rm"]
+    assert (stats["judged"], stats["not_judged"], stats["non_finite"]) == (20, 0, 4)
+    for source, part in (("alpha", rows[:12]), ("beta", rows[12:])):
+        finite = [r["scores"]["reward:rm"] for i, r in enumerate(part) if i not in (1, 4)]
+        assert stats["by_source"][source] == {
+            "judged": 10, "not_judged": 0, "non_finite": 2, "non_finite_examples": [f"{ids[0]}#1", f"{ids[1]}#1"],
+            "mean": pytest.approx(sum(finite) / 10),
+        }  # fmt: skip
+        assert f"  {source}: 2 non-finite scores (NaN or infinite), left out of the mean" in result.output
 
 
 def test_a_reward_model_with_several_outputs_needs_a_label(ws: Path, tmp_path: Path) -> None:

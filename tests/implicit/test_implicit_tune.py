@@ -27,7 +27,7 @@ from numeric import approx_at_scale, assert_same_adam_updates
 from train_fixtures import assert_left_no_rank_behind
 
 from fusion_train.cli import main
-from fusion_train.implicit.dpo import LOSS_DEFAULTS
+from fusion_train.implicit.dpo import LOSS_DEFAULTS, dpo_command
 from fusion_train.train import SUMMARY, work_dir
 
 
@@ -329,3 +329,58 @@ def test_two_ranks_train_the_model_one_process_trains_with_their_global_batch(
     moved = max((one[name] - start[name]).abs().max().item() for name in start)
     assert moved > 1e-3, moved
     assert_same_adam_updates(two, one, start)
+
+
+def test_the_papers_defaults_and_global_batch(tmp_path: Path) -> None:
+    """The learning rates and epochs the papers give (written out here, not read from the code),
+    and the gradient accumulation a recipe picks to reach their global batch of 128: rounded up to
+    whole micro-batches of processes x per-device batch, and at most an eighth of the examples, so
+    a small data set still takes 8 steps or so."""
+    from fusion_train.implicit.dpo import DPOSettings
+    from fusion_train.implicit.recipe import DPOStage, SFTStage, command_values
+    from fusion_train.implicit.sft import sft_command
+    from fusion_train.implicit.tuning import papers_grad_accumulation
+
+    papers = {"sigmoid": (0.01, 3e-7), "sigmoid_norm": (10.0, 8e-7), "wrpo": (0.01, 3e-7)}
+    for loss, (beta, learning_rate) in papers.items():
+        settings = DPOSettings(model="m", prefs="p", out="o", loss=loss)
+        assert (settings.beta, settings.learning_rate, settings.epochs) == (beta, learning_rate, 1.0)
+    assert [papers_grad_accumulation(1, 1), papers_grad_accumulation(2, 3), papers_grad_accumulation(16, 8)] == [
+        128, 22, 1,
+    ]  # fmt: skip
+    assert [papers_grad_accumulation(1, 1, n) for n in (0, 7, 8, 45, 1023, 1024, 10**6)] == [
+        1,
+        1,
+        1,
+        5,
+        127,
+        128,
+        128,
+    ]
+    assert papers_grad_accumulation(2, 2, 400) == 13  # 400 // 8 = 50 examples a step: 13 micro-steps of 4
+
+    sft_fusechat3, sft_wrpo = (
+        command_values(SFTStage(), "fusechat3", 2, 1000),
+        command_values(SFTStage(), "wrpo", 1),
+    )
+    assert (sft_fusechat3["learning_rate"], sft_fusechat3["epochs"], sft_fusechat3["grad_accumulation"]) == (
+        5e-6,
+        3.0,
+        63,
+    )
+    assert (sft_wrpo["learning_rate"], sft_wrpo["epochs"], sft_wrpo["grad_accumulation"]) == (7e-6, 1.0, 128)
+    chosen = command_values(SFTStage(learning_rate=1e-5, epochs=2.0, grad_accumulation=4), "wrpo", 1, 50)
+    assert (chosen["learning_rate"], chosen["epochs"], chosen["grad_accumulation"]) == (1e-5, 2.0, 4)
+    dpo = command_values(DPOStage(per_device_batch_size=4), "wrpo", 1, 40)
+    assert (dpo["loss"], dpo["learning_rate"], dpo["epochs"], dpo["grad_accumulation"]) == (
+        "wrpo",
+        None,
+        1.0,
+        2,
+    )
+
+    for command in (sft_command, dpo_command):
+        text = " ".join(CliRunner().invoke(command, ["--help"], terminal_width=200).output.split())
+        assert "global batch of 128" in text, command.name
+    text = " ".join(CliRunner().invoke(dpo_command, ["--help"], terminal_width=200).output.split())
+    assert "sigmoid 3e-7 (FuseChat-3.0, Qwen-2.5; it gives Gemma-2 5e-7)" in text
