@@ -143,11 +143,12 @@ def test_schedules_with_a_step_that_trains_pass(ws: Path, tmp_path: Path) -> Non
         prepare(config, world_size=1)
 
 
-def test_a_recipe_whose_schedule_never_trains_is_refused_by_key(tmp_path: Path) -> None:
-    for name in ("m-pivot", "m-source"):
-        (tmp_path / name).mkdir()
+def test_a_recipe_whose_schedule_never_trains_is_refused_by_key(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     write_chats(tmp_path / "chats.jsonl")
-    recipe = {"pivot": {"name": "pivot", "path": "m-pivot"}, "sources": [{"name": "s", "path": "m-source"}],
+    pivot, source = str(tiny_models["smollm2"]), str(tiny_models["qwen"])
+    recipe = {"pivot": {"name": "pivot", "path": pivot}, "sources": [{"name": "s", "path": source}],
               "data": {"train": "chats.jsonl", "heldout_fraction": 0.25}, "run_dir": "run"}  # fmt: skip
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({**recipe, "train": {"max_steps": 1}}))
