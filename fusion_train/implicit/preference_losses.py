@@ -48,7 +48,7 @@ class PreferenceLoss:
     trainer: type[DPOTrainer]
     loss_type: str  # DPOConfig.loss_type (a trainer of its own ignores it, or checks it)
     beta: float
-    learning_rate: float  # for the papers' global batch of 128 (tuning.GLOBAL_BATCH)
+    learning_rate: float  # the peak; the papers give theirs for a global batch of 128
     source: str  # where beta and the learning rate come from, in --help
     model_name: str  # the trained model's name in a recipe's folders and reports
     columns: tuple[str, ...] = PAIR_COLUMNS  # of prefer's pairs/
