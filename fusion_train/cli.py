@@ -63,7 +63,7 @@ def main() -> None:
 
     Implicit fusion (FuseChat-3.0 / WRPO): sample (several responses per prompt from each
     model), score (reward model and/or verifiers), prefer (SFT set and preference pairs),
-    sft (fine-tune on the best responses), dpo (DPO, length-normalised DPO or WRPO on the pairs);
+    sft (fine-tune on the best responses), dpo (a preference loss on the pairs: DPO, WRPO, ...);
     rate (mean score and win rate against a baseline of models' scored answers to held-out prompts).
 
     Errors in your input are one line naming the culprit; --debug shows their traceback.

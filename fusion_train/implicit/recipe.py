@@ -26,6 +26,7 @@ from fusion_train import options
 from fusion_train.errors import UserError
 from fusion_train.evaluate import ModelSpec
 from fusion_train.implicit import dpo, prefer, sample, score, sft, tuning
+from fusion_train.implicit.preference_losses import DEFAULT_LOSS, LOSSES, SETTINGS, PreferenceLoss
 from fusion_train.implicit.rate import rate
 from fusion_train.implicit.verifiers import get_verifier
 from fusion_train.launch import command_arguments, launch, world_size_of
@@ -37,9 +38,8 @@ if TYPE_CHECKING:
     from fusion_train.pipeline import ModelEntry, Recipe
 
 SFT_NAME = "implicit-sft"  # the SFT model's name in reports, and its samples' source name (WRPO)
-DPO_NAMES = {"sigmoid": "implicit-dpo", "sigmoid_norm": "implicit-dpo-norm", "wrpo": "implicit-wrpo"}
-MODEL_NAMES = (SFT_NAME, *DPO_NAMES.values())  # every name the implicit stages give their models
-DEFAULT_LOSS = {"fusechat3": "sigmoid_norm", "wrpo": "wrpo"}  # the papers' losses
+# every name the implicit stages give their models
+MODEL_NAMES = (SFT_NAME, *(loss.model_name for loss in LOSSES.values()))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,8 +102,8 @@ class SFTStage(Schedule):
 
 @dataclass(frozen=True, kw_only=True)
 class DPOStage(SFTStage):
-    """``fusion-train dpo``; ``loss`` defaults by ``prefer.mode`` (sigmoid_norm, resp. wrpo), beta
-    and learning rate by loss (``dpo.LOSS_DEFAULTS``), gradient accumulation as sft's."""
+    """``fusion-train dpo``; ``loss`` defaults by ``prefer.mode``, beta, learning rate and the loss's
+    own settings by loss (both: ``preference_losses.LOSSES``), gradient accumulation as sft's."""
 
     loss: str | None = None
     beta: float | None = None
@@ -188,10 +188,17 @@ def check_implicit(
             ) from None
         except UserError as error:
             raise RecipeError(f"{where}: {key}.path: {error}") from None
-    if d.loss == "wrpo" and p.mode != "wrpo":
-        raise RecipeError(f"{where}: dpo.loss: wrpo needs WRPO's pairs; set prefer.mode: wrpo")
-    if d.alpha_max is not None and (d.loss or DEFAULT_LOSS[p.mode]) != "wrpo":
-        raise RecipeError(f"{where}: dpo.alpha_max: WRPO's; drop it or use dpo.loss: wrpo")
+    loss = preference_loss(d, p.mode)
+    if loss.pairs_of not in (None, p.mode):
+        raise RecipeError(
+            f"{where}: dpo.loss: {loss.name} needs the pairs of prefer.mode {loss.pairs_of}; set prefer.mode: "
+            f"{loss.pairs_of}"
+        )
+    for setting, owner in SETTINGS.values():
+        if getattr(d, setting.name) is not None and owner is not loss:
+            raise RecipeError(
+                f"{where}: dpo.{setting.name}: {owner.title}'s; drop it or use dpo.loss: {owner.name}"
+            )
     world_size = world_size_of(resources.nproc, resources.hostfile)
     for stage in (SFT, DPO):
         section = settings[stage.name]
@@ -255,6 +262,11 @@ def check_prefer(p: PreferStage, verifiers: Sequence[str], scorers: Sequence[str
         )
 
 
+def preference_loss(section: DPOStage, mode: str) -> PreferenceLoss:
+    """The loss a recipe's dpo section trains with: its own, else the one of ``prefer.mode``."""
+    return LOSSES[section.loss or DEFAULT_LOSS[mode]]
+
+
 def command_values(
     section: SFTStage, mode: str, world_size: int, examples: int | None = None
 ) -> dict[str, Any]:
@@ -264,7 +276,7 @@ def command_values(
     the papers' over ``world_size`` ranks, for ``examples`` training examples (None: not known yet)."""
     values = asdict(section)
     if isinstance(section, DPOStage):
-        values["loss"] = section.loss or DEFAULT_LOSS[mode]
+        values["loss"] = preference_loss(section, mode).name
     else:
         learning_rate, epochs = sft.SFT_DEFAULTS[mode]
         values["learning_rate"] = learning_rate if section.learning_rate is None else section.learning_rate
@@ -386,10 +398,6 @@ class ImplicitRun:
             stage.name, name, inputs, lambda out: train_in_stage(f"training {name}", out, start)
         )
 
-    @property
-    def loss(self) -> str:
-        return self.recipe.dpo.loss or DEFAULT_LOSS[self.recipe.prefer.mode]
-
     def train_models(self) -> list[ModelSpec]:
         """sample -> score -> prefer -> sft -> dpo; the SFT and the preference-trained models."""
         recipe = self.recipe
@@ -414,9 +422,10 @@ class ImplicitRun:
             pairs = self.prefer(
                 "wrpo", self.score("sources-and-target", [*source_samples, own]), target=SFT_NAME
             )
-        dpo_out, _ = self.tune(DPO_NAMES[self.loss], DPO, str(sft_out / "model"), sft_key, pairs)
+        name = preference_loss(recipe.dpo, recipe.prefer.mode).model_name
+        dpo_out, _ = self.tune(name, DPO, str(sft_out / "model"), sft_key, pairs)
         return [ModelSpec(SFT_NAME, str(sft_out / "model"), "implicit"),
-                ModelSpec(DPO_NAMES[self.loss], str(dpo_out / "model"), "implicit")]  # fmt: skip
+                ModelSpec(name, str(dpo_out / "model"), "implicit")]  # fmt: skip
 
     def rate_models(self, models: list[ModelSpec]) -> Path:
         """Every model answers the held-out prompts; the answers are scored and rated against the

@@ -1,6 +1,7 @@
-"""WRPO and length-normalised DPO on TRL's DPOTrainer: the loss of a batch and the rewards logged
-equal the formula computed by hand from plain forward passes, the loss is ln 2 at step 0 (policy =
-reference), alpha follows its schedule, and a short training run moves the policy."""
+"""The preference losses' trainers, as ``preference_losses.LOSSES`` declares them: for WRPO and
+length-normalised DPO the loss of a batch and the rewards logged, for IPO and SLiC's hinge the
+loss, equal the papers' formulas computed by hand from plain forward passes; WRPO's loss is ln 2 at
+step 0 (policy = reference), alpha follows its schedule, and a short training run moves the policy."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytest.importorskip("trl")
 
-from numeric import approx_at_scale
+from numeric import approx_at_scale, rounding_bound
 from trl import DPOConfig, DPOTrainer
 
-from fusion_train.implicit.dpo import LengthNormalisedDPOTrainer, WRPOTrainer, alpha_at
+from fusion_train.implicit.preference_losses import LOSSES
+from fusion_train.implicit.preference_trainers import alpha_at
 
 BETA = 0.5
 
@@ -52,21 +54,21 @@ def model_dir(tokenizer_dirs: dict, tmp_path_factory: pytest.TempPathFactory) ->
 def trainer_for(
     model_dir: Path, out: Path, max_steps: int = 4, loss: str = "wrpo", alpha_max: float = 0.1
 ) -> DPOTrainer:
-    """A WRPO trainer on :func:`pairs`, or for another loss one on the pairs without the source's
-    answers (the third row, whose answer merges with the prompt, left out)."""
+    """The trainer and TRL loss type ``LOSSES[loss]`` declares (``stock``: TRL's own DPOTrainer with
+    sigmoid_norm), on :func:`pairs` for a loss that reads chosen_source, else on the pairs without
+    the source's answers (the third row, whose answer merges with the prompt, left out)."""
     policy = AutoModelForCausalLM.from_pretrained(model_dir)
     reference = copy.deepcopy(policy)
+    declared = LOSSES.get(loss)
     config = DPOConfig(output_dir=str(out), beta=BETA, per_device_train_batch_size=3, max_steps=max_steps,
                        learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-                       bf16=False, loss_type=[{"wrpo": "sigmoid", "stock": "sigmoid_norm"}.get(loss, loss)])  # TRL defaults to bf16, which would run the reference model in bf16 autocast  # fmt: skip
+                       bf16=False, loss_type=[declared.loss_type if declared else "sigmoid_norm"])  # TRL defaults to bf16, which would run the reference model in bf16 autocast  # fmt: skip
     common = {"model": policy, "ref_model": reference, "args": config,
               "processing_class": AutoTokenizer.from_pretrained(model_dir)}  # fmt: skip
     if loss == "wrpo":
-        return WRPOTrainer(train_dataset=pairs(), alpha_max=alpha_max, **common)
+        return declared.trainer(train_dataset=pairs(), alpha_max=alpha_max, **common)
     data = pairs().select([0, 1]).remove_columns("chosen_source")
-    return {"sigmoid_norm": LengthNormalisedDPOTrainer, "stock": DPOTrainer}.get(loss, DPOTrainer)(
-        train_dataset=data, **common
-    )
+    return (declared.trainer if declared else DPOTrainer)(train_dataset=data, **common)
 
 
 def token_ids(tokenizer: object, messages: list, generation_prompt: bool = False) -> list[int]:
@@ -97,7 +99,7 @@ def logp_by_hand(model: torch.nn.Module, tokenizer: object, prompt: list, answer
     return float(sum(logprobs[t - 1, ids[0, t]] for t in range(start, ids.shape[1])))
 
 
-def batch_of(trainer: WRPOTrainer) -> dict:
+def batch_of(trainer: DPOTrainer) -> dict:
     return next(iter(trainer.get_train_dataloader()))
 
 
@@ -214,6 +216,47 @@ def test_length_normalised_rewards_are_the_ones_the_loss_compares(model_dir: Pat
         assert logged(trainer, [f"{prefix}/accuracies"]) == approx_at_scale(accuracy, dtype=torch.float32), (
             prefix
         )
+
+
+@pytest.mark.parametrize("loss", ["ipo", "hinge"])
+def test_trl_losses_match_the_papers_formulas_by_hand(loss: str, model_dir: Path, tmp_path: Path) -> None:
+    """On a batch where the policy differs from the reference, the mean over its pairs of IPO's
+    (arXiv 2310.12036, eq. 17, beta as tau) ``(h - 1 / (2 beta))^2``, h the margin of the per-token
+    mean log-ratios r(y) / n(y) (TRL's choice; n counts the answer's tokens and the template's end
+    of turn), or SLiC's hinge ``max(0, 1 - beta (r(y_w) - r(y_l)))`` on the summed log-ratios."""
+    trainer = trainer_for(model_dir, tmp_path, loss=loss)
+    perturb(trainer.model)
+    value = float(trainer.compute_loss(trainer.model, batch_of(trainer)))
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    summed, mean, logps = [], [], []  # per pair: r(y_w) - r(y_l), h; every log-probability
+    for row in pairs().select([0, 1]):
+        start = len(token_ids(tokenizer, row["prompt"], generation_prompt=True))
+        ratios = []
+        for key in ("chosen", "rejected"):
+            policy = logp_by_hand(trainer.model, tokenizer, row["prompt"], row[key], start)
+            reference = logp_by_hand(trainer.ref_model, tokenizer, row["prompt"], row[key], start)
+            tokens = len(token_ids(tokenizer, row["prompt"] + row[key])) - start
+            ratios.append((policy - reference, tokens))
+            logps += [policy, reference]
+        (chosen, n_chosen), (rejected, n_rejected) = ratios
+        summed.append(chosen - rejected)
+        mean.append(chosen / n_chosen - rejected / n_rejected)
+    target = 1 / (2 * BETA)
+    if loss == "ipo":
+        expected = sum((h - target) ** 2 for h in mean) / 2
+        # a float32 rounding of a log-probability moves h by as much, and the loss by 2 |h - target| times that
+        scale = 2 * max(abs(h - target) for h in mean) * max(map(abs, logps))
+        on_sums = sum((d - target) ** 2 for d in summed) / 2  # IPO on summed log-ratios, not TRL's
+        assert abs(on_sums - expected) > 10 * rounding_bound(scale, torch.float32)
+    else:
+        hinges = [1 - BETA * d for d in summed]
+        assert all(h > 0 for h in hinges)  # inside the margin: the loss still has a gradient
+        expected = sum(hinges) / 2
+        scale = BETA * max(map(abs, logps))
+    at_step_zero = {"ipo": target**2, "hinge": 1.0}[loss]  # policy = reference
+    assert abs(expected - at_step_zero) > 10 * rounding_bound(scale, torch.float32)
+    assert value == approx_at_scale(expected, dtype=torch.float32, scale=scale)
 
 
 def test_training_moves_the_policy_towards_the_chosen(model_dir: Path, tmp_path: Path) -> None:

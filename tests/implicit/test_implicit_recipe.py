@@ -180,8 +180,18 @@ def test_implicit_keys_are_checked_before_anything_runs(workspace: Path) -> None
     fails(
         {"score": {"reward_model": "nowhere"}}, "score.reward_model: model directory .*nowhere does not exist"
     )
-    fails({"dpo": {"loss": "wrpo"}}, "dpo.loss: wrpo needs WRPO's pairs; set prefer.mode: wrpo")
-    fails({"dpo": {"alpha_max": 0.2}}, "dpo.alpha_max: WRPO's")
+    fails(
+        {"dpo": {"loss": "wrpo"}}, "dpo.loss: wrpo needs the pairs of prefer.mode wrpo; set prefer.mode: wrpo"
+    )
+    fails({"dpo": {"alpha_max": 0.2}}, "dpo.alpha_max: WRPO's; drop it or use dpo.loss: wrpo")
+    fails({"dpo": {"loss": "ipo", "alpha_max": 0.2}}, "dpo.alpha_max: WRPO's")
+    fails(
+        {"dpo": {"loss": "kto"}},
+        "dpo.loss: 'kto' is not one of 'sigmoid', 'sigmoid_norm', 'wrpo', 'ipo', 'hinge'",
+    )
+    # a loss of the registry parses (its beta and learning rate: DPOSettings resolves them by loss)
+    ipo = parse_recipe({**base, "dpo": {"loss": "ipo"}}, base=workspace, default_run_dir=workspace / "r")
+    assert (ipo.dpo.loss, ipo.dpo.beta, ipo.dpo.alpha_max) == ("ipo", None, None)
     fails({"prefer": {"mode": "sft"}}, "prefer.mode")
     fails({"prefer": {"gate": "numeric-answer"}},
           r"prefer.gate: 'numeric-answer' is not a verifier of the score section \(reference-overlap\)")  # fmt: skip

@@ -1,7 +1,8 @@
 """`fusion-train sft` and `fusion-train dpo` (TRL's SFTTrainer and DPOTrainer, WRPO) end to end on a
-tiny model through the CLI: they publish a loadable model with a summary, every DPO-family loss is
-ln 2 at step 0, SFT resumes from its last checkpoint, 2 CPU ranks under ZeRO-2 work through
---nproc and train what one process does with their global batch, and bad input is a one-line error."""
+tiny model through the CLI: they publish a loadable model with a summary, every preference loss
+starts at its formula's value for a policy equal to the reference, SFT resumes from its last
+checkpoint, 2 CPU ranks under ZeRO-2 work through --nproc and train what one process does with
+their global batch, and bad input is a one-line error."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from numeric import approx_at_scale, assert_same_adam_updates
 from train_fixtures import assert_left_no_rank_behind
 
 from fusion_train.cli import main
-from fusion_train.implicit.dpo import LOSS_DEFAULTS, dpo_command
+from fusion_train.implicit.dpo import dpo_command
+from fusion_train.implicit.preference_losses import LOSSES
 from fusion_train.train import SUMMARY, work_dir
 
 
@@ -132,8 +134,19 @@ def test_sft_publishes_a_model_and_resumes_from_its_last_checkpoint(
     assert resumed["resumed_from"] == "checkpoint-1"
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "sigmoid_norm", "wrpo"])
-def test_dpo_starts_at_ln_2_and_publishes_a_model(
+# The loss at step 0, where the policy is the reference: -log sigmoid(0) for the DPO family, IPO's
+# (0 - 1 / (2 beta))^2 and the hinge's max(0, 1 - 0), at each loss's default beta (0.1 for both).
+AT_STEP_ZERO = {
+    "sigmoid": math.log(2),
+    "sigmoid_norm": math.log(2),
+    "wrpo": math.log(2),
+    "ipo": 25.0,
+    "hinge": 1.0,
+}
+
+
+@pytest.mark.parametrize("loss", AT_STEP_ZERO)
+def test_dpo_starts_at_its_value_for_the_reference_policy_and_publishes_a_model(
     loss: str, model_dir: Path, prefs: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / loss
@@ -141,12 +154,14 @@ def test_dpo_starts_at_ln_2_and_publishes_a_model(
                     *QUICK)  # fmt: skip
     assert result.exit_code == 0, result.output + repr(result.exception)
     summary = check_published(out, 2)
-    beta, learning_rate = LOSS_DEFAULTS[loss]
     settings = summary["settings"]
-    assert (settings["loss"], settings["beta"], settings["learning_rate"]) == (loss, beta, learning_rate)
+    assert (settings["loss"], settings["beta"], settings["learning_rate"]) == (
+        loss, LOSSES[loss].beta, LOSSES[loss].learning_rate,
+    )  # fmt: skip
     assert settings["alpha_max"] == (0.1 if loss == "wrpo" else None)
     start = summary["loss"]["start"]
-    assert start["step"] == 1 and start["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference
+    assert start["step"] == 1 and start["loss"] == approx_at_scale(AT_STEP_ZERO[loss], dtype=torch.float32)
+    assert set(start) == {"step", "loss", "grad_norm", "learning_rate", *LOSSES[loss].metrics}
     if loss == "wrpo":
         assert start["wrpo/alpha"] == 0.0
     assert not list(prefs.rglob("cache-*"))
@@ -341,7 +356,8 @@ def test_the_papers_defaults_and_global_batch(tmp_path: Path) -> None:
     from fusion_train.implicit.sft import sft_command
     from fusion_train.implicit.tuning import papers_grad_accumulation
 
-    papers = {"sigmoid": (0.01, 3e-7), "sigmoid_norm": (10.0, 8e-7), "wrpo": (0.01, 3e-7)}
+    papers = {"sigmoid": (0.01, 3e-7), "sigmoid_norm": (10.0, 8e-7), "wrpo": (0.01, 3e-7),
+              "ipo": (0.1, 1e-6), "hinge": (0.1, 1e-6)}  # the last two: TRL's DPOConfig defaults  # fmt: skip
     for loss, (beta, learning_rate) in papers.items():
         settings = DPOSettings(model="m", prefs="p", out="o", loss=loss)
         assert (settings.beta, settings.learning_rate, settings.epochs) == (beta, learning_rate, 1.0)
@@ -383,4 +399,16 @@ def test_the_papers_defaults_and_global_batch(tmp_path: Path) -> None:
         text = " ".join(CliRunner().invoke(command, ["--help"], terminal_width=200).output.split())
         assert "global batch of 128" in text, command.name
     text = " ".join(CliRunner().invoke(dpo_command, ["--help"], terminal_width=200).output.split())
-    assert "sigmoid 3e-7 (FuseChat-3.0, Qwen-2.5; it gives Gemma-2 5e-7)" in text
+    assert "sigmoid 3e-7 (FuseChat-3.0, Qwen-2.5; Gemma-2: lr 5e-7)" in text
+    assert (
+        "--beta FLOAT RANGE beta of the loss. Default by --loss: sigmoid 0.01 (FuseChat-3.0, Qwen-2.5; "
+        in text
+    )
+    assert (
+        "ipo 1e-6 (TRL's DPOConfig defaults; the paper gives none), hinge 1e-6 (TRL's DPOConfig defaults)"
+        in text
+    )
+    assert (
+        "--alpha-max FLOAT RANGE WRPO: the weight of the source's response at the end of training (default 0.1"
+        in text
+    )
