@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from recording_stages import RecordingStages
 
 pytest.importorskip("trl")
 
@@ -20,25 +21,12 @@ from fusion_train.implicit.dpo import DPOSettings, dpo_command
 from fusion_train.implicit.preference_losses import DEFAULT_LOSS, LOSSES, SETTINGS, registry
 from fusion_train.implicit.recipe import IMPLICIT_SETTINGS, MODEL_NAMES, DPOStage, ImplicitRun
 from fusion_train.pipeline import ModelEntry
-from fusion_train.stages import Resources, stage_key
+from fusion_train.stages import Resources
 
 MODELS = {"pivot": {"name": "pivot-smollm2-24l", "path": "/models/pivot"},
           "sources": [{"name": "smollm2-135m", "path": "/models/smollm2"},
                       {"name": "gemma3-270m", "path": "/models/gemma3"}],
           "data": {"train": "alpaca_eval_outputs.json"}, "run_dir": "."}  # fmt: skip
-
-
-class RecordingStages:
-    """Stands in for ``stages.Stages``: records each stage's folder, ``<stage>/<name>-<key>``, and
-    runs nothing."""
-
-    def __init__(self) -> None:
-        self.folders: list[str] = []
-
-    def run(self, stage: str, name: str, inputs: dict[str, Any], work: object) -> tuple[Path, str]:
-        key = stage_key(stage, inputs)
-        self.folders.append(f"{stage}/{name}-{key}")
-        return Path("/run") / stage / f"{name}-{key}", key
 
 
 def training_folders(
