@@ -1,10 +1,9 @@
 """Stage 3: fuse the pivot's own distributions with the aligned sources', per sequence.
 
 Candidates for an example are the pivot's representation and every aligned source that covers
-the example. ``min-ce`` (FuseChat's MinCE) keeps the candidate with the lowest cross-entropy on
-the gold response; ``avg-ce`` blends candidates with weights ``softmax(-CE)``; ``token-min-ce``
-decides per token by the log-probability each candidate gave the gold text. Cross-entropy is
-compared per UTF-8 byte by default: token counts differ across tokenizers, bytes do not.
+the example; a criterion of ``fusion_criteria`` (``min-ce``, FuseChat's MinCE, by default) decides
+which of their distributions the fused targets take. Cross-entropy is compared per UTF-8 byte by
+default: token counts differ across tokenizers, bytes do not.
 Pivot tokens a source could not align keep the pivot's own distribution, and so do those whose
 aligned distribution rests on less than ``--min-source-mass`` of the source's stored top-k mass
 (``--token-align bytes`` conditions some of them on bytes few stored tokens continue). A candidate
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,15 @@ from tqdm.auto import tqdm
 from fusion_train import options
 from fusion_train.align import FORMAT as ALIGNED_FORMAT
 from fusion_train.errors import Command, UserError
+from fusion_train.fusion_criteria import (
+    CRITERIA,
+    CRITERIA_HELP,
+    DEFAULT_CRITERION,
+    MIXED,
+    Candidate,
+    Fused,
+    pivots_own,
+)
 from fusion_train.represent import (
     example_arrays,
     load_representation,
@@ -36,7 +43,6 @@ from fusion_train.represent import (
 from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
 
 FORMAT = "fusion-train/fused@1"
-CRITERIA = ("min-ce", "avg-ce", "token-min-ce")
 CE_UNITS = ("byte", "token")
 # Aligned rows resting on less of the source's stored top-k mass keep the pivot's distribution. Only
 # rows that --token-align bytes conditioned on the bytes already emitted have less than all of it.
@@ -56,121 +62,26 @@ def fused_features(top_k: int) -> datasets.Features:
     return datasets.Features({**sequence_columns(), **topk_columns(top_k), "winner": datasets.Value("int32")})
 
 
-@dataclass
-class Candidate:
-    """One candidate's distributions for one example, on the pivot's supervised tokens."""
-
-    rows: np.ndarray  # indices of the pivot's supervised tokens this candidate covers
-    ids: np.ndarray  # [len(rows), k] pivot ids, -1 padding
-    logprobs: np.ndarray  # [len(rows), k] float32, -inf padding
-    target_logprob: np.ndarray  # [len(rows)] log-probability of the gold text
-    cross_entropy: float  # per byte or per token, over the candidate's own tokens
-
-
 def sequence_cross_entropy(nll: float, tokens: int, num_bytes: int, unit: str) -> float:
     return float(nll) / max(1, num_bytes if unit == "byte" else tokens)
 
 
-def pad_width(ids: np.ndarray, logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pad (or keep) the top-k arrays to width ``k`` with -1 ids and -inf log-probabilities."""
-    missing = k - ids.shape[1]
-    if missing <= 0:
-        return ids[:, :k], logprobs[:, :k]
-    return (
-        np.pad(ids, ((0, 0), (0, missing)), constant_values=-1),
-        np.pad(logprobs, ((0, 0), (0, missing)), constant_values=-np.inf),
-    )
-
-
-def blend(
-    candidates: list[Candidate], weights: np.ndarray, num_rows: int, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mix candidates' renormalised top-k distributions row by row, keeping the top ``k`` ids.
-
-    Where a candidate does not cover a row, the weights of the others are renormalised.
-    """
-    row_parts, id_parts, prob_parts, weight_parts = [], [], [], []
-    for candidate, weight in zip(candidates, weights, strict=True):
-        probs = np.exp(candidate.logprobs.astype(np.float64))
-        probs /= probs.sum(axis=1, keepdims=True)
-        row_parts.append(np.repeat(candidate.rows, candidate.ids.shape[1]))
-        id_parts.append(candidate.ids.ravel())
-        prob_parts.append(probs.ravel() * weight)
-        weight_parts.append(np.full(len(candidate.rows), weight))
-    present = np.bincount(
-        np.concatenate([c.rows for c in candidates]), np.concatenate(weight_parts), num_rows
-    )
-    rows, ids, probs = np.concatenate(row_parts), np.concatenate(id_parts), np.concatenate(prob_parts)
-    valid = ids >= 0
-    rows, ids, probs = rows[valid], ids[valid], probs[valid] / present[rows[valid]]
-    if len(ids) == 0:  # no candidate has a valid entry on any row
-        return np.full((num_rows, k), -1, dtype=np.int32), np.full((num_rows, k), -np.inf, dtype=np.float32)
-    # Sum the probability of the same id within a row, then keep each row's k largest.
-    keys, inverse = np.unique(rows.astype(np.int64) * (ids.max() + 1) + ids, return_inverse=True)
-    summed = np.bincount(inverse, probs)
-    key_rows, key_ids = keys // (ids.max() + 1), keys % (ids.max() + 1)
-    order = np.lexsort((-summed, key_rows))
-    key_rows, key_ids, summed = key_rows[order], key_ids[order], summed[order]
-    rank = np.arange(len(key_rows)) - np.searchsorted(key_rows, key_rows)
-    keep = rank < k
-    out_ids = np.full((num_rows, k), -1, dtype=np.int32)
-    out_logprobs = np.full((num_rows, k), -np.inf, dtype=np.float32)
-    out_ids[key_rows[keep], rank[keep]] = key_ids[keep]
-    out_logprobs[key_rows[keep], rank[keep]] = np.log(summed[keep])
-    return out_ids, out_logprobs
-
-
-def fuse_example(
-    candidates: list[Candidate], criterion: str, k: int
-) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
-    """Fused ``(ids, logprobs)`` for one example, the winning candidate (-1 for mixtures), and
+def fuse_example(candidates: list[Candidate], criterion: str, k: int) -> Fused:
+    """Fused ``(ids, logprobs)`` for one example, the winning candidate (MIXED for mixtures), and
     the number of tokens each candidate supplied. ``candidates[0]`` is the pivot (covers every row).
 
     Candidates whose cross-entropy is NaN take no part (np.argmin would pick them). Rows that no
     other candidate covers keep the pivot's distributions, also when the pivot's is NaN; if every
-    candidate's is NaN the result is the pivot's own distributions (winner 0).
+    candidate's is NaN the result is the pivot's own distributions (won by the pivot under a
+    per-sequence criterion).
     """
-    pivot = candidates[0]
-    num_rows = len(pivot.rows)
-    ids, logprobs = (a.copy() for a in pad_width(pivot.ids, pivot.logprobs, k))
-    supplied = np.zeros(len(candidates), dtype=np.int64)
+    chosen = CRITERIA[criterion]
     usable = [i for i, c in enumerate(candidates) if not np.isnan(c.cross_entropy)]
-    if not usable:
-        supplied[0] = num_rows
-        return ids, logprobs, 0 if criterion == "min-ce" else -1, supplied
-    if criterion == "min-ce":
-        winner = min(usable, key=lambda i: candidates[i].cross_entropy)  # ties: the first, as argmin
-        chosen = candidates[winner]
-        ids[chosen.rows], logprobs[chosen.rows] = pad_width(chosen.ids, chosen.logprobs, k)
-        supplied[winner] = len(chosen.rows)
-        supplied[0] += num_rows - len(chosen.rows) if winner else 0
-        return ids, logprobs, winner, supplied
-    if criterion == "avg-ce":
-        scores = -np.array([candidates[i].cross_entropy for i in usable])
-        top = scores.max()
-        weights = np.exp(scores - top) if np.isfinite(top) else (scores == top).astype(np.float64)
-        blended = blend([candidates[i] for i in usable], weights / weights.sum(), num_rows, k)
-        covered = np.zeros(num_rows, dtype=bool)
-        for i in usable:
-            covered[candidates[i].rows] = True
-            supplied[i] = len(candidates[i].rows)
-        ids[covered], logprobs[covered] = blended[0][covered], blended[1][covered]
-        supplied[0] += int((~covered).sum())
-        return ids, logprobs, -1, supplied
-    # token-min-ce: per row, the candidate that gave the gold text the highest log-probability.
-    best = np.full(num_rows, -np.inf)
-    source_of = np.zeros(num_rows, dtype=np.int64)
-    for index in usable:
-        candidate = candidates[index]
-        better = candidate.target_logprob > best[candidate.rows]
-        best[candidate.rows[better]] = candidate.target_logprob[better]
-        source_of[candidate.rows[better]] = index
-    for index, candidate in enumerate(candidates[1:], start=1):
-        take = source_of[candidate.rows] == index
-        padded_ids, padded_logprobs = pad_width(candidate.ids[take], candidate.logprobs[take], k)
-        ids[candidate.rows[take]], logprobs[candidate.rows[take]] = padded_ids, padded_logprobs
-    supplied += np.bincount(source_of, minlength=len(candidates))
-    return ids, logprobs, -1, supplied
+    if usable:
+        return chosen.fuse(candidates, usable, k)
+    ids, logprobs, supplied = pivots_own(candidates, k)
+    supplied[0] = len(candidates[0].rows)
+    return ids, logprobs, 0 if chosen.per_sequence else MIXED, supplied
 
 
 def _load_aligned(path: Path, pivot_manifest: dict[str, Any]) -> tuple[dict[str, Any], datasets.Dataset]:
@@ -200,7 +111,7 @@ def fuse(
     pivot_dir: str | Path,
     aligned_dirs: list[str | Path],
     out_dir: str | Path,
-    criterion: str = "min-ce",
+    criterion: str = DEFAULT_CRITERION,
     ce_unit: str = "byte",
     progress: bool = True,
     min_source_mass: float = MIN_SOURCE_MASS,
@@ -286,7 +197,7 @@ def fuse(
             nan_counts[s] += 1
             if len(nan_ids[s]) < NAN_IDS_KEPT:
                 nan_ids[s].append(str(p["id"]))
-        winner_name = names[present[winner]] if winner >= 0 else "mixed"
+        winner_name = names[present[winner]] if winner != MIXED else "mixed"
         if len(nan) == len(candidates):
             winner_name = NO_WINNER
         wins[winner_name] += 1
@@ -295,7 +206,7 @@ def fuse(
             columns[name].append(p[name])
         columns["topk_ids"].append(ids)
         columns["topk_logprobs"].append(logprobs.astype(np.float16))
-        columns["winner"].append(present[winner] if winner >= 0 else -1)
+        columns["winner"].append(present[winner] if winner != MIXED else MIXED)
 
     report = {
         "criterion": criterion,
@@ -329,10 +240,9 @@ def fuse(
 @options.output_directory()
 @click.option(
     "--criterion",
-    type=click.Choice(CRITERIA),
-    default="min-ce",
-    help="min-ce: per sequence, the candidate with the lowest cross-entropy (FuseChat's MinCE); "
-    "avg-ce: blend with weights softmax(-CE); token-min-ce: decide per token.",
+    type=click.Choice(list(CRITERIA)),
+    default=DEFAULT_CRITERION,
+    help=CRITERIA_HELP,
 )
 @click.option(
     "--ce-unit",

@@ -35,6 +35,7 @@ from fusion_train.errors import Command, UserError, read_yaml
 from fusion_train.evaluate import MODULE as EVALUATE_MODULE
 from fusion_train.evaluate import ModelSpec, evaluate, evaluate_command
 from fusion_train.fuse import MIN_SOURCE_MASS, fuse, fuse_command
+from fusion_train.fusion_criteria import DEFAULT_CRITERION
 from fusion_train.implicit.recipe import (
     IMPLICIT_COMMANDS,
     IMPLICIT_ONLY_TYPES,
@@ -125,7 +126,7 @@ class AlignStage:
 
 @dataclass(frozen=True)
 class FuseStage:
-    criterion: str = "min-ce"
+    criterion: str = DEFAULT_CRITERION
     ce_unit: str = "byte"
     min_source_mass: float = MIN_SOURCE_MASS  # changes only sources aligned by bytes (see fuse_inputs)
 

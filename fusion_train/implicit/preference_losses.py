@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from trl import DPOTrainer
 
 from fusion_train.implicit.preference_trainers import LengthNormalisedDPOTrainer, WRPOTrainer
+from fusion_train.registries import by_name
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 # What TRL's DPOTrainer logs of the rewards beta r(y), r(y) = log pi(y|x) - log pi_ref(y|x) summed.
@@ -61,13 +62,9 @@ class PreferenceLoss:
 def registry(*losses: PreferenceLoss) -> dict[str, PreferenceLoss]:
     """The losses by name; a name, model name, prefer mode's default or setting declared twice is
     refused (the later declaration would silently replace the earlier)."""
-    for declared in ([loss.name for loss in losses], [loss.model_name for loss in losses],
-                     [mode for loss in losses for mode in loss.default_of],
-                     [setting.name for loss in losses for setting in loss.settings]):  # fmt: skip
-        twice = sorted({value for value in declared if declared.count(value) > 1})
-        if twice:
-            raise ValueError(f"preference losses declare {', '.join(twice)} twice")
-    return {loss.name: loss for loss in losses}
+    return by_name("preference losses", losses, [loss.model_name for loss in losses],
+                   [mode for loss in losses for mode in loss.default_of],
+                   [setting.name for loss in losses for setting in loss.settings])  # fmt: skip
 
 
 LOSSES = registry(
