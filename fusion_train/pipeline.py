@@ -54,6 +54,7 @@ from fusion_train.implicit.sample import prompts_of
 from fusion_train.inference import check_before_launch
 from fusion_train.launch import world_size_of
 from fusion_train.losses import CHUNK_TOKENS
+from fusion_train.merge_methods import DEFAULT_MERGE_METHODS, MERGE_METHODS, MergeAnalysis
 from fusion_train.models import model_fingerprint
 from fusion_train.represent import FORMAT as REPRESENTATION_FORMAT
 from fusion_train.represent import MODULE as REPRESENT_MODULE
@@ -80,9 +81,6 @@ from fusion_train.train import (
     train,
     train_command,
 )
-
-TWO_TARGET_METHODS = {"slerp", "nuslerp"}  # interpolate exactly two models
-
 
 # --------------------------------------------------------------------------- the recipe
 
@@ -173,7 +171,7 @@ class TrainStage:
 
 @dataclass(frozen=True)
 class MergeStage:
-    methods: tuple[str, ...] = ("varm", "task_arithmetic", "ties", "slerp", "sce", "linear")
+    methods: tuple[str, ...] = DEFAULT_MERGE_METHODS
     dtype: str = "float32"
 
 
@@ -485,13 +483,10 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
         problem = schedule_problem(schedule, None, 1, lambda key: f"train.{key}")
         if problem:
             raise RecipeError(f"{where}: {problem}")
-    from varm_merge.cli import resolve_config
-
-    for method in settings["merge"].methods:
-        try:
-            resolve_config(method)
-        except click.BadParameter as error:
-            raise RecipeError(f"{where}: merge.methods: {error.message}") from None
+    unknown = [method for method in settings["merge"].methods if method not in MERGE_METHODS]
+    if unknown:
+        raise RecipeError(f"{where}: merge.methods: {', '.join(map(repr, unknown))}: not a merge method; one of "
+                          f"{', '.join(MERGE_METHODS)} (merge_configs/)")  # fmt: skip
     if not isinstance(raw.get("run_dir") or "", str):
         raise RecipeError(f"{where}: run_dir: expected a folder name, got {raw['run_dir']!r}")
     run_dir = str((base / raw["run_dir"]).resolve()) if raw.get("run_dir") else str(default_run_dir.resolve())
@@ -548,9 +543,10 @@ def run_pipeline(
     train_file, heldout_file, data_key = split_data(recipe, stages)
     models = [ModelSpec(recipe.pivot.name, recipe.pivot.path, "pivot", recipe.pivot.chat_template)]
     models += [ModelSpec(s.name, s.path, "source", s.chat_template) for s in recipe.sources]
-    varm_heatmap, compare_to = None, recipe.pivot.name
+    analyses: list[tuple[MergeAnalysis, Path]] = []
+    compare_to = recipe.pivot.name
     if recipe.explicit:
-        explicit, varm_heatmap = explicit_models(recipe, stages, train_file, data_key)
+        explicit, analyses = explicit_models(recipe, stages, train_file, data_key)
         models += explicit
         compare_to = "clm-baseline" if any(m.role == "baseline" for m in explicit) else compare_to
     implicit = ImplicitRun(recipe, stages, train_file, heldout_file, data_key) if recipe.implicit else None
@@ -576,7 +572,7 @@ def run_pipeline(
         log.seconds["evaluate"] = time.perf_counter() - started
     rated = implicit.rate_models(models) if implicit else None
     with disk_full_explained("report", report_dir):
-        write_comparison(report, report_dir, varm_heatmap, rated)
+        write_comparison(report, report_dir, analyses, rated)
         write_json_atomic(report_dir / "pipeline.json", asdict(log))
     echo(f"report: {report_dir / 'report.md'}")
     return report
@@ -584,9 +580,9 @@ def run_pipeline(
 
 def explicit_models(
     recipe: Recipe, stages: Stages, train_file: Path, data_key: str
-) -> tuple[list[ModelSpec], Path | None]:
+) -> tuple[list[ModelSpec], list[tuple[MergeAnalysis, Path]]]:
     """represent -> align -> fuse -> train for every source, the CLM-only baseline, the merges;
-    the trained and merged models, and VaRM's weight heatmap when VaRM is among the merges."""
+    the trained and merged models, and the analyses the merges asked for, with their folders."""
     resources = recipe.resources
     represent_inference = resources.inference(recipe.represent.dtype)
 
@@ -664,19 +660,19 @@ def explicit_models(
         out, _ = train_stage("clm-baseline", first_fused, pivot_key, recipe.train, no_fusion=True)
         baseline = out / "model"
 
-    merges, varm_heatmap = merge_targets(recipe, stages, targets)
+    merges, analyses = merge_targets(recipe, stages, targets)
     models = [ModelSpec(f"target-{name}", str(path), "target") for name, (path, _) in targets.items()]
     models += [ModelSpec("clm-baseline", str(baseline), "baseline")] if baseline else []
     models += [ModelSpec(f"merge-{method}", str(path), "merge") for method, path in merges.items()]
-    return models, varm_heatmap
+    return models, analyses
 
 
 def merge_config(method: str, pivot: str, targets: list[str], dtype: str) -> dict[str, Any]:
     """A shipped ``merge_configs/`` file for any number of targets: the per-model settings of
     the shipped entries are reused for every target, placeholders become paths."""
-    from varm_merge.cli import PIVOT_PLACEHOLDER, TARGET_PLACEHOLDER, resolve_config
+    from varm_merge.cli import PIVOT_PLACEHOLDER, TARGET_PLACEHOLDER
 
-    config = yaml.safe_load(resolve_config(method).read_text(encoding="utf-8"))
+    config = yaml.safe_load(MERGE_METHODS[method].config.read_text(encoding="utf-8"))
 
     def path_of(value: Any) -> Any:
         if value == PIVOT_PLACEHOLDER:
@@ -694,21 +690,19 @@ def merge_config(method: str, pivot: str, targets: list[str], dtype: str) -> dic
 
 def merge_targets(
     recipe: Recipe, stages: Stages, targets: dict[str, tuple[Path, str]]
-) -> tuple[dict[str, Path], Path | None]:
+) -> tuple[dict[str, Path], list[tuple[MergeAnalysis, Path]]]:
     """Merge the targets with every method listed, through mergekit (``python -m varm_merge``);
-    return the merged models and, when VaRM is among them, its weight heatmap."""
-    from varm_merge.cli import resolve_config
-    from varm_merge.weights import analyse
-
+    return the merged models, and the analyses the methods that merged declare, with their folders."""
     merged: dict[str, Path] = {}
     paths = [str(path) for path, _ in targets.values()]
     target_keys = [key for _, key in targets.values()]
     for method in recipe.merge.methods:
-        if method in TWO_TARGET_METHODS and len(paths) != 2:
-            click.echo(f"- merge/{method}: skipped, it interpolates exactly two targets ({len(paths)} here)")
+        takes = MERGE_METHODS[method].targets
+        if takes is not None and len(paths) != takes:
+            click.echo(f"- merge/{method}: skipped, it merges exactly {takes} targets ({len(paths)} here)")
             continue
         inputs = {"pivot": model_fingerprint(recipe.pivot.path), "targets": target_keys, "dtype": recipe.merge.dtype,
-                  "config": file_fingerprint(str(resolve_config(method)))}  # fmt: skip
+                  "config": file_fingerprint(str(MERGE_METHODS[method].config))}  # fmt: skip
 
         def work(out: Path, method: str = method) -> None:
             out.mkdir(parents=True, exist_ok=True)
@@ -724,22 +718,22 @@ def merge_targets(
 
         out, _ = stages.run("merge", method, inputs, work)
         merged[method] = out / "model"
-    if "varm" not in merged:
-        return merged, None
-    weights, _ = stages.run(  # which target dominates which matrix
-        "merge",
-        "varm-weights",
-        {"pivot": model_fingerprint(recipe.pivot.path), "targets": target_keys},
-        lambda out: analyse(recipe.pivot.path, paths, out),
-    )
-    return merged, weights / "varm_weights.png"
+    analyses = []
+    for analysis in (MERGE_METHODS[method].analysis for method in merged):
+        if analysis:
+            out, _ = stages.run(
+                "merge", analysis.stage, {"pivot": model_fingerprint(recipe.pivot.path), "targets": target_keys},
+                lambda out, run=analysis.run: run(recipe.pivot.path, paths, out),
+            )  # fmt: skip
+            analyses.append((analysis, out))
+    return merged, analyses
 
 
-def write_comparison(
-    report: dict[str, Any], report_dir: Path, varm_heatmap: Path | None, rated: Path | None = None
-) -> None:
-    """``report.md`` at the report's top: the evaluation table, merges ranked, the VaRM heatmap,
-    and (``rated``: a rate stage's folder) the models' answers to held-out prompts rated."""
+def write_comparison(report: dict[str, Any], report_dir: Path, analyses: list[tuple[MergeAnalysis, Path]],
+                     rated: Path | None = None) -> None:  # fmt: skip
+    """``report.md`` at the report's top: the evaluation table, merges ranked, the figures of the
+    merges' analyses (``analyses``: each with its stage's folder), and (``rated``: a rate stage's
+    folder) the models' answers to held-out prompts rated."""
     from fusion_train.evaluate import markdown_report
 
     shutil.copy(report_dir / "evaluate" / "report.png", report_dir / "report.png")
@@ -754,9 +748,9 @@ def write_comparison(
             for i, r in enumerate(merge_rows, 1)
         ]
         lines.append("")
-    if varm_heatmap:
-        shutil.copy(varm_heatmap, report_dir / "varm_weights.png")
-        lines += ["## VaRM weights per matrix", "", "![VaRM weights](varm_weights.png)", ""]
+    for analysis, folder in analyses:
+        shutil.copy(folder / analysis.figure, report_dir / analysis.figure)
+        lines += [f"## {analysis.title}", "", f"![{analysis.title}]({analysis.figure})", ""]
     if rated:
         shutil.copy(rated / "rates.png", report_dir / "rates.png")
         lines += ["## Answers to the held-out prompts", "", (rated / "report.md").read_text(encoding="utf-8"),

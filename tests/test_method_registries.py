@@ -81,4 +81,4 @@ def test_a_two_target_method_is_skipped_with_three_targets(
         "merge/varm-bc7e0d42bd4a", "merge/task_arithmetic-cf9a9c3cddb9", "merge/ties-d3976c221bb1",
         "merge/sce-c8e8bf928690", "merge/linear-a5815e7fea2e", "merge/varm-weights-934caf365819",
     ]  # fmt: skip
-    assert "- merge/slerp: skipped, it interpolates exactly two targets (3 here)\n" in capsys.readouterr().out
+    assert "- merge/slerp: skipped, it merges exactly 2 targets (3 here)\n" in capsys.readouterr().out

@@ -13,7 +13,6 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +28,11 @@ from pydantic import ValidationError
 
 from fusion_train import __version__
 from fusion_train.errors import Group, ReportsUserErrors, UserError, read_yaml
+from fusion_train.merge_methods import MERGE_METHODS
 from fusion_train.storage import atomic_directory, refuse_unrelated
 from varm_merge.method import DEFAULT_EPSILON, GROUPED_GRANULARITIES, ensure_registered
 from varm_merge.weights import CSV_NAME, JSON_NAME, PNG_NAME, REPORT_GRANULARITIES, analyse
 
-CONFIG_DIR = Path(str(resources.files("merge_configs")))
 PIVOT_PLACEHOLDER = "PIVOT_MODEL"
 TARGET_PLACEHOLDER = re.compile(r"\bTARGET_MODEL_(\d+)\b")
 ANALYSIS_DIR = "varm_weights"
@@ -352,14 +351,17 @@ def resolve_config(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    shipped = CONFIG_DIR / f"{name}.yml"
-    if shipped.is_file():
-        return shipped
-    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yml")))
-    raise click.BadParameter(f"{name!r} is neither a file nor a shipped config ({available})")
+    if name in MERGE_METHODS:
+        return MERGE_METHODS[name].config
+    raise click.BadParameter(f"{name!r} is neither a file nor a shipped config ({', '.join(MERGE_METHODS)})")
 
 
-@main.command("config")
+@main.command(
+    "config",
+    epilog="Shipped configs: "
+    + "; ".join(f"{name} ({method.title})" for name, method in MERGE_METHODS.items())
+    + ".",
+)
 @click.argument("name")
 @click.option("--pivot", required=True, help="Pivot (base) model path.")
 @click.option("--target", "targets", required=True, multiple=True, help="Target model path (repeat).")

@@ -140,7 +140,7 @@ def test_wrpo_recipe_samples_the_sft_model_and_trains_on_its_own_pairs(
     if not stand_in.exists():
         shutil.copytree(workspace / "m-pivot", stand_in)
     explicit = [ModelSpec("target-a", str(stand_in), "target")]
-    monkeypatch.setattr(pipeline, "explicit_models", lambda *args: (explicit, None))
+    monkeypatch.setattr(pipeline, "explicit_models", lambda *args: (explicit, []))
     report, log = run(workspace, recipe_of("wrpo", method="both"), "wrpo.yaml")
     run_dir = workspace / "run-wrpo"
     assert {"prefer/sft", "sft/implicit-sft", "sample/implicit-sft", "score/sources-and-target", "prefer/wrpo",
