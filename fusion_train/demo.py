@@ -26,6 +26,7 @@ import click
 import yaml
 
 from fusion_train.errors import Command
+from fusion_train.merge_methods import DEFAULT_MERGE_METHODS
 from fusion_train.pipeline import parse_recipe, run_pipeline
 from fusion_train.registry_assets import (
     ALPACA_EVAL_OUTPUTS,
@@ -131,7 +132,7 @@ def demo_recipe(out_dir: Path, quick: bool, nproc: int = 1) -> dict:
         "fuse": {"criterion": "min-ce", "ce_unit": "byte"},
         "train": {"deepspeed": "zero2", "lm_weight": 0.9, **size["train"]},
         "resources": {"nproc": nproc},
-        "merge": {"methods": ["varm", "task_arithmetic", "ties", "slerp", "sce", "linear"]},
+        "merge": {"methods": list(DEFAULT_MERGE_METHODS)},
         "evaluate": size["evaluate"],
     }
 
