@@ -4,14 +4,23 @@ unchanged, and every declared method reaches the CLI, the recipe and its checks.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
+import yaml
+from mergekit.merge_methods import get as get_merge_method
 from recording_stages import RecordingStages
 
-from fusion_train import demo, pipeline
-from fusion_train.pipeline import STAGE_SETTINGS, DataSettings, ModelEntry, Recipe
+from fusion_train import demo, fusion_criteria, merge_methods, pipeline
+from fusion_train.fuse import FusionError, fuse, fuse_command
+from fusion_train.fusion_criteria import CRITERIA, DEFAULT_CRITERION
+from fusion_train.merge_methods import CONFIG_DIR, DEFAULT_MERGE_METHODS, MERGE_METHODS
+from fusion_train.pipeline import STAGE_SETTINGS, DataSettings, MergeStage, ModelEntry, Recipe, RecipeError
+from varm_merge.cli import TARGET_PLACEHOLDER, fill_placeholders, resolve_config
+from varm_merge.weights import PNG_NAME
 
 MODELS = {"pivot": {"name": "pivot-smollm2-24l", "path": "/models/pivot"},
           "sources": [{"name": "smollm2-135m", "path": "/models/smollm2"},
@@ -82,3 +91,84 @@ def test_a_two_target_method_is_skipped_with_three_targets(
         "merge/sce-c8e8bf928690", "merge/linear-a5815e7fea2e", "merge/varm-weights-934caf365819",
     ]  # fmt: skip
     assert "- merge/slerp: skipped, it merges exactly 2 targets (3 here)\n" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the registries
+
+
+def parse(tmp_path: Path, **sections: dict[str, Any]) -> Recipe:
+    """A recipe of two sources with ``sections``, as ``fusion-train run`` reads it (the models are
+    empty folders: nothing runs)."""
+    for name in ("pivot", "a", "b"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    (tmp_path / "chats.json").write_text("[]")
+    raw = {"pivot": {"name": "pivot", "path": "pivot"},
+           "sources": [{"name": "a", "path": "a"}, {"name": "b", "path": "b"}],
+           "data": {"train": "chats.json", "heldout_fraction": 0.25}, **sections}  # fmt: skip
+    return pipeline.parse_recipe(raw, base=tmp_path, default_run_dir=tmp_path / "run")
+
+
+def test_every_criterion_reaches_the_cli_the_recipe_and_the_checks(tmp_path: Path) -> None:
+    option = next(p for p in fuse_command.params if p.name == "criterion")
+    assert isinstance(option.type, click.Choice) and list(option.type.choices) == list(CRITERIA)
+    assert option.default == DEFAULT_CRITERION == pipeline.FuseStage().criterion
+    for name, criterion in CRITERIA.items():
+        assert name == criterion.name and f"{name}: {criterion.help}" in option.help
+        assert parse(tmp_path, fuse={"criterion": name}).fuse.criterion == name
+    with pytest.raises(RecipeError, match=r"fuse\.criterion: .*'median-ce' is not one of 'min-ce', 'avg-ce', "
+                                          "'token-min-ce'"):  # fmt: skip
+        parse(tmp_path, fuse={"criterion": "median-ce"})
+    with pytest.raises(
+        FusionError, match="unknown criterion 'median-ce'; choose one of min-ce, avg-ce, token-min-ce"
+    ):
+        fuse(tmp_path, [tmp_path], tmp_path / "out", "median-ce")
+
+
+def test_every_merge_method_has_its_config_and_reaches_the_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert sorted(path.stem for path in CONFIG_DIR.glob("*.yml")) == sorted(MERGE_METHODS)  # none undeclared
+    for name, method in MERGE_METHODS.items():
+        assert name == method.name and resolve_config(name) == method.config
+        text = method.config.read_text(encoding="utf-8")
+        targets = sorted({int(n) for n in TARGET_PLACEHOLDER.findall(text)})
+        assert targets == [1, 2] and method.targets in (None, len(targets))
+        config = yaml.safe_load(fill_placeholders(text, "pivot", ["t1", "t2"]))  # a valid mergekit config
+        assert config["merge_method"] == name and get_merge_method(name)
+        if method.targets is None:  # the shipped per-target settings serve any number of targets
+            three = pipeline.merge_config(name, "pivot", ["t1", "t2", "t3"], "float32")
+            assert [model["model"] for model in three["models"]] == ["t1", "t2", "t3"]
+    monkeypatch.setattr(demo, "demo_models", lambda out: MODELS)
+    assert (
+        MergeStage().methods
+        == DEFAULT_MERGE_METHODS
+        == tuple(demo.demo_recipe(tmp_path, True)["merge"]["methods"])
+    )
+    assert parse(tmp_path, merge={"methods": list(MERGE_METHODS)}).merge.methods == tuple(MERGE_METHODS)
+    with pytest.raises(RecipeError, match=r"merge\.methods: 'nuslerp': not a merge method; one of varm, "):
+        parse(tmp_path, merge={"methods": ["varm", "nuslerp"]})
+    assert MERGE_METHODS["varm"].analysis and MERGE_METHODS["varm"].analysis.figure == PNG_NAME
+
+
+def test_a_method_declared_twice_is_refused() -> None:
+    with pytest.raises(ValueError, match="fusion criteria declare min-ce twice"):
+        fusion_criteria.registry(CRITERIA["min-ce"], replace(CRITERIA["avg-ce"], name="min-ce"))
+    with pytest.raises(ValueError, match="merge methods declare slerp twice"):
+        merge_methods.registry(*MERGE_METHODS.values(), replace(MERGE_METHODS["linear"], name="slerp"))
+    varm = MERGE_METHODS["varm"]
+    with pytest.raises(ValueError, match="merge methods declare varm-weights twice"):
+        merge_methods.registry(varm, replace(MERGE_METHODS["ties"], analysis=varm.analysis))
+
+
+def test_the_docs_list_the_registered_methods() -> None:
+    docs = Path(__file__).parent.parent / "docs"
+    stages, recipe, varm = (
+        (docs / name).read_text(encoding="utf-8") for name in ("stages.md", "recipe.md", "varm.md")
+    )
+    assert f"`--criterion {'|'.join(CRITERIA)}` (default `{DEFAULT_CRITERION}`)" in stages
+    assert f"# {'|'.join(CRITERIA)};" in recipe
+    assert f"  methods: [{', '.join(DEFAULT_MERGE_METHODS)}]" in recipe
+    merging = stages[stages.index("## merge") : stages.index("## evaluate")]
+    placeholders = varm[varm.index("- **Placeholders.**") : varm.index("What `varm-merge` refuses")]
+    for name in MERGE_METHODS:
+        assert f"`{name}`" in merging and f"`{name}`" in placeholders, name
