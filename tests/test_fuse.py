@@ -168,6 +168,17 @@ def test_every_candidate_nan_keeps_the_pivots_distributions(criterion: str) -> N
     assert supplied.tolist() == [3, 0]
 
 
+@pytest.mark.parametrize(("criterion", "winner"), [("min-ce", 0), ("avg-ce", -1), ("token-min-ce", -1)])
+def test_every_candidate_nan_is_won_by_the_pivot_under_a_per_sequence_criterion(
+    criterion: str, winner: int
+) -> None:
+    """The winner column of such an example: the pivot where one candidate wins each sequence, else
+    -1 (mixed), as written before the criteria were a registry."""
+    pivot, _ = three_token_example("byte")
+    pivot.cross_entropy = math.nan
+    assert fuse_example([pivot, nan_source()], criterion, k=2)[2] == winner
+
+
 @pytest.mark.parametrize("unit", ["byte", "token"])
 def test_sequence_cross_entropy_units(unit: str) -> None:
     expected = 12.0 / (30 if unit == "byte" else 4)
