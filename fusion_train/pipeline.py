@@ -486,7 +486,7 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
     unknown = [method for method in settings["merge"].methods if method not in MERGE_METHODS]
     if unknown:
         raise RecipeError(f"{where}: merge.methods: {', '.join(map(repr, unknown))}: not a merge method; one of "
-                          f"{', '.join(MERGE_METHODS)} (merge_configs/)")  # fmt: skip
+                          f"{', '.join(MERGE_METHODS)}")  # fmt: skip
     if not isinstance(raw.get("run_dir") or "", str):
         raise RecipeError(f"{where}: run_dir: expected a folder name, got {raw['run_dir']!r}")
     run_dir = str((base / raw["run_dir"]).resolve()) if raw.get("run_dir") else str(default_run_dir.resolve())
@@ -697,12 +697,14 @@ def merge_targets(
     paths = [str(path) for path, _ in targets.values()]
     target_keys = [key for _, key in targets.values()]
     for method in recipe.merge.methods:
-        takes = MERGE_METHODS[method].targets
-        if takes is not None and len(paths) != takes:
-            click.echo(f"- merge/{method}: skipped, it merges exactly {takes} targets ({len(paths)} here)")
+        declared = MERGE_METHODS[method]
+        if declared.targets is not None and len(paths) != declared.targets:
+            click.echo(
+                f"- merge/{method}: skipped, it merges exactly {declared.targets} targets ({len(paths)} here)"
+            )
             continue
         inputs = {"pivot": model_fingerprint(recipe.pivot.path), "targets": target_keys, "dtype": recipe.merge.dtype,
-                  "config": file_fingerprint(str(MERGE_METHODS[method].config))}  # fmt: skip
+                  "config": file_fingerprint(str(declared.config))}  # fmt: skip
 
         def work(out: Path, method: str = method) -> None:
             out.mkdir(parents=True, exist_ok=True)
