@@ -44,6 +44,7 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 @cache
+@cache
 def _gpt2_unicode_to_byte() -> dict[str, int]:
     """Inverse of GPT-2's ``bytes_to_unicode``: printable bytes stand for themselves, the rest
     are shifted to code points 256 and up so that every byte has a visible character."""
@@ -56,6 +57,16 @@ def _gpt2_unicode_to_byte() -> dict[str, int]:
     table = {chr(b): b for b in printable}
     table.update({chr(256 + n): b for n, b in enumerate(shifted)})
     return table
+
+
+@cache
+def _gpt2_decoding() -> tuple[dict[int, int], re.Pattern[str]]:
+    """``_gpt2_unicode_to_byte`` in the form the C string functions take, since every token of a
+    vocabulary goes through it: a ``str.translate`` table to code points equal to the byte values
+    (which latin-1 then encodes as those bytes), and a pattern matching a character outside it."""
+    table = _gpt2_unicode_to_byte()
+    outside = re.compile("[^" + "".join(re.escape(ch) for ch in table) + "]")
+    return {ord(ch): byte for ch, byte in table.items()}, outside
 
 
 @dataclass(frozen=True)
@@ -146,6 +157,19 @@ def _conventions(backend_json: dict[str, Any]) -> _Conventions:
     return _Conventions(byte_level, tuple(replacements), byte_fallback, prepends_space)
 
 
+def _conventions_json(backend: Any) -> dict[str, Any]:
+    """The parts of a fast tokenizer's JSON that ``_conventions`` reads, each from its own
+    component: the whole JSON of a large vocabulary (its merges) takes seconds to write and parse."""
+    parts = {}
+    for name in ("decoder", "pre_tokenizer", "normalizer"):
+        component = getattr(backend, name)
+        parts[name] = None if component is None else json.loads(component.__getstate__())
+    byte_fallback = getattr(backend.model, "byte_fallback", None)
+    if byte_fallback is None:  # a model class that does not expose it: read its own JSON
+        byte_fallback = json.loads(backend.model.__getstate__()).get("byte_fallback", False)
+    return {**parts, "model": {"byte_fallback": byte_fallback}}
+
+
 def _text_bytes(token: str, conv: _Conventions) -> tuple[bytes, bool]:
     """The bytes a vocabulary string stands for, and whether it is a ``<0xNN>`` byte piece."""
     if conv.byte_fallback:
@@ -155,9 +179,9 @@ def _text_bytes(token: str, conv: _Conventions) -> tuple[bytes, bool]:
     for old, new in conv.replacements:
         token = token.replace(old, new)
     if conv.byte_level:
-        table = _gpt2_unicode_to_byte()
-        if all(ch in table for ch in token):
-            return bytes(table[ch] for ch in token), False
+        to_byte_values, outside_table = _gpt2_decoding()
+        if outside_table.search(token) is None:
+            return token.translate(to_byte_values).encode("latin-1"), False
         # As the ByteLevel decoder does: a string outside the table stands for its UTF-8 bytes.
     return token.encode("utf-8"), False
 
@@ -198,7 +222,7 @@ def token_bytes(tokenizer: Any, chat_template: str | None = None) -> TokenBytes:
     overrides the tokenizer's own template when finding the end-of-turn token.
     """
     backend = tokenizer.backend_tokenizer
-    conv = _conventions(json.loads(backend.to_str()))
+    conv = _conventions(_conventions_json(backend))
     size = len(tokenizer)
     pieces: list[bytes | None] = [None] * size
     byte_pieces = set()
