@@ -27,6 +27,21 @@ from fusion_train.vocab import CACHE_ENV
 QWEN_PADDED_VOCAB = 151936  # Qwen's embedding has more rows than its 151,851 tokens
 
 
+# The files that take longest (minutes: whole recipes, launched ranks, the README walk-through)
+# run first, so that under `make test`'s two workers (pytest-xdist, a file per worker at a time)
+# the last file to finish is a short one. Only the order changes; a file missing here runs later.
+LONGEST_FILES = (
+    "test_train_deepspeed.py", "test_pipeline.py", "test_readme.py", "test_resume.py", "test_implicit_tune.py",
+    "test_implicit_recipe.py", "test_ranks.py", "test_implicit_ranks.py", "test_align_bytes.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put the files of ``LONGEST_FILES`` first, in that order, each file's tests kept together."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def vocab_map_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Vocabulary maps never go to the user's cache (~/.cache/fusion-train/vocab-maps): session-
