@@ -38,6 +38,7 @@ from fusion_train.fuse import MIN_SOURCE_MASS, fuse, fuse_command
 from fusion_train.fusion_criteria import DEFAULT_CRITERION
 from fusion_train.implicit.recipe import (
     IMPLICIT_COMMANDS,
+    IMPLICIT_DECLARED_BY,
     IMPLICIT_ONLY_TYPES,
     IMPLICIT_SETTINGS,
     MODEL_NAMES,
@@ -59,6 +60,7 @@ from fusion_train.models import model_fingerprint
 from fusion_train.represent import FORMAT as REPRESENTATION_FORMAT
 from fusion_train.represent import MODULE as REPRESENT_MODULE
 from fusion_train.represent import RepresentSettings, represent, represent_command
+from fusion_train.settings import value_types
 from fusion_train.stages import (
     RecipeError,
     Resources,
@@ -79,7 +81,6 @@ from fusion_train.train import (
     launch_training,
     schedule_problem,
     train,
-    train_command,
 )
 
 # --------------------------------------------------------------------------- the recipe
@@ -220,10 +221,12 @@ class Recipe:
 
 STAGE_SETTINGS = {"represent": RepresentStage, "align": AlignStage, "fuse": FuseStage, "train": TrainStage,
                   "merge": MergeStage, "evaluate": EvaluateStage, "resources": Resources}  # fmt: skip
-# A stage's keys accept what the same flags of its command accept (one set of ranges and choices).
+# A stage's keys accept what the same flags of its command accept (one set of ranges and choices);
+# a training section's what the fields of its stage's settings declare (``fusion_train.settings``),
+# which its command's flags are made from.
 STAGE_COMMANDS = {RepresentStage: represent_command, AlignStage: align_command, FuseStage: fuse_command,
-                  TrainStage: train_command, EvaluateStage: evaluate_command,
-                  Resources: represent_command}  # fmt: skip
+                  EvaluateStage: evaluate_command, Resources: represent_command}  # fmt: skip
+DECLARED_BY: dict[type, type] = {TrainStage: TrainConfig, **IMPLICIT_DECLARED_BY}
 RECIPE_ONLY_TYPES: dict[type, dict[str, click.ParamType]] = {
     DataSettings: {"limit": options.POSITIVE_INT,
                    "heldout_fraction": click.FloatRange(0.0, 1.0, min_open=True, max_open=True)},
@@ -239,7 +242,8 @@ EXPLICIT_ONLY = ("represent", "align", "fuse", "train", "merge")  # sections onl
 def _value_types(cls: type) -> dict[str, click.ParamType]:
     command = {**STAGE_COMMANDS, **IMPLICIT_COMMANDS}.get(cls)
     flags = {p.name: p.type for p in command.params if p.name} if command else {}
-    return {**flags, **RECIPE_ONLY_TYPES.get(cls, {}), **IMPLICIT_ONLY_TYPES.get(cls, {})}
+    declared = value_types(DECLARED_BY[cls]) if cls in DECLARED_BY else {}
+    return {**flags, **declared, **RECIPE_ONLY_TYPES.get(cls, {}), **IMPLICIT_ONLY_TYPES.get(cls, {})}
 
 
 def _fits(value: Any, hint: Any) -> bool:
