@@ -625,14 +625,13 @@ def explicit_models(
                   "no_fusion": no_fusion, "world_size": world_size_of(resources.nproc, resources.hostfile)}  # fmt: skip
 
         def start(out: Path, resume: bool) -> int:
+            section = {
+                k: v for k, v in asdict(t).items() if k != "clm_baseline"
+            }  # the rest are TrainConfig's
             config = TrainConfig(
                 model=recipe.pivot.path, fused=str(fused), out=str(out / "model"),
-                lm_weight=1.0 if no_fusion else t.lm_weight, temperature=t.temperature, deepspeed=t.deepspeed,
-                learning_rate=t.learning_rate, epochs=t.epochs, max_steps=t.max_steps,
-                per_device_batch_size=t.per_device_batch_size, grad_accumulation=t.grad_accumulation,
-                warmup_ratio=t.warmup_ratio, scheduler=t.scheduler, gradient_checkpointing=t.gradient_checkpointing,
-                bf16=t.bf16, seed=t.seed, loss_chunk_tokens=t.loss_chunk_tokens,
-                resume=resume, attn_implementation=resources.attn_implementation,
+                **{**section, "lm_weight": 1.0 if no_fusion else t.lm_weight}, resume=resume,
+                attn_implementation=resources.attn_implementation,
             )  # fmt: skip
             if not resources.launches:  # one process: no launcher to start
                 train(config)

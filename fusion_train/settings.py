@@ -89,13 +89,13 @@ def _required(f: Field[Any]) -> bool:
     return f.default is MISSING and f.default_factory is MISSING
 
 
-def options_from(cls: type, exclude: Iterable[str] = ()) -> Callable[[Any], Any]:
-    """A decorator adding a click option for every field of ``cls`` (less ``exclude``), for
+def options_from(cls: type) -> Callable[[Any], Any]:
+    """A decorator adding a click option for every field of ``cls``, for
     ``--help`` in this order: the required ones, the ones ``cls`` adds, then the inherited ones,
     each in the fields' order. A bool is a ``--name/--no-name`` switch."""
     types, hints = value_types(cls), get_type_hints(cls)
     inherited = {name for base in cls.__mro__[1:] for name in getattr(base, "__dataclass_fields__", {})}
-    chosen = [f for f in fields(cls) if f.init and f.name not in set(exclude)]
+    chosen = [f for f in fields(cls) if f.init]
     chosen.sort(
         key=lambda f: (not _required(f), f.name in inherited)
     )  # stable: the fields' order within each

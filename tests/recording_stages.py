@@ -36,10 +36,11 @@ class RecordingStages:
 
 
 def explicit_folders(monkeypatch: pytest.MonkeyPatch, quick: bool, changes: dict[str, Any],
-                     extra_sources: tuple[dict[str, str], ...] = ()) -> list[str]:  # fmt: skip
+                     extra_sources: tuple[dict[str, str], ...] = (),
+                     stages: RecordingStages | None = None) -> list[str]:  # fmt: skip
     """The folders of the explicit demo recipe's stages (represent to merge), as a CPU run names
     them (``device: cpu``: the dtype ``auto`` resolves to joins the represent keys); the models'
-    fingerprints stand in for models, a key for the data."""
+    fingerprints stand in for models, a key for the data. ``stages``: one that runs some stages."""
     monkeypatch.setattr(demo, "demo_models", lambda out: MODELS)
     monkeypatch.setattr(pipeline, "model_fingerprint", lambda path: f"fingerprint of {path}")
     raw = demo.demo_recipe(Path("/demo"), quick)
@@ -51,7 +52,7 @@ def explicit_folders(monkeypatch: pytest.MonkeyPatch, quick: bool, changes: dict
                 if name in raw}  # fmt: skip
     recipe = Recipe(ModelEntry(**MODELS["pivot"]), tuple(ModelEntry(**s) for s in sources),
                     DataSettings(**raw["data"]), "/run", **sections)  # fmt: skip
-    stages = RecordingStages()
+    stages = stages or RecordingStages()
     pipeline.explicit_models(recipe, stages, Path("train.jsonl"), "data-key")
     return stages.folders
 

@@ -5,10 +5,13 @@ settings class is a flag, a value of the settings and a recipe key."""
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 import pytest
-from recording_stages import explicit_folders, training_folders
+from recording_stages import RecordingStages, explicit_folders, training_folders
 
+from fusion_train import pipeline
 from fusion_train.implicit.dpo import DPOSettings
 from fusion_train.implicit.sft import SFTSettings
 from fusion_train.train import TrainConfig
@@ -68,3 +71,34 @@ def test_the_defaults_of_the_settings_are_unchanged() -> None:
     assert asdict(DPOSettings(model="m", prefs="p", out="o")) == {
         **tuned, "learning_rate": 8e-7, "epochs": 1.0, "loss": "sigmoid_norm", "beta": 10.0, "alpha_max": None,
     }  # fmt: skip
+
+
+class TrainingStages(RecordingStages):
+    """Records every stage's folder, and runs the train stages' work (the trainer is a stand-in)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.run_dir = run_dir
+
+    def run(self, stage: str, name: str, inputs: dict[str, Any], work: Any) -> tuple[Path, str]:
+        folder, key = super().run(stage, name, inputs, work)
+        if stage == "train":
+            work(self.run_dir / name)
+        return folder, key
+
+
+def test_the_train_stages_of_the_quick_demo_hand_the_trainer_the_same_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    trained: list[TrainConfig] = []
+    monkeypatch.setattr(pipeline, "train", trained.append)
+    explicit_folders(monkeypatch, True, {}, stages=TrainingStages(tmp_path))
+    # Computed by the code before the settings were declared once (commit 93f8edf).
+    target = {**SHARED, "max_steps": 3, "learning_rate": 2e-5, "warmup_ratio": 0.0, "epochs": 3.0,
+              "lm_weight": 0.9, "temperature": 1.0, "loss_chunk_tokens": 256, "model": "/models/pivot",
+              "fused": "/run/fuse/smollm2-135m-42ec0c5e1911", "out": str(tmp_path / "target-smollm2-135m" / "model")}  # fmt: skip
+    assert [asdict(config) for config in trained] == [
+        target,
+        {**target, "fused": "/run/fuse/gemma3-270m-083c60617869", "out": str(tmp_path / "target-gemma3-270m" / "model")},
+        {**target, "lm_weight": 1.0, "out": str(tmp_path / "clm-baseline" / "model")},
+    ]  # fmt: skip
