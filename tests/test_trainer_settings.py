@@ -4,17 +4,26 @@ settings class is a flag, a value of the settings and a recipe key."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
+from click.testing import CliRunner
 from recording_stages import RecordingStages, explicit_folders, training_folders
 
 from fusion_train import pipeline
-from fusion_train.implicit.dpo import DPOSettings
-from fusion_train.implicit.sft import SFTSettings
-from fusion_train.train import TrainConfig
+from fusion_train.errors import Command
+from fusion_train.implicit.dpo import DPOSettings, dpo_command
+from fusion_train.implicit.recipe import SFTStage, command_values
+from fusion_train.implicit.sft import SFTSettings, sft_command
+from fusion_train.implicit.tuning import settings_of
+from fusion_train.launch import command_arguments
+from fusion_train.options import FRACTION
+from fusion_train.pipeline import RecipeError
+from fusion_train.settings import options_from, setting
+from fusion_train.train import TrainConfig, train_command
 
 
 # Computed by the code before the settings were declared once (commit 93f8edf): the runs made
@@ -102,3 +111,69 @@ def test_the_train_stages_of_the_quick_demo_hand_the_trainer_the_same_settings(
         {**target, "fused": "/run/fuse/gemma3-270m-083c60617869", "out": str(tmp_path / "target-gemma3-270m" / "model")},
         {**target, "lm_weight": 1.0, "out": str(tmp_path / "clm-baseline" / "model")},
     ]  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class Smoothing:
+    """A setting as one added to ``train.Schedule`` would be declared."""
+
+    label_smoothing: float = setting(0.0, type=FRACTION, help="Target mass spread over the vocabulary.")
+
+
+@dataclass(frozen=True)
+class SFTSettingsWithSmoothing(SFTSettings, Smoothing):
+    """``SFTSettings`` with the added setting (as it inherits ``Schedule``'s)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SFTStageWithSmoothing(SFTStage, Smoothing):
+    """A recipe's ``sft`` section with the added setting (as it inherits ``Schedule``'s)."""
+
+
+@click.command("sft", cls=Command, context_settings={"show_default": True})  # as `fusion-train`'s
+@options_from(SFTSettingsWithSmoothing)
+def sft_with_smoothing(**params: Any) -> None:
+    click.echo(repr(settings_of(SFTSettingsWithSmoothing, params)))
+
+
+def test_a_field_added_to_the_settings_is_a_flag_a_setting_and_a_recipe_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    text = " ".join(CliRunner().invoke(sft_with_smoothing, ["--help"], terminal_width=200).output.split())
+    assert (
+        "--label-smoothing FLOAT RANGE Target mass spread over the vocabulary. [default: 0.0; 0.0<=x<=1.0]"
+        in text
+    )
+    arguments = ["--model", str(tmp_path), "--prefs", str(tmp_path), "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(sft_with_smoothing, [*arguments, "--label-smoothing", "0.1"])
+    assert result.exit_code == 0 and "label_smoothing=0.1" in result.output, result.output
+    result = CliRunner().invoke(sft_with_smoothing, [*arguments, "--label-smoothing", "2"])
+    assert result.exit_code == 2 and "2.0 is not in the range 0.0<=x<=1.0" in result.output, result.output
+
+    monkeypatch.setitem(pipeline.DECLARED_BY, SFTStageWithSmoothing, SFTSettingsWithSmoothing)
+    section = pipeline._build(SFTStageWithSmoothing, {"label_smoothing": 0.2}, "recipe.yaml", "sft")
+    values = command_values(section, "fusechat3", 1, 40)
+    paths = {"model": str(tmp_path), "prefs": str(tmp_path), "out": str(tmp_path / "out")}
+    settings = SFTSettingsWithSmoothing(**paths, **values)
+    assert values["label_smoothing"] == settings.label_smoothing == 0.2
+    with pytest.raises(
+        RecipeError, match=r"recipe.yaml: sft.label_smoothing: 1.5 is not in the range 0.0<=x<=1.0"
+    ):
+        pipeline._build(SFTStageWithSmoothing, {"label_smoothing": 1.5}, "recipe.yaml", "sft")
+
+    # what a launched rank is given: the settings' command line, which parses back to them
+    rank = CliRunner().invoke(sft_with_smoothing, command_arguments(sft_with_smoothing, asdict(settings)))
+    assert rank.output.strip() == repr(settings), rank.output
+
+
+def test_every_setting_of_a_launched_stage_reaches_its_ranks() -> None:
+    """A launched rank gets the command line rebuilt from the settings (``launch.command_arguments``),
+    which holds the values that have a flag and drops the others: every field of a launched stage's
+    settings has its flag, so none is dropped."""
+    for command, settings in (
+        (train_command, TrainConfig),
+        (sft_command, SFTSettings),
+        (dpo_command, DPOSettings),
+    ):
+        assert {f.name for f in fields(settings)} <= {p.name for p in command.params}, command.name
+    assert command_arguments(sft_command, {"model": "m", "without_a_flag": 3}) == ["--model", "m"]
