@@ -1,6 +1,7 @@
 """The training settings, declared once (``fusion_train/settings.py``): the stage folders of the
-demo recipes and the settings' defaults are what they were before, and a field added to a
-settings class is a flag, a value of the settings and a recipe key."""
+demo recipes and the settings' defaults are what they were before, a field added to a settings
+class is a flag, a value of the settings and a recipe key, and every setting reaches a launched
+rank."""
 
 from __future__ import annotations
 
