@@ -106,10 +106,12 @@ def test_the_train_stages_of_the_quick_demo_hand_the_trainer_the_same_settings(
     # Computed by the code before the settings were declared once (commit 93f8edf).
     target = {**SHARED, "max_steps": 3, "learning_rate": 2e-5, "warmup_ratio": 0.0, "epochs": 3.0,
               "lm_weight": 0.9, "temperature": 1.0, "loss_chunk_tokens": 256, "model": "/models/pivot",
-              "fused": "/run/fuse/smollm2-135m-42ec0c5e1911", "out": str(tmp_path / "target-smollm2-135m" / "model")}  # fmt: skip
+              "fused": "/run/fuse/smollm2-135m-42ec0c5e1911",
+              "out": str(tmp_path / "target-smollm2-135m" / "model")}  # fmt: skip
     assert [asdict(config) for config in trained] == [
         target,
-        {**target, "fused": "/run/fuse/gemma3-270m-083c60617869", "out": str(tmp_path / "target-gemma3-270m" / "model")},
+        {**target, "fused": "/run/fuse/gemma3-270m-083c60617869",
+         "out": str(tmp_path / "target-gemma3-270m" / "model")},
         {**target, "lm_weight": 1.0, "out": str(tmp_path / "clm-baseline" / "model")},
     ]  # fmt: skip
 

@@ -59,8 +59,11 @@ def loss_setting(name: str) -> Any:
     """The field of a loss's own setting (``preference_losses.SETTINGS``), None unless that loss
     runs: its flag's range and help come from the loss's declaration."""
     declared, owner = SETTINGS[name]
-    return setting(None, type=click.FloatRange(declared.low, declared.high),
-                   help=f"{owner.title}: {declared.help} (default {number(declared.default)}, {owner.source}).")  # fmt: skip
+    return setting(
+        None,
+        type=click.FloatRange(declared.low, declared.high),
+        help=f"{owner.title}: {declared.help} (default {number(declared.default)}, {owner.source}).",
+    )
 
 
 @dataclass(frozen=True)

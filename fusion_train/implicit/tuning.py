@@ -67,7 +67,10 @@ GLOBAL_BATCH = 128  # the papers' (SFT and preference training), for which their
 MIN_STEPS = 8  # optimizer steps per epoch that a data set smaller than MIN_STEPS x GLOBAL_BATCH still gets
 SUMMARY_FORMAT = "fusion-train/tune-summary@1"
 # the end of sft's and dpo's --learning-rate help
-PAPERS_BATCH_HELP = "The papers' rates are for a global batch of 128 (processes x --per-device-batch-size x --grad-accumulation)."
+PAPERS_BATCH_HELP = (
+    "The papers' rates are for a global batch of 128 (processes x --per-device-batch-size x "
+    "--grad-accumulation)."
+)
 
 
 class TuneInputError(UserError, ValueError):
