@@ -90,15 +90,12 @@ def _required(f: Field[Any]) -> bool:
 
 
 def options_from(cls: type) -> Callable[[Any], Any]:
-    """A decorator adding a click option for every field of ``cls``, for
-    ``--help`` in this order: the required ones, the ones ``cls`` adds, then the inherited ones,
-    each in the fields' order. A bool is a ``--name/--no-name`` switch."""
+    """A decorator adding a click option for every field of ``cls``, in ``--help`` in this order:
+    the required ones, the ones ``cls`` adds, then the inherited ones, each in the fields' order
+    (a stable sort). A bool is a ``--name/--no-name`` switch."""
     types, hints = value_types(cls), get_type_hints(cls)
     inherited = {name for base in cls.__mro__[1:] for name in getattr(base, "__dataclass_fields__", {})}
-    chosen = [f for f in fields(cls) if f.init]
-    chosen.sort(
-        key=lambda f: (not _required(f), f.name in inherited)
-    )  # stable: the fields' order within each
+    chosen = sorted((f for f in fields(cls) if f.init), key=lambda f: (not _required(f), f.name in inherited))
 
     def option(f: Field[Any]) -> Callable[[Any], Any]:
         declared, flag = declaration(cls, f.name), "--" + f.name.replace("_", "-")
