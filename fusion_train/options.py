@@ -18,12 +18,14 @@ POSITIVE_FLOAT = click.FloatRange(min=0.0, min_open=True)
 NON_NEGATIVE_FLOAT = click.FloatRange(min=0.0)
 MODEL_DTYPES = click.Choice(["float32", "bfloat16", "float16", "auto"])
 
+ATTENTION_KERNELS = click.Choice(["auto", "sdpa", "eager", "flash_attention_2"])
+ATTENTION_HELP = (
+    "Attention kernel: auto is FlashAttention-2 on GPUs in 16-bit where flash-attn is installed, "
+    "else transformers' default (SDPA where the model has it)."
+)
+
 attn_implementation = click.option(
-    "--attn-implementation",
-    type=click.Choice(["auto", "sdpa", "eager", "flash_attention_2"]),
-    default="auto",
-    help="Attention kernel: auto is FlashAttention-2 on GPUs in 16-bit where flash-attn is installed, "
-    "else transformers' default (SDPA where the model has it).",
+    "--attn-implementation", type=ATTENTION_KERNELS, default="auto", help=ATTENTION_HELP
 )
 
 pivot_representation = click.option(

@@ -38,6 +38,7 @@ from fusion_train.fuse import MIN_SOURCE_MASS, fuse, fuse_command
 from fusion_train.fusion_criteria import DEFAULT_CRITERION
 from fusion_train.implicit.recipe import (
     IMPLICIT_COMMANDS,
+    IMPLICIT_DECLARED_BY,
     IMPLICIT_ONLY_TYPES,
     IMPLICIT_SETTINGS,
     MODEL_NAMES,
@@ -59,6 +60,7 @@ from fusion_train.models import model_fingerprint
 from fusion_train.represent import FORMAT as REPRESENTATION_FORMAT
 from fusion_train.represent import MODULE as REPRESENT_MODULE
 from fusion_train.represent import RepresentSettings, represent, represent_command
+from fusion_train.settings import value_types
 from fusion_train.stages import (
     RecipeError,
     Resources,
@@ -79,7 +81,6 @@ from fusion_train.train import (
     launch_training,
     schedule_problem,
     train,
-    train_command,
 )
 
 # --------------------------------------------------------------------------- the recipe
@@ -220,10 +221,12 @@ class Recipe:
 
 STAGE_SETTINGS = {"represent": RepresentStage, "align": AlignStage, "fuse": FuseStage, "train": TrainStage,
                   "merge": MergeStage, "evaluate": EvaluateStage, "resources": Resources}  # fmt: skip
-# A stage's keys accept what the same flags of its command accept (one set of ranges and choices).
+# A stage's keys accept what the same flags of its command accept (one set of ranges and choices);
+# a training section's what the fields of its stage's settings declare (``fusion_train.settings``),
+# which its command's flags are made from.
 STAGE_COMMANDS = {RepresentStage: represent_command, AlignStage: align_command, FuseStage: fuse_command,
-                  TrainStage: train_command, EvaluateStage: evaluate_command,
-                  Resources: represent_command}  # fmt: skip
+                  EvaluateStage: evaluate_command, Resources: represent_command}  # fmt: skip
+DECLARED_BY: dict[type, type] = {TrainStage: TrainConfig, **IMPLICIT_DECLARED_BY}
 RECIPE_ONLY_TYPES: dict[type, dict[str, click.ParamType]] = {
     DataSettings: {"limit": options.POSITIVE_INT,
                    "heldout_fraction": click.FloatRange(0.0, 1.0, min_open=True, max_open=True)},
@@ -239,7 +242,8 @@ EXPLICIT_ONLY = ("represent", "align", "fuse", "train", "merge")  # sections onl
 def _value_types(cls: type) -> dict[str, click.ParamType]:
     command = {**STAGE_COMMANDS, **IMPLICIT_COMMANDS}.get(cls)
     flags = {p.name: p.type for p in command.params if p.name} if command else {}
-    return {**flags, **RECIPE_ONLY_TYPES.get(cls, {}), **IMPLICIT_ONLY_TYPES.get(cls, {})}
+    declared = value_types(DECLARED_BY[cls]) if cls in DECLARED_BY else {}
+    return {**flags, **declared, **RECIPE_ONLY_TYPES.get(cls, {}), **IMPLICIT_ONLY_TYPES.get(cls, {})}
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -621,14 +625,13 @@ def explicit_models(
                   "no_fusion": no_fusion, "world_size": world_size_of(resources.nproc, resources.hostfile)}  # fmt: skip
 
         def start(out: Path, resume: bool) -> int:
+            section = {
+                k: v for k, v in asdict(t).items() if k != "clm_baseline"
+            }  # the rest are TrainConfig's
             config = TrainConfig(
                 model=recipe.pivot.path, fused=str(fused), out=str(out / "model"),
-                lm_weight=1.0 if no_fusion else t.lm_weight, temperature=t.temperature, deepspeed=t.deepspeed,
-                learning_rate=t.learning_rate, epochs=t.epochs, max_steps=t.max_steps,
-                per_device_batch_size=t.per_device_batch_size, grad_accumulation=t.grad_accumulation,
-                warmup_ratio=t.warmup_ratio, scheduler=t.scheduler, gradient_checkpointing=t.gradient_checkpointing,
-                bf16=t.bf16, seed=t.seed, loss_chunk_tokens=t.loss_chunk_tokens,
-                resume=resume, attn_implementation=resources.attn_implementation,
+                **{**section, "lm_weight": 1.0 if no_fusion else t.lm_weight}, resume=resume,
+                attn_implementation=resources.attn_implementation,
             )  # fmt: skip
             if not resources.launches:  # one process: no launcher to start
                 train(config)

@@ -60,6 +60,7 @@ from fusion_train.models import (
     tokenizer_hash,
 )
 from fusion_train.options import FRACTION, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
+from fusion_train.settings import options_from, setting
 from fusion_train.storage import (
     MANIFEST,
     claim_output,
@@ -81,6 +82,7 @@ FUSED_COLUMNS = ("input_ids", "run_start", "run_length", "topk_ids", "topk_logpr
 MODULE = "fusion_train.train"  # what the launcher runs in every process
 # Settings that do not change what is trained (the attention kernel: only in float rounding): a
 # resumed run may change them.
+OUT_HELP = "The trained model directory (published when done; checkpoints go to OUT.work/)."  # every stage's
 NOT_IN_RUN_MANIFEST = ("out", "resume", "report_to", "logging_steps", "save_steps", "save_total_limit",
                        "attn_implementation")  # fmt: skip
 
@@ -94,18 +96,29 @@ class Schedule:
     """What changes how a training stage trains: ZeRO config, schedule, batch, precision, seed.
     A recipe's ``sft`` and ``dpo`` sections hold these too."""
 
-    deepspeed: str = "zero2"  # a preset name or a JSON file
-    learning_rate: float = 5e-6
-    epochs: float = 3.0
-    max_steps: int = -1  # > 0 overrides epochs
-    per_device_batch_size: int = 1
-    grad_accumulation: int = 1
-    warmup_ratio: float = 0.03
-    scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    deepspeed: str = setting(
+        "zero2", help=f"ZeRO preset ({', '.join(PRESETS)}) or a DeepSpeed JSON config file."
+    )
+    learning_rate: float = setting(5e-6, type=POSITIVE_FLOAT, aliases=["--lr"], help="Peak learning rate.")
+    epochs: float = setting(3.0, type=NON_NEGATIVE_FLOAT, help="Passes over the data.")
+    max_steps: int = setting(-1, type=click.IntRange(min=-1), help="Optimizer steps; > 0 overrides --epochs.")
+    per_device_batch_size: int = setting(1, type=POSITIVE_INT, help="Sequences per process per micro-step.")
+    grad_accumulation: int = setting(1, type=POSITIVE_INT, help="Micro-steps per optimizer step.")
+    warmup_ratio: float = setting(
+        0.03, type=click.FloatRange(0.0, 1.0, max_open=True), help="Share of the steps with a linear warmup."
+    )
+    scheduler: str = setting(
+        "cosine",
+        type=click.Choice([s.value for s in SchedulerType]),
+        help="transformers learning-rate schedule.",
+    )
+    weight_decay: float = setting(0.0, type=NON_NEGATIVE_FLOAT)
+    max_grad_norm: float = setting(1.0, type=NON_NEGATIVE_FLOAT, help="Gradient clipping.")
     gradient_checkpointing: bool = False
-    bf16: bool | None = None  # None: on GPUs that support it (on CPU hosts only when asked)
+    bf16: bool | None = setting(
+        None,
+        help="bf16 mixed precision. Default: on GPUs that support it; on CPU-only machines only when asked.",
+    )
     seed: int = 42
 
 
@@ -118,12 +131,16 @@ class TrainerSettings(Schedule):
 
     input_error: ClassVar[type[UserError]] = TrainInputError  # what a bad setting raises (a stage's own)
 
-    attn_implementation: str = "auto"
-    report_to: str = "none"
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int = 2  # 0 keeps every checkpoint
-    resume: bool = False
+    attn_implementation: str = setting("auto", type=options.ATTENTION_KERNELS, help=options.ATTENTION_HELP)
+    report_to: str = setting("none", help="none, tensorboard, wandb, ... (transformers integrations).")
+    logging_steps: int = setting(10, type=POSITIVE_INT)
+    save_steps: int = setting(
+        500, type=POSITIVE_INT, help="Checkpoint every N optimizer steps (in OUT.work/)."
+    )
+    save_total_limit: int = setting(2, type=click.IntRange(min=0), help="Checkpoints kept (0: all).")
+    resume: bool = setting(
+        False, help="Continue from the last checkpoint in OUT.work/ (from the start if it has none yet)."
+    )
 
     def checks(self) -> dict[str, bool]:
         """Message -> whether it holds; a stage adds its own (``{**super().checks(), ...}``)."""
@@ -150,12 +167,23 @@ class TrainerSettings(Schedule):
 class TrainConfig(TrainerSettings):
     """One training run (recorded in the run manifest and ``training_summary.json``)."""
 
-    model: str
-    fused: str
-    out: str
-    lm_weight: float = 0.9
-    temperature: float = 1.0
-    loss_chunk_tokens: int = CHUNK_TOKENS  # rows of logits at a time in the LM head's loss
+    model: str = setting(type=click.Path(exists=True, file_okay=False), help="The pivot model directory.")
+    fused: str = setting(
+        type=click.Path(exists=True, file_okay=False),
+        help="Fused targets of one source (`fusion-train fuse` output) made for this pivot.",
+    )
+    out: str = setting(type=click.Path(file_okay=False), help=OUT_HELP)
+    lm_weight: float = setting(0.9, type=FRACTION, help="lambda in lambda * CLM + (1 - lambda) * fusion.")
+    temperature: float = setting(1.0, type=POSITIVE_FLOAT, help="T in softmax(stored log-probabilities / T).")
+    # rows of logits at a time in the LM head's loss
+    loss_chunk_tokens: int = setting(
+        CHUNK_TOKENS,
+        type=POSITIVE_INT,
+        help="Supervised tokens whose logits the LM head's loss computes at a time: each chunk holds "
+        "4 bytes x tokens x vocabulary rows of float32 logits (twice that with bf16 or soft-capping), "
+        "e.g. 256 MiB at 256 tokens of a 262,144-row vocabulary; fewer tokens need less memory but re-read "
+        "the head more often, so the step gets slower.",
+    )
 
     def checks(self) -> dict[str, bool]:
         return {
@@ -994,90 +1022,9 @@ def launch_training(
 
 
 @click.command("train", cls=Command)
-@click.option(
-    "--model", required=True, type=click.Path(exists=True, file_okay=False), help="The pivot model directory."
-)
-@click.option(
-    "--fused",
-    required=True,
-    type=click.Path(exists=True, file_okay=False),
-    help="Fused targets of one source (`fusion-train fuse` output) made for this pivot.",
-)
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="The trained model directory (published when done; checkpoints go to OUT.work/).",
-)
-@click.option(
-    "--lm-weight", type=FRACTION, default=0.9, help="lambda in lambda * CLM + (1 - lambda) * fusion."
-)
+@options_from(TrainConfig)
 @click.option("--no-fusion", is_flag=True, help="The CLM-only baseline: same as --lm-weight 1.0.")
-@click.option(
-    "--temperature", type=POSITIVE_FLOAT, default=1.0, help="T in softmax(stored log-probabilities / T)."
-)
-@click.option(
-    "--deepspeed",
-    default="zero2",
-    help=f"ZeRO preset ({', '.join(PRESETS)}) or a DeepSpeed JSON config file.",
-)
 @launch_options
-@click.option(
-    "--learning-rate", "--lr", "learning_rate", type=POSITIVE_FLOAT, default=5e-6, help="Peak learning rate."
-)
-@click.option("--epochs", type=NON_NEGATIVE_FLOAT, default=3.0, help="Passes over the data.")
-@click.option(
-    "--max-steps", type=click.IntRange(min=-1), default=-1, help="Optimizer steps; > 0 overrides --epochs."
-)
-@click.option(
-    "--per-device-batch-size", type=POSITIVE_INT, default=1, help="Sequences per process per micro-step."
-)
-@click.option("--grad-accumulation", type=POSITIVE_INT, default=1, help="Micro-steps per optimizer step.")
-@click.option(
-    "--warmup-ratio",
-    type=click.FloatRange(0.0, 1.0, max_open=True),
-    default=0.03,
-    help="Share of the steps with a linear warmup.",
-)
-@click.option(
-    "--scheduler",
-    type=click.Choice([s.value for s in SchedulerType]),
-    default="cosine",
-    help="transformers learning-rate schedule.",
-)
-@click.option("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.0)
-@click.option("--max-grad-norm", type=NON_NEGATIVE_FLOAT, default=1.0, help="Gradient clipping.")
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False)
-@click.option(
-    "--bf16/--no-bf16",
-    default=None,
-    help="bf16 mixed precision. Default: on GPUs that support it; on CPU-only machines only when asked.",
-)
-@options.attn_implementation
-@click.option(
-    "--report-to", default="none", help="none, tensorboard, wandb, ... (transformers integrations)."
-)
-@click.option("--logging-steps", type=POSITIVE_INT, default=10)
-@click.option(
-    "--save-steps", type=POSITIVE_INT, default=500, help="Checkpoint every N optimizer steps (in OUT.work/)."
-)
-@click.option("--save-total-limit", type=click.IntRange(min=0), default=2, help="Checkpoints kept (0: all).")
-@click.option(
-    "--resume/--no-resume",
-    default=False,
-    help="Continue from the last checkpoint in OUT.work/ (from the start if it has none yet).",
-)
-@click.option("--seed", default=42)
-@click.option(
-    "--loss-chunk-tokens",
-    type=click.IntRange(min=1),
-    default=CHUNK_TOKENS,
-    show_default=True,
-    help="Supervised tokens whose logits the LM head's loss computes at a time: each chunk holds "
-    "4 bytes x tokens x vocabulary rows of float32 logits (twice that with bf16 or soft-capping), "
-    "e.g. 256 MiB at 256 tokens of a 262,144-row vocabulary; fewer tokens need less memory but re-read "
-    "the head more often, so the step gets slower.",
-)
 def train_command(no_fusion: bool, **options: Any) -> None:
     """Train a target model: the pivot fine-tuned on one source's fused targets, on DeepSpeed ZeRO."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

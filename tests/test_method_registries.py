@@ -12,42 +12,15 @@ import click
 import pytest
 import yaml
 from mergekit.merge_methods import get as get_merge_method
-from recording_stages import RecordingStages
+from recording_stages import MODELS, explicit_folders
 
 from fusion_train import demo, fusion_criteria, merge_methods, pipeline
 from fusion_train.fuse import FusionError, fuse, fuse_command
 from fusion_train.fusion_criteria import CRITERIA, DEFAULT_CRITERION
 from fusion_train.merge_methods import CONFIG_DIR, DEFAULT_MERGE_METHODS, MERGE_METHODS
-from fusion_train.pipeline import STAGE_SETTINGS, DataSettings, MergeStage, ModelEntry, Recipe, RecipeError
+from fusion_train.pipeline import MergeStage, Recipe, RecipeError
 from varm_merge.cli import TARGET_PLACEHOLDER, fill_placeholders, resolve_config
 from varm_merge.weights import PNG_NAME
-
-MODELS = {"pivot": {"name": "pivot-smollm2-24l", "path": "/models/pivot"},
-          "sources": [{"name": "smollm2-135m", "path": "/models/smollm2"},
-                      {"name": "gemma3-270m", "path": "/models/gemma3"}],
-          "data": {"train": "alpaca_eval_outputs.json"}, "run_dir": "."}  # fmt: skip
-
-
-def explicit_folders(monkeypatch: pytest.MonkeyPatch, quick: bool, changes: dict[str, Any],
-                     extra_sources: tuple[dict[str, str], ...] = ()) -> list[str]:  # fmt: skip
-    """The folders of the explicit demo recipe's stages (represent to merge), as a CPU run names
-    them (``device: cpu``: the dtype ``auto`` resolves to joins the represent keys); the models'
-    fingerprints stand in for models, a key for the data."""
-    monkeypatch.setattr(demo, "demo_models", lambda out: MODELS)
-    monkeypatch.setattr(pipeline, "model_fingerprint", lambda path: f"fingerprint of {path}")
-    raw = demo.demo_recipe(Path("/demo"), quick)
-    raw["resources"]["device"] = "cpu"
-    for section, values in changes.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    sources = [*MODELS["sources"], *extra_sources]
-    sections = {name: pipeline._build(cls, raw[name], "demo", name) for name, cls in STAGE_SETTINGS.items()
-                if name in raw}  # fmt: skip
-    recipe = Recipe(ModelEntry(**MODELS["pivot"]), tuple(ModelEntry(**s) for s in sources),
-                    DataSettings(**raw["data"]), "/run", **sections)  # fmt: skip
-    stages = RecordingStages()
-    pipeline.explicit_models(recipe, stages, Path("train.jsonl"), "data-key")
-    return stages.folders
-
 
 QWEN = {"name": "qwen", "path": "/models/qwen"}
 

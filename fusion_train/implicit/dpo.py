@@ -22,6 +22,9 @@ from fusion_train.errors import Command
 from fusion_train.implicit import tuning
 from fusion_train.implicit.prefer import PAIRS_DIR
 from fusion_train.implicit.preference_losses import DEFAULT_LOSS, LOSSES, SETTINGS, PreferenceLoss
+from fusion_train.launch import launch_options
+from fusion_train.options import POSITIVE_FLOAT
+from fusion_train.settings import options_from, setting
 
 MODULE = "fusion_train.implicit.dpo"  # what the launcher runs in every process
 STAGE = "dpo"
@@ -34,33 +37,73 @@ TRAINING_KEYS = (
 )  # a summary's record of a step, before the loss's
 
 
+def number(value: float) -> str:
+    """A default as --help writes it: 0.01, 10, 3e-7."""
+    return f"{value:g}".replace("e-0", "e-")
+
+
+def by_loss(value: Callable[[PreferenceLoss], float]) -> str:
+    """Each loss's default of a setting, with its source, for --help."""
+    return ", ".join(f"{loss.name} {number(value(loss))} ({loss.source})" for loss in LOSSES.values())
+
+
+def loss_help() -> str:
+    def one(loss: PreferenceLoss) -> str:
+        needs = f" (needs pairs of `fusion-train prefer --mode {loss.pairs_of}`)" if loss.pairs_of else ""
+        return f"{loss.name}: {loss.title}{needs}"
+
+    return "; ".join(one(loss) for loss in LOSSES.values()) + "."
+
+
+def loss_setting(name: str) -> Any:
+    """The field of a loss's own setting (``preference_losses.SETTINGS``), None unless that loss
+    runs: its flag's range and help come from the loss's declaration."""
+    declared, owner = SETTINGS[name]
+    return setting(
+        None,
+        type=click.FloatRange(declared.low, declared.high),
+        help=f"{owner.title}: {declared.help} (default {number(declared.default)}, {owner.source}).",
+    )
+
+
 @dataclass(frozen=True)
 class DPOSettings(tuning.TuneSettings):
     """A preference-training run; ``beta``, ``learning_rate`` and the loss's own settings
     (``alpha_max``) default by loss (``preference_losses.LOSSES``)."""
 
-    loss: str = COMMAND_LOSS
-    beta: float | None = None
-    alpha_max: float | None = None  # wrpo's: LossSetting
-    learning_rate: float | None = field(default=None, kw_only=True)  # type: ignore[assignment]
+    loss: str = setting(COMMAND_LOSS, type=click.Choice(list(LOSSES)), help=loss_help())
+    beta: float | None = setting(
+        None,
+        type=POSITIVE_FLOAT,
+        help=f"beta of the loss. Default by --loss: {by_loss(lambda loss: loss.beta)}.",
+    )
+    alpha_max: float | None = loss_setting("alpha_max")  # wrpo's
+    learning_rate: float | None = setting(  # type: ignore[assignment]
+        None,
+        help=f"Peak learning rate. Default by --loss: {by_loss(lambda loss: loss.learning_rate)}. "
+        f"{tuning.PAPERS_BATCH_HELP}",
+        kw_only=True,
+    )
     epochs: float = field(default=1.0, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise tuning.TuneInputError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}.")
         loss = LOSSES[self.loss]
-        for setting, owner in SETTINGS.values():
-            value = getattr(self, setting.name)
+        for declared, owner in SETTINGS.values():
+            value = getattr(self, declared.name)
             if value is not None and owner is not loss:
                 raise tuning.TuneInputError(
-                    f"{setting.flag} is {owner.title}'s; drop it or use --loss {owner.name}."
+                    f"{declared.flag} is {owner.title}'s; drop it or use --loss {owner.name}."
                 )
-            if value is not None and not setting.low <= value <= setting.high:
-                raise tuning.TuneInputError(f"{setting.flag} must be in [{setting.low:g}, {setting.high:g}].")
+            if value is not None and not declared.low <= value <= declared.high:
+                raise tuning.TuneInputError(
+                    f"{declared.flag} must be in [{declared.low:g}, {declared.high:g}]."
+                )
         if self.beta is not None and self.beta <= 0:
             raise tuning.TuneInputError("--beta must be positive.")
         defaults = {"beta": loss.beta, "learning_rate": loss.learning_rate,
-                    **{setting.name: setting.default for setting in loss.settings}}  # fmt: skip
+                    **{declared.name: declared.default for declared in loss.settings}}  # fmt: skip
         for name, default in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
@@ -106,44 +149,9 @@ def dpo(settings: DPOSettings) -> dict[str, Any] | None:
     return tuning.run(settings, STAGE, load_pairs, make_trainer, log_keys=(*TRAINING_KEYS, *loss.metrics))
 
 
-def number(value: float) -> str:
-    """A default as --help writes it: 0.01, 10, 3e-7."""
-    return f"{value:g}".replace("e-0", "e-")
-
-
-def by_loss(value: Callable[[PreferenceLoss], float]) -> str:
-    """Each loss's default of a setting, with its source, for --help."""
-    return ", ".join(f"{loss.name} {number(value(loss))} ({loss.source})" for loss in LOSSES.values())
-
-
-def loss_help() -> str:
-    def one(loss: PreferenceLoss) -> str:
-        needs = f" (needs pairs of `fusion-train prefer --mode {loss.pairs_of}`)" if loss.pairs_of else ""
-        return f"{loss.name}: {loss.title}{needs}"
-
-    return "; ".join(one(loss) for loss in LOSSES.values()) + "."
-
-
-def loss_setting_options(function: Any) -> Any:
-    """A flag for each loss's own settings (``--alpha-max``)."""
-    for setting, owner in reversed(SETTINGS.values()):
-        function = click.option(setting.flag, setting.name, type=click.FloatRange(setting.low, setting.high),
-                                default=None, help=f"{owner.title}: {setting.help} (default {number(setting.default)}, "
-                                f"{owner.source}).")(function)  # fmt: skip
-    return function
-
-
 @click.command("dpo", cls=Command)
-@click.option("--loss", type=click.Choice(list(LOSSES)), default=COMMAND_LOSS, help=loss_help())
-@click.option("--beta", type=tuning.POSITIVE_FLOAT, default=None,
-              help=f"beta of the loss. Default by --loss: {by_loss(lambda loss: loss.beta)}.")  # fmt: skip
-@loss_setting_options
-@tuning.tune_options(
-    None,
-    1.0,
-    f"Peak learning rate. Default by --loss: {by_loss(lambda loss: loss.learning_rate)}. The papers' "
-    "rates are for a global batch of 128 (processes x --per-device-batch-size x --grad-accumulation).",
-)
+@options_from(DPOSettings)
+@launch_options
 def dpo_command(**params: Any) -> None:
     """Preference-train a model on `fusion-train prefer`'s pairs (DPO, length-normalised DPO, WRPO,
     IPO or SLiC's hinge loss), on TRL's DPOTrainer and DeepSpeed ZeRO."""

@@ -129,8 +129,9 @@ class RateStage(sample.Sampling):
 IMPLICIT_SETTINGS = {"sample": SampleStage, "score": ScoreStage, "prefer": PreferStage, "sft": SFTStage,
                      "dpo": DPOStage, "rate": RateStage}  # fmt: skip
 IMPLICIT_COMMANDS = {SampleStage: sample.sample_command, ScoreStage: score.score_command,
-                     PreferStage: prefer.prefer_command, SFTStage: sft.sft_command, DPOStage: dpo.dpo_command,
-                     RateStage: sample.sample_command}  # fmt: skip
+                     PreferStage: prefer.prefer_command, RateStage: sample.sample_command}  # fmt: skip
+# The training sections' keys accept what the fields of their stage's settings declare.
+IMPLICIT_DECLARED_BY: dict[type, type] = {SFTStage: sft.SFTSettings, DPOStage: dpo.DPOSettings}
 IMPLICIT_ONLY_TYPES: dict[type, dict[str, click.ParamType]] = {
     ScoreStage: {"reward_model": click.STRING},  # a path relative to the recipe, checked by check_implicit
     PreferStage: {"mode": click.Choice(["fusechat3", "wrpo"])},

@@ -11,7 +11,7 @@ ZeRO presets, bf16, checkpoints and publishing are ``train``'s (``fusion_train/i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import click
@@ -20,6 +20,8 @@ import datasets
 from fusion_train.errors import Command
 from fusion_train.implicit import tuning
 from fusion_train.implicit.prefer import SFT_DIR
+from fusion_train.launch import launch_options
+from fusion_train.settings import options_from, setting
 
 MODULE = "fusion_train.implicit.sft"  # what the launcher runs in every process
 STAGE = "sft"
@@ -34,6 +36,14 @@ LEARNING_RATE, EPOCHS = SFT_DEFAULTS["fusechat3"]
 @dataclass(frozen=True)
 class SFTSettings(tuning.TuneSettings):
     """An SFT run: ``TuneSettings`` with SFT's defaults."""
+
+    learning_rate: float = setting(
+        LEARNING_RATE,
+        help="Peak learning rate. Default: FuseChat-3.0's (with 3 epochs; for Qwen-2.5 and Gemma-2 it gives "
+        f"2e-6); WRPO's SFT: 7e-6 with --epochs 1. {tuning.PAPERS_BATCH_HELP}",
+        kw_only=True,
+    )
+    epochs: float = field(default=EPOCHS, kw_only=True)
 
 
 def load_sft(settings: tuning.TuneSettings) -> datasets.Dataset:
@@ -60,13 +70,8 @@ def sft(settings: SFTSettings) -> dict[str, Any] | None:
 
 
 @click.command("sft", cls=Command)
-@tuning.tune_options(
-    LEARNING_RATE,
-    EPOCHS,
-    "Peak learning rate. Default: FuseChat-3.0's (with 3 epochs; for Qwen-2.5 and "
-    "Gemma-2 it gives 2e-6); WRPO's SFT: 7e-6 with --epochs 1. The papers' rates are for a global batch "
-    "of 128 (processes x --per-device-batch-size x --grad-accumulation).",
-)
+@options_from(SFTSettings)
+@launch_options
 def sft_command(**params: Any) -> None:
     """Fine-tune a model on the best response per prompt (`fusion-train prefer`'s sft/), on TRL's
     SFTTrainer and DeepSpeed ZeRO."""

@@ -5,7 +5,7 @@ A stage (``sft.py``, ``dpo.py``) names the data it reads from a ``fusion-train p
 (``sft/`` or ``pairs/``) and the TRL config and trainer it builds; the rest is here, once:
 
 - :class:`TuneSettings`, the settings both share (``train``'s, ``train.TrainerSettings``, with the
-  stage's inputs and ``max_length``), and :func:`tune_options`, their flags;
+  stage's inputs and ``max_length``), each declared once with its flag (``fusion_train.settings``);
 - :func:`prepare`, every check before a process group or a model exists (the data, the tokenizer's
   chat template, the ZeRO config against the flags, checkpoints and ``--resume``), and the run's
   manifest in ``OUT.work/``, which a resumed run must match;
@@ -30,17 +30,11 @@ from typing import Any, ClassVar
 
 import click
 import datasets
-from transformers import SchedulerType
 
 from fusion_train import options
 from fusion_train.errors import UserError
 from fusion_train.implicit import prefer
-from fusion_train.launch import (
-    launch_if_asked,
-    launch_options,
-    parameters_held,
-    world_size_of,
-)
+from fusion_train.launch import launch_if_asked, parameters_held, world_size_of
 from fusion_train.models import (
     attention_implementation,
     check_model_directory,
@@ -48,10 +42,10 @@ from fusion_train.models import (
     load_tokenizer,
     tokenizer_hash,
 )
-from fusion_train.options import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
+from fusion_train.settings import setting
 from fusion_train.storage import MANIFEST, claim_output, read_json
 from fusion_train.train import (
-    PRESETS,
+    OUT_HELP,
     StepLearningRates,
     TrainerSettings,
     deepspeed_config,
@@ -72,6 +66,11 @@ MAX_LENGTH = 2048  # tokens of prompt and response
 GLOBAL_BATCH = 128  # the papers' (SFT and preference training), for which their learning rates are
 MIN_STEPS = 8  # optimizer steps per epoch that a data set smaller than MIN_STEPS x GLOBAL_BATCH still gets
 SUMMARY_FORMAT = "fusion-train/tune-summary@1"
+# the end of sft's and dpo's --learning-rate help
+PAPERS_BATCH_HELP = (
+    "The papers' rates are for a global batch of 128 (processes x --per-device-batch-size x "
+    "--grad-accumulation)."
+)
 
 
 class TuneInputError(UserError, ValueError):
@@ -85,11 +84,29 @@ class TuneSettings(TrainerSettings):
 
     input_error: ClassVar[type[UserError]] = TuneInputError
 
-    model: str
-    prefs: str  # a `fusion-train prefer` output directory
-    out: str
-    max_length: int = MAX_LENGTH
+    model: str = setting(
+        type=click.Path(exists=True, file_okay=False),
+        help="The model to fine-tune (a HF directory with a chat template).",
+    )
+    prefs: str = setting(
+        type=click.Path(exists=True, file_okay=False),
+        help="Output directory of `fusion-train prefer` (its sft/ and pairs/).",
+    )
+    out: str = setting(type=click.Path(file_okay=False), help=OUT_HELP)
+    max_length: int = setting(
+        MAX_LENGTH,
+        type=options.MAX_LENGTH,
+        help="Longest tokenized prompt + response; longer ones are cut at the end.",
+    )
     warmup_ratio: float = field(default=WARMUP_RATIO, kw_only=True)
+    per_device_batch_size: int = setting(1, help="Examples per process per micro-step.", kw_only=True)
+    grad_accumulation: int = setting(
+        1,
+        help="Micro-steps per optimizer step. The papers train with a global batch (processes x "
+        "--per-device-batch-size x this) of 128, for which their learning rates are; a recipe reaches it "
+        "by default.",
+        kw_only=True,
+    )
 
 
 def papers_grad_accumulation(per_device_batch_size: int, world_size: int, examples: int | None = None) -> int:
@@ -274,130 +291,6 @@ def _run(settings: TuneSettings, stage: str, prepared: Prepared, make_trainer: C
 
 
 # --------------------------------------------------------------------------- commands
-
-
-def tune_options(learning_rate: float | None, epochs: float, lr_help: str) -> Callable[[Any], Any]:
-    """The flags of :class:`TuneSettings` (less the stage's data), with the stage's defaults."""
-
-    def decorate(function: Any) -> Any:
-        for option in reversed(
-            [
-                click.option(
-                    "--model",
-                    required=True,
-                    type=click.Path(exists=True, file_okay=False),
-                    help="The model to fine-tune (a HF directory with a chat template).",
-                ),
-                click.option(
-                    "--prefs",
-                    required=True,
-                    type=click.Path(exists=True, file_okay=False),
-                    help="Output directory of `fusion-train prefer` (its sft/ and pairs/).",
-                ),
-                click.option(
-                    "--out",
-                    required=True,
-                    type=click.Path(file_okay=False),
-                    help="The trained model directory (published when done; checkpoints go to OUT.work/).",
-                ),
-                click.option(
-                    "--deepspeed",
-                    default="zero2",
-                    help=f"ZeRO preset ({', '.join(PRESETS)}) or a DeepSpeed JSON config file.",
-                ),
-                launch_options,
-                click.option(
-                    "--learning-rate",
-                    "--lr",
-                    "learning_rate",
-                    type=POSITIVE_FLOAT,
-                    default=learning_rate,
-                    help=lr_help,
-                ),
-                click.option(
-                    "--epochs", type=NON_NEGATIVE_FLOAT, default=epochs, help="Passes over the data."
-                ),
-                click.option(
-                    "--max-steps",
-                    type=click.IntRange(min=-1),
-                    default=-1,
-                    help="Optimizer steps; > 0 overrides --epochs.",
-                ),
-                click.option(
-                    "--per-device-batch-size",
-                    type=POSITIVE_INT,
-                    default=1,
-                    help="Examples per process per micro-step.",
-                ),
-                click.option(
-                    "--grad-accumulation",
-                    type=POSITIVE_INT,
-                    default=1,
-                    help="Micro-steps per optimizer step. The papers train with a global batch (processes x "
-                    "--per-device-batch-size x this) of 128, for which their learning rates are; a recipe "
-                    "reaches it by default.",
-                ),
-                click.option(
-                    "--warmup-ratio",
-                    type=click.FloatRange(0.0, 1.0, max_open=True),
-                    default=WARMUP_RATIO,
-                    help="Share of the steps with a linear warmup.",
-                ),
-                click.option(
-                    "--scheduler",
-                    type=click.Choice([s.value for s in SchedulerType]),
-                    default="cosine",
-                    help="transformers learning-rate schedule.",
-                ),
-                click.option("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.0),
-                click.option(
-                    "--max-grad-norm", type=NON_NEGATIVE_FLOAT, default=1.0, help="Gradient clipping."
-                ),
-                click.option(
-                    "--max-length",
-                    type=options.MAX_LENGTH,
-                    default=MAX_LENGTH,
-                    help="Longest tokenized prompt + response; longer ones are cut at the end.",
-                ),
-                click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False),
-                click.option(
-                    "--bf16/--no-bf16",
-                    default=None,
-                    help="bf16 mixed precision. Default: on GPUs that support it; on CPU-only machines "
-                    "only when asked.",
-                ),
-                options.attn_implementation,
-                click.option(
-                    "--report-to",
-                    default="none",
-                    help="none, tensorboard, wandb, ... (transformers integrations).",
-                ),
-                click.option("--logging-steps", type=POSITIVE_INT, default=10),
-                click.option(
-                    "--save-steps",
-                    type=POSITIVE_INT,
-                    default=500,
-                    help="Checkpoint every N optimizer steps (in OUT.work/).",
-                ),
-                click.option(
-                    "--save-total-limit",
-                    type=click.IntRange(min=0),
-                    default=2,
-                    help="Checkpoints kept (0: all).",
-                ),
-                click.option(
-                    "--resume/--no-resume",
-                    default=False,
-                    help="Continue from the last checkpoint in OUT.work/ (from the start if it has "
-                    "none yet).",
-                ),
-                click.option("--seed", default=42),
-            ]
-        ):
-            function = option(function)
-        return function
-
-    return decorate
 
 
 def settings_of(settings_class: type, params: dict[str, Any]) -> Any:

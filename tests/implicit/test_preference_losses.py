@@ -5,48 +5,17 @@ default and checks), and every loss's own setting has the fields and flag it nee
 from __future__ import annotations
 
 from dataclasses import fields, replace
-from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from recording_stages import RecordingStages
 
 pytest.importorskip("trl")
 
-from fusion_train import demo, pipeline
-from fusion_train.implicit import recipe as implicit_recipe
-from fusion_train.implicit import tuning
+from recording_stages import training_folders
+
 from fusion_train.implicit.dpo import DPOSettings, dpo_command
 from fusion_train.implicit.preference_losses import DEFAULT_LOSS, LOSSES, SETTINGS, registry
-from fusion_train.implicit.recipe import IMPLICIT_SETTINGS, MODEL_NAMES, DPOStage, ImplicitRun
-from fusion_train.pipeline import ModelEntry
-from fusion_train.stages import Resources
-
-MODELS = {"pivot": {"name": "pivot-smollm2-24l", "path": "/models/pivot"},
-          "sources": [{"name": "smollm2-135m", "path": "/models/smollm2"},
-                      {"name": "gemma3-270m", "path": "/models/gemma3"}],
-          "data": {"train": "alpaca_eval_outputs.json"}, "run_dir": "."}  # fmt: skip
-
-
-def training_folders(
-    monkeypatch: pytest.MonkeyPatch, quick: bool, mode: str, dpo: dict[str, Any]
-) -> list[str]:
-    """The folders of the implicit demo recipe's training stages (sample to dpo), as a run names
-    them; the models' fingerprints and the pairs' count stand in for models and data."""
-    monkeypatch.setattr(demo, "demo_models", lambda out: MODELS)
-    monkeypatch.setattr(implicit_recipe, "model_fingerprint", lambda path: f"fingerprint of {path}")
-    monkeypatch.setattr(tuning, "count_examples", lambda prefs, split: 40)
-    raw = demo.implicit_demo_recipe(Path("/demo"), quick, 1, mode)
-    raw["dpo"].update(dpo)
-    sections = {
-        name: pipeline._build(cls, raw[name], "demo", name) for name, cls in IMPLICIT_SETTINGS.items()
-    }
-    recipe = SimpleNamespace(pivot=ModelEntry(**MODELS["pivot"]), sources=[ModelEntry(**s) for s in MODELS["sources"]],
-                             resources=pipeline._build(Resources, raw["resources"], "demo", "resources"), **sections)  # fmt: skip
-    stages = RecordingStages()
-    ImplicitRun(recipe, stages, Path("train.jsonl"), Path("heldout.jsonl"), "data-key").train_models()
-    return stages.folders
+from fusion_train.implicit.recipe import MODEL_NAMES, DPOStage
 
 
 # Computed by the code before the registry (commit 7a74a30): the runs made then are found again.

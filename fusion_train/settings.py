@@ -1,0 +1,113 @@
+"""Settings declared once, on their dataclass field: type, default, range and help.
+
+A stage's settings class (``train.TrainConfig``, ``implicit.tuning.TuneSettings``, ...) declares
+each setting with :func:`setting`; its command's flags come from the fields (:func:`options_from`)
+and a recipe checks its keys against the same ranges and choices (:func:`value_types`). Adding a
+setting is one field: the flag, its ``--help``, the value in the settings and the recipe key
+follow from it, and a launched rank gets it like every other setting.
+
+A subclass that only changes a setting's default or help overrides the field (with
+:func:`setting` for a new help, or a plain default); the rest of the declaration comes from the
+base class's field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import MISSING, Field, dataclass, field, fields
+from types import NoneType, UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import click
+
+DECLARATION = "fusion_train.settings"  # the key of a field's metadata that holds its Declaration
+TYPES_OF_ANNOTATIONS: dict[Any, click.ParamType] = {int: click.INT, float: click.FLOAT, str: click.STRING,
+                                                    bool: click.BOOL}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What a field says about its setting beyond its annotation and default."""
+
+    help: str | None = None
+    type: click.ParamType | None = None  # a range, choice or path; None: the annotation's type
+    aliases: tuple[str, ...] = ()  # flags besides --name-with-dashes (--lr)
+
+
+def setting(
+    default: Any = MISSING,
+    *,
+    help: str | None = None,
+    type: click.ParamType | None = None,
+    aliases: Iterable[str] = (),
+    kw_only: bool | None = None,
+) -> Any:
+    """A dataclass field declaring a setting; without ``default`` its flag is required.
+    ``kw_only``: as ``dataclasses.field``'s (None: the class's)."""
+    return field(
+        default=default,
+        metadata={DECLARATION: Declaration(help, type, tuple(aliases))},
+        **({} if kw_only is None else {"kw_only": kw_only}),
+    )
+
+
+def declaration(cls: type, name: str) -> Declaration:
+    """The declaration of ``cls``'s field ``name``: each part from the most derived class that
+    declares it (a subclass may restate only the help, or only the default)."""
+    found = [
+        base.__dataclass_fields__[name].metadata[DECLARATION]
+        for base in cls.__mro__
+        if name in getattr(base, "__dataclass_fields__", {})
+        and DECLARATION in base.__dataclass_fields__[name].metadata
+    ]
+    return Declaration(
+        help=next((d.help for d in found if d.help is not None), None),
+        type=next((d.type for d in found if d.type is not None), None),
+        aliases=next((d.aliases for d in found if d.aliases), ()),
+    )
+
+
+def _annotated(hint: Any) -> Any:
+    """The type of an annotation, ``X | None`` read as ``X``."""
+    if get_origin(hint) in (Union, UnionType):
+        (hint,) = (arg for arg in get_args(hint) if arg is not NoneType)
+    return hint
+
+
+def value_types(cls: type) -> dict[str, click.ParamType]:
+    """Field name -> the type its values must have (as a flag or a recipe key): the declared
+    range, choice or path, else the annotation's type."""
+    hints = get_type_hints(cls)
+    return {
+        f.name: declaration(cls, f.name).type or TYPES_OF_ANNOTATIONS[_annotated(hints[f.name])]
+        for f in fields(cls)
+        if f.init
+    }
+
+
+def _required(f: Field[Any]) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def options_from(cls: type) -> Callable[[Any], Any]:
+    """A decorator adding a click option for every field of ``cls``, in ``--help`` in this order:
+    the required ones, the ones ``cls`` adds, then the inherited ones, each in the fields' order
+    (a stable sort). A bool is a ``--name/--no-name`` switch."""
+    types, hints = value_types(cls), get_type_hints(cls)
+    inherited = {name for base in cls.__mro__[1:] for name in getattr(base, "__dataclass_fields__", {})}
+    chosen = sorted((f for f in fields(cls) if f.init), key=lambda f: (not _required(f), f.name in inherited))
+
+    def option(f: Field[Any]) -> Callable[[Any], Any]:
+        declared, flag = declaration(cls, f.name), "--" + f.name.replace("_", "-")
+        default = None if _required(f) else f.default
+        if _annotated(hints[f.name]) is bool:
+            return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=default, help=declared.help)
+        return click.option(flag, *declared.aliases, f.name, type=types[f.name], default=default,
+                            required=_required(f), help=declared.help)  # fmt: skip
+
+    def decorate(function: Any) -> Any:
+        for f in reversed(chosen):
+            function = option(f)(function)
+        return function
+
+    return decorate
