@@ -563,6 +563,15 @@ def schedule_problem(
     )
 
 
+class LogLastStep(TrainerCallback):
+    """Logs the last optimizer step whatever ``logging_steps`` is, so that a summary's ``end``
+    loss is the run's last: a run shorter than ``logging_steps`` logged its first step only."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+
+
 class StepLearningRates(TrainerCallback):
     """The learning rate each optimizer step runs at, read from the optimizer just before the step,
     and written into the Trainer's logs in place of its own ``learning_rate``: under DeepSpeed the
@@ -962,7 +971,7 @@ def _train(config: TrainConfig, prepared: Prepared, world_size: int, started: fl
             train_dataset=fused.data,
             data_collator=FusionCollator(pad_id if pad_id is not None else 0),
             processing_class=tokenizer,
-            callbacks=[rates, *callbacks],
+            callbacks=[rates, LogLastStep(), *callbacks],
             lm_weight=config.lm_weight,
             temperature=config.temperature,
             tokenizer_size=len(tokenizer),

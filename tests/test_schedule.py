@@ -187,7 +187,7 @@ def test_training_logs_and_records_the_rate_each_step_ran_at(ws: Path, tmp_path:
     peak = 1e-3
     config = TrainConfig(model=str(ws / "model"), fused=str(ws / "fused"), out=str(tmp_path / "out"), epochs=1.0,
                          per_device_batch_size=3, grad_accumulation=2, scheduler="linear", warmup_ratio=0.5,
-                         learning_rate=peak, logging_steps=1, bf16=False)  # fmt: skip
+                         learning_rate=peak, logging_steps=10, bf16=False)  # fmt: skip
     assert optimizer_steps(config, 8, 1) == 2
     watch = WeightsAfterEachStep()
     summary = train(config, callbacks=[watch])
@@ -195,7 +195,11 @@ def test_training_logs_and_records_the_rate_each_step_ran_at(ws: Path, tmp_path:
     history = json.loads((work_dir(config.out) / "checkpoint-2" / "trainer_state.json").read_text())[
         "log_history"
     ]
-    assert [entry["learning_rate"] for entry in history if "loss" in entry] == [0.0, peak]
+    # Logged: the first step (logging_first_step) and the last, though logging_steps is 10.
+    assert [(entry["step"], entry["learning_rate"]) for entry in history if "loss" in entry] == [
+        (1, 0.0),
+        (2, peak),
+    ]
     assert summary["learning_rate"] == {
         "peak": peak,
         "first": 0.0,
@@ -217,12 +221,13 @@ def test_sft_and_dpo_log_the_rate_each_step_ran_at(stage: str, ws: Path, tmp_pat
     pytest.importorskip("trl")
     out = tmp_path / "out"
     args = [stage, "--model", str(ws / "model"), "--prefs", str(ws / "prefs"), "--out", str(out), "--max-steps", "2",
-            "--warmup-ratio", "0.5", "--scheduler", "linear", "--lr", "1e-4", "--logging-steps", "1",
+            "--warmup-ratio", "0.5", "--scheduler", "linear", "--lr", "1e-4", "--logging-steps", "10",
             "--per-device-batch-size", "2", "--max-length", "64"]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, (result.output, result.exception)
     summary = json.loads((out / SUMMARY).read_text())
     assert (summary["loss"]["start"]["learning_rate"], summary["loss"]["end"]["learning_rate"]) == (0.0, 1e-4)
+    assert (summary["loss"]["start"]["step"], summary["loss"]["end"]["step"]) == (1, 2)  # the last, logged
     assert summary["learning_rate"] == {
         "peak": 1e-4,
         "first": 0.0,

@@ -46,6 +46,7 @@ from fusion_train.settings import setting
 from fusion_train.storage import MANIFEST, claim_output, read_json
 from fusion_train.train import (
     OUT_HELP,
+    LogLastStep,
     StepLearningRates,
     TrainerSettings,
     deepspeed_config,
@@ -254,7 +255,7 @@ def _run(settings: TuneSettings, stage: str, prepared: Prepared, make_trainer: C
     """``run`` after the checks, in a process that has a rank's variables; ``make_trainer`` takes
     the callbacks to add."""
     rates = StepLearningRates()
-    trainer = make_trainer([rates])
+    trainer = make_trainer([rates, LogLastStep()])
     result = trainer.train(resume_from_checkpoint=prepared.resume_from)
     parameters = parameters_held(trainer.model)
 
