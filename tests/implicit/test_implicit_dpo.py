@@ -99,6 +99,21 @@ def logp_by_hand(model: torch.nn.Module, tokenizer: object, prompt: list, answer
     return float(sum(logprobs[t - 1, ids[0, t]] for t in range(start, ids.shape[1])))
 
 
+def log_probabilities_by_hand(
+    trainer: DPOTrainer, tokenizer: object, rows: datasets.Dataset
+) -> list[list[tuple[float, float, int]]]:
+    """Per row, for its chosen then its rejected response: log p under the policy and under the
+    reference model, and the response's tokens (its answer and the template's end of turn)."""
+    found = []
+    for row in rows:
+        start = len(token_ids(tokenizer, row["prompt"], generation_prompt=True))
+        found.append([(logp_by_hand(trainer.model, tokenizer, row["prompt"], row[key], start),
+                       logp_by_hand(trainer.ref_model, tokenizer, row["prompt"], row[key], start),
+                       len(token_ids(tokenizer, row["prompt"] + row[key])) - start)
+                      for key in ("chosen", "rejected")])  # fmt: skip
+    return found
+
+
 def batch_of(trainer: DPOTrainer) -> dict:
     return next(iter(trainer.get_train_dataloader()))
 
@@ -188,17 +203,13 @@ def test_length_normalised_rewards_are_the_ones_the_loss_compares(model_dir: Pat
     assert stock.args.loss_type == ["sigmoid_norm"] and type(stock) is DPOTrainer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     summed, normalised, scale = [], [], 0.0
-    for row in pairs().select([0, 1]):
-        start = len(token_ids(tokenizer, row["prompt"], generation_prompt=True))
-        pair = []
-        for key in ("chosen", "rejected"):
-            policy = logp_by_hand(trainer.model, tokenizer, row["prompt"], row[key], start)
-            reference = logp_by_hand(trainer.ref_model, tokenizer, row["prompt"], row[key], start)
-            tokens = len(token_ids(tokenizer, row["prompt"] + row[key])) - start
-            pair.append((BETA * (policy - reference), tokens))
-            scale = max(scale, BETA * abs(policy), BETA * abs(reference))
-        summed.append([reward for reward, _ in pair])
-        normalised.append([reward / tokens for reward, tokens in pair])
+    for pair in log_probabilities_by_hand(trainer, tokenizer, pairs().select([0, 1])):
+        rewards = [(BETA * (policy - reference), tokens) for policy, reference, tokens in pair]
+        scale = max(
+            scale, *(BETA * abs(value) for policy, reference, _ in pair for value in (policy, reference))
+        )
+        summed.append([reward for reward, _ in rewards])
+        normalised.append([reward / tokens for reward, tokens in rewards])
     assert [s[0] > s[1] for s in summed] != [
         n[0] > n[1] for n in normalised
     ]  # the two rank a pair differently
@@ -230,16 +241,11 @@ def test_trl_losses_match_the_papers_formulas_by_hand(loss: str, model_dir: Path
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     summed, mean, logps = [], [], []  # per pair: r(y_w) - r(y_l), h; every log-probability
-    for row in pairs().select([0, 1]):
-        start = len(token_ids(tokenizer, row["prompt"], generation_prompt=True))
-        ratios = []
-        for key in ("chosen", "rejected"):
-            policy = logp_by_hand(trainer.model, tokenizer, row["prompt"], row[key], start)
-            reference = logp_by_hand(trainer.ref_model, tokenizer, row["prompt"], row[key], start)
-            tokens = len(token_ids(tokenizer, row["prompt"] + row[key])) - start
-            ratios.append((policy - reference, tokens))
-            logps += [policy, reference]
-        (chosen, n_chosen), (rejected, n_rejected) = ratios
+    for pair in log_probabilities_by_hand(trainer, tokenizer, pairs().select([0, 1])):
+        (chosen, n_chosen), (rejected, n_rejected) = [
+            (policy - reference, tokens) for policy, reference, tokens in pair
+        ]
+        logps += [value for policy, reference, _ in pair for value in (policy, reference)]
         summed.append(chosen - rejected)
         mean.append(chosen / n_chosen - rejected / n_rejected)
     target = 1 / (2 * BETA)
