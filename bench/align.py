@@ -46,6 +46,7 @@ from fusion_train.align import (
     token_strings,
 )
 from fusion_train.chat import normalise_record, resolve_chat_template
+from fusion_train.encoding import ChatTokenizer, EncodedExample, encode_conversation
 from fusion_train.registry_assets import (
     ALPACA_EVAL_OUTPUTS,
     fetch,
@@ -53,16 +54,8 @@ from fusion_train.registry_assets import (
     real_tokenizer_dir,
     smollm2_instruct_dir,
 )
-from fusion_train.represent import (
-    ChatTokenizer,
-    EncodedExample,
-    RepresentSettings,
-    encode_conversation,
-    example_arrays,
-    load_representation,
-    position_runs,
-    represent,
-)
+from fusion_train.represent import RepresentSettings, represent
+from fusion_train.representation import example_arrays, load_representation, position_runs
 
 TOP_K = 10
 

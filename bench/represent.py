@@ -27,15 +27,11 @@ from pathlib import Path
 import torch
 
 from fusion_train.chat import load_conversations, resolve_chat_template
+from fusion_train.encoding import ChatTokenizer, encode_conversation
 from fusion_train.inference import InferenceSettings, Scorer, batches_by_length
 from fusion_train.models import load_tokenizer
 from fusion_train.registry_assets import ALPACA_EVAL_OUTPUTS, fetch, gemma3_270m_dir, smollm2_instruct_dir
-from fusion_train.represent import (
-    ChatTokenizer,
-    RepresentSettings,
-    encode_conversation,
-    represent,
-)
+from fusion_train.represent import RepresentSettings, represent
 
 
 def directory_bytes(path: Path) -> int:

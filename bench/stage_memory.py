@@ -29,6 +29,7 @@ import psutil
 
 from fusion_train import pipeline
 from fusion_train.demo import demo_recipe, implicit_demo_recipe
+from fusion_train.recipe import parse_recipe
 from fusion_train.stages import Stages
 
 GIB = 2**30
@@ -98,7 +99,7 @@ def both_recipe(out: Path, quick: bool) -> dict[str, Any]:
 def main(out_dir: str, default_size: bool) -> None:
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    recipe = pipeline.parse_recipe(both_recipe(out, not default_size), base=out, default_run_dir=out)
+    recipe = parse_recipe(both_recipe(out, not default_size), base=out, default_run_dir=out)
     memory = StageMemory()
     original_run = Stages.run
     Stages.run = memory.wrap(lambda self, stage, name, *a, **k: f"{stage}/{name}", original_run)

@@ -47,7 +47,8 @@ import torch
 
 from fusion_train.losses import CHUNK_TOKENS, fused_weights, head_loss_sums, supervised_loss_sums
 from fusion_train.registry_assets import ALPACA_EVAL_OUTPUTS, fetch, smollm2_instruct_dir
-from fusion_train.represent import RepresentSettings, load_representation, represent
+from fusion_train.represent import RepresentSettings, represent
+from fusion_train.representation import load_representation
 from fusion_train.storage import read_json, write_json_atomic
 from fusion_train.train import FusionCollator, FusionTrainer, load_fused
 

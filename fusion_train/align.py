@@ -41,7 +41,7 @@ from fusion_train.chat import resolve_chat_template
 from fusion_train.dtw import dtw_align
 from fusion_train.errors import Command, UserError
 from fusion_train.models import load_tokenizer
-from fusion_train.represent import example_arrays, load_representation, read_manifest, topk_columns
+from fusion_train.representation import example_arrays, load_representation, read_manifest, topk_columns
 from fusion_train.storage import atomic_directory, claim_output, read_json, write_json_atomic
 
 FORMAT = "fusion-train/aligned@2"  # @2: pairs cover the same bytes of the rendered text

@@ -27,7 +27,8 @@ import yaml
 
 from fusion_train.errors import Command
 from fusion_train.merge_methods import DEFAULT_MERGE_METHODS
-from fusion_train.pipeline import parse_recipe, run_pipeline
+from fusion_train.pipeline import run_pipeline
+from fusion_train.recipe import parse_recipe
 from fusion_train.registry_assets import (
     ALPACA_EVAL_OUTPUTS,
     cache_dir,

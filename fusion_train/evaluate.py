@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from fusion_train import options
 from fusion_train.chat import Conversation, data_fingerprint, load_conversations, resolve_chat_template
+from fusion_train.encoding import ChatTokenizer, encode_conversation
 from fusion_train.errors import Command, UserError
 from fusion_train.inference import InferenceSettings, check_before_launch, inference_settings, load_scorer
 from fusion_train.launch import (
@@ -35,7 +36,6 @@ from fusion_train.launch import (
     process_group,
 )
 from fusion_train.models import check_model_directory, load_tokenizer, model_fingerprint
-from fusion_train.represent import ChatTokenizer, encode_conversation
 from fusion_train.storage import atomic_write_text, read_json, refuse_unrelated, write_json_atomic
 
 MODULE = "fusion_train.evaluate"  # what the launcher runs in every process

@@ -34,12 +34,7 @@ from fusion_train.fusion_criteria import (
     Fused,
     pivots_own,
 )
-from fusion_train.represent import (
-    example_arrays,
-    load_representation,
-    sequence_columns,
-    topk_columns,
-)
+from fusion_train.representation import example_arrays, load_representation, sequence_columns, topk_columns
 from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
 
 FORMAT = "fusion-train/fused@1"

@@ -22,18 +22,16 @@ import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fusion_train.encoding import EncodedExample
 from fusion_train.errors import UserError
 from fusion_train.launch import Rank, any_rank, parameters_held, resolve_device, resolve_dtype
 from fusion_train.models import attention_implementation, load_model, output_rows, release_memory
-
-if TYPE_CHECKING:
-    from fusion_train.represent import EncodedExample
 
 LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits materialised at once when scoring
 ENGINES = ("hf", "vllm")

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import click
 import datasets
 import pyarrow as pa
 from tqdm.auto import tqdm
@@ -21,6 +22,19 @@ from fusion_train.storage import MANIFEST, atomic_directory, read_json, write_js
 
 PARTS_DIR = "parts"
 STATS = "stats.json"
+
+
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` (None: the launcher's RANK / WORLD_SIZE, or a single process)."""
+    if not shard:
+        return None
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected i/n such as 0/2, got {shard!r}", param_hint="--shard") from None
+    if not 0 <= index < count:
+        raise click.BadParameter(f"shard index must be in [0, {count})", param_hint="--shard")
+    return index, count
 
 
 def part_path(out_dir: Path, index: int) -> Path:

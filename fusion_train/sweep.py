@@ -21,7 +21,8 @@ import click
 import yaml
 
 from fusion_train.errors import Command, read_yaml
-from fusion_train.pipeline import STAGE_SETTINGS, RecipeError, load_recipe, parse_recipe, run_pipeline
+from fusion_train.pipeline import run_pipeline
+from fusion_train.recipe import STAGE_SETTINGS, RecipeError, load_recipe, parse_recipe
 from fusion_train.storage import atomic_write_text, write_json_atomic
 
 BASE = "recipe as written"

@@ -1,7 +1,7 @@
 """An independent reading of which bytes of a rendered conversation every token covers.
 
 Tests build their expectations here, not with the code under test (``fusion_train.vocab`` and
-``represent.token_byte_spans``): a token's bytes come from transformers' own GPT-2
+``encoding.token_byte_spans``): a token's bytes come from transformers' own GPT-2
 ``bytes_to_unicode`` table (byte-level vocabularies) or from the SentencePiece conventions
 (``▁`` is a space, ``<0xNN>`` one byte), and the tokens' bytes, laid end to end, must
 reproduce the text; where they do, that concatenation says which bytes each token covers.

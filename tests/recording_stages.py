@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 
 from fusion_train import demo, pipeline
-from fusion_train.implicit import recipe as implicit_recipe
+from fusion_train.implicit import pipeline as implicit_pipeline
 from fusion_train.implicit import tuning
-from fusion_train.implicit.recipe import IMPLICIT_SETTINGS, ImplicitRun
-from fusion_train.pipeline import STAGE_SETTINGS, DataSettings, ModelEntry, Recipe
+from fusion_train.implicit.pipeline import ImplicitRun
+from fusion_train.implicit.sections import IMPLICIT_SETTINGS
+from fusion_train.recipe import STAGE_SETTINGS, DataSettings, ModelEntry, Recipe, build_section
 from fusion_train.stages import Resources, stage_key
 
 MODELS = {"pivot": {"name": "pivot-smollm2-24l", "path": "/models/pivot"},
@@ -48,7 +49,7 @@ def explicit_folders(monkeypatch: pytest.MonkeyPatch, quick: bool, changes: dict
     for section, values in changes.items():
         raw[section] = {**raw.get(section, {}), **values}
     sources = [*MODELS["sources"], *extra_sources]
-    sections = {name: pipeline._build(cls, raw[name], "demo", name) for name, cls in STAGE_SETTINGS.items()
+    sections = {name: build_section(cls, raw[name], "demo", name) for name, cls in STAGE_SETTINGS.items()
                 if name in raw}  # fmt: skip
     recipe = Recipe(ModelEntry(**MODELS["pivot"]), tuple(ModelEntry(**s) for s in sources),
                     DataSettings(**raw["data"]), "/run", **sections)  # fmt: skip
@@ -63,15 +64,13 @@ def training_folders(
     """The folders of the implicit demo recipe's training stages (sample to dpo), as a run names
     them; the models' fingerprints and the pairs' count stand in for models and data."""
     monkeypatch.setattr(demo, "demo_models", lambda out: MODELS)
-    monkeypatch.setattr(implicit_recipe, "model_fingerprint", lambda path: f"fingerprint of {path}")
+    monkeypatch.setattr(implicit_pipeline, "model_fingerprint", lambda path: f"fingerprint of {path}")
     monkeypatch.setattr(tuning, "count_examples", lambda prefs, split: 40)
     raw = demo.implicit_demo_recipe(Path("/demo"), quick, 1, mode)
     raw["dpo"].update(dpo)
-    sections = {
-        name: pipeline._build(cls, raw[name], "demo", name) for name, cls in IMPLICIT_SETTINGS.items()
-    }
+    sections = {name: build_section(cls, raw[name], "demo", name) for name, cls in IMPLICIT_SETTINGS.items()}
     recipe = SimpleNamespace(pivot=ModelEntry(**MODELS["pivot"]), sources=[ModelEntry(**s) for s in MODELS["sources"]],
-                             resources=pipeline._build(Resources, raw["resources"], "demo", "resources"), **sections)  # fmt: skip
+                             resources=build_section(Resources, raw["resources"], "demo", "resources"), **sections)  # fmt: skip
     stages = RecordingStages()
     ImplicitRun(recipe, stages, Path("train.jsonl"), Path("heldout.jsonl"), "data-key").train_models()
     return stages.folders

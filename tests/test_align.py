@@ -29,17 +29,15 @@ from fusion_train.align import (
 )
 from fusion_train.chat import load_conversations, normalise_record, resolve_chat_template
 from fusion_train.cli import main
+from fusion_train.encoding import ChatTokenizer, encode_conversation
 from fusion_train.fuse import FusionError, fuse
 from fusion_train.parts import part_path, write_part
-from fusion_train.represent import FORMAT as REPRESENTATION_FORMAT
-from fusion_train.represent import (
-    ChatTokenizer,
-    RepresentSettings,
-    encode_conversation,
+from fusion_train.represent import RepresentSettings, represent
+from fusion_train.representation import FORMAT as REPRESENTATION_FORMAT
+from fusion_train.representation import (
     example_arrays,
     load_representation,
     position_runs,
-    represent,
     representation_features,
 )
 

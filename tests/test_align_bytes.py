@@ -29,8 +29,10 @@ from fusion_train.align import AlignedRows, Aligner, align, gold_ids
 from fusion_train.chat import resolve_chat_template
 from fusion_train.demo import demo_recipe
 from fusion_train.fuse import fuse
-from fusion_train.pipeline import AlignStage, FuseStage, align_inputs, fuse_inputs, parse_recipe
-from fusion_train.represent import RepresentSettings, example_arrays, load_representation, represent
+from fusion_train.pipeline import align_inputs, fuse_inputs
+from fusion_train.recipe import AlignStage, FuseStage, parse_recipe
+from fusion_train.represent import RepresentSettings, represent
+from fusion_train.representation import example_arrays, load_representation
 from fusion_train.stages import RecipeError, stage_key
 from fusion_train.sweep import parse_variation
 

@@ -31,7 +31,7 @@ from fusion_train import pipeline
 from fusion_train.cli import main as fusion_train
 from fusion_train.errors import DEBUG_ENV, UserError, user_message
 from fusion_train.evaluate import parse_model_option
-from fusion_train.pipeline import RecipeError
+from fusion_train.recipe import RecipeError
 from varm_merge.cli import main as varm_merge
 from varm_merge.cli import run_command
 

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from numeric import assert_close_at_scale
 
-from fusion_train import align, parts, represent
+from fusion_train import align, parts, representation
 from fusion_train.fuse import Candidate, fuse_command, fuse_example, sequence_cross_entropy
 
 
@@ -216,7 +216,7 @@ def _distribution(name: str) -> dict[str, Any]:
 def write_stage_outputs(root: Path) -> tuple[Path, list[Path]]:
     """A pivot representation and two aligned sources, written by hand in the stages' formats."""
     pivot_dir = root / "pivot"
-    pivot_manifest = {"format": represent.FORMAT, "num_parts": 1, "model": {"path": "/models/pivot"},
+    pivot_manifest = {"format": representation.FORMAT, "num_parts": 1, "model": {"path": "/models/pivot"},
                       "settings": {"top_k": 2}}  # fmt: skip
     pivot_dir.mkdir()
     (pivot_dir / "manifest.json").write_text(json.dumps(pivot_manifest))
@@ -226,7 +226,7 @@ def write_stage_outputs(root: Path) -> tuple[Path, list[Path]]:
          **_distribution("pivot")}
         for id_, nll in NLL.items()
     ]  # fmt: skip
-    _save(parts.part_path(pivot_dir, 0) / "data", represent.representation_features(2), rows)
+    _save(parts.part_path(pivot_dir, 0) / "data", representation.representation_features(2), rows)
     aligned = []
     for k, name in enumerate(("alpha", "beta"), start=1):
         out = root / name

@@ -14,11 +14,11 @@ import yaml
 from mergekit.merge_methods import get as get_merge_method
 from recording_stages import MODELS, explicit_folders
 
-from fusion_train import demo, fusion_criteria, merge_methods, pipeline
+from fusion_train import demo, fusion_criteria, merge_methods, pipeline, recipe
 from fusion_train.fuse import FusionError, fuse, fuse_command
 from fusion_train.fusion_criteria import CRITERIA, DEFAULT_CRITERION
 from fusion_train.merge_methods import CONFIG_DIR, DEFAULT_MERGE_METHODS, MERGE_METHODS
-from fusion_train.pipeline import MergeStage, Recipe, RecipeError
+from fusion_train.recipe import MergeStage, Recipe, RecipeError
 from varm_merge.cli import TARGET_PLACEHOLDER, fill_placeholders, resolve_config
 from varm_merge.weights import PNG_NAME
 
@@ -78,13 +78,13 @@ def parse(tmp_path: Path, **sections: dict[str, Any]) -> Recipe:
     raw = {"pivot": {"name": "pivot", "path": "pivot"},
            "sources": [{"name": "a", "path": "a"}, {"name": "b", "path": "b"}],
            "data": {"train": "chats.json", "heldout_fraction": 0.25}, **sections}  # fmt: skip
-    return pipeline.parse_recipe(raw, base=tmp_path, default_run_dir=tmp_path / "run")
+    return recipe.parse_recipe(raw, base=tmp_path, default_run_dir=tmp_path / "run")
 
 
 def test_every_criterion_reaches_the_cli_the_recipe_and_the_checks(tmp_path: Path) -> None:
     option = next(p for p in fuse_command.params if p.name == "criterion")
     assert isinstance(option.type, click.Choice) and list(option.type.choices) == list(CRITERIA)
-    assert option.default == DEFAULT_CRITERION == pipeline.FuseStage().criterion
+    assert option.default == DEFAULT_CRITERION == recipe.FuseStage().criterion
     for name, criterion in CRITERIA.items():
         assert name == criterion.name and f"{name}: {criterion.help}" in option.help
         assert parse(tmp_path, fuse={"criterion": name}).fuse.criterion == name

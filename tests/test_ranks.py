@@ -34,7 +34,8 @@ from fusion_train.implicit.sample import sample_command
 from fusion_train.implicit.score import score_command
 from fusion_train.inference import InferenceSettings
 from fusion_train.launch import LaunchError, command_arguments, free_port, resolve_device
-from fusion_train.represent import RepresentSettings, load_representation, represent, represent_command
+from fusion_train.represent import RepresentSettings, represent, represent_command
+from fusion_train.representation import load_representation
 from fusion_train.train import train_command
 
 pytestmark = pytest.mark.slow

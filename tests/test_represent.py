@@ -22,13 +22,8 @@ from fusion_train.chat import ChatDataError, load_conversations, resolve_chat_te
 from fusion_train.cli import main
 from fusion_train.inference import InferenceSettings, InferenceSettingsError, load_scorer
 from fusion_train.models import ModelLoadError
-from fusion_train.represent import (
-    RepresentationError,
-    RepresentSettings,
-    example_arrays,
-    load_representation,
-    represent,
-)
+from fusion_train.represent import RepresentSettings, represent
+from fusion_train.representation import RepresentationError, example_arrays, load_representation
 from fusion_train.storage import OutputMismatchError
 
 
@@ -221,7 +216,7 @@ def test_kill_and_resume_gives_identical_output(
         represent(tiny_models["mistral"], chats, tmp_path, settings, batch_tokens=256, progress=False)
     parts = sorted(p.name for p in (tmp_path / "parts").iterdir())
     assert parts == ["part-00000"]  # nothing half-written looks complete
-    with pytest.raises(represent_module.RepresentationError, match="missing"):
+    with pytest.raises(RepresentationError, match="missing"):
         load_representation(tmp_path)
 
     monkeypatch.setattr(represent_module, "_write_part", real_write_part)

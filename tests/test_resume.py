@@ -20,7 +20,8 @@ from train_fixtures import build_fused
 
 from fusion_train.align import align
 from fusion_train.fuse import fuse
-from fusion_train.pipeline import load_recipe, run_pipeline
+from fusion_train.pipeline import run_pipeline
+from fusion_train.recipe import load_recipe
 from fusion_train.represent import RepresentSettings, represent
 from fusion_train.train import SUMMARY, TrainConfig, TrainInputError, checkpoints, prepare, work_dir
 

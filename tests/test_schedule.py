@@ -24,7 +24,7 @@ from train_fixtures import build_fused, fused_rows
 from transformers import TrainerCallback
 
 from fusion_train.cli import main
-from fusion_train.pipeline import RecipeError, parse_recipe
+from fusion_train.recipe import RecipeError, parse_recipe
 from fusion_train.train import (
     SUMMARY,
     Schedule,

@@ -14,15 +14,15 @@ import pytest
 from click.testing import CliRunner
 from recording_stages import RecordingStages, explicit_folders, training_folders
 
-from fusion_train import pipeline
+from fusion_train import pipeline, recipe
 from fusion_train.errors import Command
 from fusion_train.implicit.dpo import DPOSettings, dpo_command
-from fusion_train.implicit.recipe import SFTStage, command_values
+from fusion_train.implicit.sections import SFTStage, command_values
 from fusion_train.implicit.sft import SFTSettings, sft_command
 from fusion_train.implicit.tuning import settings_of
 from fusion_train.launch import command_arguments
 from fusion_train.options import FRACTION
-from fusion_train.pipeline import RecipeError
+from fusion_train.recipe import RecipeError
 from fusion_train.settings import options_from, setting
 from fusion_train.train import TrainConfig, train_command
 
@@ -153,8 +153,8 @@ def test_a_field_added_to_the_settings_is_a_flag_a_setting_and_a_recipe_key(
     result = CliRunner().invoke(sft_with_smoothing, [*arguments, "--label-smoothing", "2"])
     assert result.exit_code == 2 and "2.0 is not in the range 0.0<=x<=1.0" in result.output, result.output
 
-    monkeypatch.setitem(pipeline.DECLARED_BY, SFTStageWithSmoothing, SFTSettingsWithSmoothing)
-    section = pipeline._build(SFTStageWithSmoothing, {"label_smoothing": 0.2}, "recipe.yaml", "sft")
+    monkeypatch.setitem(recipe.DECLARED_BY, SFTStageWithSmoothing, SFTSettingsWithSmoothing)
+    section = recipe.build_section(SFTStageWithSmoothing, {"label_smoothing": 0.2}, "recipe.yaml", "sft")
     values = command_values(section, "fusechat3", 1, 40)
     paths = {"model": str(tmp_path), "prefs": str(tmp_path), "out": str(tmp_path / "out")}
     settings = SFTSettingsWithSmoothing(**paths, **values)
@@ -162,7 +162,7 @@ def test_a_field_added_to_the_settings_is_a_flag_a_setting_and_a_recipe_key(
     with pytest.raises(
         RecipeError, match=r"recipe.yaml: sft.label_smoothing: 1.5 is not in the range 0.0<=x<=1.0"
     ):
-        pipeline._build(SFTStageWithSmoothing, {"label_smoothing": 1.5}, "recipe.yaml", "sft")
+        recipe.build_section(SFTStageWithSmoothing, {"label_smoothing": 1.5}, "recipe.yaml", "sft")
 
     # what a launched rank is given: the settings' command line, which parses back to them
     rank = CliRunner().invoke(sft_with_smoothing, command_arguments(sft_with_smoothing, asdict(settings)))

@@ -51,8 +51,15 @@ from fusion_train.models import (
     model_fingerprint,
     release_memory,
 )
-from fusion_train.parts import all_part_stats, load_output, part_path, parts_bar, parts_to_do, write_part
-from fusion_train.represent import parse_shard
+from fusion_train.parts import (
+    all_part_stats,
+    load_output,
+    parse_shard,
+    part_path,
+    parts_bar,
+    parts_to_do,
+    write_part,
+)
 from fusion_train.storage import MANIFEST, check_output, claim_output, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)

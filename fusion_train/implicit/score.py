@@ -42,8 +42,15 @@ from fusion_train.models import (
     model_fingerprint,
     release_memory,
 )
-from fusion_train.parts import PARTS_DIR, load_output, part_path, parts_bar, parts_to_do, write_part
-from fusion_train.represent import parse_shard
+from fusion_train.parts import (
+    PARTS_DIR,
+    load_output,
+    parse_shard,
+    part_path,
+    parts_bar,
+    parts_to_do,
+    write_part,
+)
 from fusion_train.storage import check_output, claim_output, read_json, write_json_atomic
 
 MODULE = "fusion_train.implicit.score"  # what the launcher runs in every process

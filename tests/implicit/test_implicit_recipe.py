@@ -19,7 +19,8 @@ from fusion_train import pipeline
 from fusion_train.cli import main
 from fusion_train.evaluate import ModelSpec
 from fusion_train.implicit.sample import load_samples
-from fusion_train.pipeline import RecipeError, load_recipe, parse_recipe, run_pipeline
+from fusion_train.pipeline import run_pipeline
+from fusion_train.recipe import RecipeError, load_recipe, parse_recipe
 
 QUICK_TRAINING = {"max_steps": 2, "warmup_ratio": 0.0, "per_device_batch_size": 2}
 

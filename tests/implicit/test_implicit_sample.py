@@ -508,7 +508,7 @@ def test_dtype_auto_resolves_as_represents(ws: Path, tmp_path: Path) -> None:
                  str(tmp_path / "out"), "--max-new-tokens", "1", "--num-samples", "1"]  # fmt: skip
     assert CliRunner().invoke(main, arguments).exit_code == 0
     assert load_samples(tmp_path / "out")[0]["settings"]["dtype"] == "auto"
-    from fusion_train.implicit.recipe import SampleStage
+    from fusion_train.implicit.sections import SampleStage
 
     assert SampleStage().dtype == "auto"
 

@@ -352,7 +352,7 @@ def test_the_papers_defaults_and_global_batch(tmp_path: Path) -> None:
     whole micro-batches of processes x per-device batch, and at most an eighth of the examples, so
     a small data set still takes 8 steps or so."""
     from fusion_train.implicit.dpo import DPOSettings
-    from fusion_train.implicit.recipe import DPOStage, SFTStage, command_values
+    from fusion_train.implicit.sections import DPOStage, SFTStage, command_values
     from fusion_train.implicit.sft import sft_command
     from fusion_train.implicit.tuning import papers_grad_accumulation
 

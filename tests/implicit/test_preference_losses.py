@@ -15,7 +15,7 @@ from recording_stages import training_folders
 
 from fusion_train.implicit.dpo import DPOSettings, dpo_command
 from fusion_train.implicit.preference_losses import DEFAULT_LOSS, LOSSES, SETTINGS, registry
-from fusion_train.implicit.recipe import MODEL_NAMES, DPOStage
+from fusion_train.implicit.sections import MODEL_NAMES, DPOStage
 
 
 # Computed by the code before the registry (commit 7a74a30): the runs made then are found again.
