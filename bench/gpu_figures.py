@@ -51,7 +51,8 @@ from fusion_train.models import release_memory
 from fusion_train.registry_assets import cached_tokenizer_dir
 from fusion_train.represent import RepresentSettings, represent
 from fusion_train.storage import atomic_write_text
-from fusion_train.train import FusionCollator, FusionTrainer, resolve_bf16
+from fusion_train.train import FusionCollator, FusionTrainer
+from fusion_train.training import resolve_bf16
 
 
 @dataclass(frozen=True)

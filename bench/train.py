@@ -45,12 +45,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusion_train.fused import load_fused
 from fusion_train.losses import CHUNK_TOKENS, fused_weights, head_loss_sums, supervised_loss_sums
 from fusion_train.registry_assets import ALPACA_EVAL_OUTPUTS, fetch, smollm2_instruct_dir
 from fusion_train.represent import RepresentSettings, represent
 from fusion_train.representation import load_representation
 from fusion_train.storage import read_json, write_json_atomic
-from fusion_train.train import FusionCollator, FusionTrainer, load_fused
+from fusion_train.train import FusionCollator, FusionTrainer
 
 GEMMA3_VOCAB = 262_144
 

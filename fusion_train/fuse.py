@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from fusion_train import options
 from fusion_train.align import FORMAT as ALIGNED_FORMAT
 from fusion_train.errors import Command, UserError
+from fusion_train.fused import FORMAT, fused_features
 from fusion_train.fusion_criteria import (
     CRITERIA,
     CRITERIA_HELP,
@@ -34,10 +35,9 @@ from fusion_train.fusion_criteria import (
     Fused,
     pivots_own,
 )
-from fusion_train.representation import example_arrays, load_representation, sequence_columns, topk_columns
+from fusion_train.representation import example_arrays, load_representation
 from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
 
-FORMAT = "fusion-train/fused@1"
 CE_UNITS = ("byte", "token")
 # Aligned rows resting on less of the source's stored top-k mass keep the pivot's distribution. Only
 # rows that --token-align bytes conditioned on the bytes already emitted have less than all of it.
@@ -51,10 +51,6 @@ NO_WINNER = "none"  # sequences_won key of examples where every candidate's cros
 
 class FusionError(UserError, ValueError):
     """Inputs that cannot be fused together."""
-
-
-def fused_features(top_k: int) -> datasets.Features:
-    return datasets.Features({**sequence_columns(), **topk_columns(top_k), "winner": datasets.Value("int32")})
 
 
 def sequence_cross_entropy(nll: float, tokens: int, num_bytes: int, unit: str) -> float:

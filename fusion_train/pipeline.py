@@ -52,11 +52,7 @@ from fusion_train.stages import (
     train_in_stage,
 )
 from fusion_train.storage import atomic_write_text, read_json, write_json_atomic
-from fusion_train.train import (
-    TrainConfig,
-    launch_training,
-    train,
-)
+from fusion_train.train import TrainConfig, launch_training, train
 
 
 def align_inputs(pivot_key: str, source_key: str, settings: AlignStage) -> dict[str, Any]:

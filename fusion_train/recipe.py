@@ -54,7 +54,8 @@ from fusion_train.models import load_tokenizer
 from fusion_train.represent import represent_command
 from fusion_train.settings import value_types
 from fusion_train.stages import RecipeError, Resources, recipe_error
-from fusion_train.train import PRESETS, Schedule, TrainConfig, deepspeed_config, schedule_problem
+from fusion_train.train import TrainConfig
+from fusion_train.training import PRESETS, Schedule, deepspeed_config, schedule_problem
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class FuseStage:
 
 @dataclass(frozen=True)
 class TrainStage:
-    """``fusion-train train``'s settings in a recipe. Not derived from ``train.Schedule`` (as the
+    """``fusion-train train``'s settings in a recipe. Not derived from ``training.Schedule`` (as the
     implicit sft/dpo sections are): every key here is part of the train stages' keys, and the
     weight_decay and max_grad_norm a derived section would add would retrain existing runs."""
 

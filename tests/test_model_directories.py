@@ -284,7 +284,8 @@ def test_weights_at_random_are_refused_under_zero3_partitioned_loading(
     from transformers import TrainingArguments
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from fusion_train.train import TrainConfig, deepspeed_config, trainer_arguments, trainer_in_this_process
+    from fusion_train.train import TrainConfig
+    from fusion_train.training import deepspeed_config, trainer_arguments, trainer_in_this_process
 
     headless = drop_weights(shutil.copytree(ws / "model", tmp_path / "headless"), "lm_head.weight")
     tied = tiny_llama(tokenizer_dirs["smollm2"], tmp_path / "tied", tied=True)

@@ -26,7 +26,7 @@ from fusion_train.pipeline import run_pipeline
 from fusion_train.recipe import RecipeError, load_recipe, parse_recipe
 from fusion_train.stages import StageError, train_in_stage
 from fusion_train.sweep import parse_variation, sweep_command, variants
-from fusion_train.train import TrainInputError
+from fusion_train.training import TrainInputError
 
 
 def write_recipe(root: Path, sources: list[str], **overrides) -> Path:

@@ -25,16 +25,9 @@ from transformers import TrainerCallback
 
 from fusion_train.cli import main
 from fusion_train.recipe import RecipeError, parse_recipe
-from fusion_train.train import (
-    SUMMARY,
-    Schedule,
-    TrainConfig,
-    learning_rates,
-    optimizer_steps,
-    prepare,
-    train,
-    work_dir,
-)
+from fusion_train.storage import TRAINING_SUMMARY as SUMMARY
+from fusion_train.train import TrainConfig, prepare, train
+from fusion_train.training import Schedule, learning_rates, optimizer_steps, work_dir
 
 
 @pytest.fixture(scope="module")

@@ -25,23 +25,21 @@ from train_fixtures import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-from fusion_train import losses
+from fusion_train import losses, training
 from fusion_train import train as train_module
 from fusion_train.cli import main
+from fusion_train.fused import load_fused
 from fusion_train.launch import world_size_of
 from fusion_train.losses import CHUNK_TOKENS
 from fusion_train.train import (
     FusionCollator,
     FusionTrainer,
     TrainConfig,
-    TrainInputError,
-    deepspeed_config,
-    load_fused,
     prepare,
     to_arguments,
     train_command,
-    work_dir,
 )
+from fusion_train.training import TrainInputError, deepspeed_config, work_dir
 
 # (device, dtype) pairs the loss is checked on: float32 and bf16 on the CPU, and bf16 on a CUDA GPU
 # where the machine has one (CI's machines do not; run the suite on a GPU machine to cover it).
@@ -409,7 +407,7 @@ def test_cli_reports_bad_input_before_training(pivot, tmp_path):
 
 
 def test_bf16_where_it_cannot_run_is_refused_before_training(pivot, good_fused, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "bf16_support", lambda: (False, False))
+    monkeypatch.setattr(training, "bf16_support", lambda: (False, False))
     args = [
         "train",
         "--model",
@@ -423,7 +421,7 @@ def test_bf16_where_it_cannot_run_is_refused_before_training(pivot, good_fused, 
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0 and "--bf16: this machine cannot train in bf16" in result.output
     assert not work_dir(tmp_path / "b").exists()
-    assert train_module.resolve_bf16(None) is False and train_module.resolve_bf16(False) is False
+    assert training.resolve_bf16(None) is False and training.resolve_bf16(False) is False
 
 
 def test_launcher_problems_are_reported_before_starting(pivot, good_fused, tmp_path, monkeypatch):
@@ -435,7 +433,7 @@ def test_launcher_problems_are_reported_before_starting(pivot, good_fused, tmp_p
     (tmp_path / "hosts").write_text("node-a slots=two\n")
     cases.append((["--hostfile", str(tmp_path / "hosts")], "--hostfile"))
     (tmp_path / "two-hosts").write_text("node-a slots=2\nnode-b slots=2\n")
-    monkeypatch.setattr(train_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(training.shutil, "which", lambda name: None)
     cases.append((["--hostfile", str(tmp_path / "two-hosts")], "needs pdsh"))
     for extra, message in cases:
         result = runner.invoke(train_command, base + extra)
@@ -519,7 +517,7 @@ def test_a_summary_with_non_finite_numbers_is_published_with_nulls(
     )
     summary = {"steps": 2, "loss": {"start": {"loss": 0.7, "grad_norm": math.inf}, "end": {"loss": math.nan}}}
     with caplog.at_level("WARNING"):
-        result = train_module.publish(trainer, tmp_path / "model", lambda: summary)  # type: ignore[arg-type]
+        result = training.publish(trainer, tmp_path / "model", lambda: summary)  # type: ignore[arg-type]
     expected = {"steps": 2, "loss": {"start": {"loss": 0.7, "grad_norm": None}, "end": {"loss": None}}}
     assert result == expected
     written = (tmp_path / "model" / "training_summary.json").read_text()

@@ -25,7 +25,9 @@ from train_fixtures import batch_from_rows, build_fused, dense_reference_losses,
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusion_train.launch import deepspeed_launcher
-from fusion_train.train import SUMMARY, TrainConfig, prepare, to_arguments, work_dir
+from fusion_train.storage import TRAINING_SUMMARY as SUMMARY
+from fusion_train.train import TrainConfig, prepare, to_arguments
+from fusion_train.training import work_dir
 
 VENV_BIN = Path(sys.executable).parent
 DRIVER = Path(__file__).with_name("train_driver.py")

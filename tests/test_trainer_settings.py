@@ -118,7 +118,7 @@ def test_the_train_stages_of_the_quick_demo_hand_the_trainer_the_same_settings(
 
 @dataclass(frozen=True, kw_only=True)
 class Smoothing:
-    """A setting as one added to ``train.Schedule`` would be declared."""
+    """A setting as one added to ``training.Schedule`` would be declared."""
 
     label_smoothing: float = setting(0.0, type=FRACTION, help="Target mass spread over the vocabulary.")
 

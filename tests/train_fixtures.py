@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from fusion_train.fuse import fused_features
+from fusion_train.fused import fused_features
 from fusion_train.models import tokenizer_hash
 
 DIALOGUES = [

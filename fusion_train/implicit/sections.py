@@ -16,7 +16,7 @@ from fusion_train import options
 from fusion_train.implicit import dpo, prefer, sample, score, sft, tuning
 from fusion_train.implicit.preference_losses import DEFAULT_LOSS, LOSSES, PreferenceLoss
 from fusion_train.stages import RecipeError
-from fusion_train.train import Schedule
+from fusion_train.training import Schedule
 
 SFT_NAME = "implicit-sft"  # the SFT model's name in reports, and its samples' source name (WRPO)
 

@@ -4,16 +4,16 @@ the same DeepSpeed presets, launcher, checkpoints and atomic publishing as ``fus
 A stage (``sft.py``, ``dpo.py``) names the data it reads from a ``fusion-train prefer`` output
 (``sft/`` or ``pairs/``) and the TRL config and trainer it builds; the rest is here, once:
 
-- :class:`TuneSettings`, the settings both share (``train``'s, ``train.TrainerSettings``, with the
+- :class:`TuneSettings`, the settings both share (``train``'s, ``training.TrainerSettings``, with the
   stage's inputs and ``max_length``), each declared once with its flag (``fusion_train.settings``);
 - :func:`prepare`, every check before a process group or a model exists (the data, the tokenizer's
   chat template, the ZeRO config against the flags, checkpoints and ``--resume``), and the run's
   manifest in ``OUT.work/``, which a resumed run must match;
 - :func:`trl_arguments`, the TRL config (a ``TrainingArguments``) made as ``train`` makes its own
-  (``train.trainer_arguments``: the ZeRO config, bf16 where ``train`` has it, TRL's own default
+  (``training.trainer_arguments``: the ZeRO config, bf16 where ``train`` has it, TRL's own default
   would turn it on everywhere, CPUs included, checkpoints);
 - :func:`run`, training, resuming and publishing the model with a JSON summary
-  (``train.publish``: a plain HF directory, renamed into place when complete);
+  (``training.publish``: a plain HF directory, renamed into place when complete);
 - :func:`command`, a stage's click command body: ``--nproc``/``--hostfile`` re-run the stage's
   module under the ``deepspeed`` launcher after checking the inputs once.
 """
@@ -44,7 +44,7 @@ from fusion_train.models import (
 )
 from fusion_train.settings import setting
 from fusion_train.storage import MANIFEST, claim_output, read_json
-from fusion_train.train import (
+from fusion_train.training import (
     OUT_HELP,
     LogLastStep,
     StepLearningRates,
@@ -81,7 +81,7 @@ class TuneInputError(UserError, ValueError):
 @dataclass(frozen=True)
 class TuneSettings(TrainerSettings):
     """One SFT or preference-training run (recorded in the run manifest and the summary): the
-    settings every training stage has (``train.TrainerSettings``), its inputs and ``max_length``."""
+    settings every training stage has (``training.TrainerSettings``), its inputs and ``max_length``."""
 
     input_error: ClassVar[type[UserError]] = TuneInputError
 
@@ -211,7 +211,7 @@ def prepare(
 
 
 def trl_arguments(config_class: type, settings: TuneSettings, prepared: Prepared, **extra: Any) -> Any:
-    """A TRL config (``SFTConfig``, ``DPOConfig``) for this run (``train.trainer_arguments``, plus
+    """A TRL config (``SFTConfig``, ``DPOConfig``) for this run (``training.trainer_arguments``, plus
     ``max_length`` and ``extra``). Made before the model loads: with ZeRO-3 it makes
     ``from_pretrained`` partition the weights at load time."""
     return trainer_arguments(config_class, settings, work_dir(settings.out), prepared.ds_config,

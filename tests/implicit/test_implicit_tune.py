@@ -30,7 +30,8 @@ from train_fixtures import assert_left_no_rank_behind
 from fusion_train.cli import main
 from fusion_train.implicit.dpo import dpo_command
 from fusion_train.implicit.preference_losses import LOSSES
-from fusion_train.train import SUMMARY, work_dir
+from fusion_train.storage import TRAINING_SUMMARY as SUMMARY
+from fusion_train.training import work_dir
 
 
 def say(text: str) -> list[dict[str, str]]:
@@ -194,7 +195,7 @@ def test_wrpo_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(
 def test_bf16_only_when_asked_on_cpu(model_dir: Path, prefs: Path, tmp_path: Path) -> None:
     """Off by default on CPUs (TRL's own default would be on); asked for, DeepSpeed's bf16 runs
     policy and reference alike, so step 0 is still ln 2."""
-    from fusion_train.train import bf16_support
+    from fusion_train.training import bf16_support
 
     if not bf16_support()[0]:
         pytest.skip("this CPU cannot train in bf16")

@@ -1,0 +1,149 @@
+"""The fused-data format that ``fuse`` writes and ``train`` reads: the pivot's tokens and
+supervised runs (as in a representation) with one fused top-k target distribution per supervised
+token, and the candidate that won each example (see ``docs/formats.md``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fusion_train.models import tokenizer_hash
+from fusion_train.representation import sequence_columns, topk_columns
+from fusion_train.storage import MANIFEST, read_json
+from fusion_train.training import TrainInputError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fusion-train/fused@1"
+FUSED_COLUMNS = ("input_ids", "run_start", "run_length", "topk_ids", "topk_logprobs")
+
+
+@dataclass
+class FusedData:
+    """Fused targets that passed every check, with examples without supervised tokens left out."""
+
+    manifest: dict[str, Any]
+    data: datasets.Dataset
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _fail_at(data: datasets.Dataset, index: int, problem: str) -> TrainInputError:
+    return TrainInputError(f"fused example {index} (id {data[index]['id']!r}): {problem}")
+
+
+def load_fused(path: str | Path, tokenizer: Any) -> FusedData:
+    """Read and check fused targets for the pivot whose tokenizer is ``tokenizer``.
+
+    Checked in one vectorised pass over the Arrow columns: the pivot's tokenizer, token and target
+    ids inside the tokenizer's ids, supervised runs inside their sequence and in order, one target
+    row per supervised token, and log-probabilities without NaN or +inf (and without -inf on a
+    valid id: -inf marks padding only).
+    """
+    path = Path(path)
+    if not (path / MANIFEST).is_file() or not (path / "data" / "state.json").is_file():
+        raise TrainInputError(f"{path}: no {MANIFEST} and data/; pass the output of `fusion-train fuse`.")
+    manifest = read_json(path / MANIFEST)
+    if manifest.get("format") != FORMAT:
+        raise TrainInputError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}.")
+    pivot = manifest.get("pivot") or {}
+    own_hash = tokenizer_hash(tokenizer)
+    if pivot.get("tokenizer_hash") != own_hash:
+        raise TrainInputError(
+            f"{path} was fused for the pivot tokenizer {pivot.get('tokenizer_hash')} ({pivot.get('path')}), "
+            f"but --model has tokenizer {own_hash}. Train the pivot the data was fused for, or rerun "
+            "`fusion-train fuse` with this model as the pivot."
+        )
+    if not read_json(path / "data" / "state.json").get("_data_files"):  # datasets cannot load 0 shards
+        raise TrainInputError(f"{path}: the data set is empty; nothing to train on.")
+    data = datasets.load_from_disk(str(path / "data"))
+    missing = [c for c in ("id", *FUSED_COLUMNS) if c not in data.column_names]
+    if missing:
+        raise TrainInputError(f"{path}: columns {missing} are missing (see docs/formats.md, fused targets).")
+    if len(data) == 0:
+        raise TrainInputError(f"{path}: the data set is empty; nothing to train on.")
+
+    vocab = len(tokenizer)
+    supervised = np.zeros(len(data), dtype=np.int64)
+    rows_without_target = 0
+    offset = 0
+    for batch in data.data.table.select(list(FUSED_COLUMNS)).to_batches(max_chunksize=4096):
+        n = batch.num_rows
+        input_ids = batch.column("input_ids")
+        lengths = pc.list_value_length(input_ids).to_numpy(zero_copy_only=False)
+        tokens = input_ids.flatten().to_numpy(zero_copy_only=False)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+            token_example = np.repeat(np.arange(n), lengths)
+            bad = token_example[(tokens < 0) | (tokens >= vocab)][0]
+            raise _fail_at(data, offset + bad, f"input_ids outside the tokenizer's ids [0, {vocab})")
+
+        runs_per_example = pc.list_value_length(batch.column("run_start")).to_numpy(zero_copy_only=False)
+        starts = batch.column("run_start").flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        counts = batch.column("run_length").flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        run_example = np.repeat(np.arange(n), runs_per_example)
+        ends = starts + counts
+        bad_run = (starts < 1) | (counts < 0) | (ends > lengths[run_example])
+        later = run_example[1:] == run_example[:-1]
+        bad_run[1:] |= later & (starts[1:] < ends[:-1])
+        if bad_run.any():
+            raise _fail_at(
+                data,
+                offset + run_example[bad_run][0],
+                "supervised runs must lie in 1 .. len(input_ids) - 1 and be in position order",
+            )
+        supervised[offset : offset + n] = np.bincount(run_example, weights=counts, minlength=n)
+
+        topk_ids = batch.column("topk_ids")
+        rows = pc.list_value_length(topk_ids).to_numpy(zero_copy_only=False)
+        mismatch = np.flatnonzero(rows != supervised[offset : offset + n])
+        if mismatch.size:
+            i = mismatch[0]
+            raise _fail_at(
+                data, offset + i, f"{rows[i]} target rows for {supervised[offset + i]} supervised tokens"
+            )
+        flat_rows = topk_ids.flatten()
+        k = flat_rows.type.list_size if pa.types.is_fixed_size_list(flat_rows.type) else None
+        ids = flat_rows.flatten().to_numpy(zero_copy_only=False)
+        logprobs = batch.column("topk_logprobs").flatten().flatten().to_numpy(zero_copy_only=False)
+        if k is None or ids.size != logprobs.size:
+            raise TrainInputError(f"{path}: topk_ids/topk_logprobs are not k-wide rows of equal shape.")
+        valid = ids >= 0
+        bad_entry = (ids < -1) | (ids >= vocab) | np.isnan(logprobs) | np.isposinf(logprobs)
+        bad_entry |= valid & np.isneginf(logprobs)
+        if bad_entry.any():
+            entry = int(np.flatnonzero(bad_entry)[0])
+            row_example = np.repeat(np.arange(n), rows)
+            problem = (
+                f"target id {ids[entry]} outside the tokenizer's ids [0, {vocab}) (-1 pads)"
+                if ids[entry] < -1 or ids[entry] >= vocab
+                else f"log-probability {logprobs[entry]} for id {ids[entry]} (NaN, +inf, or -inf on a valid id)"
+            )
+            raise _fail_at(data, offset + row_example[entry // k], problem)
+        rows_without_target += int((~valid.reshape(-1, k)).all(axis=1).sum())
+        offset += n
+
+    keep = np.flatnonzero(supervised > 0)
+    if keep.size == 0:
+        raise TrainInputError(f"{path}: no example has supervised tokens; nothing to train on.")
+    dropped = np.flatnonzero(supervised == 0)
+    stats = {
+        "examples": int(keep.size),
+        "supervised_tokens": int(supervised.sum()),
+        "rows_without_target": rows_without_target,  # add nothing to the fusion loss
+        "dropped_without_supervised_tokens": int(dropped.size),
+        "dropped_ids": data.select(dropped[:20])["id"] if dropped.size else [],
+    }
+    if dropped.size:
+        log.warning("%s: %d examples have no supervised tokens and are left out.", path, dropped.size)
+    kept = data.select(keep) if dropped.size else data  # an index mapping, nothing written next to the input
+    return FusedData(manifest, kept.with_format("numpy", columns=list(FUSED_COLUMNS)), stats)
+
+
+def fused_features(top_k: int) -> datasets.Features:
+    return datasets.Features({**sequence_columns(), **topk_columns(top_k), "winner": datasets.Value("int32")})
