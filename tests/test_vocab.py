@@ -19,6 +19,8 @@ from fusion_train import registry_assets, vocab
 from fusion_train.dtw import edit_distance
 from fusion_train.models import tokenizer_hash
 from fusion_train.vocab import build_vocab_map, map_vocabularies, mined_matches, token_bytes
+from fusion_train.vocab import edit_distance as vocab_edit_distance
+from fusion_train.vocab import maps as vocab_maps
 
 VARIED_TEXT = (
     "Hello world!\n\tIndented\ttabs  and   spaces\n\n"
@@ -361,7 +363,7 @@ def _expected_mined(source: bytes, pivot: list[bytes]) -> int:
     """The documented rule, by brute force: nearest same-first-byte string if within 2 edits,
     else the longest proper prefix of the source in the pivot."""
     same = [(_rule_cost(source, p), i) for i, p in enumerate(pivot) if source and p[:1] == source[:1]]
-    if same and min(same)[0][0] <= 2 and len(source) <= vocab.JOIN_MAX_LENGTH:
+    if same and min(same)[0][0] <= 2 and len(source) <= vocab_edit_distance.JOIN_MAX_LENGTH:
         return min(same)[1]
     prefixes = [(-len(p), i) for i, p in enumerate(pivot) if len(p) < len(source) and source.startswith(p)]
     return min(prefixes)[1] if prefixes else -1
@@ -397,9 +399,9 @@ def test_edit_distances_vectorised_agree_with_scalar() -> None:
     rng = random.Random(5)
     a = [bytes(rng.choice(b"xyz") for _ in range(rng.randint(0, 8))) for _ in range(200)]
     b = [bytes(rng.choice(b"xyz") for _ in range(rng.randint(0, 8))) for _ in range(200)]
-    (am, al), (bm, bl) = vocab._padded(a), vocab._padded(b)
+    (am, al), (bm, bl) = vocab_edit_distance._padded(a), vocab_edit_distance._padded(b)
     expected = [edit_distance(x.decode(), y.decode()) for x, y in zip(a, b, strict=True)]
-    assert vocab.edit_distances(am, al, bm, bl).tolist() == expected
+    assert vocab_edit_distance.edit_distances(am, al, bm, bl).tolist() == expected
 
 
 # --------------------------------------------------------------------------- cache
@@ -460,7 +462,7 @@ def test_cache_key_changes_with_the_rules_version_and_the_bytes_read(
 
     first = path()
     assert path() == first
-    monkeypatch.setattr(vocab, "CACHE_VERSION", vocab.CACHE_VERSION + 1)
+    monkeypatch.setattr(vocab_maps, "CACHE_VERSION", vocab_maps.CACHE_VERSION + 1)
     assert path() != first
     monkeypatch.undo()
     assert path() == first
