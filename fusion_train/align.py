@@ -293,9 +293,13 @@ def align_by_bytes(
     same_span = np.concatenate([np.ones(len(pairs[0]), dtype=bool), np.zeros(len(rows), dtype=bool)])
     order = np.argsort(pivot_index, kind="stable")
     return BytePlaces(
-        pivot_index[order], source_index[order], offset[order], same_span[order],
-        not_own_bytes=int((~paired & ~own & (p_end > p_start)).sum()), no_source_token=int((~covered).sum()),
-    )  # fmt: skip
+        pivot_index[order],
+        source_index[order],
+        offset[order],
+        same_span[order],
+        not_own_bytes=int((~paired & ~own & (p_end > p_start)).sum()),
+        no_source_token=int((~covered).sum()),
+    )
 
 
 @dataclass(frozen=True)
@@ -323,9 +327,14 @@ def span_rows(
     mass = mapped.mass / np.maximum(source_probs.sum(axis=1), np.finfo(np.float32).tiny)
     keep = mass > 0  # nothing of the source's top-k maps to pivot ids: no distribution to offer
     return AlignedRows(
-        pivot_index[keep], mapped.ids[keep], mapped.probs[keep], mass[keep], np.ones(int(keep.sum())),
-        s["target_logprob"][source_index[keep]].astype(np.float32), len(pivot_index),
-    )  # fmt: skip
+        pivot_index[keep],
+        mapped.ids[keep],
+        mapped.probs[keep],
+        mass[keep],
+        np.ones(int(keep.sum())),
+        s["target_logprob"][source_index[keep]].astype(np.float32),
+        len(pivot_index),
+    )
 
 
 def byte_rows(
@@ -358,10 +367,15 @@ def byte_rows(
         )
     keep = view.mapped > 0
     return AlignedRows(
-        places.pivot_index[keep], view.ids[keep], probs[keep], (view.mapped / kept)[keep],
-        (view.kept / np.maximum(source_probs.sum(axis=1), tiny))[keep], target[keep],
-        len(places.pivot_index), int((view.kept <= 0).sum()),
-    )  # fmt: skip
+        places.pivot_index[keep],
+        view.ids[keep],
+        probs[keep],
+        (view.mapped / kept)[keep],
+        (view.kept / np.maximum(source_probs.sum(axis=1), tiny))[keep],
+        target[keep],
+        len(places.pivot_index),
+        int((view.kept <= 0).sum()),
+    )
 
 
 # --------------------------------------------------------------------------- the stage
@@ -439,9 +453,12 @@ class Aligner:
 
     @classmethod
     def of(
-        cls, token_align: str, pivot_bytes: vocab.TokenBytes, source_bytes: vocab.TokenBytes,
+        cls,
+        token_align: str,
+        pivot_bytes: vocab.TokenBytes,
+        source_bytes: vocab.TokenBytes,
         tables: continuations.Continuations | None = None,
-    ) -> Aligner:  # fmt: skip
+    ) -> Aligner:
         """``tables``: the byte-continuation tables of the pair, which ``bytes`` needs."""
         pivot_table, source_table = token_codes(pivot_bytes, source_bytes)
         if token_align == "dtw":
@@ -607,9 +624,18 @@ def align(
 # What the report counts under "bytes": pivot tokens by where their distribution came from, or why
 # none came; the answers' first tokens likewise; the source mass the conditioned rows kept.
 BYTE_COUNTS = (
-    "same_span", "shared_start", "inside", "nothing_kept", "not_own_bytes", "no_source_token",
-    "first_same_span", "first_shared_start", "first_inside", "first_uncovered", "inside_kept_mass_below_half",
-)  # fmt: skip
+    "same_span",
+    "shared_start",
+    "inside",
+    "nothing_kept",
+    "not_own_bytes",
+    "no_source_token",
+    "first_same_span",
+    "first_shared_start",
+    "first_inside",
+    "first_uncovered",
+    "inside_kept_mass_below_half",
+)
 
 
 def _byte_counts(places: BytePlaces, rows: AlignedRows, p: dict[str, np.ndarray]) -> Counter[str]:
@@ -681,7 +707,7 @@ def format_report(report: dict[str, Any]) -> str:
     help="Source ids without an exact byte match: exact = drop them, mined = nearest pivot token by "
     "edit distance, stats = the pivot token they align with most often in this corpus.",
 )
-def align_command(pivot_dir: str, source_dir: str, out_dir: str, token_align: str, vocab_map: str) -> None:  # fmt: skip
+def align_command(pivot_dir: str, source_dir: str, out_dir: str, token_align: str, vocab_map: str) -> None:
     """Map a source's recorded distributions onto the pivot's tokens and vocabulary."""
     report = align(pivot_dir, source_dir, out_dir, token_align, vocab_map)
     click.echo(f"{out_dir}: {format_report(report)}")

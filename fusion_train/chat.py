@@ -19,8 +19,16 @@ from typing import Any
 from fusion_train.errors import UserError, read_text
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}  # fmt: skip
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+}
 DOMAIN_FIELDS = ("domain", "dataset", "category", "source")
 BUILTIN_TEMPLATES = ("plain", "chatml", "llama2")
 

@@ -161,8 +161,13 @@ def implicit_demo_recipe(out_dir: Path, quick: bool, nproc: int = 1, mode: str =
 @click.option(
     "--quick", is_flag=True, help="A few records and steps: the whole pipeline in minutes (CI runs it)."
 )
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Run directory. Default: runs/demo-quick or runs/demo.")  # fmt: skip
+@click.option(
+    "--out",
+    "out_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Run directory. Default: runs/demo-quick or runs/demo.",
+)
 @click.option(
     "--nproc",
     type=click.IntRange(min=1),

@@ -23,9 +23,20 @@ DEBUG_ENV = "FUSION_TRAIN_DEBUG"
 #: OSErrors that describe the user's files or machine, not the code: shown as one line when
 #: they name the file (a full disk, a missing or unreadable path, a read-only folder).
 ENVIRONMENT_ERRNOS = frozenset(
-    {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EISDIR,
-     errno.ENOTDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENAMETOOLONG}
-)  # fmt: skip
+    {
+        errno.ENOENT,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.ENOTEMPTY,
+        errno.EEXIST,
+        errno.ENAMETOOLONG,
+    }
+)
 
 
 class UserError(Exception):

@@ -87,7 +87,11 @@ def response_losses(
     template, _ = resolve_chat_template(tokenizer, chat_template)
     scorer = load_scorer(model_dir, inference or InferenceSettings(), gguf_file, top_k=1)
     chat = ChatTokenizer.of(tokenizer, template)
-    encoded = [e for c in conversations if not isinstance(e := encode_conversation(chat, c, max_length, "truncate"), str)]  # fmt: skip
+    encoded = [
+        e
+        for c in conversations
+        if not isinstance(e := encode_conversation(chat, c, max_length, "truncate"), str)
+    ]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rank = Rank.of_this_process()
     mine = scorer.batches(encoded, batch_tokens)[rank.rank :: rank.world_size]
@@ -219,9 +223,16 @@ def evaluate(
             if cached.exists():
                 per_model[spec.name] = [ExampleLoss(**x) for x in read_json(cached)]
                 continue
-            losses = response_losses(spec.path, conversations, chat_template=spec.chat_template, max_length=max_length,
-                                     batch_tokens=batch_tokens, inference=inference, progress=progress,
-                                     name=spec.name)  # fmt: skip
+            losses = response_losses(
+                spec.path,
+                conversations,
+                chat_template=spec.chat_template,
+                max_length=max_length,
+                batch_tokens=batch_tokens,
+                inference=inference,
+                progress=progress,
+                name=spec.name,
+            )
             if rank.is_main:
                 write_json_atomic(cached, [asdict(x) for x in losses])
             barrier()  # no rank looks for the next cached file before it is written
@@ -302,8 +313,10 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
 
     rows = sorted(report["models"], key=lambda r: -r["bits_per_byte"]["value"])
     values = [r["bits_per_byte"]["value"] for r in rows]
-    errors = [[v - r["bits_per_byte"]["low"] for v, r in zip(values, rows, strict=True)],
-              [r["bits_per_byte"]["high"] - v for v, r in zip(values, rows, strict=True)]]  # fmt: skip
+    errors = [
+        [v - r["bits_per_byte"]["low"] for v, r in zip(values, rows, strict=True)],
+        [r["bits_per_byte"]["high"] - v for v, r in zip(values, rows, strict=True)],
+    ]
     roles = sorted({r["role"] for r in rows})
     colours = {role: plt.get_cmap("tab10")(i) for i, role in enumerate(roles)}
     reference = report.get("compare_to")
@@ -349,11 +362,24 @@ def _plot_differences(ax: Any, rows: list[dict[str, Any]], reference: str, colou
         elif abs(diff["value"]) > limit:
             side = 1 if diff["value"] > 0 else -1
             label = f"{diff['value']:+.3f} →" if side > 0 else f"← {diff['value']:+.3f}"
-            ax.text(side * limit, y, label, va="center", ha="right" if side > 0 else "left",
-                    fontsize="small", color=colour)  # fmt: skip
+            ax.text(
+                side * limit,
+                y,
+                label,
+                va="center",
+                ha="right" if side > 0 else "left",
+                fontsize="small",
+                color=colour,
+            )
         else:
-            ax.errorbar(diff["value"], y, xerr=[[diff["value"] - diff["low"]], [diff["high"] - diff["value"]]],
-                        fmt="o", color=colour, capsize=3)  # fmt: skip
+            ax.errorbar(
+                diff["value"],
+                y,
+                xerr=[[diff["value"] - diff["low"]], [diff["high"] - diff["value"]]],
+                fmt="o",
+                color=colour,
+                capsize=3,
+            )
     ax.axvline(0, color="grey", linewidth=1)
     ax.set_xlim(-limit, limit)
     ax.set_xlabel(f"bits/byte minus {reference}, paired 95% CI (left of 0: better)")
@@ -434,10 +460,15 @@ def evaluate_command(**params: Any) -> None:
     if launch_if_asked(MODULE, evaluate_command, params, check):
         return
     report = evaluate(
-        specs, params["data_path"], params["out_dir"], max_length=params["max_length"],
-        batch_tokens=params["batch_tokens"], compare_to=params["compare_to"], cache_dir=params["cache_dir"],
+        specs,
+        params["data_path"],
+        params["out_dir"],
+        max_length=params["max_length"],
+        batch_tokens=params["batch_tokens"],
+        compare_to=params["compare_to"],
+        cache_dir=params["cache_dir"],
         inference=inference_settings(params),
-    )  # fmt: skip
+    )
     if Rank.of_this_process().is_main:
         click.echo(markdown_report(report))
         click.echo(f"written: {Path(params['out_dir']) / 'report.md'}, report.json, report.png")

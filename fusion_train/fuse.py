@@ -250,8 +250,14 @@ def fuse(
     "own distribution (only --token-align bytes makes such rows: those conditioned on bytes few stored "
     "tokens continue).",
 )
-def fuse_command(pivot_dir: str, aligned_dirs: tuple[str, ...], out_dir: str, criterion: str, ce_unit: str,
-                 min_source_mass: float) -> None:  # fmt: skip
+def fuse_command(
+    pivot_dir: str,
+    aligned_dirs: tuple[str, ...],
+    out_dir: str,
+    criterion: str,
+    ce_unit: str,
+    min_source_mass: float,
+) -> None:
     """Fuse the pivot's and the aligned sources' distributions into training targets."""
     report = fuse(pivot_dir, list(aligned_dirs), out_dir, criterion, ce_unit, min_source_mass=min_source_mass)
     won = ", ".join(f"{name} {count}" for name, count in report["sequences_won"].items())

@@ -157,11 +157,18 @@ def registry(*criteria: FusionCriterion) -> dict[str, FusionCriterion]:
 
 
 CRITERIA = registry(
-    FusionCriterion("min-ce", "per sequence, the candidate with the lowest cross-entropy (FuseChat's MinCE)",
-                    lowest_sequence_ce, per_sequence=True),
+    FusionCriterion(
+        "min-ce",
+        "per sequence, the candidate with the lowest cross-entropy (FuseChat's MinCE)",
+        lowest_sequence_ce,
+        per_sequence=True,
+    ),
     FusionCriterion("avg-ce", "blend with weights softmax(-CE)", softmax_ce_blend),
-    FusionCriterion("token-min-ce", "per token, the candidate that gave the gold token the highest probability",
-                    highest_token_logprob),
-)  # fmt: skip
+    FusionCriterion(
+        "token-min-ce",
+        "per token, the candidate that gave the gold token the highest probability",
+        highest_token_logprob,
+    ),
+)
 DEFAULT_CRITERION = "min-ce"
 CRITERIA_HELP = "; ".join(f"{criterion.name}: {criterion.help}" for criterion in CRITERIA.values()) + "."

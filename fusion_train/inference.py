@@ -145,9 +145,14 @@ def vllm_engine(
 
     release_memory()  # vLLM starts only with its share of the GPU's memory free
     return LLM(
-        model=str(path), tokenizer=str(path), dtype=vllm_dtype(settings), tensor_parallel_size=settings.tensor_parallel_size,
-        seed=0, trust_remote_code=trust_remote_code, **engine_args,
-    )  # fmt: skip
+        model=str(path),
+        tokenizer=str(path),
+        dtype=vllm_dtype(settings),
+        tensor_parallel_size=settings.tensor_parallel_size,
+        seed=0,
+        trust_remote_code=trust_remote_code,
+        **engine_args,
+    )
 
 
 def inference_zero3_config(dtype: torch.dtype, offload: bool) -> dict[str, Any]:
@@ -221,19 +226,27 @@ class Scorer:
                 path, settings, device, dtype, attention, gguf_file, trust_remote_code
             )
         if settings.device_map:
-            model = load_model(path, gguf_file, dtype, trust_remote_code, attn_implementation=attention,
-                               device_map="auto")  # fmt: skip
+            model = load_model(
+                path, gguf_file, dtype, trust_remote_code, attn_implementation=attention, device_map="auto"
+            )
             return cls(model, model.get_input_embeddings().weight.device)
         device_map = {"": device} if device.type != "cpu" else None  # straight onto the GPU
-        model = load_model(path, gguf_file, dtype, trust_remote_code, attn_implementation=attention,
-                           device_map=device_map)  # fmt: skip
+        model = load_model(
+            path, gguf_file, dtype, trust_remote_code, attn_implementation=attention, device_map=device_map
+        )
         return cls(model, device)
 
     @classmethod
     def _load_partitioned(
-        cls, path: str | Path, settings: InferenceSettings, device: torch.device, dtype: torch.dtype,
-        attention: str | None, gguf_file: str | None, trust_remote_code: bool,
-    ) -> Scorer:  # fmt: skip
+        cls,
+        path: str | Path,
+        settings: InferenceSettings,
+        device: torch.device,
+        dtype: torch.dtype,
+        attention: str | None,
+        gguf_file: str | None,
+        trust_remote_code: bool,
+    ) -> Scorer:
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -439,9 +452,13 @@ AnyScorer = Scorer | VllmScorer
 
 
 def load_scorer(
-    path: str | Path, settings: InferenceSettings, gguf_file: str | None = None, trust_remote_code: bool = False,
-    *, top_k: int,
-) -> AnyScorer:  # fmt: skip
+    path: str | Path,
+    settings: InferenceSettings,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    *,
+    top_k: int,
+) -> AnyScorer:
     """The engine ``settings`` ask for, loaded for this rank."""
     settings.check()
     if settings.engine == "vllm":

@@ -321,8 +321,9 @@ def command_arguments(command: click.Command, values: Mapping[str, Any]) -> list
     return arguments + positional
 
 
-def launch(module: str, arguments: list[str], nproc: int | None, hostfile: str | None,
-           master_port: int | None) -> int:  # fmt: skip
+def launch(
+    module: str, arguments: list[str], nproc: int | None, hostfile: str | None, master_port: int | None
+) -> int:
     """Run ``python -m module *arguments`` in ``nproc`` processes per node under ``deepspeed``;
     return the launcher's exit status (non-zero when a rank failed). Check the inputs before."""
     if launched():
@@ -337,8 +338,13 @@ def launch(module: str, arguments: list[str], nproc: int | None, hostfile: str |
 def relaunch(module: str, command: click.Command, params: Mapping[str, Any]) -> None:
     """Run a command that was given ``--nproc``/``--hostfile`` again in every rank, with the
     same options (less the launcher's)."""
-    code = launch(module, command_arguments(command, params), params.get("nproc"), params.get("hostfile"),
-                  params.get("master_port"))  # fmt: skip
+    code = launch(
+        module,
+        command_arguments(command, params),
+        params.get("nproc"),
+        params.get("hostfile"),
+        params.get("master_port"),
+    )
     if code != 0:
         raise LaunchError(
             f"a process of `{command.name}` failed (the deepspeed launcher exited with {code}); see above."

@@ -199,9 +199,20 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, hidden, weight, bias, labels, topk_ids, fused, tokenizer_size, clm_weight, fusion_weight,
-        softcap, chunk_tokens, track,
-    ):  # fmt: skip
+        ctx,
+        hidden,
+        weight,
+        bias,
+        labels,
+        topk_ids,
+        fused,
+        tokenizer_size,
+        clm_weight,
+        fusion_weight,
+        softcap,
+        chunk_tokens,
+        track,
+    ):
         need_hidden, need_weight, need_bias = (track and need for need in ctx.needs_input_grad[:3])
         f32 = {"dtype": torch.float32, "device": hidden.device}
         # float32 gradients, held from forward to backward: [N, H], [V, H] and [V]
@@ -214,9 +225,16 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             rows = slice(start, start + chunk_tokens)
             h = hidden[rows]
             chunk_clm, chunk_fusion, g = _chunk_head(
-                h, weight, bias, labels[rows], topk_ids[rows], fused[rows],
-                tokenizer_size, softcap, loss_weights,
-            )  # fmt: skip
+                h,
+                weight,
+                bias,
+                labels[rows],
+                topk_ids[rows],
+                fused[rows],
+                tokenizer_size,
+                softcap,
+                loss_weights,
+            )
             clm += chunk_clm
             fusion += chunk_fusion
             if g is None:
@@ -283,6 +301,16 @@ def head_loss_sums(
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1, not {chunk_tokens!r}")
     return _ChunkedHeadLoss.apply(
-        hidden, weight, bias, labels, topk_ids, fused.float(), tokenizer_size, float(clm_weight),
-        float(fusion_weight), softcap, int(chunk_tokens), torch.is_grad_enabled(),
-    )  # fmt: skip
+        hidden,
+        weight,
+        bias,
+        labels,
+        topk_ids,
+        fused.float(),
+        tokenizer_size,
+        float(clm_weight),
+        float(fusion_weight),
+        softcap,
+        int(chunk_tokens),
+        torch.is_grad_enabled(),
+    )

@@ -59,8 +59,11 @@ def registry(*methods: MergeMethod) -> dict[str, MergeMethod]:
 
 
 MERGE_METHODS = registry(
-    MergeMethod("varm", "VaRM, FuseChat's Variation Ratio Merge",
-                analysis=MergeAnalysis("varm-weights", varm_weights, "varm_weights.png", "VaRM weights per matrix")),
+    MergeMethod(
+        "varm",
+        "VaRM, FuseChat's Variation Ratio Merge",
+        analysis=MergeAnalysis("varm-weights", varm_weights, "varm_weights.png", "VaRM weights per matrix"),
+    ),
     MergeMethod("task_arithmetic", "task arithmetic"),
     MergeMethod("ties", "TIES"),
     MergeMethod("slerp", "spherical interpolation of two targets", targets=2),
@@ -68,5 +71,5 @@ MERGE_METHODS = registry(
     MergeMethod("linear", "the targets' weighted average"),
     # drops task-vector entries at random, and a run's merges pass no `--random-seed`
     MergeMethod("dare_linear", "DARE, linear", by_default=False),
-)  # fmt: skip
+)
 DEFAULT_MERGE_METHODS = tuple(name for name, method in MERGE_METHODS.items() if method.by_default)

@@ -75,13 +75,17 @@ class ModelKind:
 
 
 CAUSAL_LM = ModelKind(
-    "causal LM", "AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "causal LM",
+    "AutoModelForCausalLM",
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
     "a causal LM with all its weights saved",
-)  # fmt: skip
+)
 REWARD_MODEL = ModelKind(
-    "reward model", "AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "reward model",
+    "AutoModelForSequenceClassification",
+    "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
     "a reward model with its head saved (a *ForSequenceClassification model, or one with its own code)",
-)  # fmt: skip
+)
 CONFIG, WEIGHTS, TOKENIZER = "config", "weights", "tokenizer"
 WHOLE_MODEL = (TOKENIZER, CONFIG, WEIGHTS)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")

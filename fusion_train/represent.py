@@ -172,12 +172,24 @@ def represent(
         for chunk in bar:
             begin = chunk * settings.chunk_size
             _write_part(
-                scorer, chat, conversations[begin : begin + settings.chunk_size], settings,
-                identity.tokenizer_size, pad_id, batch_tokens, features, part_path(out_dir, chunk),
-            )  # fmt: skip
+                scorer,
+                chat,
+                conversations[begin : begin + settings.chunk_size],
+                settings,
+                identity.tokenizer_size,
+                pad_id,
+                batch_tokens,
+                features,
+                part_path(out_dir, chunk),
+            )
         scorer.finish()
-        placement = {"world_size": rank.world_size, "device": str(scorer.device), "dtype": scorer.dtype_name,
-                     "deepspeed": inference.deepspeed, "parameters": scorer.parameters()}  # fmt: skip
+        placement = {
+            "world_size": rank.world_size,
+            "device": str(scorer.device),
+            "dtype": scorer.dtype_name,
+            "deepspeed": inference.deepspeed,
+            "parameters": scorer.parameters(),
+        }
         barrier()
     if not rank.is_main:
         return None
@@ -309,10 +321,17 @@ def represent_command(**params: Any) -> None:
         return
     settings = RepresentSettings(p.top_k, p.max_length, p.overflow, p.chat_template, p.chunk_size)
     summary = represent(
-        p.model_path, p.data_path, p.out_dir, settings, inference=inference_settings(params),
-        gguf_file=p.gguf_file, batch_tokens=p.batch_tokens, limit=p.limit, shard=parse_shard(p.shard),
+        p.model_path,
+        p.data_path,
+        p.out_dir,
+        settings,
+        inference=inference_settings(params),
+        gguf_file=p.gguf_file,
+        batch_tokens=p.batch_tokens,
+        limit=p.limit,
+        shard=parse_shard(p.shard),
         trust_remote_code=p.trust_remote_code,
-    )  # fmt: skip
+    )
     if summary is None:
         if p.shard:
             click.echo(f"{p.out_dir}: this shard is done; other shards' parts are still missing.")

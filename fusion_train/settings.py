@@ -21,8 +21,12 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import click
 
 DECLARATION = "fusion_train.settings"  # the key of a field's metadata that holds its Declaration
-TYPES_OF_ANNOTATIONS: dict[Any, click.ParamType] = {int: click.INT, float: click.FLOAT, str: click.STRING,
-                                                    bool: click.BOOL}  # fmt: skip
+TYPES_OF_ANNOTATIONS: dict[Any, click.ParamType] = {
+    int: click.INT,
+    float: click.FLOAT,
+    str: click.STRING,
+    bool: click.BOOL,
+}
 
 
 @dataclass(frozen=True)
@@ -102,8 +106,15 @@ def options_from(cls: type) -> Callable[[Any], Any]:
         default = None if _required(f) else f.default
         if _annotated(hints[f.name]) is bool:
             return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=default, help=declared.help)
-        return click.option(flag, *declared.aliases, f.name, type=types[f.name], default=default,
-                            required=_required(f), help=declared.help)  # fmt: skip
+        return click.option(
+            flag,
+            *declared.aliases,
+            f.name,
+            type=types[f.name],
+            default=default,
+            required=_required(f),
+            help=declared.help,
+        )
 
     def decorate(function: Any) -> Any:
         for f in reversed(chosen):

@@ -80,9 +80,14 @@ class Resources:
 
     def inference(self, dtype: str = "auto") -> InferenceSettings:
         return InferenceSettings(
-            device=self.device, dtype=dtype, attn_implementation=self.attn_implementation, deepspeed=self.deepspeed,
-            device_map=self.device_map, engine=self.engine, tensor_parallel_size=self.tensor_parallel_size,
-        )  # fmt: skip
+            device=self.device,
+            dtype=dtype,
+            attn_implementation=self.attn_implementation,
+            deepspeed=self.deepspeed,
+            device_map=self.device_map,
+            engine=self.engine,
+            tensor_parallel_size=self.tensor_parallel_size,
+        )
 
 
 def file_fingerprint(path: str) -> str:
@@ -177,8 +182,14 @@ class Stages:
         return out, key
 
 
-def launch_stage(label: str, module: str, command: click.Command, arguments: dict[str, Any],
-                 resources: Resources, out: Path) -> None:  # fmt: skip
+def launch_stage(
+    label: str,
+    module: str,
+    command: click.Command,
+    arguments: dict[str, Any],
+    resources: Resources,
+    out: Path,
+) -> None:
     """Run a stage's command in ``resources.nproc`` processes per node under the deepspeed launcher."""
     code = launch(module, command_arguments(command, arguments), resources.nproc, resources.hostfile, None)
     if code != 0:

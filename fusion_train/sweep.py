@@ -63,8 +63,15 @@ def summarise(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
         baseline = next(m for m in report["models"] if m["role"] == "baseline")
         for model in report["models"]:
             if model["role"] == "target":
-                rows.append({"variant": variant, "target": model["name"], "bits_per_byte": model["bits_per_byte"],
-                             "baseline": baseline["bits_per_byte"], "minus_baseline": model["difference"]})  # fmt: skip
+                rows.append(
+                    {
+                        "variant": variant,
+                        "target": model["name"],
+                        "bits_per_byte": model["bits_per_byte"],
+                        "baseline": baseline["bits_per_byte"],
+                        "minus_baseline": model["difference"],
+                    }
+                )
     return {"examples": reports[BASE]["examples"], "rows": rows}
 
 
@@ -144,10 +151,14 @@ def sweep(
     raw["run_dir"] = recipe.run_dir
     out = Path(recipe.run_dir) / "sweep"
     parsed = {
-        name: parse_recipe(variant, base=recipe_path.parent, default_run_dir=Path(recipe.run_dir),
-                           where=f"{recipe_path} with --vary {name}")
+        name: parse_recipe(
+            variant,
+            base=recipe_path.parent,
+            default_run_dir=Path(recipe.run_dir),
+            where=f"{recipe_path} with --vary {name}",
+        )
         for name, variant in variants(raw, variations).items()
-    }  # fmt: skip
+    }
     reports = {}
     for name, variant_recipe in parsed.items():
         click.echo(f"== {name}")

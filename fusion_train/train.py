@@ -187,9 +187,18 @@ def head_losses_at(
     def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
         rows = hidden_states.flatten(0, -2)[positions]
         sums = head_loss_sums(
-            rows, head.weight, head.bias, labels, tokenizer_size, topk_ids, fused, clm_weight=lm_weight,
-            fusion_weight=1.0 - lm_weight, softcap=softcap, chunk_tokens=chunk_tokens,
-        )  # fmt: skip
+            rows,
+            head.weight,
+            head.bias,
+            labels,
+            tokenizer_size,
+            topk_ids,
+            fused,
+            clm_weight=lm_weight,
+            fusion_weight=1.0 - lm_weight,
+            softcap=softcap,
+            chunk_tokens=chunk_tokens,
+        )
         state.returned = True
         return sums
 
@@ -359,16 +368,25 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any] 
         return _train(config, prepared, world_size, started, callbacks, track)
 
 
-def _train(config: TrainConfig, prepared: Prepared, world_size: int, started: float,
-           callbacks: Sequence[Any], track: Callable[[Trainer], Trainer]) -> dict[str, Any] | None:  # fmt: skip
+def _train(
+    config: TrainConfig,
+    prepared: Prepared,
+    world_size: int,
+    started: float,
+    callbacks: Sequence[Any],
+    track: Callable[[Trainer], Trainer],
+) -> dict[str, Any] | None:
     """``train`` after the checks, in a process that has a rank's variables."""
     tokenizer, fused = prepared.tokenizer, prepared.fused
     # TrainingArguments come first: with ZeRO-3 they make from_pretrained partition at load time.
     args = trainer_arguments(
-        TrainingArguments, config, work_dir(config.out), prepared.ds_config,
+        TrainingArguments,
+        config,
+        work_dir(config.out),
+        prepared.ds_config,
         remove_unused_columns=False,  # the fused columns are not model.forward arguments
         label_names=["labels"],
-    )  # fmt: skip
+    )
     attention = attention_implementation(
         config.attn_implementation, args.device, torch.bfloat16 if args.bf16 else torch.float32
     )

@@ -37,8 +37,15 @@ CONFIG_DIR = Path(__file__).parent / "deepspeed_configs"
 PRESETS = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3-offload": "zero3_offload.json"}
 # Settings that do not change what is trained (the attention kernel: only in float rounding): a
 # resumed run may change them.
-NOT_IN_RUN_MANIFEST = ("out", "resume", "report_to", "logging_steps", "save_steps", "save_total_limit",
-                       "attn_implementation")  # fmt: skip
+NOT_IN_RUN_MANIFEST = (
+    "out",
+    "resume",
+    "report_to",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "attn_implementation",
+)
 OUT_HELP = "The trained model directory (published when done; checkpoints go to OUT.work/)."  # every stage's
 
 
@@ -253,9 +260,12 @@ def release_trainer(trainer: Trainer) -> None:
 
 
 def trainer_arguments(
-    arguments_class: type[TrainingArguments], settings: TrainerSettings, output_dir: Path,
-    ds_config: dict[str, Any], **extra: Any,
-) -> Any:  # fmt: skip
+    arguments_class: type[TrainingArguments],
+    settings: TrainerSettings,
+    output_dir: Path,
+    ds_config: dict[str, Any],
+    **extra: Any,
+) -> Any:
     """``TrainingArguments`` (or a subclass: TRL's ``SFTConfig``, ``DPOConfig``) for ``settings``,
     with the ZeRO config ``ds_config``, and ``extra`` (a stage's own arguments).
 
@@ -393,8 +403,13 @@ class StepLearningRates(TrainerCallback):
         training summary: the first and last step's, the highest, and how many steps ran at 0."""
         steps = sorted(self.rates)
         rates = [self.rates[s] for s in steps]
-        return {"peak": peak, "first": rates[0] if rates else None, "last": rates[-1] if rates else None,
-                "highest": max(rates, default=None), "steps_at_zero": rates.count(0.0)}  # fmt: skip
+        return {
+            "peak": peak,
+            "first": rates[0] if rates else None,
+            "last": rates[-1] if rates else None,
+            "highest": max(rates, default=None),
+            "steps_at_zero": rates.count(0.0),
+        }
 
 
 def checkpoints(work: Path) -> tuple[Path | None, list[Path]]:
@@ -482,7 +497,11 @@ def publish(
         write_json_atomic(staging / SUMMARY, result)
         open_to_umask(staging)
         os.replace(staging, out)
-        log.info("%s: trained %d steps; checkpoints and logs stay in %s", out, result["steps"],
-                 trainer.args.output_dir)  # fmt: skip
+        log.info(
+            "%s: trained %d steps; checkpoints and logs stay in %s",
+            out,
+            result["steps"],
+            trainer.args.output_dir,
+        )
     trainer.accelerator.wait_for_everyone()
     return result

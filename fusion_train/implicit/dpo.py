@@ -102,8 +102,11 @@ class DPOSettings(tuning.TuneSettings):
                 )
         if self.beta is not None and self.beta <= 0:
             raise tuning.TuneInputError("--beta must be positive.")
-        defaults = {"beta": loss.beta, "learning_rate": loss.learning_rate,
-                    **{declared.name: declared.default for declared in loss.settings}}  # fmt: skip
+        defaults = {
+            "beta": loss.beta,
+            "learning_rate": loss.learning_rate,
+            **{declared.name: declared.default for declared in loss.settings},
+        }
         for name, default in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
@@ -142,9 +145,14 @@ def dpo(settings: DPOSettings) -> dict[str, Any] | None:
         policy, reference = tuning.load_policy(settings, args), tuning.load_policy(settings, args)
         own = {setting.name: getattr(settings, setting.name) for setting in loss.settings}
         return loss.trainer(
-            model=policy, ref_model=reference, args=args, train_dataset=prepared.data,
-            processing_class=prepared.tokenizer, callbacks=callbacks, **own,
-        )  # fmt: skip
+            model=policy,
+            ref_model=reference,
+            args=args,
+            train_dataset=prepared.data,
+            processing_class=prepared.tokenizer,
+            callbacks=callbacks,
+            **own,
+        )
 
     return tuning.run(settings, STAGE, load_pairs, make_trainer, log_keys=(*TRAINING_KEYS, *loss.metrics))
 

@@ -45,23 +45,51 @@ class ImplicitRun:
         self.train_file, self.heldout_file, self.data_key = train_file, heldout_file, data_key
         self.resources: Resources = recipe.resources
 
-    def sample(self, name: str, model: str, model_key: str, chat_template: str | None, prompts: str,
-               settings: sample.SampleSettings, batch_size: int) -> tuple[Path, str]:  # fmt: skip
+    def sample(
+        self,
+        name: str,
+        model: str,
+        model_key: str,
+        chat_template: str | None,
+        prompts: str,
+        settings: sample.SampleSettings,
+        batch_size: int,
+    ) -> tuple[Path, str]:
         """One model's answers to the training (``prompts="train"``) or held-out prompts."""
         data = self.train_file if prompts == "train" else self.heldout_file
-        inputs = {"model": model_key, "data": self.data_key, "prompts": prompts, "settings": settings.record(),
-                  "chat_template": chat_template, "batch_size": batch_size, "format": sample.FORMAT}  # fmt: skip
+        inputs = {
+            "model": model_key,
+            "data": self.data_key,
+            "prompts": prompts,
+            "settings": settings.record(),
+            "chat_template": chat_template,
+            "batch_size": batch_size,
+            "format": sample.FORMAT,
+        }
 
         # the template is in the key on its own (keys of earlier runs stay), and in what samples
         settings = replace(settings, chat_template=chat_template)
 
         def work(out: Path) -> None:
             if not self.resources.launches:
-                sample.sample(model, data, out, settings, source_name=name, batch_size=batch_size,
-                              tensor_parallel_size=self.resources.tensor_parallel_size)  # fmt: skip
+                sample.sample(
+                    model,
+                    data,
+                    out,
+                    settings,
+                    source_name=name,
+                    batch_size=batch_size,
+                    tensor_parallel_size=self.resources.tensor_parallel_size,
+                )
                 return
-            arguments = {"model_path": model, "data_path": data, "out_dir": out, "source_name": name,
-                         "batch_size": batch_size, **asdict(settings)}  # fmt: skip
+            arguments = {
+                "model_path": model,
+                "data_path": data,
+                "out_dir": out,
+                "source_name": name,
+                "batch_size": batch_size,
+                **asdict(settings),
+            }
             launch_stage(
                 f"sample {name}", sample.MODULE, sample.sample_command, arguments, self.resources, out
             )
@@ -78,18 +106,37 @@ class ImplicitRun:
             if s.reward_model
             else None
         )
-        inputs = {"samples": [key for _, key in samples], "settings": asdict(s), "format": score.FORMAT,
-                  "reward_model": model_fingerprint(s.reward_model) if s.reward_model else None}  # fmt: skip
+        inputs = {
+            "samples": [key for _, key in samples],
+            "settings": asdict(s),
+            "format": score.FORMAT,
+            "reward_model": model_fingerprint(s.reward_model) if s.reward_model else None,
+        }
 
         def work(out: Path) -> None:
             dirs = [str(path) for path, _ in samples]
             if not self.resources.launches:
-                score.score(dirs, out, reward_model=reward, verifiers=s.verifiers, batch_size=s.batch_size,
-                            dtype=s.dtype, trust_remote_code=s.trust_remote_code)  # fmt: skip
+                score.score(
+                    dirs,
+                    out,
+                    reward_model=reward,
+                    verifiers=s.verifiers,
+                    batch_size=s.batch_size,
+                    dtype=s.dtype,
+                    trust_remote_code=s.trust_remote_code,
+                )
                 return
-            arguments = {"samples_dirs": dirs, "out_dir": out, "reward_model": s.reward_model,
-                         "reward_label": s.reward_label, "reward_output": s.reward_output, "verifiers": s.verifiers,
-                         "batch_size": s.batch_size, "dtype": s.dtype, "trust_remote_code": s.trust_remote_code}  # fmt: skip
+            arguments = {
+                "samples_dirs": dirs,
+                "out_dir": out,
+                "reward_model": s.reward_model,
+                "reward_label": s.reward_label,
+                "reward_output": s.reward_output,
+                "verifiers": s.verifiers,
+                "batch_size": s.batch_size,
+                "dtype": s.dtype,
+                "trust_remote_code": s.trust_remote_code,
+            }
             launch_stage(f"score {name}", score.MODULE, score.score_command, arguments, self.resources, out)
 
         return self.stages.run("score", name, inputs, work)
@@ -97,9 +144,11 @@ class ImplicitRun:
     def prefer(self, mode: str, scored: tuple[Path, str], target: str | None = None) -> tuple[Path, str]:
         settings = self.recipe.prefer.settings(mode, target)
         return self.stages.run(
-            "prefer", mode, {"scored": scored[1], "settings": settings},
+            "prefer",
+            mode,
+            {"scored": scored[1], "settings": settings},
             lambda out: prefer.prefer(scored[0], out, **settings),
-        )  # fmt: skip
+        )
 
     def tune(
         self, name: str, stage: Tuning, model: str, model_key: str, prefs: tuple[Path, str]
@@ -113,8 +162,14 @@ class ImplicitRun:
         inputs = {"model": model_key, "prefs": prefs[1], "settings": values, "world_size": world_size}
 
         def start(out: Path, resume: bool) -> int:
-            settings = stage.settings(model=model, prefs=str(prefs[0]), out=str(out / "model"), resume=resume,
-                                      attn_implementation=resources.attn_implementation, **values)  # fmt: skip
+            settings = stage.settings(
+                model=model,
+                prefs=str(prefs[0]),
+                out=str(out / "model"),
+                resume=resume,
+                attn_implementation=resources.attn_implementation,
+                **values,
+            )
             stage.check(settings, world_size)  # here, once, before any rank starts
             if not resources.launches:  # one process: no launcher to start
                 stage.train(settings)
@@ -133,8 +188,15 @@ class ImplicitRun:
         settings = sample.SampleSettings.drawing(s, dtype=s.dtype, engine=self.resources.engine)
 
         def samples_of(entry: ModelEntry) -> tuple[Path, str]:
-            return self.sample(entry.name, entry.path, model_fingerprint(entry.path), entry.chat_template, "train",
-                               settings, s.batch_size)  # fmt: skip
+            return self.sample(
+                entry.name,
+                entry.path,
+                model_fingerprint(entry.path),
+                entry.chat_template,
+                "train",
+                settings,
+                s.batch_size,
+            )
 
         source_samples = [samples_of(entry) for entry in recipe.sources]
         scored = self.score("sources", source_samples)
@@ -152,8 +214,10 @@ class ImplicitRun:
             )
         name = preference_loss(recipe.dpo, recipe.prefer.mode).model_name
         dpo_out, _ = self.tune(name, DPO, str(sft_out / "model"), sft_key, pairs)
-        return [ModelSpec(SFT_NAME, str(sft_out / "model"), "implicit"),
-                ModelSpec(name, str(dpo_out / "model"), "implicit")]  # fmt: skip
+        return [
+            ModelSpec(SFT_NAME, str(sft_out / "model"), "implicit"),
+            ModelSpec(name, str(dpo_out / "model"), "implicit"),
+        ]
 
     def rate_models(self, models: list[ModelSpec]) -> Path:
         """Every model answers the held-out prompts; the answers are scored and rated against the
@@ -162,11 +226,24 @@ class ImplicitRun:
         settings = sample.SampleSettings.drawing(
             r, dtype=self.recipe.sample.dtype, engine=self.resources.engine
         )
-        answers = [self.sample(m.name, m.path, model_fingerprint(m.path), m.chat_template, "heldout", settings,
-                               r.batch_size) for m in models]  # fmt: skip
+        answers = [
+            self.sample(
+                m.name, m.path, model_fingerprint(m.path), m.chat_template, "heldout", settings, r.batch_size
+            )
+            for m in models
+        ]
         scored = self.score("answers", answers)
-        settings = {"baseline": r.baseline or self.recipe.pivot.name, "scorer": self.recipe.prefer.scorer,
-                    "resamples": r.resamples, "confidence": r.confidence, "seed": r.seed}  # fmt: skip
-        out, _ = self.stages.run("rate", "answers", {"scored": scored[1], "settings": settings},
-                                 lambda out: rate(scored[0], out, **settings))  # fmt: skip
+        settings = {
+            "baseline": r.baseline or self.recipe.pivot.name,
+            "scorer": self.recipe.prefer.scorer,
+            "resamples": r.resamples,
+            "confidence": r.confidence,
+            "seed": r.seed,
+        }
+        out, _ = self.stages.run(
+            "rate",
+            "answers",
+            {"scored": scored[1], "settings": settings},
+            lambda out: rate(scored[0], out, **settings),
+        )
         return out

@@ -281,8 +281,15 @@ def resolve_rules(manifest: dict[str, Any], mode: str, **given: Any) -> Rules:
         raise PreferError(
             f"--gate {scorer!r} is also --scorer; rank with another score (e.g. a reward model's)."
         )
-    return Rules(mode=mode, scorer=scorer, gate=given["gate"], gate_pass=given["gate_pass"],
-                 target_source=given["target_source"], drop_truncated=given["drop_truncated"], **values)  # fmt: skip
+    return Rules(
+        mode=mode,
+        scorer=scorer,
+        gate=given["gate"],
+        gate_pass=given["gate_pass"],
+        target_source=given["target_source"],
+        drop_truncated=given["drop_truncated"],
+        **values,
+    )
 
 
 def check_sources(manifest: dict[str, Any], rules: Rules, scored_dir: str | Path) -> list[str]:
@@ -416,8 +423,9 @@ class Tally:
     margins: list[float] = field(default_factory=list)
 
 
-def pair_row(key: str, prompt: list, top: Response, candidates: dict[str, Candidate], rules: Rules,
-             tally: Tally) -> dict[str, Any] | None:  # fmt: skip
+def pair_row(
+    key: str, prompt: list, top: Response, candidates: dict[str, Candidate], rules: Rules, tally: Tally
+) -> dict[str, Any] | None:
     """The kept pair of a preference prompt (fusechat3: of the source whose chosen scores highest;
     ties to the earlier source), or None, counting why by the reason of ``top``'s source."""
     tally.margins += [c.margin for c in candidates.values() if c.margin is not None]
@@ -431,21 +439,32 @@ def pair_row(key: str, prompt: list, top: Response, candidates: dict[str, Candid
     owner, pair = max(kept.items(), key=lambda item: item[1].chosen.score)  # type: ignore[union-attr]
     chosen, rejected = pair.chosen, pair.rejected
     assert chosen is not None and rejected is not None
-    row = {"id": key, "prompt": prompt, "chosen": assistant(chosen.text), "rejected": assistant(rejected.text),
-           "source": owner, "chosen_score": chosen.score, "rejected_score": rejected.score,
-           "margin": chosen.score - rejected.score}  # fmt: skip
+    row = {
+        "id": key,
+        "prompt": prompt,
+        "chosen": assistant(chosen.text),
+        "rejected": assistant(rejected.text),
+        "source": owner,
+        "chosen_score": chosen.score,
+        "rejected_score": rejected.score,
+        "margin": chosen.score - rejected.score,
+    }
     if rules.mode == "wrpo":
         row |= {"chosen_source": assistant(top.text), "chosen_source_score": top.score}
     tally.by_source[owner]["pairs"] += 1
     return row
 
 
-def candidates_of(responses: dict[str, list[Response]], top: Response, verifiable: bool,
-                  rules: Rules) -> dict[str, Candidate]:  # fmt: skip
+def candidates_of(
+    responses: dict[str, list[Response]], top: Response, verifiable: bool, rules: Rules
+) -> dict[str, Candidate]:
     """fusechat3: every source's candidate pair; wrpo: the target's, under ``top``'s source."""
     if rules.mode == "fusechat3":
-        return {src: pair_within(rs, verifiable, rules) for src, rs in responses.items()
-                if src != rules.target_source and rs}  # fmt: skip
+        return {
+            src: pair_within(rs, verifiable, rules)
+            for src, rs in responses.items()
+            if src != rules.target_source and rs
+        }
     own = responses.get(rules.target_source or "", [])
     return {
         top.source: pair_within(own, verifiable, rules) if own else Candidate(reason="no target response")
@@ -472,8 +491,15 @@ def build(data: Collected, rules: Rules) -> tuple[list[dict[str, Any]], list[dic
             tally.prompts[top] += 1
             continue
         if "sft" in sides:
-            sft_rows.append({"id": key, "prompt": prompt, "completion": assistant(top.text), "source": top.source,
-                             "score": top.score})  # fmt: skip
+            sft_rows.append(
+                {
+                    "id": key,
+                    "prompt": prompt,
+                    "completion": assistant(top.text),
+                    "source": top.source,
+                    "score": top.score,
+                }
+            )
             tally.by_source[top.source]["sft"] += 1
         if "preference" in sides:
             row = pair_row(key, prompt, top, candidates_of(responses, top, verifiable, rules), rules, tally)
@@ -481,8 +507,9 @@ def build(data: Collected, rules: Rules) -> tuple[list[dict[str, Any]], list[dic
     return sft_rows, pair_rows, tally
 
 
-def make_report(rules: Rules, data: Collected, rows: int, sources: list[str], sft: int, pairs: int,
-                tally: Tally) -> dict[str, Any]:  # fmt: skip
+def make_report(
+    rules: Rules, data: Collected, rows: int, sources: list[str], sft: int, pairs: int, tally: Tally
+) -> dict[str, Any]:
     """report.json: the settings, then what was kept and left out, and why."""
     non_finite = {
         name: {src: {"responses": len(ids), "examples": ids[:EXAMPLES]} for src, ids in by_source.items()}
@@ -527,17 +554,28 @@ def prefer(
     (``PAPER_RULES``). No pair kept (mode ``sft``: no SFT example) is an error, and nothing is
     written then."""
     manifest, rows = load_scored(scored_dir)
-    rules = resolve_rules(manifest, mode, margin=margin, max_margin=max_margin, sft_share=sft_share, gate=gate,
-                          gate_pass=gate_pass, target_source=target_source, scorer=scorer,
-                          drop_truncated=drop_truncated)  # fmt: skip
+    rules = resolve_rules(
+        manifest,
+        mode,
+        margin=margin,
+        max_margin=max_margin,
+        sft_share=sft_share,
+        gate=gate,
+        gate_pass=gate_pass,
+        target_source=target_source,
+        scorer=scorer,
+        drop_truncated=drop_truncated,
+    )
     sources = check_sources(manifest, rules, scored_dir)
     out_dir = Path(out_dir)
     made = {
         "format": FORMAT,
-        "scored": {"path": str(Path(scored_dir).resolve()),
-                   "fingerprint": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]},
+        "scored": {
+            "path": str(Path(scored_dir).resolve()),
+            "fingerprint": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16],
+        },
         "settings": asdict(rules),
-    }  # fmt: skip
+    }
     check_output(out_dir, made)  # another run's or the user's folder: refused before any work
     data = collect(rows, rules)
     sft_rows, pair_rows, tally = build(data, rules)
@@ -646,18 +684,25 @@ def markdown_report(report: dict[str, Any]) -> str:
     for source, counts in report["by_source"].items():
         cells = [source, counts.get("sft", 0), counts.get("pairs", 0), *(counts.get(r, 0) for r in reasons)]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
-    lines += ["", f"SFT prompts dropped: {report['sft_dropped'] or 'none'}.",
-              f"Pairs dropped: {report['pairs_dropped'] or 'none'}.",
-              f"Responses left out: {report['responses_excluded'] or 'none'}."]  # fmt: skip
+    lines += [
+        "",
+        f"SFT prompts dropped: {report['sft_dropped'] or 'none'}.",
+        f"Pairs dropped: {report['pairs_dropped'] or 'none'}.",
+        f"Responses left out: {report['responses_excluded'] or 'none'}.",
+    ]
     if report["gate_prompts"]:
         lines.append(f"Prompts by --gate {report['gate']}: {report['gate_prompts']}.")
     for name, by_source in report["non_finite"].items():
         for source, found in by_source.items():
-            lines.append(f"Non-finite {name} scores of {source}: {found['responses']}, e.g. "
-                         f"{', '.join(found['examples'])} (record id#sample).")  # fmt: skip
+            lines.append(
+                f"Non-finite {name} scores of {source}: {found['responses']}, e.g. "
+                f"{', '.join(found['examples'])} (record id#sample)."
+            )
     if report["mode"] == "wrpo":
-        lines.append("WRPO pairs: a row's source is the source of its y_ws (chosen_source); chosen and rejected are "
-                     "the target's own.")  # fmt: skip
+        lines.append(
+            "WRPO pairs: a row's source is the source of its y_ws (chosen_source); chosen and rejected are "
+            "the target's own."
+        )
     return "\n".join(lines) + "\n"
 
 

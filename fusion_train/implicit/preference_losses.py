@@ -62,48 +62,92 @@ class PreferenceLoss:
 def registry(*losses: PreferenceLoss) -> dict[str, PreferenceLoss]:
     """The losses by name; a name, model name, prefer mode's default or setting declared twice is
     refused (the later declaration would silently replace the earlier)."""
-    return by_name("preference losses", losses, [loss.model_name for loss in losses],
-                   [mode for loss in losses for mode in loss.default_of],
-                   [setting.name for loss in losses for setting in loss.settings])  # fmt: skip
+    return by_name(
+        "preference losses",
+        losses,
+        [loss.model_name for loss in losses],
+        [mode for loss in losses for mode in loss.default_of],
+        [setting.name for loss in losses for setting in loss.settings],
+    )
 
 
 LOSSES = registry(
     PreferenceLoss(
-        "sigmoid", "DPO", DPOTrainer, "sigmoid", beta=0.01, learning_rate=3e-7,
+        "sigmoid",
+        "DPO",
+        DPOTrainer,
+        "sigmoid",
+        beta=0.01,
+        learning_rate=3e-7,
         # Qwen-2.5-7B's; Gemma-2-9B's is the same beta at lr 5e-7
-        source="FuseChat-3.0, Qwen-2.5; Gemma-2: lr 5e-7", model_name="implicit-dpo",
+        source="FuseChat-3.0, Qwen-2.5; Gemma-2: lr 5e-7",
+        model_name="implicit-dpo",
     ),
     PreferenceLoss(
         # TRL's loss, by a trainer that logs the length-normalised rewards it compares
-        "sigmoid_norm", "length-normalised DPO (FuseChat-3.0's for Llama)", LengthNormalisedDPOTrainer,
-        "sigmoid_norm", beta=10.0, learning_rate=8e-7, source="FuseChat-3.0, Llama-3.1",
-        model_name="implicit-dpo-norm", default_of=("fusechat3",),
+        "sigmoid_norm",
+        "length-normalised DPO (FuseChat-3.0's for Llama)",
+        LengthNormalisedDPOTrainer,
+        "sigmoid_norm",
+        beta=10.0,
+        learning_rate=8e-7,
+        source="FuseChat-3.0, Llama-3.1",
+        model_name="implicit-dpo-norm",
+        default_of=("fusechat3",),
         metrics=(*TRL_REWARDS, "summed_rewards/margins", "summed_rewards/accuracies"),
     ),
     PreferenceLoss(
-        "wrpo", "WRPO", WRPOTrainer, "sigmoid", beta=0.01, learning_rate=3e-7, source="WRPO",
-        model_name="implicit-wrpo", columns=(*PAIR_COLUMNS, "chosen_source"), pairs_of="wrpo",
+        "wrpo",
+        "WRPO",
+        WRPOTrainer,
+        "sigmoid",
+        beta=0.01,
+        learning_rate=3e-7,
+        source="WRPO",
+        model_name="implicit-wrpo",
+        columns=(*PAIR_COLUMNS, "chosen_source"),
+        pairs_of="wrpo",
         default_of=("wrpo",),
-        settings=(LossSetting("alpha_max", 0.1, 0.0, 1.0, "the weight of the source's response at the end of "
-                              "training"),),
-        metrics=(*TRL_REWARDS, "rewards/chosen_source", "rewards/weighted_chosen", "rewards/weighted_margins",
-                 "rewards/weighted_accuracies", "wrpo/alpha"),
+        settings=(
+            LossSetting(
+                "alpha_max", 0.1, 0.0, 1.0, "the weight of the source's response at the end of training"
+            ),
+        ),
+        metrics=(
+            *TRL_REWARDS,
+            "rewards/chosen_source",
+            "rewards/weighted_chosen",
+            "rewards/weighted_margins",
+            "rewards/weighted_accuracies",
+            "wrpo/alpha",
+        ),
     ),
     PreferenceLoss(
         # arXiv 2310.12036, eq. 17: (h - 1/(2 tau))^2, beta as tau. TRL's h is the margin of the
         # per-token mean log-ratios (checked with the IPO authors, TRL says); its rewards/* are
         # beta times the summed ones, which can rank a pair otherwise than h does.
-        "ipo", "IPO, on per-token mean log-ratios as TRL computes it", DPOTrainer, "ipo", beta=0.1,
-        learning_rate=1e-6, source="TRL's DPOConfig defaults; the paper gives none",
+        "ipo",
+        "IPO, on per-token mean log-ratios as TRL computes it",
+        DPOTrainer,
+        "ipo",
+        beta=0.1,
+        learning_rate=1e-6,
+        source="TRL's DPOConfig defaults; the paper gives none",
         model_name="implicit-ipo",
     ),
     PreferenceLoss(
         # max(0, 1 - beta (r(y_w) - r(y_l))): SLiC's (arXiv 2305.10425) margin 1/beta on the
         # log-ratios, as RSO (arXiv 2309.06657) writes it; SLiC-HF itself compares policy log-probs
-        "hinge", "SLiC's hinge loss on the log-ratios", DPOTrainer, "hinge", beta=0.1, learning_rate=1e-6,
-        source="TRL's DPOConfig defaults", model_name="implicit-hinge",
+        "hinge",
+        "SLiC's hinge loss on the log-ratios",
+        DPOTrainer,
+        "hinge",
+        beta=0.1,
+        learning_rate=1e-6,
+        source="TRL's DPOConfig defaults",
+        model_name="implicit-hinge",
     ),
-)  # fmt: skip
+)
 
 SETTINGS = {setting.name: (setting, loss) for loss in LOSSES.values() for setting in loss.settings}
 DEFAULT_LOSS = {mode: loss.name for loss in LOSSES.values() for mode in loss.default_of}  # by prefer mode

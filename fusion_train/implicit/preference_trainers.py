@@ -83,8 +83,13 @@ def sequence_logps(
     labelled positions, and gives 0 elsewhere."""
     mask = inputs["completion_mask"]
     labels = inputs["input_ids"].masked_fill(mask == 0, -100)
-    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
-                    use_cache=False, fused_lm_head=True)  # fmt: skip
+    outputs = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        labels=labels,
+        use_cache=False,
+        fused_lm_head=True,
+    )
     per_token = outputs.log_probs[:, -(mask.size(1) - 1) :]
     return per_token.sum(dim=1).chunk(parts, dim=0)
 
@@ -139,12 +144,18 @@ class LengthNormalisedDPOTrainer(OwnLossTrainer):
         tokens = inputs["completion_mask"].sum(dim=1).clamp(min=1).chunk(2, dim=0)  # as TRL counts them
         summed = [self.beta * (p - r) for p, r in zip(policy, reference, strict=True)]
         chosen, rejected = (reward / n for reward, n in zip(summed, tokens, strict=True))
-        self.log_means({
-            "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
-            "rewards/accuracies": chosen > rejected, "summed_rewards/chosen": summed[0],
-            "summed_rewards/rejected": summed[1], "summed_rewards/margins": summed[0] - summed[1],
-            "summed_rewards/accuracies": summed[0] > summed[1],
-        })  # fmt: skip
+        self.log_means(
+            {
+                "rewards/chosen": chosen,
+                "rewards/rejected": rejected,
+                "rewards/margins": chosen - rejected,
+                "rewards/accuracies": chosen > rejected,
+                "summed_rewards/chosen": summed[0],
+                "summed_rewards/rejected": summed[1],
+                "summed_rewards/margins": summed[0] - summed[1],
+                "summed_rewards/accuracies": summed[0] > summed[1],
+            }
+        )
         return -F.logsigmoid(chosen - rejected).mean()
 
 
@@ -185,8 +196,12 @@ class WRPOTrainer(OwnLossTrainer):
             prompt = example["prompt_ids"]
             shared = common_prefix_length(prompt, ids)
             moved = prompt[shared:]
-            return {"prompt_ids": prompt[:shared], "chosen_ids": moved + example["chosen_ids"],
-                    "rejected_ids": moved + example["rejected_ids"], "chosen_source_ids": ids[shared:]}  # fmt: skip
+            return {
+                "prompt_ids": prompt[:shared],
+                "chosen_ids": moved + example["chosen_ids"],
+                "rejected_ids": moved + example["rejected_ids"],
+                "chosen_source_ids": ids[shared:],
+            }
 
         return dataset.map(tokenize_source)
 
@@ -205,12 +220,18 @@ class WRPOTrainer(OwnLossTrainer):
         loss = wrpo_loss(policy, reference, self.beta, alpha).mean()
         chosen, rejected, source = (self.beta * (p - r) for p, r in zip(policy, reference, strict=True))
         weighted = alpha * source + (1 - alpha) * chosen
-        self.log_means({
-            "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/chosen_source": source,
-            "rewards/margins": chosen - rejected, "rewards/accuracies": chosen > rejected,
-            "rewards/weighted_chosen": weighted, "rewards/weighted_margins": weighted - rejected,
-            "rewards/weighted_accuracies": weighted > rejected,
-        })  # fmt: skip
+        self.log_means(
+            {
+                "rewards/chosen": chosen,
+                "rewards/rejected": rejected,
+                "rewards/chosen_source": source,
+                "rewards/margins": chosen - rejected,
+                "rewards/accuracies": chosen > rejected,
+                "rewards/weighted_chosen": weighted,
+                "rewards/weighted_margins": weighted - rejected,
+                "rewards/weighted_accuracies": weighted > rejected,
+            }
+        )
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["wrpo/alpha"].append(alpha)
         return loss

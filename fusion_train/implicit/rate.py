@@ -49,10 +49,14 @@ def bootstrap_interval(
     number of prompts (so two models' statistics on the same prompts are resampled in pairs)."""
     rng = np.random.default_rng(seed)
     block = max(1, DRAWS_PER_BLOCK // len(values))  # bounded memory for many prompts
-    means = np.concatenate([
-        values[rng.integers(0, len(values), size=(min(block, resamples - start), len(values)))].mean(axis=1)
-        for start in range(0, resamples, block)
-    ])  # fmt: skip
+    means = np.concatenate(
+        [
+            values[rng.integers(0, len(values), size=(min(block, resamples - start), len(values)))].mean(
+                axis=1
+            )
+            for start in range(0, resamples, block)
+        ]
+    )
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
@@ -161,13 +165,23 @@ def rate(
         "models": models,
     }
     out_dir = Path(out_dir)
-    claim_output(out_dir, {
-        "format": FORMAT,
-        "scored": {"path": str(Path(scored_dir).resolve()),
-                   "fingerprint": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]},
-        "settings": {"baseline": baseline, "scorer": scorer, "resamples": resamples, "confidence": confidence,
-                     "seed": seed},
-    })  # fmt: skip
+    claim_output(
+        out_dir,
+        {
+            "format": FORMAT,
+            "scored": {
+                "path": str(Path(scored_dir).resolve()),
+                "fingerprint": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16],
+            },
+            "settings": {
+                "baseline": baseline,
+                "scorer": scorer,
+                "resamples": resamples,
+                "confidence": confidence,
+                "seed": seed,
+            },
+        },
+    )
     write_json_atomic(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", markdown_report(report))
     plot_rates(report, out_dir / "rates.png")
@@ -182,10 +196,15 @@ def win_rate(
     both = ~np.isnan(scores) & ~np.isnan(base)
     outcome = np.where(scores[both] > base[both], 1.0, np.where(scores[both] == base[both], 0.5, 0.0))
     result: dict[str, Any] = {
-        "value": None, "low": None, "high": None,
-        "wins": int((outcome == 1).sum()), "ties": int((outcome == 0.5).sum()), "losses": int((outcome == 0).sum()),
-        "prompts": int(both.sum()), "prompts_left_out": int((~both).sum()),
-    }  # fmt: skip
+        "value": None,
+        "low": None,
+        "high": None,
+        "wins": int((outcome == 1).sum()),
+        "ties": int((outcome == 0.5).sum()),
+        "losses": int((outcome == 0).sum()),
+        "prompts": int(both.sum()),
+        "prompts_left_out": int((~both).sum()),
+    }
     if len(outcome):
         low, high = bootstrap_interval(outcome, resamples, confidence, seed)
         result |= {"value": float(outcome.mean()), "low": low, "high": high}
@@ -207,8 +226,15 @@ def _order(report: dict[str, Any]) -> list[dict[str, Any]]:
 def markdown_report(report: dict[str, Any]) -> str:
     """The table a person reads: models sorted by win rate against the baseline."""
     level = f"{report['confidence']:.0%}"
-    header = ["model", f"win rate vs {report['baseline']} ({level} CI)", "wins / ties / losses", "prompts compared",
-              f"mean score ({level} CI)", "prompts judged", "responses not judged"]  # fmt: skip
+    header = [
+        "model",
+        f"win rate vs {report['baseline']} ({level} CI)",
+        "wins / ties / losses",
+        "prompts compared",
+        f"mean score ({level} CI)",
+        "prompts judged",
+        "responses not judged",
+    ]
     lines = [
         f"Scorer {report['scorer']} on {report['prompts']} prompts; win rate against {report['baseline']} counts a tie "
         f"as half a win; intervals: percentile bootstrap over prompts, {report['resamples']} resamples.",
@@ -223,8 +249,11 @@ def markdown_report(report: dict[str, Any]) -> str:
         elif wins["value"] is None:
             rate_cells = ["n/a", "0 / 0 / 0", "0"]
         else:
-            rate_cells = [f"{wins['value']:.3f} ({wins['low']:.3f}-{wins['high']:.3f})",
-                          f"{wins['wins']} / {wins['ties']} / {wins['losses']}", str(wins["prompts"])]  # fmt: skip
+            rate_cells = [
+                f"{wins['value']:.3f} ({wins['low']:.3f}-{wins['high']:.3f})",
+                f"{wins['wins']} / {wins['ties']} / {wins['losses']}",
+                str(wins["prompts"]),
+            ]
         mean_cell = (
             "n/a" if mean is None else f"{mean['value']:.4g} ({mean['low']:.4g} to {mean['high']:.4g})"
         )
@@ -265,8 +294,14 @@ def plot_rates(report: dict[str, Any], path: Path) -> None:
                     0.5 if field == "win_rate" else 0, y, " n/a", va="center", fontsize="small", color="grey"
                 )
             else:
-                ax.errorbar(stat["value"], y, xerr=[[stat["value"] - stat["low"]], [stat["high"] - stat["value"]]],
-                            fmt="o", color=colour, capsize=3)  # fmt: skip
+                ax.errorbar(
+                    stat["value"],
+                    y,
+                    xerr=[[stat["value"] - stat["low"]], [stat["high"] - stat["value"]]],
+                    fmt="o",
+                    color=colour,
+                    capsize=3,
+                )
         ax.set_xlabel(label)
     axes[0][0].set_yticks(range(len(rows)), names)
     axes[0][0].set_title(f"Mean score, {report['prompts']} prompts")
@@ -307,7 +342,14 @@ def rate_command(
     seed: int,
 ) -> None:
     """Rate models by their scored answers: mean score and win rate against a baseline, with bootstrap CIs."""
-    report = rate(scored_dir, out_dir, baseline=baseline, scorer=scorer, resamples=resamples, confidence=confidence,
-                  seed=seed)  # fmt: skip
+    report = rate(
+        scored_dir,
+        out_dir,
+        baseline=baseline,
+        scorer=scorer,
+        resamples=resamples,
+        confidence=confidence,
+        seed=seed,
+    )
     click.echo(markdown_report(report))
     click.echo(f"written: {Path(out_dir) / 'report.md'}, report.json, rates.png")

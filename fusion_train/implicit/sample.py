@@ -229,9 +229,11 @@ class RowSampler:
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float, max_new_tokens: int) -> None:
         self.uniforms = torch.stack(
-            [torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-             for s in seeds]
-        )  # fmt: skip
+            [
+                torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                for s in seeds
+            ]
+        )
         self.temperature = temperature
         self.top_p = top_p
         self.step = 0
@@ -438,9 +440,11 @@ class HfGenerator(ChatGenerator):
         s = self.settings
         sampler = RowSampler(seeds, s.temperature, s.top_p, s.max_new_tokens)
         output = self.model.generate(
-            **batch, generation_config=config, logits_processor=LogitsProcessorList([sampler]),
+            **batch,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([sampler]),
             tokenizer=self.tokenizer,
-        )  # fmt: skip
+        )
         return [self.ending(row) for row in output[:, batch["input_ids"].shape[1] :].tolist()]
 
 
@@ -461,10 +465,18 @@ class VllmGenerator(ChatGenerator):
         s = self.settings
         prompts = [TokensPrompt(prompt_token_ids=self.prompt_ids(text)) for text in texts]
         params = [
-            SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=seed,
-                           stop=self.engine_stops or None, stop_token_ids=self.end_ids, skip_special_tokens=True)
+            SamplingParams(
+                n=1,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_tokens=s.max_new_tokens,
+                seed=seed,
+                stop=self.engine_stops or None,
+                stop_token_ids=self.end_ids,
+                skip_special_tokens=True,
+            )
             for seed in seeds
-        ]  # fmt: skip
+        ]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [
             self.ending(list(out.outputs[0].token_ids), stopped=out.outputs[0].finish_reason == "stop")
@@ -494,8 +506,9 @@ def load_generator(
         tokenizer.pad_token = tokenizer.eos_token
     inference = engine_settings(settings)
     model = load_model(model_path, dtype=inference.resolved_dtype(), trust_remote_code=trust_remote_code)
-    return HfGenerator(tokenizer, plan.template, settings, stop_ids, model=model.to(resolve_device("auto")),
-                       **shared)  # fmt: skip
+    return HfGenerator(
+        tokenizer, plan.template, settings, stop_ids, model=model.to(resolve_device("auto")), **shared
+    )
 
 
 @dataclass
@@ -583,8 +596,14 @@ def sample(
     Returns the summary once every part exists (``None`` on other ranks, or while other shards'
     parts are still missing)."""
     out_dir = Path(out_dir)
-    plan = plan_sampling(model_path, data_path, settings, source_name=source_name, limit=limit,
-                         trust_remote_code=trust_remote_code)  # fmt: skip
+    plan = plan_sampling(
+        model_path,
+        data_path,
+        settings,
+        source_name=source_name,
+        limit=limit,
+        trust_remote_code=trust_remote_code,
+    )
     settings, manifest = plan.settings, plan.manifest
     engine_settings(settings, tensor_parallel_size).check()
     claim_output(out_dir, manifest)
@@ -626,9 +645,19 @@ def _write_part(
     rows = []
     for r, j in jobs:
         answer, p = answers[r, j], prompts[r]
-        rows.append({"id": p.id, "domain": p.domain, "source": source, "sample_index": j, "prompt": list(p.messages),
-                     "reference": p.reference, "response": answer.text, "num_tokens": answer.num_tokens,
-                     "finish_reason": answer.finish_reason})  # fmt: skip
+        rows.append(
+            {
+                "id": p.id,
+                "domain": p.domain,
+                "source": source,
+                "sample_index": j,
+                "prompt": list(p.messages),
+                "reference": p.reference,
+                "response": answer.text,
+                "num_tokens": answer.num_tokens,
+                "finish_reason": answer.finish_reason,
+            }
+        )
     stats = {
         "records": len(prompts),
         "responses": len(rows),
@@ -753,8 +782,16 @@ def sample_command(**params: Any) -> None:
 
     if launch_if_asked(MODULE, sample_command, params, check):
         return
-    summary = sample(p.model_path, p.data_path, p.out_dir, settings, batch_size=p.batch_size, shard=parse_shard(p.shard),
-                     tensor_parallel_size=p.tensor_parallel_size, **plan_options)  # fmt: skip
+    summary = sample(
+        p.model_path,
+        p.data_path,
+        p.out_dir,
+        settings,
+        batch_size=p.batch_size,
+        shard=parse_shard(p.shard),
+        tensor_parallel_size=p.tensor_parallel_size,
+        **plan_options,
+    )
     if summary is None:
         if p.shard:
             click.echo(f"{p.out_dir}: this shard is done; other shards' parts are still missing.")

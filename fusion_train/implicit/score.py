@@ -214,10 +214,17 @@ class RewardScorer:
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         self.template, _ = resolve_chat_template(self.tokenizer, spec.chat_template)
         self.device = resolve_device("auto")
-        self.model = from_pretrained(  # refused if its score head (or any weight) is not in the checkpoint
-            REWARD_MODEL, path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto",
-            trust_remote_code=trust_remote_code, use_safetensors=True,
-        ).eval().to(self.device)  # fmt: skip
+        self.model = (
+            from_pretrained(  # refused if its score head (or any weight) is not in the checkpoint
+                REWARD_MODEL,
+                path,
+                dtype=getattr(torch, dtype) if dtype != "auto" else "auto",
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,
+            )
+            .eval()
+            .to(self.device)
+        )
         self.pad_id = self.model.config.pad_token_id
         self.batch_size = batch_size if self.pad_id is not None else 1
 
@@ -347,25 +354,34 @@ def plan_scoring(
             )
     scorers: list[dict[str, Any]] = [{"name": name, "kind": "verifier"} for name in verifiers]
     if reward_model is not None:
-        scorers.insert(0, {
-            "name": reward_model.name, "kind": "reward-model", "path": str(Path(reward_model.path).resolve()),
-            "fingerprint": model_fingerprint(reward_model.path), "output": reward_model.output,
-            "label": reward_model.label if reward_model.output == "logits" else None,
-            "chat_template": reward_model.chat_template, "dtype": dtype,
-        })  # fmt: skip
+        scorers.insert(
+            0,
+            {
+                "name": reward_model.name,
+                "kind": "reward-model",
+                "path": str(Path(reward_model.path).resolve()),
+                "fingerprint": model_fingerprint(reward_model.path),
+                "output": reward_model.output,
+                "label": reward_model.label if reward_model.output == "logits" else None,
+                "chat_template": reward_model.chat_template,
+                "dtype": dtype,
+            },
+        )
     names = [s["name"] for s in scorers]
     if len(set(names)) < len(names):
         raise ScoreError(f"a scorer is given twice: {', '.join(names)}.")
     rows = datasets.concatenate_datasets([data for _, _, data in loaded])
     manifest = {
         "format": FORMAT,
-        "samples": [{"path": str(path.resolve()), "source": m["source"], "fingerprint": _fingerprint(m)}
-                    for path, m, _ in loaded],
+        "samples": [
+            {"path": str(path.resolve()), "source": m["source"], "fingerprint": _fingerprint(m)}
+            for path, m, _ in loaded
+        ],
         "scorers": scorers,
         "num_responses": len(rows),
         "chunk_size": chunk_size,
         "num_parts": -(-len(rows) // chunk_size),
-    }  # fmt: skip
+    }
     return ScoringPlan(rows, names, resolved, manifest)
 
 
@@ -388,8 +404,9 @@ def score(
     ``sample``). Returns the summary once every part exists (``None`` on other ranks of a launched
     job, or while other shards' parts are missing): responses and mean score per scorer and source."""
     out_dir = Path(out_dir)
-    plan = plan_scoring(samples_dirs, reward_model=reward_model, verifiers=verifiers, chunk_size=chunk_size,
-                        dtype=dtype)  # fmt: skip
+    plan = plan_scoring(
+        samples_dirs, reward_model=reward_model, verifiers=verifiers, chunk_size=chunk_size, dtype=dtype
+    )
     rows, names, num_parts = plan.rows, plan.names, plan.manifest["num_parts"]
     claim_output(out_dir, plan.manifest)
     with process_group() as rank:
@@ -441,8 +458,13 @@ def summarise(scored: datasets.Dataset, names: list[str]) -> dict[str, Any]:
         ]
         judged = [v for v, _ in values if v is not None and math.isfinite(v)]
         bad = [example for v, example in values if v is not None and not math.isfinite(v)]
-        return {"judged": len(judged), "not_judged": sum(v is None for v, _ in values), "non_finite": len(bad),
-                "non_finite_examples": bad[:EXAMPLES], "mean": sum(judged) / len(judged) if judged else None}  # fmt: skip
+        return {
+            "judged": len(judged),
+            "not_judged": sum(v is None for v, _ in values),
+            "non_finite": len(bad),
+            "non_finite_examples": bad[:EXAMPLES],
+            "mean": sum(judged) / len(judged) if judged else None,
+        }
 
     return {
         "responses": len(scored),
@@ -547,8 +569,14 @@ def score_command(**params: Any) -> None:
 
     if launch_if_asked(MODULE, score_command, params, check):
         return
-    summary = score(list(p.samples_dirs), p.out_dir, batch_size=p.batch_size, shard=parse_shard(p.shard),
-                    trust_remote_code=p.trust_remote_code, **plan_options)  # fmt: skip
+    summary = score(
+        list(p.samples_dirs),
+        p.out_dir,
+        batch_size=p.batch_size,
+        shard=parse_shard(p.shard),
+        trust_remote_code=p.trust_remote_code,
+        **plan_options,
+    )
     if summary is None:
         if p.shard:
             click.echo(f"{p.out_dir}: this shard is done; other shards' parts are still missing.")
@@ -558,8 +586,10 @@ def score_command(**params: Any) -> None:
         click.echo(f"{name}: mean {mean} over {stats['judged']} responses ({stats['not_judged']} not judged)")
         for source, counts in stats["by_source"].items():
             if counts["non_finite"]:
-                click.echo(f"  {source}: {counts['non_finite']} non-finite scores (NaN or infinite), left out of the "
-                           f"mean; prefer and rate never rank them: {', '.join(counts['non_finite_examples'])}")  # fmt: skip
+                click.echo(
+                    f"  {source}: {counts['non_finite']} non-finite scores (NaN or infinite), left out of the "
+                    f"mean; prefer and rate never rank them: {', '.join(counts['non_finite_examples'])}"
+                )
     click.echo(f"written: {Path(p.out_dir) / PARTS_DIR}, {SUMMARY}")
 
 

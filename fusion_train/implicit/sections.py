@@ -65,8 +65,15 @@ class PreferStage:
         values = prefer.data_settings(
             mode, self.sft_share, self.margin, self.max_margin, lambda k: f"prefer.{k}"
         )
-        return {"mode": mode, **values, "gate": self.gate, "gate_pass": self.gate_pass, "target_source": target,
-                "scorer": self.scorer, "drop_truncated": self.drop_truncated}  # fmt: skip
+        return {
+            "mode": mode,
+            **values,
+            "gate": self.gate,
+            "gate_pass": self.gate_pass,
+            "target_source": target,
+            "scorer": self.scorer,
+            "drop_truncated": self.drop_truncated,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,12 +116,22 @@ class RateStage(sample.Sampling):
     confidence: float = 0.95
 
 
-IMPLICIT_SETTINGS = {"sample": SampleStage, "score": ScoreStage, "prefer": PreferStage, "sft": SFTStage,
-                     "dpo": DPOStage, "rate": RateStage}  # fmt: skip
+IMPLICIT_SETTINGS = {
+    "sample": SampleStage,
+    "score": ScoreStage,
+    "prefer": PreferStage,
+    "sft": SFTStage,
+    "dpo": DPOStage,
+    "rate": RateStage,
+}
 
 
-IMPLICIT_COMMANDS = {SampleStage: sample.sample_command, ScoreStage: score.score_command,
-                     PreferStage: prefer.prefer_command, RateStage: sample.sample_command}  # fmt: skip
+IMPLICIT_COMMANDS = {
+    SampleStage: sample.sample_command,
+    ScoreStage: score.score_command,
+    PreferStage: prefer.prefer_command,
+    RateStage: sample.sample_command,
+}
 
 
 # The training sections' keys accept what the fields of their stage's settings declare.
@@ -124,9 +141,11 @@ IMPLICIT_DECLARED_BY: dict[type, type] = {SFTStage: sft.SFTSettings, DPOStage: d
 IMPLICIT_ONLY_TYPES: dict[type, dict[str, click.ParamType]] = {
     ScoreStage: {"reward_model": click.STRING},  # a path relative to the recipe, checked by check_implicit
     PreferStage: {"mode": click.Choice(["fusechat3", "wrpo"])},
-    RateStage: {"resamples": options.POSITIVE_INT,
-                "confidence": click.FloatRange(0.0, 1.0, min_open=True, max_open=True)},
-}  # fmt: skip
+    RateStage: {
+        "resamples": options.POSITIVE_INT,
+        "confidence": click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    },
+}
 
 
 def check_prefer(p: PreferStage, verifiers: Sequence[str], scorers: Sequence[str], where: str) -> None:

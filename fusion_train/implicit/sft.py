@@ -62,11 +62,21 @@ def sft(settings: SFTSettings) -> dict[str, Any] | None:
 
     def make_trainer(prepared: tuning.Prepared, callbacks: list[Any]) -> Any:
         args = tuning.trl_arguments(SFTConfig, settings, prepared)
-        return SFTTrainer(model=tuning.load_policy(settings, args), args=args, train_dataset=prepared.data,
-                          processing_class=prepared.tokenizer, callbacks=callbacks)  # fmt: skip
+        return SFTTrainer(
+            model=tuning.load_policy(settings, args),
+            args=args,
+            train_dataset=prepared.data,
+            processing_class=prepared.tokenizer,
+            callbacks=callbacks,
+        )
 
-    return tuning.run(settings, STAGE, load_sft, make_trainer,
-                      log_keys=("step", "loss", "grad_norm", "learning_rate", "mean_token_accuracy"))  # fmt: skip
+    return tuning.run(
+        settings,
+        STAGE,
+        load_sft,
+        make_trainer,
+        log_keys=("step", "loss", "grad_norm", "learning_rate", "mean_token_accuracy"),
+    )
 
 
 @click.command("sft", cls=Command)

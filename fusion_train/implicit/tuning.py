@@ -197,13 +197,19 @@ def prepare(
     manifest_path = Path(settings.prefs) / MANIFEST
     prefs_manifest = read_json(manifest_path) if manifest_path.is_file() else None
     if rank == 0:
-        claim_output(work, {
-            "format": RUN_FORMAT,
-            "stage": stage,
-            "model": {"path": str(Path(settings.model).resolve()), "tokenizer_hash": tokenizer_hash(tokenizer)},
-            "prefs": {"path": str(Path(settings.prefs).resolve()), "manifest": prefs_manifest},
-            "settings": settings.run_settings(),
-        })  # fmt: skip
+        claim_output(
+            work,
+            {
+                "format": RUN_FORMAT,
+                "stage": stage,
+                "model": {
+                    "path": str(Path(settings.model).resolve()),
+                    "tokenizer_hash": tokenizer_hash(tokenizer),
+                },
+                "prefs": {"path": str(Path(settings.prefs).resolve()), "manifest": prefs_manifest},
+                "settings": settings.run_settings(),
+            },
+        )
     return Prepared(tokenizer, data, prefs_manifest, ds_config, resume_from)
 
 
@@ -214,8 +220,14 @@ def trl_arguments(config_class: type, settings: TuneSettings, prepared: Prepared
     """A TRL config (``SFTConfig``, ``DPOConfig``) for this run (``training.trainer_arguments``, plus
     ``max_length`` and ``extra``). Made before the model loads: with ZeRO-3 it makes
     ``from_pretrained`` partition the weights at load time."""
-    return trainer_arguments(config_class, settings, work_dir(settings.out), prepared.ds_config,
-                             max_length=settings.max_length, **extra)  # fmt: skip
+    return trainer_arguments(
+        config_class,
+        settings,
+        work_dir(settings.out),
+        prepared.ds_config,
+        max_length=settings.max_length,
+        **extra,
+    )
 
 
 def load_policy(settings: TuneSettings, args: Any) -> Any:
@@ -246,12 +258,26 @@ def run(
     prepared = prepare(settings, load, stage, world_size, rank)
     datasets.disable_progress_bars()
     with trainer_in_this_process() as track:
-        return _run(settings, stage, prepared, lambda callbacks: track(make_trainer(prepared, callbacks)), log_keys, world_size,
-                    started)  # fmt: skip
+        return _run(
+            settings,
+            stage,
+            prepared,
+            lambda callbacks: track(make_trainer(prepared, callbacks)),
+            log_keys,
+            world_size,
+            started,
+        )
 
 
-def _run(settings: TuneSettings, stage: str, prepared: Prepared, make_trainer: Callable[[list[Any]], Any],
-         log_keys: Sequence[str], world_size: int, started: float) -> dict[str, Any] | None:  # fmt: skip
+def _run(
+    settings: TuneSettings,
+    stage: str,
+    prepared: Prepared,
+    make_trainer: Callable[[list[Any]], Any],
+    log_keys: Sequence[str],
+    world_size: int,
+    started: float,
+) -> dict[str, Any] | None:
     """``run`` after the checks, in a process that has a rank's variables; ``make_trainer`` takes
     the callbacks to add."""
     rates = StepLearningRates()
@@ -305,9 +331,13 @@ def settings_of(settings_class: type, params: dict[str, Any]) -> Any:
 
 
 def command(
-    module: str, click_command: click.Command, params: dict[str, Any], settings: TuneSettings,
-    check: Callable[[TuneSettings, int], Any], train: Callable[[TuneSettings], dict[str, Any] | None],
-) -> None:  # fmt: skip
+    module: str,
+    click_command: click.Command,
+    params: dict[str, Any],
+    settings: TuneSettings,
+    check: Callable[[TuneSettings, int], Any],
+    train: Callable[[TuneSettings], dict[str, Any] | None],
+) -> None:
     """A stage command's body: check and relaunch under ``--nproc``/``--hostfile``, else train here
     (in this process, or as one rank of a launched job)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -212,9 +212,14 @@ def _cooccurrence_digest(cooccurrence: Cooccurrence | None) -> str:
 
 
 def vocab_map_path(
-    cache: Path, source: Any, pivot: Any, source_bytes: TokenBytes, pivot_bytes: TokenBytes, method: str,
+    cache: Path,
+    source: Any,
+    pivot: Any,
+    source_bytes: TokenBytes,
+    pivot_bytes: TokenBytes,
+    method: str,
     cooccurrence: Cooccurrence | None = None,
-) -> Path:  # fmt: skip
+) -> Path:
     """Cache file of one map: both tokenizers' hashes and the method in the name; the mapping
     rules' version (CACHE_VERSION), the bytes and roles read from each tokenizer (see
     ``TokenBytes.digest``) and the counts in a digest."""
