@@ -289,6 +289,12 @@ def launcher_command(
     return [*command, "--no_local_rank", "--module", module]
 
 
+def launches(nproc: int, hostfile: str | None) -> bool:
+    """Whether a recipe's stage runs under the launcher: more than one process, or the nodes of a
+    hostfile (a command's own --nproc/--hostfile always launch: ``wants_launch``)."""
+    return nproc > 1 or hostfile is not None
+
+
 def world_size_of(nproc: int | None, hostfile: str | None) -> int:
     """The number of processes ``--nproc``/``--hostfile`` start."""
     if hostfile is None:

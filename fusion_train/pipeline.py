@@ -27,10 +27,10 @@ import click
 import yaml
 
 from fusion_train.align import align
+from fusion_train.calls import call_in_ranks
 from fusion_train.chat import load_conversations
 from fusion_train.errors import Command
-from fusion_train.evaluate import MODULE as EVALUATE_MODULE
-from fusion_train.evaluate import ModelSpec, evaluate, evaluate_command
+from fusion_train.evaluate import ModelSpec, evaluate
 from fusion_train.fuse import fuse
 from fusion_train.implicit.pipeline import ImplicitRun
 from fusion_train.implicit.sample import prompts_of
@@ -38,8 +38,7 @@ from fusion_train.launch import world_size_of
 from fusion_train.merge_methods import MERGE_METHODS, MergeAnalysis
 from fusion_train.models import model_fingerprint
 from fusion_train.recipe import AlignStage, FuseStage, ModelEntry, Recipe, TrainStage, load_recipe
-from fusion_train.represent import MODULE as REPRESENT_MODULE
-from fusion_train.represent import RepresentSettings, represent, represent_command
+from fusion_train.represent import RepresentSettings, represent
 from fusion_train.representation import FORMAT as REPRESENTATION_FORMAT
 from fusion_train.stages import (
     RecipeError,
@@ -48,11 +47,11 @@ from fusion_train.stages import (
     Stages,
     disk_full_explained,
     file_fingerprint,
-    launch_stage,
+    run_in_ranks,
     train_in_stage,
 )
 from fusion_train.storage import atomic_write_text, read_json, write_json_atomic
-from fusion_train.train import TrainConfig, launch_training, train
+from fusion_train.train import TrainConfig, prepare, train
 
 
 def align_inputs(pivot_key: str, source_key: str, settings: AlignStage) -> dict[str, Any]:
@@ -137,31 +136,18 @@ def run_pipeline(
     started = time.perf_counter()
     evaluate_dir, e, resources = report_dir / "evaluate", recipe.evaluate, recipe.resources
     with disk_full_explained("evaluate", evaluate_dir):
-        if resources.launches:
-            arguments = {
-                "data_path": heldout_file,
-                "models": [f"{m.name}={m.path}:{m.role}" for m in models],
-                "chat_templates": [f"{m.name}={m.chat_template}" for m in models if m.chat_template],
-                "compare_to": compare_to,
-                "out_dir": evaluate_dir,
-                "max_length": e.max_length,
-                "batch_tokens": e.batch_tokens,
-                "cache_dir": run_dir / "evaluate" / "losses",
-                **asdict(resources.inference(e.dtype)),
-            }
-            launch_stage("evaluate", EVALUATE_MODULE, evaluate_command, arguments, resources, evaluate_dir)
-            report = read_json(evaluate_dir / "report.json")
-        else:
-            report = evaluate(
-                models,
-                heldout_file,
-                evaluate_dir,
-                max_length=e.max_length,
-                batch_tokens=e.batch_tokens,
-                cache_dir=run_dir / "evaluate" / "losses",
-                compare_to=compare_to,
-                inference=resources.inference(e.dtype),
-            )
+        arguments = {
+            "models": models,
+            "data_path": heldout_file,
+            "out_dir": evaluate_dir,
+            "max_length": e.max_length,
+            "batch_tokens": e.batch_tokens,
+            "cache_dir": run_dir / "evaluate" / "losses",
+            "compare_to": compare_to,
+            "inference": resources.inference(e.dtype),
+        }
+        run_in_ranks("evaluate", evaluate, arguments, resources, evaluate_dir)
+        report = read_json(evaluate_dir / "report.json")
         log.seconds["evaluate"] = time.perf_counter() - started
     rated = implicit.rate_models(models) if implicit else None
     with disk_full_explained("report", report_dir):
@@ -194,29 +180,16 @@ def explicit_models(
         settings = RepresentSettings(r.top_k, r.max_length, "truncate", entry.chat_template, chunk_size=256)
 
         def work(out: Path) -> None:
-            if not resources.launches:
-                represent(
-                    entry.path,
-                    train_file,
-                    out,
-                    settings,
-                    inference=represent_inference,
-                    gguf_file=entry.gguf_file,
-                    batch_tokens=r.batch_tokens,
-                )
-                return
             arguments = {
                 "model_path": entry.path,
                 "data_path": train_file,
                 "out_dir": out,
+                "settings": settings,
+                "inference": represent_inference,
                 "gguf_file": entry.gguf_file,
                 "batch_tokens": r.batch_tokens,
-                **asdict(settings),
-                **asdict(represent_inference),
             }
-            launch_stage(
-                f"represent {entry.name}", REPRESENT_MODULE, represent_command, arguments, resources, out
-            )
+            run_in_ranks(f"represent {entry.name}", represent, arguments, resources, out)
 
         return stages.run("represent", entry.name, inputs, work)
 
@@ -238,9 +211,7 @@ def explicit_models(
         }
 
         def start(out: Path, resume: bool) -> int:
-            section = {
-                k: v for k, v in asdict(t).items() if k != "clm_baseline"
-            }  # the rest are TrainConfig's
+            section = {k: v for k, v in asdict(t).items() if k != "clm_baseline"}  # the rest: TrainConfig's
             config = TrainConfig(
                 model=recipe.pivot.path,
                 fused=str(fused),
@@ -249,10 +220,9 @@ def explicit_models(
                 resume=resume,
                 attn_implementation=resources.attn_implementation,
             )
-            if not resources.launches:  # one process: no launcher to start
-                train(config)
-                return 0
-            return launch_training(config, resources.nproc, resources.hostfile, None)
+            if resources.launches:  # the inputs checked here, once, before any rank starts
+                prepare(config, world_size_of(resources.nproc, resources.hostfile))
+            return call_in_ranks(train, {"config": config}, resources.nproc, resources.hostfile, out)
 
         return stages.run("train", name, inputs, lambda out: train_in_stage(f"training {name}", out, start))
 

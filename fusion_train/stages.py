@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-
+from fusion_train.calls import call_in_ranks
 from fusion_train.errors import UserError, one_line
 from fusion_train.inference import InferenceSettings
-from fusion_train.launch import command_arguments, launch
+from fusion_train.launch import launches
 from fusion_train.storage import TRAINING_SUMMARY, write_json_atomic
 
 DONE = ".done.json"
@@ -76,7 +75,7 @@ class Resources:
 
     @property
     def launches(self) -> bool:
-        return self.nproc > 1 or self.hostfile is not None
+        return launches(self.nproc, self.hostfile)
 
     def inference(self, dtype: str = "auto") -> InferenceSettings:
         return InferenceSettings(
@@ -182,16 +181,12 @@ class Stages:
         return out, key
 
 
-def launch_stage(
-    label: str,
-    module: str,
-    command: click.Command,
-    arguments: dict[str, Any],
-    resources: Resources,
-    out: Path,
+def run_in_ranks(
+    label: str, function: Callable[..., Any], arguments: dict[str, Any], resources: Resources, out: Path
 ) -> None:
-    """Run a stage's command in ``resources.nproc`` processes per node under the deepspeed launcher."""
-    code = launch(module, command_arguments(command, arguments), resources.nproc, resources.hostfile, None)
+    """``function(**arguments)``, a stage's work into ``out``: here, or in every rank of
+    ``resources`` under the deepspeed launcher (``fusion_train.calls``)."""
+    code = call_in_ranks(function, arguments, resources.nproc, resources.hostfile, out)
     if code != 0:
         raise StageError(
             f"{label} failed (exit code {code}; {free_gigabytes(out):.1f} GB free on the run's disk): see the "

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from fusion_train.calls import call_in_ranks
 from fusion_train.evaluate import ModelSpec
 from fusion_train.implicit import prefer, sample, score, tuning
 from fusion_train.implicit.rate import rate
@@ -29,10 +30,10 @@ from fusion_train.implicit.sections import (
     command_values,
     preference_loss,
 )
-from fusion_train.launch import command_arguments, launch, world_size_of
+from fusion_train.launch import world_size_of
 from fusion_train.models import model_fingerprint
 from fusion_train.recipe import ModelEntry, Recipe
-from fusion_train.stages import Resources, Stages, launch_stage, train_in_stage
+from fusion_train.stages import Resources, Stages, run_in_ranks, train_in_stage
 
 
 class ImplicitRun:
@@ -71,28 +72,16 @@ class ImplicitRun:
         settings = replace(settings, chat_template=chat_template)
 
         def work(out: Path) -> None:
-            if not self.resources.launches:
-                sample.sample(
-                    model,
-                    data,
-                    out,
-                    settings,
-                    source_name=name,
-                    batch_size=batch_size,
-                    tensor_parallel_size=self.resources.tensor_parallel_size,
-                )
-                return
             arguments = {
                 "model_path": model,
                 "data_path": data,
                 "out_dir": out,
+                "settings": settings,
                 "source_name": name,
                 "batch_size": batch_size,
-                **asdict(settings),
+                "tensor_parallel_size": self.resources.tensor_parallel_size,
             }
-            launch_stage(
-                f"sample {name}", sample.MODULE, sample.sample_command, arguments, self.resources, out
-            )
+            run_in_ranks(f"sample {name}", sample.sample, arguments, self.resources, out)
 
         stage = "sample" if prompts == "train" else "answer"
         return self.stages.run(stage, name, inputs, work)
@@ -114,30 +103,16 @@ class ImplicitRun:
         }
 
         def work(out: Path) -> None:
-            dirs = [str(path) for path, _ in samples]
-            if not self.resources.launches:
-                score.score(
-                    dirs,
-                    out,
-                    reward_model=reward,
-                    verifiers=s.verifiers,
-                    batch_size=s.batch_size,
-                    dtype=s.dtype,
-                    trust_remote_code=s.trust_remote_code,
-                )
-                return
             arguments = {
-                "samples_dirs": dirs,
+                "samples_dirs": [str(path) for path, _ in samples],
                 "out_dir": out,
-                "reward_model": s.reward_model,
-                "reward_label": s.reward_label,
-                "reward_output": s.reward_output,
+                "reward_model": reward,
                 "verifiers": s.verifiers,
                 "batch_size": s.batch_size,
                 "dtype": s.dtype,
                 "trust_remote_code": s.trust_remote_code,
             }
-            launch_stage(f"score {name}", score.MODULE, score.score_command, arguments, self.resources, out)
+            run_in_ranks(f"score {name}", score.score, arguments, self.resources, out)
 
         return self.stages.run("score", name, inputs, work)
 
@@ -171,11 +146,9 @@ class ImplicitRun:
                 **values,
             )
             stage.check(settings, world_size)  # here, once, before any rank starts
-            if not resources.launches:  # one process: no launcher to start
-                stage.train(settings)
-                return 0
-            arguments = command_arguments(stage.command, asdict(settings))
-            return launch(stage.module, arguments, resources.nproc, resources.hostfile, None)
+            return call_in_ranks(
+                stage.train, {"settings": settings}, resources.nproc, resources.hostfile, out
+            )
 
         return self.stages.run(
             stage.name, name, inputs, lambda out: train_in_stage(f"training {name}", out, start)

@@ -207,17 +207,15 @@ def command_values(
 
 @dataclass(frozen=True)
 class Tuning:
-    """A training stage of TRL (sft, dpo): how to check, launch and name it."""
+    """A training stage of TRL (sft, dpo): its name, settings, checks and training function."""
 
     name: str
-    module: str
-    command: click.Command
     settings: Callable[..., tuning.TuneSettings]
     check: Callable[[tuning.TuneSettings, int], Any]
-    train: Callable[[Any], Any]  # in this process, a world of one
+    train: Callable[[Any], Any]  # in this process, or in every rank of a launched job
 
 
-SFT = Tuning(sft.STAGE, sft.MODULE, sft.sft_command, sft.SFTSettings, sft.check, sft.sft)
+SFT = Tuning(sft.STAGE, sft.SFTSettings, sft.check, sft.sft)
 
 
-DPO = Tuning(dpo.STAGE, dpo.MODULE, dpo.dpo_command, dpo.DPOSettings, dpo.check, dpo.dpo)
+DPO = Tuning(dpo.STAGE, dpo.DPOSettings, dpo.check, dpo.dpo)
