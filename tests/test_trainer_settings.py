@@ -164,15 +164,16 @@ def test_a_field_added_to_the_settings_is_a_flag_a_setting_and_a_recipe_key(
     ):
         recipe.build_section(SFTStageWithSmoothing, {"label_smoothing": 1.5}, "recipe.yaml", "sft")
 
-    # what a launched rank is given: the settings' command line, which parses back to them
+    # what a rank of `sft --nproc N` is given: the settings' command line, which parses back to them
     rank = CliRunner().invoke(sft_with_smoothing, command_arguments(sft_with_smoothing, asdict(settings)))
     assert rank.output.strip() == repr(settings), rank.output
 
 
 def test_every_setting_of_a_launched_stage_reaches_its_ranks() -> None:
-    """A launched rank gets the command line rebuilt from the settings (``launch.command_arguments``),
-    which holds the values that have a flag and drops the others: every field of a launched stage's
-    settings has its flag, so none is dropped."""
+    """A command given ``--nproc`` relaunches itself with its command line rebuilt from the
+    settings (``launch.command_arguments``), which holds the values that have a flag and drops the
+    others: every field of a training stage's settings has its flag, so none is dropped. (A recipe
+    passes its ranks the settings themselves: ``fusion_train.calls``, tests/test_calls.py.)"""
     for command, settings in (
         (train_command, TrainConfig),
         (sft_command, SFTSettings),
