@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from fusion_train.fused import load_fused
-from fusion_train.losses import CHUNK_TOKENS, fused_weights, head_loss_sums, supervised_loss_sums
+from fusion_train.losses import CHUNK_TOKENS, fused_weights, head_loss_sums
 from fusion_train.registry_assets import ALPACA_EVAL_OUTPUTS, fetch, smollm2_instruct_dir
 from fusion_train.represent import RepresentSettings, represent
 from fusion_train.representation import load_representation
@@ -54,6 +54,11 @@ from fusion_train.storage import read_json, write_json_atomic
 from fusion_train.train import FusionCollator, FusionTrainer
 
 GEMMA3_VOCAB = 262_144
+
+# The losses on whole logits, the previous training path measured against the chunked head, are
+# the tests' reference (tests/logits_losses.py); this script reads them from there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from logits_losses import logits_loss_sums, supervised_loss_sums  # noqa: E402
 
 
 def rss_kib(field: str) -> int:
@@ -338,17 +343,6 @@ def head_timing(head_args: tuple, rounds: int) -> None:
 # --------------------------------------------------------------------------- vocabulary and memory
 
 
-def logits_head(hidden, weight, bias, labels, size, topk_ids, fused, *, clm_weight, fusion_weight, **_):
-    """The previous training path, for comparison: the whole [N, V] logits, then the sparse loss."""
-    from fusion_train.losses import _SupervisedLosses
-
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    if topk_ids is None:
-        topk_ids, fused = labels.new_zeros(len(labels), 0), torch.zeros(len(labels), 0)
-    clm, fusion = _SupervisedLosses.apply(logits, labels, topk_ids, fused.float(), size)
-    return clm_weight * clm + fusion_weight * fusion, clm.detach(), fusion.detach()
-
-
 def random_fused_rows(vocab: int, sequences: int, length: int, top_k: int, seed: int = 0) -> list[dict]:
     """Fused rows as the collator receives them: random tokens, every token after the first
     supervised, random top-k targets (a training step's cost does not depend on their values)."""
@@ -379,7 +373,7 @@ def vocab_step_memory(
     from fusion_train import train as train_module
 
     if logits:
-        train_module.head_loss_sums = logits_head
+        train_module.head_loss_sums = logits_loss_sums
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
                          num_hidden_layers=2, num_attention_heads=hidden // 64,
                          num_key_value_heads=hidden // 192, max_position_embeddings=length,

@@ -12,8 +12,8 @@ logits is analytic:
 
     d loss / d logits = a * softmax(logits) + b * softmax_real(logits) - (one-hot targets, weighted)
 
-``supervised_loss_sums`` is the same pair of losses on given logits ``[N, V]`` (the logits, their
-gradient and one chunk of work space): the reference the chunked head is tested against.
+tests/logits_losses.py holds the same pair of losses on whole logits ``[N, V]``: the reference the
+chunked head is tested against.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-CHUNK_ELEMENTS = 2**24  # float32 logits per chunk of rows in supervised_loss_sums: 64 MiB
 # Rows (supervised tokens) per chunk of the chunked head, the default of --loss-chunk-tokens. Each
 # chunk holds 4 bytes x rows x V of float32 logits (256 MiB at 256 rows of a 262,144-row
 # vocabulary); each chunk's matrix products re-read the whole [V, H] head and update its float32
@@ -47,80 +46,6 @@ def fused_weights(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperatu
     """
     scores = (topk_logprobs.float() / temperature).masked_fill(topk_ids < 0, float("-inf"))
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)
-
-
-def _row_chunks(rows: int, vocab: int) -> list[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
-    return [slice(start, start + step) for start in range(0, rows, step)]
-
-
-class _SupervisedLosses(torch.autograd.Function):
-    """(CLM sum, fusion sum) of logits [N, V]; see ``supervised_loss_sums``."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, topk_ids, weights, tokenizer_size):  # type: ignore[override]
-        rows, vocab = logits.shape
-        padded = tokenizer_size < vocab
-        lse_all = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        lse_real = torch.empty_like(lse_all) if padded else lse_all
-        for chunk in _row_chunks(rows, vocab):
-            x = logits[chunk].float()
-            lse_all[chunk] = torch.logsumexp(x, dim=-1)
-            if padded:
-                lse_real[chunk] = torch.logsumexp(x[:, :tokenizer_size], dim=-1)
-        gold = logits.gather(1, labels.unsqueeze(1)).squeeze(1).float()
-        picked = logits.gather(1, topk_ids.clamp(min=0)).float()  # padding slots have weight 0
-        clm = (lse_all - gold).sum()
-        fusion = (weights.sum(1) * lse_real - (weights * picked).sum(1)).sum()
-        ctx.save_for_backward(logits, labels, topk_ids, weights, lse_all, lse_real)
-        ctx.tokenizer_size = tokenizer_size
-        return clm, fusion
-
-    @staticmethod
-    def backward(ctx, grad_clm, grad_fusion):  # type: ignore[override]
-        logits, labels, topk_ids, weights, lse_all, lse_real = ctx.saved_tensors
-        size = ctx.tokenizer_size
-        real_weight = grad_fusion * weights.sum(1, keepdim=True)  # per row: 1, or 0 without targets
-        padded, fusion = size < logits.shape[1], weights.shape[1] > 0
-        grad = torch.empty_like(logits)
-        for chunk in _row_chunks(*logits.shape):
-            x = logits[chunk].float()
-            if padded:  # two softmaxes: over every row (CLM) and over the tokenizer's ids (fusion)
-                g = torch.exp(x - lse_all[chunk, None]).mul_(grad_clm)
-                if fusion:
-                    g[:, :size] += torch.exp(x[:, :size] - lse_real[chunk, None]).mul_(real_weight[chunk])
-            else:  # one softmax serves both terms
-                g = torch.exp(x - lse_all[chunk, None]).mul_(grad_clm + real_weight[chunk])
-            grad[chunk] = g
-        grad.scatter_add_(1, labels.unsqueeze(1), (-grad_clm).expand(len(labels), 1).to(grad.dtype))
-        grad.scatter_add_(1, topk_ids.clamp(min=0), (-grad_fusion * weights).to(grad.dtype))
-        return grad, None, None, None, None
-
-
-def supervised_loss_sums(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    tokenizer_size: int,
-    topk_ids: torch.Tensor | None = None,
-    topk_logprobs: torch.Tensor | None = None,
-    temperature: float = 1.0,
-) -> LossSums:
-    """CLM and fusion losses of ``logits`` [N, V] at N supervised positions, summed (float32).
-
-    - CLM: ``-log p(label)`` with the softmax over every output row, exactly transformers' causal-LM
-      loss, so the CLM-only baseline is the plain one.
-    - Fusion: ``-sum_j P_fused(j) log q(j)`` over the k stored ids ``topk_ids`` [N, k] (``-1`` pads),
-      with q the softmax over the tokenizer's ids only: rows at or beyond ``tokenizer_size``
-      (padded vocabularies) are never targets, as they were left out of the stored distributions.
-    """
-    fusion = topk_ids is not None and topk_logprobs is not None
-    if fusion:
-        weights = fused_weights(topk_ids, topk_logprobs, temperature)
-    else:
-        topk_ids = labels.new_zeros(len(labels), 0)
-        weights = torch.zeros(len(labels), 0, device=logits.device)
-    clm, fusion_sum = _SupervisedLosses.apply(logits, labels, topk_ids, weights, tokenizer_size)
-    return LossSums(clm, fusion_sum if fusion else None)
 
 
 # --------------------------------------------------------------------------- chunked LM head
@@ -282,7 +207,7 @@ def head_loss_sums(
 
     ``hidden`` [N, H] are the final hidden states at the positions that predict a supervised token,
     ``weight`` [V, H] (and ``bias`` [V]) the head. ``clm`` and ``fusion`` are the sums of
-    ``supervised_loss_sums`` on the logits ``hidden @ weight.T + bias`` (then
+    the cross-entropies on the logits ``hidden @ weight.T + bias`` (then
     ``softcap * tanh(logits / softcap)`` where the model soft-caps, as Gemma-2): the CLM softmax
     over every row, the fusion softmax over the tokenizer's ids only, with ``fused`` [N, k] the
     weights of ``fused_weights`` at ``topk_ids`` (rows of zeros add nothing; without ``topk_ids``

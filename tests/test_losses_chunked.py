@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from logits_losses import logits_loss_sums
 from numeric import approx_at_scale, assert_close_at_scale
 from train_fixtures import (
     batch_from_rows,
     dense_loss_sums,
     dense_reference_losses,
     fused_rows,
-    logits_loss_sums,
 )
 
 from fusion_train import losses

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from click.testing import CliRunner
+from logits_losses import supervised_loss_sums
 from numeric import approx_at_scale, assert_close_at_scale
 from train_fixtures import (
     assert_left_no_rank_behind,
@@ -25,8 +26,8 @@ from train_fixtures import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-from fusion_train import losses, training
 from fusion_train import train as train_module
+from fusion_train import training
 from fusion_train.cli import main
 from fusion_train.fused import load_fused
 from fusion_train.launch import world_size_of
@@ -173,7 +174,7 @@ def test_rows_whose_targets_are_all_padding_add_nothing_to_the_fusion_loss(vocab
     topk_ids = [[4, 0, 9], PADDING_ROW[0], [3, 7, -1], PADDING_ROW[0], [10, 9, 8]]
     topk_logprobs = [[-0.5, -1.5, -2.0], PADDING_ROW[1], [-0.2, -2.5, -math.inf], PADDING_ROW[1],
                      [-1.0, -1.1, -3.0]]  # fmt: skip
-    sums = losses.supervised_loss_sums(
+    sums = supervised_loss_sums(
         logits, labels, size, torch.tensor(topk_ids), torch.tensor(topk_logprobs), temperature=2.0
     )
     assert torch.isfinite(sums.clm) and torch.isfinite(sums.fusion)

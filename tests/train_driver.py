@@ -7,7 +7,7 @@ holds two configs, ``logits`` and ``chunked``: train the first with the logits-b
 the second with the chunked head, one after the other in the same launched job; ARG is unused).
 
 Environment: ``FUSION_TEST_LOSS=logits`` trains with the logits-based loss (the whole ``[N, V]``
-logits, then ``supervised_loss_sums``'s autograd function) in place of the chunked head, the
+logits, then ``logits_losses.SupervisedLosses``) in place of the chunked head, the
 reference of the chunked runs.
 """
 
@@ -55,7 +55,7 @@ class KillAtStep(TrainerCallback):
 def train_with_each_loss(configs: dict[str, dict]) -> None:
     """Train ``configs["logits"]`` with the logits-based loss, then ``configs["chunked"]`` with
     the chunked head, in this process; refuse to finish unless each run called its own loss."""
-    from train_fixtures import logits_loss_sums
+    from logits_losses import logits_loss_sums
 
     chunked = train_module.head_loss_sums
     calls = {"logits": 0, "chunked": 0}
@@ -84,7 +84,7 @@ if __name__ == "__main__":
         sys.exit(0)
     config = TrainConfig(**json.loads(Path(config_path).read_text()))
     if os.environ.get("FUSION_TEST_LOSS") == "logits":
-        from train_fixtures import logits_loss_sums
+        from logits_losses import logits_loss_sums
 
         train_module.head_loss_sums = logits_loss_sums
     callback = EngineLogits(argument) if mode == "logits" else KillAtStep(int(argument))

@@ -183,36 +183,6 @@ def dense_loss_sums(
     return clm, fusion
 
 
-def logits_loss_sums(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    tokenizer_size: int,
-    topk_ids: torch.Tensor | None = None,
-    fused: torch.Tensor | None = None,
-    *,
-    clm_weight: float = 1.0,
-    fusion_weight: float = 1.0,
-    softcap: float | None = None,
-    chunk_tokens: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``losses.head_loss_sums`` the previous way: the whole [N, V] logits (``F.linear``, the cap as
-    Gemma-2 applies it), then the logits-based ``supervised_loss_sums`` autograd function, and
-    autograd through all of it (``chunk_tokens`` is ignored). The reference of the chunked head's
-    tests, and what ``train_driver.py`` trains with to compare."""
-    from fusion_train.losses import _SupervisedLosses
-
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    if softcap is not None:
-        logits = torch.tanh(logits.float() / softcap) * softcap
-    if topk_ids is None or fused is None:
-        topk_ids = labels.new_zeros(len(labels), 0)
-        fused = torch.zeros(len(labels), 0, device=hidden.device)
-    clm, fusion = _SupervisedLosses.apply(logits, labels, topk_ids, fused, tokenizer_size)
-    return clm_weight * clm + fusion_weight * fusion, clm.detach(), fusion.detach()
-
-
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
