@@ -42,11 +42,31 @@ from fusion_train.dtw import dtw_align
 from fusion_train.errors import Command, UserError
 from fusion_train.models import load_tokenizer
 from fusion_train.representation import example_arrays, load_representation, read_manifest, topk_columns
+from fusion_train.settings import options_from, setting
 from fusion_train.storage import atomic_directory, claim_output, read_json, write_json_atomic
 
 FORMAT = "fusion-train/aligned@2"  # @2: pairs cover the same bytes of the rendered text
 TOKEN_ALIGN = ("spans", "dtw", "bytes")
 REPORT = "report.json"
+
+
+@dataclass(frozen=True)
+class AlignSettings:
+    """``align``'s settings: its flags and a recipe's ``align`` section (and a source's own)."""
+
+    token_align: str = setting(
+        "spans",
+        type=click.Choice(TOKEN_ALIGN),
+        help="spans: tokens covering the same bytes pair up; bytes: also every other pivot token, from the "
+        "source distribution at (or conditioned inside) the source token covering its first byte; dtw: the "
+        "reference dynamic time warping.",
+    )
+    vocab_map: str = setting(
+        "exact",
+        type=click.Choice(vocab.METHODS),
+        help="Source ids without an exact byte match: exact = drop them, mined = nearest pivot token by "
+        "edit distance, stats = the pivot token they align with most often in this corpus.",
+    )
 
 
 class AlignmentError(UserError, ValueError):
@@ -692,21 +712,7 @@ def format_report(report: dict[str, Any]) -> str:
     help="A source model's representation of the same data.",
 )
 @options.output_directory()
-@click.option(
-    "--token-align",
-    type=click.Choice(TOKEN_ALIGN),
-    default="spans",
-    help="spans: tokens covering the same bytes pair up; bytes: also every other pivot token, from the "
-    "source distribution at (or conditioned inside) the source token covering its first byte; dtw: the "
-    "reference dynamic time warping.",
-)
-@click.option(
-    "--vocab-map",
-    type=click.Choice(vocab.METHODS),
-    default="exact",
-    help="Source ids without an exact byte match: exact = drop them, mined = nearest pivot token by "
-    "edit distance, stats = the pivot token they align with most often in this corpus.",
-)
+@options_from(AlignSettings)
 def align_command(pivot_dir: str, source_dir: str, out_dir: str, token_align: str, vocab_map: str) -> None:
     """Map a source's recorded distributions onto the pivot's tokens and vocabulary."""
     report = align(pivot_dir, source_dir, out_dir, token_align, vocab_map)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from fusion_train.fusion_criteria import (
     pivots_own,
 )
 from fusion_train.representation import example_arrays, load_representation
+from fusion_train.settings import options_from, setting
 from fusion_train.storage import MANIFEST, atomic_directory, claim_output, read_json, write_json_atomic
 
 CE_UNITS = ("byte", "token")
@@ -44,6 +46,27 @@ CE_UNITS = ("byte", "token")
 # 0: measured on Gemma-3's distributions, such rows give the gold token no less at low mass than at
 # high (README, "Alignment (bench/align.py)"), so nothing is skipped unless asked.
 MIN_SOURCE_MASS = 0.0
+
+
+@dataclass(frozen=True)
+class FuseSettings:
+    """``fuse``'s settings: its flags and a recipe's ``fuse`` section (and a source's own)."""
+
+    criterion: str = setting(DEFAULT_CRITERION, type=click.Choice(list(CRITERIA)), help=CRITERIA_HELP)
+    ce_unit: str = setting(
+        "byte",
+        type=click.Choice(CE_UNITS),
+        help="Compare cross-entropy per UTF-8 byte (comparable across tokenizers) or per token (the papers).",
+    )
+    min_source_mass: float = setting(
+        MIN_SOURCE_MASS,
+        type=click.FloatRange(0.0, 1.0),
+        help="Aligned rows resting on less than this share of the source's stored top-k mass keep the "
+        "pivot's own distribution (only --token-align bytes makes such rows: those conditioned on bytes "
+        "few stored tokens continue).",
+    )
+
+
 REPORT = "report.json"
 NAN_IDS_KEPT = 10  # example ids listed per candidate whose cross-entropy was NaN
 NO_WINNER = "none"  # sequences_won key of examples where every candidate's cross-entropy was NaN
@@ -229,27 +252,7 @@ def fuse(
     help="An aligned source (output of `fusion-train align`); repeat for several sources.",
 )
 @options.output_directory()
-@click.option(
-    "--criterion",
-    type=click.Choice(list(CRITERIA)),
-    default=DEFAULT_CRITERION,
-    help=CRITERIA_HELP,
-)
-@click.option(
-    "--ce-unit",
-    type=click.Choice(CE_UNITS),
-    default="byte",
-    help="Compare cross-entropy per UTF-8 byte (comparable across tokenizers) or per token (the papers).",
-)
-@click.option(
-    "--min-source-mass",
-    type=click.FloatRange(0.0, 1.0),
-    default=MIN_SOURCE_MASS,
-    show_default=True,
-    help="Aligned rows resting on less than this share of the source's stored top-k mass keep the pivot's "
-    "own distribution (only --token-align bytes makes such rows: those conditioned on bytes few stored "
-    "tokens continue).",
-)
+@options_from(FuseSettings)
 def fuse_command(
     pivot_dir: str,
     aligned_dirs: tuple[str, ...],

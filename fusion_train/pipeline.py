@@ -37,7 +37,7 @@ from fusion_train.implicit.sample import prompts_of
 from fusion_train.launch import world_size_of
 from fusion_train.merge_methods import MERGE_METHODS, MergeAnalysis
 from fusion_train.models import model_fingerprint
-from fusion_train.recipe import AlignStage, FuseStage, ModelEntry, Recipe, TrainStage, load_recipe
+from fusion_train.recipe import AlignSettings, FuseSettings, ModelEntry, Recipe, TrainStage, load_recipe
 from fusion_train.represent import RepresentSettings, represent
 from fusion_train.representation import FORMAT as REPRESENTATION_FORMAT
 from fusion_train.stages import (
@@ -54,13 +54,13 @@ from fusion_train.storage import atomic_write_text, read_json, write_json_atomic
 from fusion_train.train import TrainConfig, prepare, train
 
 
-def align_inputs(pivot_key: str, source_key: str, settings: AlignStage) -> dict[str, Any]:
+def align_inputs(pivot_key: str, source_key: str, settings: AlignSettings) -> dict[str, Any]:
     """What the align stage's key holds."""
     return {"pivot": pivot_key, "source": source_key, "settings": asdict(settings)}
 
 
 def fuse_inputs(
-    pivot_key: str, aligned_key: str, settings: FuseStage, aligned_by: AlignStage
+    pivot_key: str, aligned_key: str, settings: FuseSettings, aligned_by: AlignSettings
 ) -> dict[str, Any]:
     """What the fuse stage's key holds. ``min_source_mass`` changes only the fusion of a source
     aligned by bytes (the others use the whole stored mass on every row): it joins the key only

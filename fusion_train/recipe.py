@@ -19,12 +19,11 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import click
 
 from fusion_train import options
-from fusion_train.align import align_command, settings_problem
+from fusion_train.align import AlignSettings, settings_problem
 from fusion_train.chat import BUILTIN_TEMPLATES
 from fusion_train.errors import UserError, read_yaml
 from fusion_train.evaluate import evaluate_command
-from fusion_train.fuse import MIN_SOURCE_MASS, fuse_command
-from fusion_train.fusion_criteria import DEFAULT_CRITERION
+from fusion_train.fuse import FuseSettings
 from fusion_train.implicit import score, tuning
 from fusion_train.implicit.preference_losses import SETTINGS
 from fusion_train.implicit.sections import (
@@ -93,19 +92,6 @@ class RepresentStage:
 
 
 @dataclass(frozen=True)
-class AlignStage:
-    token_align: str = "spans"
-    vocab_map: str = "exact"
-
-
-@dataclass(frozen=True)
-class FuseStage:
-    criterion: str = DEFAULT_CRITERION
-    ce_unit: str = "byte"
-    min_source_mass: float = MIN_SOURCE_MASS  # changes only sources aligned by bytes (see fuse_inputs)
-
-
-@dataclass(frozen=True)
 class TrainStage:
     """``fusion-train train``'s settings in a recipe. Not derived from ``training.Schedule`` (as the
     implicit sft/dpo sections are): every key here is part of the train stages' keys, and the
@@ -148,8 +134,8 @@ class Recipe:
     data: DataSettings
     run_dir: str
     represent: RepresentStage = RepresentStage()
-    align: AlignStage = AlignStage()
-    fuse: FuseStage = FuseStage()
+    align: AlignSettings = field(default_factory=AlignSettings)
+    fuse: FuseSettings = field(default_factory=FuseSettings)
     train: TrainStage = TrainStage()
     merge: MergeStage = MergeStage()
     evaluate: EvaluateStage = EvaluateStage()
@@ -170,7 +156,7 @@ class Recipe:
     def implicit(self) -> bool:
         return self.method in ("implicit", "both")
 
-    def stages_for(self, source: ModelEntry) -> tuple[AlignStage, FuseStage, TrainStage]:
+    def stages_for(self, source: ModelEntry) -> tuple[AlignSettings, FuseSettings, TrainStage]:
         """The align, fuse and train settings of one source: the recipe's, with its own over them."""
         own = source.settings
         return (
@@ -182,8 +168,8 @@ class Recipe:
 
 STAGE_SETTINGS = {
     "represent": RepresentStage,
-    "align": AlignStage,
-    "fuse": FuseStage,
+    "align": AlignSettings,
+    "fuse": FuseSettings,
     "train": TrainStage,
     "merge": MergeStage,
     "evaluate": EvaluateStage,
@@ -196,8 +182,6 @@ STAGE_SETTINGS = {
 # which its command's flags are made from.
 STAGE_COMMANDS = {
     RepresentStage: represent_command,
-    AlignStage: align_command,
-    FuseStage: fuse_command,
     EvaluateStage: evaluate_command,
     Resources: represent_command,
 }
@@ -228,7 +212,8 @@ def _value_types(cls: type) -> dict[str, click.ParamType]:
     command = {**STAGE_COMMANDS, **IMPLICIT_COMMANDS}.get(cls)
     flags = {p.name: p.type for p in command.params if p.name} if command else {}
     declared = value_types(DECLARED_BY[cls]) if cls in DECLARED_BY else {}
-    return {**flags, **declared, **RECIPE_ONLY_TYPES.get(cls, {}), **IMPLICIT_ONLY_TYPES.get(cls, {})}
+    own = value_types(cls)  # where the section is a stage's settings, their declared ranges and choices
+    return {**own, **flags, **declared, **RECIPE_ONLY_TYPES.get(cls, {}), **IMPLICIT_ONLY_TYPES.get(cls, {})}
 
 
 def _fits(value: Any, hint: Any) -> bool:

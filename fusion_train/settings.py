@@ -72,21 +72,22 @@ def declaration(cls: type, name: str) -> Declaration:
 
 
 def _annotated(hint: Any) -> Any:
-    """The type of an annotation, ``X | None`` read as ``X``."""
+    """The type of an annotation, ``X | None`` read as ``X`` (a union of several types as it is)."""
     if get_origin(hint) in (Union, UnionType):
-        (hint,) = (arg for arg in get_args(hint) if arg is not NoneType)
+        args = [arg for arg in get_args(hint) if arg is not NoneType]
+        return args[0] if len(args) == 1 else hint
     return hint
 
 
 def value_types(cls: type) -> dict[str, click.ParamType]:
     """Field name -> the type its values must have (as a flag or a recipe key): the declared
-    range, choice or path, else the annotation's type."""
-    hints = get_type_hints(cls)
-    return {
-        f.name: declaration(cls, f.name).type or TYPES_OF_ANNOTATIONS[_annotated(hints[f.name])]
-        for f in fields(cls)
-        if f.init
-    }
+    range, choice or path, else the annotation's type (a plain int, float, text or switch)."""
+    hints, types = get_type_hints(cls), {}
+    for f in fields(cls):
+        found = declaration(cls, f.name).type or TYPES_OF_ANNOTATIONS.get(_annotated(hints[f.name]))
+        if f.init and found is not None:  # a list or mapping without a declared type: its shape only
+            types[f.name] = found
+    return types
 
 
 def _required(f: Field[Any]) -> bool:

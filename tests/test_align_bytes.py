@@ -30,7 +30,7 @@ from fusion_train.chat import resolve_chat_template
 from fusion_train.demo import demo_recipe
 from fusion_train.fuse import fuse
 from fusion_train.pipeline import align_inputs, fuse_inputs
-from fusion_train.recipe import AlignStage, FuseStage, parse_recipe
+from fusion_train.recipe import AlignSettings, FuseSettings, parse_recipe
 from fusion_train.represent import RepresentSettings, represent
 from fusion_train.representation import example_arrays, load_representation
 from fusion_train.stages import RecipeError, stage_key
@@ -649,19 +649,19 @@ def test_demo_recipes_keep_their_keys_and_bytes_changes_them(
 
     monkeypatch.setattr(demo, "demo_models", lambda out: {"data": {}})  # no model is fetched or built
     recipe = demo_recipe(tmp_path, quick)
-    align_settings, fuse_settings = AlignStage(**recipe["align"]), FuseStage(**recipe["fuse"])
+    align_settings, fuse_settings = AlignSettings(**recipe["align"]), FuseSettings(**recipe["fuse"])
     assert stage_key("align", align_inputs("P", "S", align_settings)) == DEMO_ALIGN_KEY
     assert stage_key("fuse", fuse_inputs("P", "A", fuse_settings, align_settings)) == DEMO_FUSE_KEY
-    assert stage_key("fuse", fuse_inputs("P", "A", FuseStage(**recipe["fuse"], min_source_mass=0.9),
+    assert stage_key("fuse", fuse_inputs("P", "A", FuseSettings(**recipe["fuse"], min_source_mass=0.9),
                                          align_settings)) == DEMO_FUSE_KEY  # fmt: skip
-    by_bytes = AlignStage("bytes", "exact")
+    by_bytes = AlignSettings("bytes", "exact")
     assert stage_key("align", align_inputs("P", "S", by_bytes)) != DEMO_ALIGN_KEY
     assert (
         fuse_inputs("P", "A", fuse_settings, by_bytes)["settings"]["min_source_mass"]
         == fuse_settings.min_source_mass
     )
-    assert stage_key("fuse", fuse_inputs("P", "A", FuseStage(min_source_mass=0.9), by_bytes)) != stage_key(
-        "fuse", fuse_inputs("P", "A", FuseStage(), by_bytes)
+    assert stage_key("fuse", fuse_inputs("P", "A", FuseSettings(min_source_mass=0.9), by_bytes)) != stage_key(
+        "fuse", fuse_inputs("P", "A", FuseSettings(), by_bytes)
     )
 
 

@@ -84,7 +84,7 @@ def parse(tmp_path: Path, **sections: dict[str, Any]) -> Recipe:
 def test_every_criterion_reaches_the_cli_the_recipe_and_the_checks(tmp_path: Path) -> None:
     option = next(p for p in fuse_command.params if p.name == "criterion")
     assert isinstance(option.type, click.Choice) and list(option.type.choices) == list(CRITERIA)
-    assert option.default == DEFAULT_CRITERION == recipe.FuseStage().criterion
+    assert option.default == DEFAULT_CRITERION == recipe.FuseSettings().criterion
     for name, criterion in CRITERIA.items():
         assert name == criterion.name and f"{name}: {criterion.help}" in option.help
         assert parse(tmp_path, fuse={"criterion": name}).fuse.criterion == name

@@ -294,7 +294,7 @@ def test_a_models_chat_template_is_the_one_it_samples_with(
     class Stop(Exception):
         pass
 
-    def recorded(model, data, out, settings, *, source_name, **kwargs):
+    def recorded(model_path, data_path, out_dir, settings, *, source_name, **kwargs):
         seen[source_name] = settings.chat_template
         if len(seen) == 2:
             raise Stop
