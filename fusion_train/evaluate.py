@@ -36,6 +36,7 @@ from fusion_train.launch import (
     process_group,
 )
 from fusion_train.models import check_model_directory, load_tokenizer, model_fingerprint
+from fusion_train.settings import options_from
 from fusion_train.storage import atomic_write_text, read_json, refuse_unrelated, write_json_atomic
 
 MODULE = "fusion_train.evaluate"  # what the launcher runs in every process
@@ -434,7 +435,7 @@ def parse_model_option(item: str) -> ModelSpec:
     default=None,
     help="Where scored models' losses are kept, keyed by content (default: OUT/losses).",
 )
-@options.inference_options
+@options_from(InferenceSettings)
 @launch_options
 def evaluate_command(**params: Any) -> None:
     """Compare models by the bits per byte they need for the reference responses.

@@ -20,18 +20,21 @@ import contextlib
 import importlib.util
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fusion_train import options
 from fusion_train.encoding import EncodedExample
 from fusion_train.errors import UserError
 from fusion_train.launch import Rank, any_rank, parameters_held, resolve_device, resolve_dtype
 from fusion_train.models import attention_implementation, load_model, output_rows, release_memory
+from fusion_train.settings import setting, settings_from
 
 LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits materialised at once when scoring
 ENGINES = ("hf", "vllm")
@@ -50,13 +53,37 @@ class InferenceSettings:
     """Where and how a model runs; these change speed and memory, not what is computed (within
     the float precision of ``dtype``, which is recorded with the results)."""
 
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on GPUs that support it, float32 elsewhere) | a dtype name
-    attn_implementation: str = "auto"
-    deepspeed: str | None = None  # zero3 | zero3-offload: each rank holds 1/N of the parameters
-    device_map: str | None = None  # auto: one process's model spread over its GPUs (accelerate)
-    engine: str = "hf"  # hf (transformers, the reference) | vllm
-    tensor_parallel_size: int = 1  # vllm: GPUs one model is split over
+    device: str = setting(
+        "auto",
+        help="auto (this rank's GPU if there is one, else the CPU), cpu, cuda (this rank's GPU) or cuda:N.",
+    )
+    dtype: str = setting(
+        "auto",
+        type=options.MODEL_DTYPES,
+        help="Weights' dtype: auto is bfloat16 on GPUs that support it, float32 elsewhere. Log-softmax "
+        "always runs in float32.",
+    )
+    attn_implementation: str = setting("auto", type=options.ATTENTION_KERNELS, help=options.ATTENTION_HELP)
+    deepspeed: str | None = setting(
+        None,
+        type=click.Choice(PARTITIONED),
+        help="ZeRO-3 partitioned inference for models larger than one GPU: each of the --nproc ranks holds "
+        "1/N of the weights (zero3-offload: in CPU memory) and scores its own share.",
+    )
+    device_map: str | None = setting(
+        None,
+        type=click.Choice(["auto"]),
+        help="Spread the model over the GPUs of one process (accelerate's big-model placement).",
+    )
+    engine: str = setting(
+        "hf",
+        type=click.Choice(ENGINES),
+        help="hf: transformers, the reference. vllm: vLLM's prompt log-probabilities (extra [vllm], a GPU, "
+        "one process).",
+    )
+    tensor_parallel_size: int = setting(
+        1, type=options.POSITIVE_INT, help="--engine vllm: GPUs each model is split over."
+    )
 
     def check(self) -> None:
         """Refuse settings that cannot place a model here. Settings that passed are not checked
@@ -118,8 +145,8 @@ _CHECKED: weakref.WeakSet[InferenceSettings] = weakref.WeakSet()
 
 
 def inference_settings(params: dict[str, Any]) -> InferenceSettings:
-    """The ``options.inference_options`` of a command's parsed parameters."""
-    return InferenceSettings(**{f.name: params[f.name] for f in fields(InferenceSettings)})
+    """The :class:`InferenceSettings` of a command's parsed parameters."""
+    return settings_from(InferenceSettings, params)
 
 
 def check_before_launch(settings: InferenceSettings) -> None:

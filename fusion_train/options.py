@@ -59,43 +59,6 @@ def output_directory(
     return click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help=help)
 
 
-def inference_options(function: Any) -> Any:
-    """Where a scoring stage (represent, evaluate) runs the model: see ``fusion_train.inference``."""
-    for option in reversed(
-        [
-            click.option(
-                "--device",
-                default="auto",
-                help="auto (this rank's GPU if there is one, else the CPU), cpu, cuda (this rank's GPU) or cuda:N.",
-            ),
-            click.option(
-                "--dtype",
-                type=MODEL_DTYPES,
-                default="auto",
-                help="Weights' dtype: auto is bfloat16 on GPUs that support it, float32 elsewhere. "
-                "Log-softmax always runs in float32.",
-            ),
-            attn_implementation,
-            click.option(
-                "--deepspeed",
-                type=click.Choice(["zero3", "zero3-offload"]),
-                default=None,
-                help="ZeRO-3 partitioned inference for models larger than one GPU: each of the --nproc "
-                "ranks holds 1/N of the weights (zero3-offload: in CPU memory) and scores its own share.",
-            ),
-            click.option(
-                "--device-map",
-                type=click.Choice(["auto"]),
-                default=None,
-                help="Spread the model over the GPUs of one process (accelerate's big-model placement).",
-            ),
-            engine_options("vLLM's prompt log-probabilities"),
-        ]
-    ):
-        function = option(function)
-    return function
-
-
 def engine_options(what_vllm_does: str) -> Callable[[Any], Any]:
     """``--engine hf|vllm`` and ``--tensor-parallel-size``: which library runs the model."""
 

@@ -47,6 +47,7 @@ from fusion_train.representation import (
     position_runs,
     representation_features,
 )
+from fusion_train.settings import options_from, setting, settings_from
 from fusion_train.storage import MANIFEST, claim_output, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,27 @@ MODULE = "fusion_train.represent"  # what the launcher runs in every process
 class RepresentSettings:
     """Everything that changes what ``represent`` writes (recorded in the manifest)."""
 
-    top_k: int = 10
-    max_length: int = 2048
-    overflow: str = "truncate"  # "truncate": cut the end and count it; "skip": leave the example out
-    chat_template: str | None = None  # built-in name or .jinja file; default: the tokenizer's own
-    chunk_size: int = 256  # examples per part
+    top_k: int = setting(
+        10,
+        type=options.POSITIVE_INT,
+        help="Entries of each next-token distribution to keep (the papers use 10).",
+    )
+    max_length: int = setting(
+        2048, type=options.MAX_LENGTH, help="Longest tokenized conversation, in each model's tokens."
+    )
+    overflow: str = setting(
+        "truncate",
+        type=click.Choice(["truncate", "skip"]),
+        help="Longer conversations: cut the end (counted in the summary) or leave them out.",
+    )
+    chat_template: str | None = setting(
+        None,
+        help="Built-in template (plain, chatml, llama2) or a .jinja file. Default: the tokenizer's own, "
+        "else the plain fallback ('User: ...' / 'Assistant: ...</s>' blocks).",
+    )
+    chunk_size: int = setting(
+        256, type=options.POSITIVE_INT, help="Examples per part file (the unit of resuming and sharding)."
+    )
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -267,35 +284,11 @@ def finalize(out_dir: Path, placement: dict[str, Any] | None = None) -> Represen
 )
 @options.chat_data
 @options.output_directory()
-@click.option(
-    "--top-k",
-    type=options.POSITIVE_INT,
-    default=10,
-    help="Entries of each next-token distribution to keep (the papers use 10).",
-)
-@options.max_length
-@click.option(
-    "--overflow",
-    type=click.Choice(["truncate", "skip"]),
-    default="truncate",
-    help="Longer conversations: cut the end (counted in the summary) or leave them out.",
-)
 @options.batch_tokens
 @click.option("--limit", type=options.POSITIVE_INT, default=None, help="Use only the first N records.")
-@click.option(
-    "--chat-template",
-    default=None,
-    help="Built-in template (plain, chatml, llama2) or a .jinja file. Default: the tokenizer's own, "
-    "else the plain fallback ('User: ...' / 'Assistant: ...</s>' blocks).",
-)
 @click.option("--gguf-file", default=None, help="GGUF file name inside --model (dequantised on load).")
-@options.inference_options
-@click.option(
-    "--chunk-size",
-    type=options.POSITIVE_INT,
-    default=256,
-    help="Examples per part file (the unit of resuming and sharding).",
-)
+@options_from(RepresentSettings)
+@options_from(InferenceSettings)
 @click.option(
     "--shard",
     default=None,
@@ -319,7 +312,7 @@ def represent_command(**params: Any) -> None:
 
     if launch_if_asked(MODULE, represent_command, params, check):
         return
-    settings = RepresentSettings(p.top_k, p.max_length, p.overflow, p.chat_template, p.chunk_size)
+    settings = settings_from(RepresentSettings, params)
     summary = represent(
         p.model_path,
         p.data_path,

@@ -16,10 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, Field, dataclass, field, fields
 from types import NoneType, UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import click
 
+T = TypeVar("T")
 DECLARATION = "fusion_train.settings"  # the key of a field's metadata that holds its Declaration
 TYPES_OF_ANNOTATIONS: dict[Any, click.ParamType] = {
     int: click.INT,
@@ -123,3 +124,8 @@ def options_from(cls: type) -> Callable[[Any], Any]:
         return function
 
     return decorate
+
+
+def settings_from(cls: type[T], params: dict[str, Any]) -> T:
+    """The settings ``cls`` of a command's parsed parameters (its flags from :func:`options_from`)."""
+    return cls(**{f.name: params[f.name] for f in fields(cls) if f.init})
