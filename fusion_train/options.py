@@ -57,23 +57,3 @@ def output_directory(
     help: str = "Output directory; rerunning with the same arguments reuses or resumes it.",
 ) -> Callable[[Any], Any]:
     return click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help=help)
-
-
-def engine_options(what_vllm_does: str) -> Callable[[Any], Any]:
-    """``--engine hf|vllm`` and ``--tensor-parallel-size``: which library runs the model."""
-
-    def decorate(function: Any) -> Any:
-        function = click.option(
-            "--tensor-parallel-size",
-            type=POSITIVE_INT,
-            default=1,
-            help="--engine vllm: GPUs each model is split over.",
-        )(function)
-        return click.option(
-            "--engine",
-            type=click.Choice(["hf", "vllm"]),
-            default="hf",
-            help=f"hf: transformers, the reference. vllm: {what_vllm_does} (extra [vllm], a GPU, one process).",
-        )(function)
-
-    return decorate

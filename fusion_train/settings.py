@@ -98,7 +98,7 @@ def _required(f: Field[Any]) -> bool:
 def options_from(cls: type) -> Callable[[Any], Any]:
     """A decorator adding a click option for every field of ``cls``, in ``--help`` in this order:
     the required ones, the ones ``cls`` adds, then the inherited ones, each in the fields' order
-    (a stable sort). A bool is a ``--name/--no-name`` switch."""
+    (a stable sort). A bool is a ``--name/--no-name`` switch, a ``tuple[X, ...]`` a repeatable flag."""
     types, hints = value_types(cls), get_type_hints(cls)
     inherited = {name for base in cls.__mro__[1:] for name in getattr(base, "__dataclass_fields__", {})}
     chosen = sorted((f for f in fields(cls) if f.init), key=lambda f: (not _required(f), f.name in inherited))
@@ -108,6 +108,18 @@ def options_from(cls: type) -> Callable[[Any], Any]:
         default = None if _required(f) else f.default
         if _annotated(hints[f.name]) is bool:
             return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=default, help=declared.help)
+        if get_origin(hints[f.name]) is tuple:  # tuple[X, ...]: a repeatable flag
+            (element, _) = get_args(hints[f.name])
+            element_type = declared.type or TYPES_OF_ANNOTATIONS[element]
+            return click.option(
+                flag,
+                *declared.aliases,
+                f.name,
+                type=element_type,
+                multiple=True,
+                default=default,
+                help=declared.help,
+            )
         return click.option(
             flag,
             *declared.aliases,

@@ -23,7 +23,7 @@ from fusion_train.implicit.tuning import settings_of
 from fusion_train.launch import command_arguments
 from fusion_train.options import FRACTION
 from fusion_train.recipe import RecipeError
-from fusion_train.settings import options_from, setting
+from fusion_train.settings import options_from, setting, settings_from
 from fusion_train.train import TrainConfig, train_command
 
 
@@ -181,3 +181,36 @@ def test_every_setting_of_a_launched_stage_reaches_its_ranks() -> None:
     ):
         assert {f.name for f in fields(settings)} <= {p.name for p in command.params}, command.name
     assert command_arguments(sft_command, {"model": "m", "without_a_flag": 3}) == ["--model", "m"]
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """A settings class with each kind of field ``options_from`` makes a flag of."""
+
+    stops: tuple[str, ...] = setting((), help="Repeatable.")
+    sizes: tuple[int, ...] = setting((1,), type=click.IntRange(min=1))
+    greedy: bool = setting(False)
+    engine: str | None = setting(None, type=click.Choice(["hf", "vllm"]))
+
+
+@click.command()
+@options_from(Drawing)
+def drawing_command(**params: object) -> None:
+    click.echo(repr(settings_from(Drawing, params)))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ([], Drawing()),
+        (["--stops", "A", "--stops", "\nUser:", "--sizes", "3", "--sizes", "4", "--greedy", "--engine", "hf"],
+         Drawing(stops=("A", "\nUser:"), sizes=(3, 4), greedy=True, engine="hf")),
+    ],
+)  # fmt: skip
+def test_each_kind_of_field_is_a_flag_that_gives_it_back(arguments: list[str], expected: Drawing) -> None:
+    """A tuple field is a repeatable flag (its element's declared range), a bool a switch, an
+    optional choice a choice; what the command parses is the settings with those values."""
+    result = CliRunner().invoke(drawing_command, arguments)
+    assert result.exit_code == 0 and result.output.strip() == repr(expected), result.output
+    refused = CliRunner().invoke(drawing_command, ["--sizes", "0"])
+    assert refused.exit_code == 2 and "0 is not in the range x>=1" in refused.output

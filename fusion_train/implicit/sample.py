@@ -60,6 +60,7 @@ from fusion_train.parts import (
     parts_to_do,
     write_part,
 )
+from fusion_train.settings import options_from, setting, settings_from
 from fusion_train.storage import MANIFEST, check_output, claim_output, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,13 @@ class Sampling:
     """How responses are drawn: the settings a recipe's ``sample`` and ``rate`` sections share
     with ``fusion-train sample``."""
 
-    num_samples: int = 5
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 1024
-    seed: int = 0
+    num_samples: int = setting(5, type=options.POSITIVE_INT, help="Responses per prompt.")
+    temperature: float = setting(0.8, type=options.POSITIVE_FLOAT, help="Sampling temperature.")
+    top_p: float = setting(
+        0.95, type=click.FloatRange(0.0, 1.0, min_open=True), help="Nucleus sampling mass."
+    )
+    max_new_tokens: int = setting(1024, type=options.POSITIVE_INT, help="Longest response, in tokens.")
+    seed: int = setting(0, help="With the record id and sample index, decides each response's random draws.")
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_new_tokens < 1:
@@ -102,11 +105,32 @@ class Sampling:
 class SampleSettings(Sampling):
     """Everything that changes what ``sample`` writes (recorded in the manifest)."""
 
-    chat_template: str | None = None  # built-in name or .jinja file; default: the tokenizer's own
-    chunk_size: int = 64  # records per part
-    dtype: str = "auto"  # as represent's: bfloat16 on GPUs that support it, float32 elsewhere
-    stop: tuple[str, ...] = ()  # texts that end a response (not kept), besides turn ends and next turns
-    engine: str = "hf"  # hf: transformers with RowSampler | vllm: vLLM's sampler, seeded per response
+    chat_template: str | None = setting(
+        None,
+        help="Built-in template (plain, chatml, llama2) or a .jinja file. Default: the tokenizer's own, "
+        "else the plain fallback.",
+    )
+    chunk_size: int = setting(
+        64, type=options.POSITIVE_INT, help="Records per part (the unit of resuming and sharding)."
+    )
+    dtype: str = setting(
+        "auto",
+        type=options.MODEL_DTYPES,
+        help="Weights' dtype for generation: auto is bfloat16 on GPUs that support it, float32 elsewhere "
+        "(as represent's).",
+    )
+    stop: tuple[str, ...] = setting(
+        (),
+        help="Repeatable: a text that ends a response (and is not kept). Besides these, a response always "
+        "ends where the model begins the user's next turn as the chat template writes it (e.g. 'User:' at "
+        "the start of a line in the plain template, whatever the spacing); the summary counts those.",
+    )
+    engine: str = setting(
+        "hf",
+        type=click.Choice(ENGINES),
+        help="hf: transformers, the reference. vllm: vLLM's sampler, one seeded request per response "
+        "(extra [vllm], a GPU, one process).",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -706,31 +730,11 @@ def load_samples(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]
     "message before the last assistant turn, or the whole conversation when it ends with a user turn.",
 )
 @options.output_directory()
-@click.option("--num-samples", type=options.POSITIVE_INT, default=5, help="Responses per prompt.")
-@click.option("--temperature", type=options.POSITIVE_FLOAT, default=0.8, help="Sampling temperature.")
-@click.option(
-    "--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95, help="Nucleus sampling mass."
-)
-@click.option(
-    "--max-new-tokens", type=options.POSITIVE_INT, default=1024, help="Longest response, in tokens."
-)
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    help="With the record id and sample index, decides each response's random draws.",
-)
 @click.option(
     "--batch-size",
     type=options.POSITIVE_INT,
     default=8,
     help="Responses generated together (left-padded prompts of similar length).",
-)
-@click.option(
-    "--chunk-size",
-    type=options.POSITIVE_INT,
-    default=64,
-    help="Records per part (the unit of resuming and sharding).",
 )
 @click.option("--limit", type=options.POSITIVE_INT, default=None, help="Use only the first N records.")
 @click.option(
@@ -739,31 +743,17 @@ def load_samples(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]
     help="The name responses are stored under. Default: the model directory's name.",
 )
 @click.option(
-    "--chat-template",
-    default=None,
-    help="Built-in template (plain, chatml, llama2) or a .jinja file. Default: the tokenizer's own, "
-    "else the plain fallback.",
-)
-@click.option(
-    "--dtype",
-    type=options.MODEL_DTYPES,
-    default="auto",
-    help="Weights' dtype for generation: auto is bfloat16 on GPUs that support it, float32 elsewhere "
-    "(as represent's).",
-)
-@click.option(
-    "--stop",
-    multiple=True,
-    help="Repeatable: a text that ends a response (and is not kept). Besides these, a response always "
-    "ends where the model begins the user's next turn as the chat template writes it (e.g. 'User:' at the "
-    "start of a line in the plain template, whatever the spacing); the summary counts those.",
-)
-@click.option(
     "--shard",
     default=None,
     help="i/n: process every n-th part starting at i. Default: RANK/WORLD_SIZE of the launcher, else everything.",
 )
-@options.engine_options("vLLM's sampler, one seeded request per response")
+@options_from(SampleSettings)
+@click.option(
+    "--tensor-parallel-size",
+    type=options.POSITIVE_INT,
+    default=1,
+    help="--engine vllm: GPUs the model is split over.",
+)
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
 @launch_options
 def sample_command(**params: Any) -> None:
@@ -772,7 +762,7 @@ def sample_command(**params: Any) -> None:
     With --nproc N the parts are split between N processes (one per GPU, or CPU processes) under
     the deepspeed launcher; what is written does not change."""
     p = SimpleNamespace(**params)
-    settings = SampleSettings(**{f.name: params[f.name] for f in fields(SampleSettings)})
+    settings = settings_from(SampleSettings, params)
     plan_options = {"source_name": p.source_name, "limit": p.limit, "trust_remote_code": p.trust_remote_code}
 
     def check() -> None:
