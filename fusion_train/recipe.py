@@ -331,8 +331,8 @@ def _local_file(base: Path, value: str, where: str, key: str, what: str) -> str:
     return str(local)
 
 
-def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "recipe") -> Recipe:
-    """Check the whole recipe, every key and value, before any stage runs; paths become absolute."""
+def _method(raw: Any, where: str) -> str:
+    """The recipe's ``method``, after its top-level keys are checked against it."""
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: expected a mapping at the top level")
     unknown = sorted(
@@ -356,38 +356,46 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
     for key in ("pivot", "sources", "data"):
         if key not in raw:
             raise RecipeError(f"{where}: missing `{key}`")
+    return fusion
 
-    def model(entry: Any, key: str) -> ModelEntry:
-        m = build_section(ModelEntry, entry, where, key)
-        if not NAME.fullmatch(m.name):
-            raise RecipeError(
-                f"{where}: {key}.name: {m.name!r} names folders: use letters, digits, '.', '_' and '-'"
-            )
-        local = (base / m.path).resolve()
-        if not local.is_dir():
-            raise RecipeError(f"{where}: {key}.path: model directory {local} does not exist")
-        if m.gguf_file is not None and not (local / m.gguf_file).is_file():
-            raise RecipeError(f"{where}: {key}.gguf_file: {local / m.gguf_file} does not exist")
-        template = m.chat_template
-        if template is not None and template not in BUILTIN_TEMPLATES:
-            if not (base / template).is_file():
-                raise RecipeError(
-                    f"{where}: {key}.chat_template: {template!r} is neither a built-in template "
-                    f"({', '.join(BUILTIN_TEMPLATES)}) nor a file next to the recipe"
-                )
-            template = str((base / template).resolve())
-        return replace(
-            m, path=str(local), chat_template=template, settings=_source_settings(m.settings, where, key)
+
+def _model_entry(entry: Any, key: str, base: Path, where: str) -> ModelEntry:
+    """A pivot or source entry, its path and chat template made absolute."""
+    m = build_section(ModelEntry, entry, where, key)
+    if not NAME.fullmatch(m.name):
+        raise RecipeError(
+            f"{where}: {key}.name: {m.name!r} names folders: use letters, digits, '.', '_' and '-'"
         )
+    local = (base / m.path).resolve()
+    if not local.is_dir():
+        raise RecipeError(f"{where}: {key}.path: model directory {local} does not exist")
+    if m.gguf_file is not None and not (local / m.gguf_file).is_file():
+        raise RecipeError(f"{where}: {key}.gguf_file: {local / m.gguf_file} does not exist")
+    template = m.chat_template
+    if template is not None and template not in BUILTIN_TEMPLATES:
+        if not (base / template).is_file():
+            raise RecipeError(
+                f"{where}: {key}.chat_template: {template!r} is neither a built-in template "
+                f"({', '.join(BUILTIN_TEMPLATES)}) nor a file next to the recipe"
+            )
+        template = str((base / template).resolve())
+    return replace(
+        m, path=str(local), chat_template=template, settings=_source_settings(m.settings, where, key)
+    )
 
-    pivot = model(raw["pivot"], "pivot")
+
+def _models(
+    raw: dict[str, Any], base: Path, where: str, fusion: str
+) -> tuple[ModelEntry, tuple[ModelEntry, ...]]:
+    """The pivot and the sources: each entry checked, names unique, no source the pivot itself."""
+    pivot = _model_entry(raw["pivot"], "pivot", base, where)
     if pivot.settings:
         raise RecipeError(
             f"{where}: pivot: `settings` are per source; set the pivot's stages at the top level"
         )
     if not isinstance(raw["sources"], list) or not raw["sources"]:
         raise RecipeError(f"{where}: `sources` must be a non-empty list")
-    sources = tuple(model(s, f"sources[{i}]") for i, s in enumerate(raw["sources"]))
+    sources = tuple(_model_entry(s, f"sources[{i}]", base, where) for i, s in enumerate(raw["sources"]))
     names = [pivot.name] + [s.name for s in sources]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -395,7 +403,16 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
     for source in sources:
         if source.path == pivot.path:
             raise RecipeError(f"{where}: source {source.name!r} is the pivot itself ({pivot.path})")
-    data = build_section(DataSettings, raw["data"], where, "data")
+    if fusion == "implicit" and any(s.settings for s in sources):
+        raise RecipeError(
+            f"{where}: sources: per-source `settings` are for the explicit stages; method is implicit"
+        )
+    return pivot, sources
+
+
+def _data(raw: Any, base: Path, where: str) -> DataSettings:
+    """The data section, its files made absolute; a held-out file or share is required."""
+    data = build_section(DataSettings, raw, where, "data")
     data = DataSettings(
         _local_file(base, data.train, where, "data.train", "training data"),
         _local_file(base, data.heldout, where, "data.heldout", "held-out data") if data.heldout else None,
@@ -404,13 +421,58 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
     )
     if data.heldout is None and not data.heldout_fraction:
         raise RecipeError(f"{where}: data has no `heldout` file and no `heldout_fraction`; give one of them")
+    return data
+
+
+def _resources(resources: Resources, base: Path, where: str) -> Resources:
+    """The resources section, its hostfile made absolute, checked as every stage that runs a model
+    checks it (before it launches its ranks)."""
+    if resources.hostfile is not None:
+        hostfile = _local_file(base, resources.hostfile, where, "resources.hostfile", "hostfile")
+        resources = replace(resources, hostfile=hostfile)
+    inference = resources.inference()
+    try:
+        if resources.launches:
+            check_before_launch(inference)
+        else:
+            inference.check()
+    except UserError as error:
+        raise recipe_error(where, "resources", error, {f.name for f in fields(Resources)}) from None
+    return resources
+
+
+def _train_section(training: TrainStage, base: Path, where: str, fusion: str) -> TrainStage:
+    """The train section, its DeepSpeed file made absolute; a schedule of max_steps that never
+    trains is refused here (one of epochs once the data is there)."""
+    if training.deepspeed not in PRESETS:
+        deepspeed = _local_file(
+            base,
+            training.deepspeed,
+            where,
+            "train.deepspeed",
+            f"neither a preset ({', '.join(PRESETS)}) nor a file:",
+        )
+        training = replace(training, deepspeed=deepspeed)
+    if training.epochs <= 0 and training.max_steps <= 0:
+        raise RecipeError(f"{where}: train.epochs: must be positive (or set train.max_steps)")
+    if fusion != "implicit":
+        schedule = Schedule(
+            **{f.name: getattr(training, f.name) for f in fields(Schedule) if hasattr(training, f.name)}
+        )
+        problem = schedule_problem(schedule, None, 1, lambda key: f"train.{key}")
+        if problem:
+            raise RecipeError(f"{where}: {problem}")
+    return training
+
+
+def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "recipe") -> Recipe:
+    """Check the whole recipe, every key and value, before any stage runs; paths become absolute."""
+    fusion = _method(raw, where)
+    pivot, sources = _models(raw, base, where, fusion)
+    data = _data(raw["data"], base, where)
     if isinstance(raw.get("train"), dict) and "nproc" in raw["train"]:
         raise RecipeError(
             f"{where}: train.nproc: moved to resources.nproc (it also runs represent and evaluate)"
-        )
-    if fusion == "implicit" and any(s.settings for s in sources):
-        raise RecipeError(
-            f"{where}: sources: per-source `settings` are for the explicit stages; method is implicit"
         )
     settings = {
         name: build_section(cls, raw.get(name) or {}, where, name) for name, cls in STAGE_SETTINGS.items()
@@ -424,21 +486,10 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
     implicit = {
         name: build_section(cls, raw.get(name) or {}, where, name) for name, cls in IMPLICIT_SETTINGS.items()
     }
-    resources = settings["resources"]
-    if resources.hostfile is not None:
-        hostfile = _local_file(base, resources.hostfile, where, "resources.hostfile", "hostfile")
-        settings["resources"] = resources = replace(resources, hostfile=hostfile)
-    inference = resources.inference()
-    try:  # what every stage that runs a model checks (before it launches its ranks)
-        if resources.launches:
-            check_before_launch(inference)
-        else:
-            inference.check()
-    except UserError as error:
-        raise recipe_error(where, "resources", error, {f.name for f in fields(Resources)}) from None
+    settings["resources"] = resources = _resources(settings["resources"], base, where)
     made = set(MODEL_NAMES) if fusion != "explicit" else set()
     if fusion != "implicit":
-        made |= {"clm-baseline", *(f"target-{n}" for n in names[1:])}
+        made |= {"clm-baseline", *(f"target-{s.name}" for s in sources)}
         made |= {f"merge-{method}" for method in settings["merge"].methods}
     models = [("pivot", pivot), *((f"sources[{i}]", s) for i, s in enumerate(sources))]
     for key, entry in models:  # evaluate and rate name the models in their reports
@@ -448,25 +499,7 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
             )
     if fusion != "explicit":
         implicit = check_implicit(implicit, base, where, models, resources)
-    training = settings["train"]
-    if training.deepspeed not in PRESETS:
-        deepspeed = _local_file(
-            base,
-            training.deepspeed,
-            where,
-            "train.deepspeed",
-            f"neither a preset ({', '.join(PRESETS)}) nor a file:",
-        )
-        settings["train"] = replace(training, deepspeed=deepspeed)
-    if training.epochs <= 0 and training.max_steps <= 0:
-        raise RecipeError(f"{where}: train.epochs: must be positive (or set train.max_steps)")
-    if fusion != "implicit":  # a schedule of max_steps is judged here; one of epochs once the data is there
-        schedule = Schedule(
-            **{f.name: getattr(training, f.name) for f in fields(Schedule) if hasattr(training, f.name)}
-        )
-        problem = schedule_problem(schedule, None, 1, lambda key: f"train.{key}")
-        if problem:
-            raise RecipeError(f"{where}: {problem}")
+    settings["train"] = _train_section(settings["train"], base, where, fusion)
     unknown = [method for method in settings["merge"].methods if method not in MERGE_METHODS]
     if unknown:
         raise RecipeError(
