@@ -47,11 +47,10 @@ from fusion_train.implicit.sections import (
 from fusion_train.implicit.verifiers import get_verifier
 from fusion_train.inference import check_before_launch
 from fusion_train.launch import world_size_of
-from fusion_train.losses import CHUNK_TOKENS
 from fusion_train.merge_methods import DEFAULT_MERGE_METHODS, MERGE_METHODS
 from fusion_train.models import load_tokenizer
 from fusion_train.represent import represent_command
-from fusion_train.settings import value_types
+from fusion_train.settings import section, setting, value_types
 from fusion_train.stages import RecipeError, Resources, recipe_error
 from fusion_train.train import TrainConfig
 from fusion_train.training import PRESETS, Schedule, deepspeed_config, schedule_problem
@@ -91,27 +90,23 @@ class RepresentStage:
     dtype: str = "auto"
 
 
-@dataclass(frozen=True)
-class TrainStage:
-    """``fusion-train train``'s settings in a recipe. Not derived from ``training.Schedule`` (as the
-    implicit sft/dpo sections are): every key here is part of the train stages' keys, and the
-    weight_decay and max_grad_norm a derived section would add would retrain existing runs."""
-
-    clm_baseline: bool = True  # also train the pivot with CLM only, on the same data and schedule
-    lm_weight: float = 0.9
-    temperature: float = 1.0
-    deepspeed: str = "zero2"
-    learning_rate: float = 5e-6
-    epochs: float = 3.0
-    max_steps: int = -1
-    per_device_batch_size: int = 1
-    grad_accumulation: int = 1
-    warmup_ratio: float = 0.03
-    scheduler: str = "cosine"
-    gradient_checkpointing: bool = False
-    bf16: bool | None = None
-    seed: int = 42
-    loss_chunk_tokens: int = CHUNK_TOKENS
+# A recipe's train section: these settings of `fusion-train train` (declared on TrainConfig), and
+# whether to train the CLM-only baseline. Each key is part of the train stages' keys, so a setting
+# joins the section only when existing runs may train again (weight_decay, max_grad_norm have not).
+TRAIN_KEYS = ("lm_weight", "temperature", "deepspeed", "learning_rate", "epochs", "max_steps",
+              "per_device_batch_size", "grad_accumulation", "warmup_ratio", "scheduler", "gradient_checkpointing",
+              "bf16", "seed", "loss_chunk_tokens")  # fmt: skip
+TrainStage = section(
+    "TrainStage",
+    __name__,
+    TrainConfig,
+    TRAIN_KEYS,
+    "``fusion-train train``'s settings in a recipe (``TRAIN_KEYS``), and ``clm_baseline``.",
+    clm_baseline=(
+        bool,
+        setting(True, help="Also train the pivot with CLM only, on the same data and schedule."),
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -136,7 +131,7 @@ class Recipe:
     represent: RepresentStage = RepresentStage()
     align: AlignSettings = field(default_factory=AlignSettings)
     fuse: FuseSettings = field(default_factory=FuseSettings)
-    train: TrainStage = TrainStage()
+    train: TrainStage = field(default_factory=TrainStage)
     merge: MergeStage = MergeStage()
     evaluate: EvaluateStage = EvaluateStage()
     resources: Resources = field(default_factory=Resources)
@@ -187,7 +182,7 @@ STAGE_COMMANDS = {
 }
 
 
-DECLARED_BY: dict[type, type] = {TrainStage: TrainConfig, **IMPLICIT_DECLARED_BY}
+DECLARED_BY: dict[type, type] = {**IMPLICIT_DECLARED_BY}
 
 
 RECIPE_ONLY_TYPES: dict[type, dict[str, click.ParamType]] = {
@@ -567,10 +562,10 @@ def check_implicit(
             f"{where}: dpo.loss: {loss.name} needs the pairs of prefer.mode {loss.pairs_of}; set prefer.mode: "
             f"{loss.pairs_of}"
         )
-    for setting, owner in SETTINGS.values():
-        if getattr(d, setting.name) is not None and owner is not loss:
+    for loss_setting, owner in SETTINGS.values():
+        if getattr(d, loss_setting.name) is not None and owner is not loss:
             raise RecipeError(
-                f"{where}: dpo.{setting.name}: {owner.title}'s; drop it or use dpo.loss: {owner.name}"
+                f"{where}: dpo.{loss_setting.name}: {owner.title}'s; drop it or use dpo.loss: {owner.name}"
             )
     world_size = world_size_of(resources.nproc, resources.hostfile)
     for stage in (SFT, DPO):

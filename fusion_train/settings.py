@@ -13,8 +13,8 @@ base class's field.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import MISSING, Field, dataclass, field, fields
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import MISSING, Field, dataclass, field, fields, make_dataclass
 from types import NoneType, UnionType
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -141,3 +141,21 @@ def options_from(cls: type) -> Callable[[Any], Any]:
 def settings_from(cls: type[T], params: dict[str, Any]) -> T:
     """The settings ``cls`` of a command's parsed parameters (its flags from :func:`options_from`)."""
     return cls(**{f.name: params[f.name] for f in fields(cls) if f.init})
+
+
+def section(
+    name: str, module: str, settings: type, keys: Sequence[str], doc: str, **own: tuple[Any, Any]
+) -> type:
+    """A frozen dataclass ``module.name`` holding the fields ``keys`` of a stage's ``settings``
+    class with their annotations, defaults and declarations (a recipe section that takes a chosen
+    part of a stage's settings, declared once there), after ``own`` fields given as
+    ``name=(annotation, setting(...))``."""
+    hints, declared = get_type_hints(settings), {f.name: f for f in fields(settings)}
+    chosen = [(key, annotation, own_field) for key, (annotation, own_field) in own.items()]
+    chosen += [
+        (key, hints[key], field(default=declared[key].default, metadata=declared[key].metadata))
+        for key in keys
+    ]
+    made = make_dataclass(name, chosen, frozen=True, namespace={"__doc__": doc})
+    made.__module__ = module
+    return made
