@@ -93,9 +93,22 @@ class RepresentStage:
 # A recipe's train section: these settings of `fusion-train train` (declared on TrainConfig), and
 # whether to train the CLM-only baseline. Each key is part of the train stages' keys, so a setting
 # joins the section only when existing runs may train again (weight_decay, max_grad_norm have not).
-TRAIN_KEYS = ("lm_weight", "temperature", "deepspeed", "learning_rate", "epochs", "max_steps",
-              "per_device_batch_size", "grad_accumulation", "warmup_ratio", "scheduler", "gradient_checkpointing",
-              "bf16", "seed", "loss_chunk_tokens")  # fmt: skip
+TRAIN_KEYS = (
+    "lm_weight",
+    "temperature",
+    "deepspeed",
+    "learning_rate",
+    "epochs",
+    "max_steps",
+    "per_device_batch_size",
+    "grad_accumulation",
+    "warmup_ratio",
+    "scheduler",
+    "gradient_checkpointing",
+    "bf16",
+    "seed",
+    "loss_chunk_tokens",
+)
 TrainStage = section(
     "TrainStage",
     __name__,
