@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fusion_train import demo, pipeline
+from fusion_train import demo, explicit
 from fusion_train.implicit import pipeline as implicit_pipeline
 from fusion_train.implicit import tuning
 from fusion_train.implicit.pipeline import ImplicitRun
@@ -43,7 +43,7 @@ def explicit_folders(monkeypatch: pytest.MonkeyPatch, quick: bool, changes: dict
     them (``device: cpu``: the dtype ``auto`` resolves to joins the represent keys); the models'
     fingerprints stand in for models, a key for the data. ``stages``: one that runs some stages."""
     monkeypatch.setattr(demo, "demo_models", lambda out: MODELS)
-    monkeypatch.setattr(pipeline, "model_fingerprint", lambda path: f"fingerprint of {path}")
+    monkeypatch.setattr(explicit, "model_fingerprint", lambda path: f"fingerprint of {path}")
     raw = demo.demo_recipe(Path("/demo"), quick)
     raw["resources"]["device"] = "cpu"
     for section, values in changes.items():
@@ -54,7 +54,7 @@ def explicit_folders(monkeypatch: pytest.MonkeyPatch, quick: bool, changes: dict
     recipe = Recipe(ModelEntry(**MODELS["pivot"]), tuple(ModelEntry(**s) for s in sources),
                     DataSettings(**raw["data"]), "/run", **sections)  # fmt: skip
     stages = stages or RecordingStages()
-    pipeline.explicit_models(recipe, stages, Path("train.jsonl"), "data-key")
+    explicit.ExplicitRun(recipe, stages, Path("train.jsonl"), "data-key").models()
     return stages.folders
 
 

@@ -28,8 +28,8 @@ from fusion_train import registry_assets as assets
 from fusion_train.align import AlignedRows, Aligner, align, gold_ids
 from fusion_train.chat import resolve_chat_template
 from fusion_train.demo import demo_recipe
+from fusion_train.explicit import align_inputs, fuse_inputs
 from fusion_train.fuse import fuse
-from fusion_train.pipeline import align_inputs, fuse_inputs
 from fusion_train.recipe import AlignSettings, FuseSettings, parse_recipe
 from fusion_train.represent import RepresentSettings, represent
 from fusion_train.representation import example_arrays, load_representation

@@ -27,7 +27,7 @@ from click.testing import CliRunner, Result
 from safetensors.torch import load_file
 from varm_fixtures import make_base, make_target, save_model, tiny_config
 
-from fusion_train import pipeline
+from fusion_train import explicit, pipeline
 from fusion_train.cli import main as fusion_train
 from fusion_train.errors import DEBUG_ENV, UserError, user_message
 from fusion_train.evaluate import parse_model_option
@@ -521,7 +521,7 @@ def test_recipe_is_checked_before_any_stage(
 ) -> None:
     """The issue's case: `lm_weight: 1.5` used to fail after represent, align and fuse had run."""
     ran: list[str] = []
-    monkeypatch.setattr(pipeline, "represent", lambda *a, **k: ran.append("represent"))
+    monkeypatch.setattr(explicit, "represent", lambda *a, **k: ran.append("represent"))
     monkeypatch.setattr(pipeline, "split_data", lambda *a, **k: ran.append("split"))
     recipe = write_recipe(ws, tmp_path, sources=[{"name": "s", "path": "ws:m-source",
                                                   "settings": {"train": {"lm_weight": 1.5}}}])  # fmt: skip

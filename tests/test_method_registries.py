@@ -14,7 +14,7 @@ import yaml
 from mergekit.merge_methods import get as get_merge_method
 from recording_stages import MODELS, explicit_folders
 
-from fusion_train import demo, fusion_criteria, merge_methods, pipeline, recipe
+from fusion_train import demo, explicit, fusion_criteria, merge_methods, recipe
 from fusion_train.fuse import FusionError, fuse, fuse_command
 from fusion_train.fusion_criteria import CRITERIA, DEFAULT_CRITERION
 from fusion_train.merge_methods import CONFIG_DIR, DEFAULT_MERGE_METHODS, MERGE_METHODS
@@ -109,7 +109,7 @@ def test_every_merge_method_has_its_config_and_reaches_the_recipe(
         config = yaml.safe_load(fill_placeholders(text, "pivot", ["t1", "t2"]))  # a valid mergekit config
         assert config["merge_method"] == name and get_merge_method(name)
         if method.targets is None:  # the shipped per-target settings serve any number of targets
-            three = pipeline.merge_config(name, "pivot", ["t1", "t2", "t3"], "float32")
+            three = explicit.merge_config(name, "pivot", ["t1", "t2", "t3"], "float32")
             assert [model["model"] for model in three["models"]] == ["t1", "t2", "t3"]
     monkeypatch.setattr(demo, "demo_models", lambda out: MODELS)
     assert (

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from numeric import approx_at_scale
 from transformers import AutoModelForCausalLM
 
-from fusion_train import pipeline
+from fusion_train import explicit, pipeline
 from fusion_train.chat import load_conversations
 from fusion_train.evaluate import bits_per_byte, response_losses
 from fusion_train.pipeline import run_pipeline
@@ -116,7 +116,7 @@ def test_end_to_end_resume_rerun_and_added_source(
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "fuse", killed)
+        patch.setattr(explicit, "fuse", killed)
         with pytest.raises(KeyboardInterrupt):
             run_pipeline(recipe, echo=lambda _: None)
     assert len(list((run_dir / "represent").glob("*/.done.json"))) == 2

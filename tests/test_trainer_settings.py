@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from recording_stages import RecordingStages, explicit_folders, training_folders
 
-from fusion_train import pipeline, recipe
+from fusion_train import explicit, recipe
 from fusion_train.errors import Command
 from fusion_train.implicit.dpo import DPOSettings, dpo_command
 from fusion_train.implicit.sections import SFTStage, command_values
@@ -101,7 +101,7 @@ def test_the_train_stages_of_the_quick_demo_hand_the_trainer_the_same_settings(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     trained: list[TrainConfig] = []
-    monkeypatch.setattr(pipeline, "train", lambda config: trained.append(config))
+    monkeypatch.setattr(explicit, "train", lambda config: trained.append(config))
     explicit_folders(monkeypatch, True, {}, stages=TrainingStages(tmp_path))
     # Computed by the code before the settings were declared once (commit 93f8edf).
     target = {**SHARED, "max_steps": 3, "learning_rate": 2e-5, "warmup_ratio": 0.0, "epochs": 3.0,

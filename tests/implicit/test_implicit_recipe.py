@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 pytest.importorskip("trl")
 
-from fusion_train import pipeline
 from fusion_train.cli import main
 from fusion_train.evaluate import ModelSpec
+from fusion_train.explicit import ExplicitRun
 from fusion_train.implicit.sample import load_samples
 from fusion_train.pipeline import run_pipeline
 from fusion_train.recipe import RecipeError, load_recipe, parse_recipe
@@ -141,7 +141,7 @@ def test_wrpo_recipe_samples_the_sft_model_and_trains_on_its_own_pairs(
     if not stand_in.exists():
         shutil.copytree(workspace / "m-pivot", stand_in)
     explicit = [ModelSpec("target-a", str(stand_in), "target")]
-    monkeypatch.setattr(pipeline, "explicit_models", lambda *args: (explicit, []))
+    monkeypatch.setattr(ExplicitRun, "models", lambda self: (explicit, []))
     report, log = run(workspace, recipe_of("wrpo", method="both"), "wrpo.yaml")
     run_dir = workspace / "run-wrpo"
     assert {"prefer/sft", "sft/implicit-sft", "sample/implicit-sft", "score/sources-and-target", "prefer/wrpo",
