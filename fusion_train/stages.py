@@ -1,6 +1,6 @@
 """What every recipe stage shares: a folder per stage named by a key of its inputs, where stages
-run (``Resources``: processes, nodes, device placement), launching a stage's command under the
-deepspeed launcher, and the errors a recipe run reports.
+run (``Resources``: processes, nodes, device placement), running a stage's function in them
+(``run_in_ranks``, through ``fusion_train.calls``), and the errors a recipe run reports.
 
 A stage's output lives in ``RUN/<stage>/<name>-<key>``, the key a hash of the stage's settings
 and of the keys of what it reads; a folder with its done mark is reused, so a rerun only runs
