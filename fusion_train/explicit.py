@@ -60,18 +60,20 @@ class ExplicitRun:
 
     def represent(self, entry: ModelEntry) -> tuple[Path, str]:
         """One model's representation of the training records."""
-        r, inference = self.recipe.represent, self.resources.inference(self.recipe.represent.dtype)
+        section, inference = self.recipe.represent, self.resources.inference(self.recipe.represent.dtype)
         # The format joins the key: a representation of an older format is never reused; the
         # dtype the weights run in (auto: by machine) changes the figures, the rest of resources not.
         inputs = {
             "model": model_fingerprint(entry.path),
             "data": self.data_key,
-            "settings": asdict(r),
+            "settings": asdict(section),
             "chat_template": entry.chat_template,
             "format": REPRESENTATION_FORMAT,
             "dtype": str(inference.resolved_dtype()),
         }
-        settings = RepresentSettings(r.top_k, r.max_length, "truncate", entry.chat_template, chunk_size=256)
+        settings = RepresentSettings(
+            section.top_k, section.max_length, "truncate", entry.chat_template, chunk_size=256
+        )
 
         def work(out: Path) -> None:
             arguments = {
@@ -81,7 +83,7 @@ class ExplicitRun:
                 "settings": settings,
                 "inference": inference,
                 "gguf_file": entry.gguf_file,
-                "batch_tokens": r.batch_tokens,
+                "batch_tokens": section.batch_tokens,
             }
             run_in_ranks(f"represent {entry.name}", represent, arguments, self.resources, out)
 

@@ -531,32 +531,38 @@ def check_implicit(
     implicit sections (each value was checked on its own), the models' tokenizers, the pivot's chat
     template (sft, dpo), prefer's scorer, and sft's and dpo's settings as their commands build them.
     Paths become absolute. ``models``: (recipe key, entry), the pivot first."""
-    s: ScoreStage = settings["score"]
-    if s.reward_model is None and not s.verifiers:
+    score_section: ScoreStage = settings["score"]
+    if score_section.reward_model is None and not score_section.verifiers:
         raise RecipeError(
             f"{where}: score: give reward_model and/or verifiers (e.g. verifiers: [reference-overlap])"
         )
-    for name in s.verifiers:
+    for name in score_section.verifiers:
         try:
             get_verifier(name)
         except UserError as error:
             raise RecipeError(f"{where}: score.verifiers: {error}") from None
-    scorers = list(s.verifiers)
-    if s.reward_model is not None:
-        path = (base / s.reward_model).expanduser().resolve()
+    scorers = list(score_section.verifiers)
+    if score_section.reward_model is not None:
+        path = (base / score_section.reward_model).expanduser().resolve()
         if not path.is_dir():
             raise RecipeError(f"{where}: score.reward_model: model directory {path} does not exist")
         try:
-            spec = score.reward_model_spec(path, s.reward_label, None, s.trust_remote_code, s.reward_output)
-            load_tokenizer(path, trust_remote_code=s.trust_remote_code)
+            spec = score.reward_model_spec(
+                path,
+                score_section.reward_label,
+                None,
+                score_section.trust_remote_code,
+                score_section.reward_output,
+            )
+            load_tokenizer(path, trust_remote_code=score_section.trust_remote_code)
         except UserError as error:
             raise RecipeError(f"{where}: score.reward_model: {error}") from None
         scorers.insert(0, spec.name)
-        settings["score"] = s = ScoreStage(**{**asdict(s), "reward_model": str(path)})
-    elif s.reward_label is not None:
+        settings["score"] = score_section = ScoreStage(**{**asdict(score_section), "reward_model": str(path)})
+    elif score_section.reward_label is not None:
         raise RecipeError(f"{where}: score.reward_label: needs score.reward_model")
-    p, d = settings["prefer"], settings["dpo"]
-    check_prefer(p, s.verifiers, scorers, where)
+    prefer_section, dpo_section = settings["prefer"], settings["dpo"]
+    check_prefer(prefer_section, score_section.verifiers, scorers, where)
     for key, entry in models:  # sample (every model) and sft (the pivot) read them
         try:
             tokenizer = load_tokenizer(entry.path)
@@ -569,14 +575,14 @@ def check_implicit(
             ) from None
         except UserError as error:
             raise RecipeError(f"{where}: {key}.path: {error}") from None
-    loss = preference_loss(d, p.mode)
-    if loss.pairs_of not in (None, p.mode):
+    loss = preference_loss(dpo_section, prefer_section.mode)
+    if loss.pairs_of not in (None, prefer_section.mode):
         raise RecipeError(
             f"{where}: dpo.loss: {loss.name} needs the pairs of prefer.mode {loss.pairs_of}; set prefer.mode: "
             f"{loss.pairs_of}"
         )
     for loss_setting, owner in SETTINGS.values():
-        if getattr(d, loss_setting.name) is not None and owner is not loss:
+        if getattr(dpo_section, loss_setting.name) is not None and owner is not loss:
             raise RecipeError(
                 f"{where}: dpo.{loss_setting.name}: {owner.title}'s; drop it or use dpo.loss: {owner.name}"
             )
@@ -590,7 +596,7 @@ def check_implicit(
                     f"{where}: {stage.name}.deepspeed: neither a preset ({', '.join(PRESETS)}) nor a file: {path}"
                 )
             settings[stage.name] = section = replace(section, deepspeed=str(path))
-        values = command_values(section, p.mode, world_size)
+        values = command_values(section, prefer_section.mode, world_size)
         if values["epochs"] <= 0 and section.max_steps <= 0:
             raise RecipeError(
                 f"{where}: {stage.name}.epochs: must be positive (or set {stage.name}.max_steps)"

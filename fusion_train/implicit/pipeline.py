@@ -87,19 +87,23 @@ class ImplicitRun:
         return self.stages.run(stage, name, inputs, work)
 
     def score(self, name: str, samples: list[tuple[Path, str]]) -> tuple[Path, str]:
-        s = self.recipe.score
+        section = self.recipe.score
         reward = (
             score.reward_model_spec(
-                s.reward_model, s.reward_label, None, s.trust_remote_code, s.reward_output
+                section.reward_model,
+                section.reward_label,
+                None,
+                section.trust_remote_code,
+                section.reward_output,
             )
-            if s.reward_model
+            if section.reward_model
             else None
         )
         inputs = {
             "samples": [key for _, key in samples],
-            "settings": asdict(s),
+            "settings": asdict(section),
             "format": score.FORMAT,
-            "reward_model": model_fingerprint(s.reward_model) if s.reward_model else None,
+            "reward_model": model_fingerprint(section.reward_model) if section.reward_model else None,
         }
 
         def work(out: Path) -> None:
@@ -107,10 +111,10 @@ class ImplicitRun:
                 "samples_dirs": [str(path) for path, _ in samples],
                 "out_dir": out,
                 "reward_model": reward,
-                "verifiers": s.verifiers,
-                "batch_size": s.batch_size,
-                "dtype": s.dtype,
-                "trust_remote_code": s.trust_remote_code,
+                "verifiers": section.verifiers,
+                "batch_size": section.batch_size,
+                "dtype": section.dtype,
+                "trust_remote_code": section.trust_remote_code,
             }
             run_in_ranks(f"score {name}", score.score, arguments, self.resources, out)
 
