@@ -263,7 +263,7 @@ def test_recipe_killed_mid_stage_resumes(recipe, uninterrupted_run):
     assert not list((run / "represent").glob("mistral-*/.done.json"))
     assert not (run / "train").exists()
 
-    run_killed("after", "fusion_train.pipeline:train", 1, ["run", recipe])
+    run_killed("after", "fusion_train.explicit:train", 1, ["run", recipe])
     (target,) = (run / "train").glob("target-mistral-*")
     assert (target / "model" / SUMMARY).exists() and not (target / ".done.json").exists()
     assert list((target / "model.work").glob("checkpoint-*"))
