@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import NoneType, UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -40,6 +40,7 @@ from fusion_train.implicit.sections import (
     SampleStage,
     ScoreStage,
     SFTStage,
+    Tuning,
     check_prefer,
     command_values,
     preference_loss,
@@ -520,6 +521,61 @@ def parse_recipe(raw: Any, base: Path, default_run_dir: Path, where: str = "reci
     return Recipe(pivot, sources, data, run_dir, method=fusion, **settings, **implicit)
 
 
+def _score_section(section: ScoreStage, base: Path, where: str) -> tuple[ScoreStage, list[str]]:
+    """The score section, its reward model's path made absolute, and the names of the scores it
+    gives (the reward model's first, then the verifiers')."""
+    if section.reward_model is None and not section.verifiers:
+        raise RecipeError(
+            f"{where}: score: give reward_model and/or verifiers (e.g. verifiers: [reference-overlap])"
+        )
+    for name in section.verifiers:
+        try:
+            get_verifier(name)
+        except UserError as error:
+            raise RecipeError(f"{where}: score.verifiers: {error}") from None
+    if section.reward_model is None:
+        if section.reward_label is not None:
+            raise RecipeError(f"{where}: score.reward_label: needs score.reward_model")
+        return section, list(section.verifiers)
+    path = (base / section.reward_model).expanduser().resolve()
+    if not path.is_dir():
+        raise RecipeError(f"{where}: score.reward_model: model directory {path} does not exist")
+    try:
+        spec = score.reward_model_spec(
+            path, section.reward_label, None, section.trust_remote_code, section.reward_output
+        )
+        load_tokenizer(path, trust_remote_code=section.trust_remote_code)
+    except UserError as error:
+        raise RecipeError(f"{where}: score.reward_model: {error}") from None
+    return replace(section, reward_model=str(path)), [spec.name, *section.verifiers]
+
+
+def _tuning_section(
+    stage: Tuning, section: SFTStage, mode: str, base: Path, where: str, world_size: int
+) -> SFTStage:
+    """An sft or dpo section, its DeepSpeed file made absolute, checked as its command will check
+    the settings it becomes (a schedule of max_steps here; one of epochs once the data is there)."""
+    if section.deepspeed not in PRESETS:
+        path = (base / section.deepspeed).expanduser().resolve()
+        if not path.is_file():
+            raise RecipeError(
+                f"{where}: {stage.name}.deepspeed: neither a preset ({', '.join(PRESETS)}) nor a file: {path}"
+            )
+        section = replace(section, deepspeed=str(path))
+    values = command_values(section, mode, world_size)
+    if values["epochs"] <= 0 and section.max_steps <= 0:
+        raise RecipeError(f"{where}: {stage.name}.epochs: must be positive (or set {stage.name}.max_steps)")
+    problem = schedule_problem(section, None, 1, lambda key: f"{stage.name}.{key}")
+    if problem:
+        raise RecipeError(f"{where}: {problem}")
+    try:  # the settings, and the ZeRO config against them, as the stage's command checks them
+        trial = stage.settings(model="", prefs="", out="", **values)
+        deepspeed_config(trial.deepspeed, trial, world_size)
+    except UserError as error:
+        raise recipe_error(where, stage.name, error, {f.name for f in fields(section)}) from None
+    return section
+
+
 def check_implicit(
     settings: dict[str, Any],
     base: Path,
@@ -531,38 +587,9 @@ def check_implicit(
     implicit sections (each value was checked on its own), the models' tokenizers, the pivot's chat
     template (sft, dpo), prefer's scorer, and sft's and dpo's settings as their commands build them.
     Paths become absolute. ``models``: (recipe key, entry), the pivot first."""
-    score_section: ScoreStage = settings["score"]
-    if score_section.reward_model is None and not score_section.verifiers:
-        raise RecipeError(
-            f"{where}: score: give reward_model and/or verifiers (e.g. verifiers: [reference-overlap])"
-        )
-    for name in score_section.verifiers:
-        try:
-            get_verifier(name)
-        except UserError as error:
-            raise RecipeError(f"{where}: score.verifiers: {error}") from None
-    scorers = list(score_section.verifiers)
-    if score_section.reward_model is not None:
-        path = (base / score_section.reward_model).expanduser().resolve()
-        if not path.is_dir():
-            raise RecipeError(f"{where}: score.reward_model: model directory {path} does not exist")
-        try:
-            spec = score.reward_model_spec(
-                path,
-                score_section.reward_label,
-                None,
-                score_section.trust_remote_code,
-                score_section.reward_output,
-            )
-            load_tokenizer(path, trust_remote_code=score_section.trust_remote_code)
-        except UserError as error:
-            raise RecipeError(f"{where}: score.reward_model: {error}") from None
-        scorers.insert(0, spec.name)
-        settings["score"] = score_section = ScoreStage(**{**asdict(score_section), "reward_model": str(path)})
-    elif score_section.reward_label is not None:
-        raise RecipeError(f"{where}: score.reward_label: needs score.reward_model")
+    settings["score"], scorers = _score_section(settings["score"], base, where)
     prefer_section, dpo_section = settings["prefer"], settings["dpo"]
-    check_prefer(prefer_section, score_section.verifiers, scorers, where)
+    check_prefer(prefer_section, settings["score"].verifiers, scorers, where)
     for key, entry in models:  # sample (every model) and sft (the pivot) read them
         try:
             tokenizer = load_tokenizer(entry.path)
@@ -588,27 +615,9 @@ def check_implicit(
             )
     world_size = world_size_of(resources.nproc, resources.hostfile)
     for stage in (SFT, DPO):
-        section = settings[stage.name]
-        if section.deepspeed not in PRESETS:
-            path = (base / section.deepspeed).expanduser().resolve()
-            if not path.is_file():
-                raise RecipeError(
-                    f"{where}: {stage.name}.deepspeed: neither a preset ({', '.join(PRESETS)}) nor a file: {path}"
-                )
-            settings[stage.name] = section = replace(section, deepspeed=str(path))
-        values = command_values(section, prefer_section.mode, world_size)
-        if values["epochs"] <= 0 and section.max_steps <= 0:
-            raise RecipeError(
-                f"{where}: {stage.name}.epochs: must be positive (or set {stage.name}.max_steps)"
-            )
-        problem = schedule_problem(section, None, 1, lambda key, stage=stage: f"{stage.name}.{key}")
-        if problem:  # a schedule of max_steps is judged here; one of epochs once the data is there
-            raise RecipeError(f"{where}: {problem}")
-        try:  # the settings, and the ZeRO config against them, as the stage's command checks them
-            trial = stage.settings(model="", prefs="", out="", **values)
-            deepspeed_config(trial.deepspeed, trial, world_size)
-        except UserError as error:
-            raise recipe_error(where, stage.name, error, {f.name for f in fields(section)}) from None
+        settings[stage.name] = _tuning_section(
+            stage, settings[stage.name], prefer_section.mode, base, where, world_size
+        )
     names = [entry.name for _, entry in models]
     baseline = settings["rate"].baseline
     if baseline is not None and baseline not in names:
