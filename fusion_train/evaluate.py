@@ -26,7 +26,13 @@ from fusion_train import options
 from fusion_train.chat import Conversation, data_fingerprint, load_conversations, resolve_chat_template
 from fusion_train.encoding import ChatTokenizer, encode_conversation
 from fusion_train.errors import Command, UserError
-from fusion_train.inference import InferenceSettings, check_before_launch, inference_settings, load_scorer
+from fusion_train.inference import (
+    Batching,
+    InferenceSettings,
+    check_before_launch,
+    inference_settings,
+    load_scorer,
+)
 from fusion_train.launch import (
     Rank,
     all_ranks,
@@ -36,7 +42,7 @@ from fusion_train.launch import (
     process_group,
 )
 from fusion_train.models import check_model_directory, load_tokenizer, model_fingerprint
-from fusion_train.settings import options_from
+from fusion_train.settings import options_from, setting, settings_from
 from fusion_train.storage import atomic_write_text, read_json, refuse_unrelated, write_json_atomic
 
 MODULE = "fusion_train.evaluate"  # what the launcher runs in every process
@@ -48,6 +54,17 @@ ROLES = ("pivot", "source", "target", "baseline", "merge", "implicit", "model") 
 
 class EvaluateError(UserError, ValueError):
     """Models or options that cannot be compared as given."""
+
+
+@dataclass(frozen=True)
+class EvaluateSettings(Batching):
+    """How each model reads the references (``max_length`` is part of its losses' cache key)."""
+
+    max_length: int = setting(
+        2048,
+        type=options.MAX_LENGTH,
+        help="Longest tokenized conversation, in each model's tokens; longer ones are cut.",
+    )
 
 
 @dataclass(frozen=True)
@@ -427,8 +444,7 @@ def parse_model_option(item: str) -> ModelSpec:
     "Default: each tokenizer's own, else the plain fallback.",
 )
 @options.output_directory("Report directory; models scored before are reused.")
-@options.max_length
-@options.batch_tokens
+@options_from(EvaluateSettings)
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False),
@@ -464,8 +480,7 @@ def evaluate_command(**params: Any) -> None:
         specs,
         params["data_path"],
         params["out_dir"],
-        max_length=params["max_length"],
-        batch_tokens=params["batch_tokens"],
+        **asdict(settings_from(EvaluateSettings, params)),
         compare_to=params["compare_to"],
         cache_dir=params["cache_dir"],
         inference=inference_settings(params),

@@ -141,6 +141,16 @@ class InferenceSettings:
 
 # Settings whose check() passed in this process: what they are checked against (the devices, the
 # process's rank, vLLM's presence) stays as it is for the process's life.
+@dataclass(frozen=True)
+class Batching:
+    """How many tokens one forward pass takes (represent, evaluate): memory and speed, not what
+    is computed."""
+
+    batch_tokens: int = setting(
+        4096, type=options.POSITIVE_INT, help="Padded tokens per forward batch (length-sorted)."
+    )
+
+
 _CHECKED: weakref.WeakSet[InferenceSettings] = weakref.WeakSet()
 
 

@@ -30,6 +30,7 @@ import click
 import torch
 
 from fusion_train.errors import UserError
+from fusion_train.settings import options_from, setting
 
 T = TypeVar("T")
 # How long a rank of a stage's gloo group waits for the others (torch's default is 30 minutes): a rank
@@ -357,29 +358,24 @@ def relaunch(module: str, command: click.Command, params: Mapping[str, Any]) -> 
         )
 
 
+@dataclass(frozen=True)
+class LaunchSettings:
+    """How many processes a command starts under the deepspeed launcher (a recipe's
+    ``resources`` take ``nproc`` and ``hostfile`` from here)."""
+
+    nproc: int | None = setting(
+        None,
+        type=click.IntRange(min=1),
+        help="Processes per node (one per GPU, or CPU processes): start under the `deepspeed` launcher.",
+    )
+    hostfile: str | None = setting(None, help="DeepSpeed hostfile (`HOST slots=N` lines) for several nodes.")
+    master_port: int | None = setting(None, help="Rendezvous port (default: a free one locally).")
+
+
 def launch_options(function: Any) -> Any:
     """``--nproc``, ``--hostfile``, ``--master-port`` (and the launcher's hidden ``--local_rank``)."""
-    for option in reversed(
-        [
-            click.option(
-                "--nproc",
-                type=click.IntRange(min=1),
-                default=None,
-                help="Processes per node (one per GPU, or CPU processes): start under the `deepspeed` launcher.",
-            ),
-            click.option(
-                "--hostfile",
-                default=None,
-                help="DeepSpeed hostfile (`HOST slots=N` lines) for several nodes.",
-            ),
-            click.option(
-                "--master-port", type=int, default=None, help="Rendezvous port (default: a free one locally)."
-            ),
-            click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True),
-        ]
-    ):
-        function = option(function)
-    return function
+    hidden = click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True)
+    return options_from(LaunchSettings)(hidden(function))
 
 
 def launch_if_asked(

@@ -24,10 +24,6 @@ ATTENTION_HELP = (
     "else transformers' default (SDPA where the model has it)."
 )
 
-attn_implementation = click.option(
-    "--attn-implementation", type=ATTENTION_KERNELS, default="auto", help=ATTENTION_HELP
-)
-
 pivot_representation = click.option(
     "--pivot",
     "pivot_dir",
@@ -41,15 +37,6 @@ chat_data = click.option(
     required=True,
     type=click.Path(exists=True),
     help="Chat data: JSON/JSONL file or a datasets directory (messages / conversations / alpaca).",
-)
-max_length = click.option(
-    "--max-length",
-    type=MAX_LENGTH,
-    default=2048,
-    help="Longest tokenized conversation, in each model's tokens.",
-)
-batch_tokens = click.option(
-    "--batch-tokens", type=POSITIVE_INT, default=4096, help="Padded tokens per forward batch (length-sorted)."
 )
 
 

@@ -1,9 +1,8 @@
 """The recipe of ``fusion-train run``: its sections, and the check of every key and value before
 any stage runs (recipe.md documents the keys).
 
-A section's keys accept what its stage's settings declare (``fusion_train.settings``) or, for the
-stages not yet declared that way, what the same flags of its command accept: one set of ranges
-and choices for a flag and a key. Every requirement a stage of the recipe will check (tokenizers,
+A section's keys accept what their declarations say (``fusion_train.settings``): a stage's key is
+declared where its flag is, so a flag and a key accept the same values. Every requirement a stage of the recipe will check (tokenizers,
 chat templates, scorers, DeepSpeed configs, schedules) is checked here too, naming the key.
 """
 
@@ -22,15 +21,12 @@ from fusion_train import options
 from fusion_train.align import AlignSettings, settings_problem
 from fusion_train.chat import BUILTIN_TEMPLATES
 from fusion_train.errors import UserError, read_yaml
-from fusion_train.evaluate import evaluate_command
+from fusion_train.evaluate import EvaluateSettings
 from fusion_train.fuse import FuseSettings
 from fusion_train.implicit import score, tuning
 from fusion_train.implicit.preference_losses import SETTINGS
 from fusion_train.implicit.sections import (
     DPO,
-    IMPLICIT_COMMANDS,
-    IMPLICIT_DECLARED_BY,
-    IMPLICIT_ONLY_TYPES,
     IMPLICIT_SETTINGS,
     MODEL_NAMES,
     SFT,
@@ -46,12 +42,12 @@ from fusion_train.implicit.sections import (
     preference_loss,
 )
 from fusion_train.implicit.verifiers import get_verifier
-from fusion_train.inference import check_before_launch
+from fusion_train.inference import Batching, InferenceSettings, check_before_launch
 from fusion_train.launch import world_size_of
 from fusion_train.merge_methods import DEFAULT_MERGE_METHODS, MERGE_METHODS
 from fusion_train.models import load_tokenizer
-from fusion_train.represent import represent_command
-from fusion_train.settings import section, setting, value_types
+from fusion_train.represent import RepresentSettings
+from fusion_train.settings import same_as, section, setting, value_types
 from fusion_train.stages import RecipeError, Resources, recipe_error
 from fusion_train.train import TrainConfig
 from fusion_train.training import PRESETS, Schedule, deepspeed_config, schedule_problem
@@ -77,18 +73,20 @@ SOURCE_SETTINGS = {
 
 @dataclass(frozen=True)
 class DataSettings:
-    train: str
-    heldout: str | None = None  # a held-out file, or split `train` by heldout_fraction
-    heldout_fraction: float | None = None
-    limit: int | None = None  # use the first N training records
+    train: str = setting(help="Chat data to fuse on, relative to the recipe.")
+    heldout: str | None = setting(None, help="A held-out file, or split `train` by heldout_fraction.")
+    heldout_fraction: float | None = setting(
+        None, type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), help="Share of `train` held out."
+    )
+    limit: int | None = setting(None, type=options.POSITIVE_INT, help="Use the first N training records.")
 
 
 @dataclass(frozen=True)
 class RepresentStage:
-    top_k: int = 10
-    max_length: int = 2048
-    batch_tokens: int = 4096
-    dtype: str = "auto"
+    top_k: int = same_as(RepresentSettings, "top_k")
+    max_length: int = same_as(RepresentSettings, "max_length")
+    batch_tokens: int = same_as(Batching, "batch_tokens")
+    dtype: str = same_as(InferenceSettings, "dtype")
 
 
 # A recipe's train section: these settings of `fusion-train train` (declared on TrainConfig), and
@@ -125,15 +123,17 @@ TrainStage = section(
 
 @dataclass(frozen=True)
 class MergeStage:
-    methods: tuple[str, ...] = DEFAULT_MERGE_METHODS
-    dtype: str = "float32"
+    methods: tuple[str, ...] = setting(DEFAULT_MERGE_METHODS, help="Merge methods, from MERGE_METHODS.")
+    dtype: str = setting(
+        "float32", type=click.Choice(["float32", "float16", "bfloat16"]), help="mergekit's out_dtype."
+    )
 
 
 @dataclass(frozen=True)
 class EvaluateStage:
-    max_length: int = 2048
-    batch_tokens: int = 4096
-    dtype: str = "auto"
+    max_length: int = same_as(EvaluateSettings, "max_length")
+    batch_tokens: int = same_as(EvaluateSettings, "batch_tokens")
+    dtype: str = same_as(InferenceSettings, "dtype")
 
 
 @dataclass(frozen=True)
@@ -186,28 +186,6 @@ STAGE_SETTINGS = {
 }
 
 
-# A stage's keys accept what the same flags of its command accept (one set of ranges and choices);
-# a training section's what the fields of its stage's settings declare (``fusion_train.settings``),
-# which its command's flags are made from.
-STAGE_COMMANDS = {
-    RepresentStage: represent_command,
-    EvaluateStage: evaluate_command,
-    Resources: represent_command,
-}
-
-
-DECLARED_BY: dict[type, type] = {**IMPLICIT_DECLARED_BY}
-
-
-RECIPE_ONLY_TYPES: dict[type, dict[str, click.ParamType]] = {
-    DataSettings: {
-        "limit": options.POSITIVE_INT,
-        "heldout_fraction": click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
-    },
-    MergeStage: {"dtype": click.Choice(["float32", "float16", "bfloat16"])},
-}
-
-
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # names become folder names
 
 
@@ -215,14 +193,6 @@ METHODS = ("explicit", "implicit", "both")
 
 
 EXPLICIT_ONLY = ("represent", "align", "fuse", "train", "merge")  # sections only method explicit uses
-
-
-def _value_types(cls: type) -> dict[str, click.ParamType]:
-    command = {**STAGE_COMMANDS, **IMPLICIT_COMMANDS}.get(cls)
-    flags = {p.name: p.type for p in command.params if p.name} if command else {}
-    declared = value_types(DECLARED_BY[cls]) if cls in DECLARED_BY else {}
-    own = value_types(cls)  # where the section is a stage's settings, their declared ranges and choices
-    return {**own, **flags, **declared, **RECIPE_ONLY_TYPES.get(cls, {}), **IMPLICIT_ONLY_TYPES.get(cls, {})}
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -256,7 +226,7 @@ def _describe(hint: Any) -> str:
 
 def check_values(cls: type, values: dict[str, Any], where: str, key: str) -> None:
     """Refuse a value of the wrong type or out of range, naming the recipe key (``train.lm_weight``)."""
-    hints, types = get_type_hints(cls), _value_types(cls)
+    hints, types = get_type_hints(cls), value_types(cls)
     for name, value in values.items():
         if not _fits(value, hints[name]):
             hint = ""

@@ -161,8 +161,18 @@ def converted_model_dir(gguf: Path, name: str) -> Path:
         staged = Path(tmp) / name
         fresh.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
-        os.replace(staged, target)
+        _place_directory(staged, target, "config.json")
     return target
+
+
+def _place_directory(staged: Path, target: Path, complete_mark: str) -> None:
+    """Rename a built directory into the cache; when another process (a second test worker)
+    placed the same one first, theirs is kept (a directory cannot replace a non-empty one)."""
+    try:
+        os.replace(staged, target)
+    except OSError:
+        if not (target / complete_mark).exists():
+            raise
 
 
 def _drop_quantization_config(config_path: Path) -> None:
@@ -249,7 +259,7 @@ def real_tokenizer_dir(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         REAL_TOKENIZERS[name](Path(tmp) / name)
-        os.replace(Path(tmp) / name, target)
+        _place_directory(Path(tmp) / name, target, "tokenizer_config.json")
     return target
 
 

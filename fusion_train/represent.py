@@ -31,6 +31,7 @@ from fusion_train.encoding import ChatTokenizer, EncodedExample, encode_conversa
 from fusion_train.errors import Command
 from fusion_train.inference import (
     AnyScorer,
+    Batching,
     InferenceSettings,
     ScoredExample,
     check_before_launch,
@@ -284,7 +285,7 @@ def finalize(out_dir: Path, placement: dict[str, Any] | None = None) -> Represen
 )
 @options.chat_data
 @options.output_directory()
-@options.batch_tokens
+@options_from(Batching)
 @click.option("--limit", type=options.POSITIVE_INT, default=None, help="Use only the first N records.")
 @click.option("--gguf-file", default=None, help="GGUF file name inside --model (dequantised on load).")
 @options_from(RepresentSettings)

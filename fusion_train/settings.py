@@ -36,7 +36,9 @@ class Declaration:
 
     help: str | None = None
     type: click.ParamType | None = None  # a range, choice or path; None: the annotation's type
-    aliases: tuple[str, ...] = ()  # flags besides --name-with-dashes (--lr)
+    aliases: tuple[str, ...] = ()  # flags besides the main one (--lr)
+    flag: str | None = None  # the main flag, where not --name-with-dashes (--verifier for verifiers)
+    metavar: str | None = None  # how --help shows the value (NAME|INDEX)
 
 
 def setting(
@@ -45,13 +47,15 @@ def setting(
     help: str | None = None,
     type: click.ParamType | None = None,
     aliases: Iterable[str] = (),
+    flag: str | None = None,
+    metavar: str | None = None,
     kw_only: bool | None = None,
 ) -> Any:
     """A dataclass field declaring a setting; without ``default`` its flag is required.
     ``kw_only``: as ``dataclasses.field``'s (None: the class's)."""
     return field(
         default=default,
-        metadata={DECLARATION: Declaration(help, type, tuple(aliases))},
+        metadata={DECLARATION: Declaration(help, type, tuple(aliases), flag, metavar)},
         **({} if kw_only is None else {"kw_only": kw_only}),
     )
 
@@ -69,6 +73,8 @@ def declaration(cls: type, name: str) -> Declaration:
         help=next((d.help for d in found if d.help is not None), None),
         type=next((d.type for d in found if d.type is not None), None),
         aliases=next((d.aliases for d in found if d.aliases), ()),
+        flag=next((d.flag for d in found if d.flag is not None), None),
+        metavar=next((d.metavar for d in found if d.metavar is not None), None),
     )
 
 
@@ -95,16 +101,21 @@ def _required(f: Field[Any]) -> bool:
     return f.default is MISSING and f.default_factory is MISSING
 
 
-def options_from(cls: type) -> Callable[[Any], Any]:
-    """A decorator adding a click option for every field of ``cls``, in ``--help`` in this order:
-    the required ones, the ones ``cls`` adds, then the inherited ones, each in the fields' order
-    (a stable sort). A bool is a ``--name/--no-name`` switch, a ``tuple[X, ...]`` a repeatable flag."""
+def options_from(cls: type, names: Sequence[str] | None = None) -> Callable[[Any], Any]:
+    """A decorator adding a click option for every field of ``cls`` (or those ``names``), in
+    ``--help`` in this order: the required ones, the ones ``cls`` adds, then the inherited ones,
+    each in the fields' order (a stable sort). A bool is a ``--name/--no-name`` switch, a
+    ``tuple[X, ...]`` a repeatable flag."""
     types, hints = value_types(cls), get_type_hints(cls)
     inherited = {name for base in cls.__mro__[1:] for name in getattr(base, "__dataclass_fields__", {})}
-    chosen = sorted((f for f in fields(cls) if f.init), key=lambda f: (not _required(f), f.name in inherited))
+    chosen = sorted(
+        (f for f in fields(cls) if f.init and (names is None or f.name in names)),
+        key=lambda f: (not _required(f), f.name in inherited),
+    )
 
     def option(f: Field[Any]) -> Callable[[Any], Any]:
-        declared, flag = declaration(cls, f.name), "--" + f.name.replace("_", "-")
+        declared = declaration(cls, f.name)
+        flag = declared.flag or "--" + f.name.replace("_", "-")
         default = None if _required(f) else f.default
         if _annotated(hints[f.name]) is bool:
             return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=default, help=declared.help)
@@ -118,6 +129,7 @@ def options_from(cls: type) -> Callable[[Any], Any]:
                 type=element_type,
                 multiple=True,
                 default=default,
+                metavar=declared.metavar,
                 help=declared.help,
             )
         return click.option(
@@ -127,6 +139,7 @@ def options_from(cls: type) -> Callable[[Any], Any]:
             type=types[f.name],
             default=default,
             required=_required(f),
+            metavar=declared.metavar,
             help=declared.help,
         )
 
@@ -143,6 +156,16 @@ def settings_from(cls: type[T], params: dict[str, Any]) -> T:
     return cls(**{f.name: params[f.name] for f in fields(cls) if f.init})
 
 
+def same_as(settings: type, name: str, default: Any = MISSING) -> Any:
+    """A field declared as ``settings``' field ``name`` (its range, choice and help), for a recipe
+    section that takes that setting: the declaration stays where the stage's flag comes from.
+    ``default``: another default than the stage's (a recipe's own)."""
+    declared = {f.name: f for f in fields(settings)}[name]
+    if default is MISSING:
+        default = declared.default
+    return field(default=default, metadata={DECLARATION: declaration(settings, name)})
+
+
 def section(
     name: str, module: str, settings: type, keys: Sequence[str], doc: str, **own: tuple[Any, Any]
 ) -> type:
@@ -150,12 +173,9 @@ def section(
     class with their annotations, defaults and declarations (a recipe section that takes a chosen
     part of a stage's settings, declared once there), after ``own`` fields given as
     ``name=(annotation, setting(...))``."""
-    hints, declared = get_type_hints(settings), {f.name: f for f in fields(settings)}
+    hints = get_type_hints(settings)
     chosen = [(key, annotation, own_field) for key, (annotation, own_field) in own.items()]
-    chosen += [
-        (key, hints[key], field(default=declared[key].default, metadata=declared[key].metadata))
-        for key in keys
-    ]
+    chosen += [(key, hints[key], same_as(settings, key)) for key in keys]
     made = make_dataclass(name, chosen, frozen=True, namespace={"__doc__": doc})
     made.__module__ = module
     return made

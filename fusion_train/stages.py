@@ -26,7 +26,8 @@ from typing import Any
 from fusion_train.calls import call_in_ranks
 from fusion_train.errors import UserError, one_line
 from fusion_train.inference import InferenceSettings
-from fusion_train.launch import launches
+from fusion_train.launch import LaunchSettings, launches
+from fusion_train.settings import same_as
 from fusion_train.storage import TRAINING_SUMMARY, write_json_atomic
 
 DONE = ".done.json"
@@ -64,14 +65,15 @@ class Resources:
     """Where the stages run: processes (GPUs) per node under the deepspeed launcher, nodes, and
     how the stages that only run models forward place them (``fusion_train.inference``)."""
 
-    nproc: int = 1
-    hostfile: str | None = None
-    device: str = "auto"
-    attn_implementation: str = "auto"
-    deepspeed: str | None = None  # represent and evaluate: zero3 | zero3-offload (train: train.deepspeed)
-    device_map: str | None = None
-    engine: str = "hf"  # represent, evaluate and sample: hf | vllm
-    tensor_parallel_size: int = 1
+    nproc: int = same_as(LaunchSettings, "nproc", default=1)
+    hostfile: str | None = same_as(LaunchSettings, "hostfile")
+    device: str = same_as(InferenceSettings, "device")
+    attn_implementation: str = same_as(InferenceSettings, "attn_implementation")
+    # represent and evaluate: zero3 | zero3-offload (train: train.deepspeed)
+    deepspeed: str | None = same_as(InferenceSettings, "deepspeed")
+    device_map: str | None = same_as(InferenceSettings, "device_map")
+    engine: str = same_as(InferenceSettings, "engine")  # represent, evaluate and sample: hf | vllm
+    tensor_parallel_size: int = same_as(InferenceSettings, "tensor_parallel_size")
 
     @property
     def launches(self) -> bool:

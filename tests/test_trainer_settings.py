@@ -139,9 +139,7 @@ def sft_with_smoothing(**params: Any) -> None:
     click.echo(repr(settings_of(SFTSettingsWithSmoothing, params)))
 
 
-def test_a_field_added_to_the_settings_is_a_flag_a_setting_and_a_recipe_key(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_a_field_added_to_the_settings_is_a_flag_a_setting_and_a_recipe_key(tmp_path: Path) -> None:
     text = " ".join(CliRunner().invoke(sft_with_smoothing, ["--help"], terminal_width=200).output.split())
     assert (
         "--label-smoothing FLOAT RANGE Target mass spread over the vocabulary. [default: 0.0; 0.0<=x<=1.0]"
@@ -153,7 +151,6 @@ def test_a_field_added_to_the_settings_is_a_flag_a_setting_and_a_recipe_key(
     result = CliRunner().invoke(sft_with_smoothing, [*arguments, "--label-smoothing", "2"])
     assert result.exit_code == 2 and "2.0 is not in the range 0.0<=x<=1.0" in result.output, result.output
 
-    monkeypatch.setitem(recipe.DECLARED_BY, SFTStageWithSmoothing, SFTSettingsWithSmoothing)
     section = recipe.build_section(SFTStageWithSmoothing, {"label_smoothing": 0.2}, "recipe.yaml", "sft")
     values = command_values(section, "fusechat3", 1, 40)
     paths = {"model": str(tmp_path), "prefs": str(tmp_path), "out": str(tmp_path / "out")}

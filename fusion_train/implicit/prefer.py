@@ -50,6 +50,7 @@ import datasets
 from fusion_train import options
 from fusion_train.errors import Command, UserError
 from fusion_train.implicit.score import load_scored
+from fusion_train.settings import options_from, setting
 from fusion_train.storage import (
     atomic_directory,
     atomic_write_text,
@@ -138,6 +139,57 @@ class NumberOrWord(click.ParamType):
             return self.check(value)
         except ValueError as error:
             self.fail(f"{value!r}: {error}", param, ctx)
+
+
+@dataclass(frozen=True)
+class PreferSettings:
+    """How ``prefer`` splits the prompts and picks its pairs, besides ``--mode`` (None: the mode's
+    paper value, ``PAPER_RULES``); a recipe's prefer section takes all but ``target_source``."""
+
+    sft_share: float | str | None = setting(
+        None,
+        type=NumberOrWord(share_value, "SHARE|all"),
+        help="Share of the prompts (by a hash of the record id) in the SFT set; the rest give pairs. 'all': "
+        "every prompt in both (not the papers'). Default: the papers': fusechat3 0.4 (FuseChat-3.0's 4:6), "
+        "wrpo and sft 1/3 (WRPO's). Give prefer --mode sft and --mode wrpo the same share.",
+    )
+    margin: float | None = setting(
+        None,
+        type=options.NON_NEGATIVE_FLOAT,
+        help="Smallest score difference between chosen and rejected for a pair to be kept. Default: the "
+        "papers': fusechat3 0.01 (FuseChat-3.0), wrpo 0 (WRPO has no margin filter). ArmoRM's scale: other "
+        "scorers may need others.",
+    )
+    max_margin: float | str | None = setting(
+        None,
+        type=NumberOrWord(bound_value, "FLOAT|none"),
+        help="Largest score difference for a pair to be kept (a wider one is as suspect as a narrow one); "
+        "'none': no bound. Default: the papers': fusechat3 0.1 (FuseChat-3.0), wrpo none (WRPO).",
+    )
+    gate: str | None = setting(
+        None,
+        metavar="VERIFIER",
+        help="Correctness before reward (FuseChat-3.0's rule for maths and code): a verifier of the scored "
+        "data (e.g. numeric-answer); SFT target, chosen and y_ws are correct responses, rejected an incorrect "
+        "one, ranked by --scorer. Prompts with no correct response are left out; those it cannot judge (no "
+        "reference) are ranked by --scorer alone. Default: none.",
+    )
+    gate_pass: float = setting(
+        1.0,
+        help="A response passes --gate when its verifier score is at least this (numeric-answer: 1 right, "
+        "0 wrong).",
+    )
+    target_source: str | None = setting(
+        None,
+        help="Source name of the target's own samples: required for wrpo; left out of the SFT set in both "
+        "modes.",
+    )
+    scorer: str | None = setting(
+        None, help="Which score ranks responses (needed when there are several besides --gate)."
+    )
+    drop_truncated: bool = setting(
+        False, help="Leave out responses cut at --max-new-tokens (finish reason 'length')."
+    )
 
 
 @dataclass(frozen=True)
@@ -722,60 +774,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     help="fusechat3: best vs worst response of one source; wrpo: the target's own best vs worst, "
     "plus the best source response as chosen_source; sft: the SFT set alone (WRPO's first step).",
 )
-@click.option(
-    "--sft-share",
-    type=NumberOrWord(share_value, "SHARE|all"),
-    default=None,
-    help="Share of the prompts (by a hash of the record id) in the SFT set; the rest give pairs. 'all': every "
-    "prompt in both (not the papers'). Default: the papers': fusechat3 0.4 (FuseChat-3.0's 4:6), wrpo and sft "
-    "1/3 (WRPO's). Give prefer --mode sft and --mode wrpo the same share.",
-)
-@click.option(
-    "--margin",
-    type=options.NON_NEGATIVE_FLOAT,
-    default=None,
-    help="Smallest score difference between chosen and rejected for a pair to be kept. Default: the papers': "
-    "fusechat3 0.01 (FuseChat-3.0), wrpo 0 (WRPO has no margin filter). ArmoRM's scale: other scorers may "
-    "need others.",
-)
-@click.option(
-    "--max-margin",
-    type=NumberOrWord(bound_value, "FLOAT|none"),
-    default=None,
-    help="Largest score difference for a pair to be kept (a wider one is as suspect as a narrow one); "
-    "'none': no bound. Default: the papers': fusechat3 0.1 (FuseChat-3.0), wrpo none (WRPO).",
-)
-@click.option(
-    "--gate",
-    default=None,
-    metavar="VERIFIER",
-    help="Correctness before reward (FuseChat-3.0's rule for maths and code): a verifier of the scored data "
-    "(e.g. numeric-answer); SFT target, chosen and y_ws are correct responses, rejected an incorrect one, "
-    "ranked by --scorer. Prompts with no correct response are left out; those it cannot judge (no "
-    "reference) are ranked by --scorer alone. Default: none.",
-)
-@click.option(
-    "--gate-pass",
-    type=float,
-    default=1.0,
-    show_default=True,
-    help="A response passes --gate when its verifier score is at least this (numeric-answer: 1 right, 0 wrong).",
-)
-@click.option(
-    "--target-source",
-    default=None,
-    help="Source name of the target's own samples: required for wrpo; left out of the SFT set in both modes.",
-)
-@click.option(
-    "--scorer",
-    default=None,
-    help="Which score ranks responses (needed when there are several besides --gate).",
-)
-@click.option(
-    "--drop-truncated",
-    is_flag=True,
-    help="Leave out responses cut at --max-new-tokens (finish reason 'length').",
-)
+@options_from(PreferSettings)
 def prefer_command(scored_dir: str, out_dir: str, mode: str, **settings: Any) -> None:
     """Build the SFT set and preference pairs (TRL conversational format) from scored responses.
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,27 @@ from fusion_train import options
 from fusion_train.errors import Command, UserError
 from fusion_train.implicit.prefer import choose_scorer
 from fusion_train.implicit.score import load_scored
+from fusion_train.settings import options_from, setting
 from fusion_train.storage import atomic_file, atomic_write_text, claim_output, write_json_atomic
 
 FORMAT = "fusion-train/rates@1"
 DRAWS_PER_BLOCK = 10_000_000  # resampled prompt indices held at once
-CONFIDENCE = click.FloatRange(0.0, 1.0, min_open=True, max_open=True)
+
+
+@dataclass(frozen=True)
+class RateSettings:
+    """What ``rate`` compares and how sure it is (a recipe's rate section takes the baseline and the
+    bootstrap's settings; its seed also seeds the answers)."""
+
+    baseline: str = setting(metavar="NAME", help="The model (source name) the others are compared with.")
+    scorer: str | None = setting(None, help="Which score rates the answers (needed when there are several).")
+    resamples: int = setting(1000, type=options.POSITIVE_INT, help="Bootstrap resamples of the prompts.")
+    confidence: float = setting(
+        0.95,
+        type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+        help="Level of the bootstrap intervals.",
+    )
+    seed: int = setting(0, help="Seed of the bootstrap resampling.")
 
 
 class RateError(UserError, ValueError):
@@ -323,33 +340,9 @@ def plot_rates(report: dict[str, Any], path: Path) -> None:
     help="Output of `fusion-train score` on every model's answers to the same held-out prompts.",
 )
 @options.output_directory("Output directory: report.json, report.md, rates.png.")
-@click.option(
-    "--baseline", required=True, metavar="NAME", help="The model (source name) the others are compared with."
-)
-@click.option("--scorer", default=None, help="Which score rates the answers (needed when there are several).")
-@click.option(
-    "--resamples", type=options.POSITIVE_INT, default=1000, help="Bootstrap resamples of the prompts."
-)
-@click.option("--confidence", type=CONFIDENCE, default=0.95, help="Level of the bootstrap intervals.")
-@click.option("--seed", type=int, default=0, help="Seed of the bootstrap resampling.")
-def rate_command(
-    scored_dir: str,
-    out_dir: str,
-    baseline: str,
-    scorer: str | None,
-    resamples: int,
-    confidence: float,
-    seed: int,
-) -> None:
+@options_from(RateSettings)
+def rate_command(scored_dir: str, out_dir: str, **settings: Any) -> None:
     """Rate models by their scored answers: mean score and win rate against a baseline, with bootstrap CIs."""
-    report = rate(
-        scored_dir,
-        out_dir,
-        baseline=baseline,
-        scorer=scorer,
-        resamples=resamples,
-        confidence=confidence,
-        seed=seed,
-    )
+    report = rate(scored_dir, out_dir, **settings)
     click.echo(markdown_report(report))
     click.echo(f"written: {Path(out_dir) / 'report.md'}, report.json, rates.png")

@@ -101,6 +101,17 @@ class Sampling:
             raise ValueError("--top-p must be in (0, 1]")
 
 
+@dataclass(frozen=True)
+class SampleBatch:
+    """How many responses are generated at once: memory and speed, not what is drawn."""
+
+    batch_size: int = setting(
+        8,
+        type=options.POSITIVE_INT,
+        help="Responses generated together (left-padded prompts of similar length).",
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class SampleSettings(Sampling):
     """Everything that changes what ``sample`` writes (recorded in the manifest)."""
@@ -730,12 +741,7 @@ def load_samples(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]
     "message before the last assistant turn, or the whole conversation when it ends with a user turn.",
 )
 @options.output_directory()
-@click.option(
-    "--batch-size",
-    type=options.POSITIVE_INT,
-    default=8,
-    help="Responses generated together (left-padded prompts of similar length).",
-)
+@options_from(SampleBatch)
 @click.option("--limit", type=options.POSITIVE_INT, default=None, help="Use only the first N records.")
 @click.option(
     "--source-name",
@@ -748,12 +754,7 @@ def load_samples(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]
     help="i/n: process every n-th part starting at i. Default: RANK/WORLD_SIZE of the launcher, else everything.",
 )
 @options_from(SampleSettings)
-@click.option(
-    "--tensor-parallel-size",
-    type=options.POSITIVE_INT,
-    default=1,
-    help="--engine vllm: GPUs the model is split over.",
-)
+@options_from(InferenceSettings, ["tensor_parallel_size"])
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model directory.")
 @launch_options
 def sample_command(**params: Any) -> None:

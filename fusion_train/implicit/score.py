@@ -51,12 +51,52 @@ from fusion_train.parts import (
     parts_to_do,
     write_part,
 )
+from fusion_train.settings import options_from, setting
 from fusion_train.storage import check_output, claim_output, read_json, write_json_atomic
 
 MODULE = "fusion_train.implicit.score"  # what the launcher runs in every process
 FORMAT = "fusion-train/scored@1"
 SUMMARY = "summary.json"
 REWARD_OUTPUTS = ("auto", "score", "logits")
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How responses are judged: ``fusion-train score``'s settings (a recipe's score section takes
+    most of them)."""
+
+    reward_model: str | None = setting(
+        None,
+        type=click.Path(exists=True, file_okay=False),
+        help="A local sequence-classification reward model; it reads prompt and response in its own chat "
+        "template.",
+    )
+    reward_label: str | None = setting(
+        None,
+        metavar="NAME|INDEX",
+        help="Which output of the reward model is the reward (required when it has more than one).",
+    )
+    reward_output: str = setting(
+        "auto",
+        type=click.Choice(REWARD_OUTPUTS),
+        help="Where the reward is: score (the output's .score, e.g. ArmoRM), logits (a column of .logits), or "
+        "auto: .score when the model's own code (--trust-remote-code) declares one, else .logits.",
+    )
+    reward_chat_template: str | None = setting(
+        None,
+        help="Template for the reward model: built-in name or .jinja file. Default: its tokenizer's own.",
+    )
+    verifiers: tuple[str, ...] = setting(
+        (),
+        flag="--verifier",
+        help="Repeatable: numeric-answer, reference-overlap, or package.module:function.",
+    )
+    batch_size: int = setting(8, type=options.POSITIVE_INT, help="Conversations per reward-model batch.")
+    chunk_size: int = setting(
+        4096, type=options.POSITIVE_INT, help="Responses per part (the unit of resuming and sharding)."
+    )
+    dtype: str = setting("float32", type=options.MODEL_DTYPES, help="Reward model weights' dtype.")
+    trust_remote_code: bool = setting(False, help="Allow model code from the reward model directory.")
 
 
 class ScoreError(UserError, ValueError):
@@ -493,52 +533,12 @@ def load_scored(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]:
     help="Output of `fusion-train sample`, repeatable: one per source (and the target's own, for WRPO).",
 )
 @options.output_directory()
-@click.option(
-    "--reward-model",
-    type=click.Path(exists=True, file_okay=False),
-    default=None,
-    help="A local sequence-classification reward model; it reads prompt and response in its own chat template.",
-)
-@click.option(
-    "--reward-label",
-    default=None,
-    metavar="NAME|INDEX",
-    help="Which output of the reward model is the reward (required when it has more than one).",
-)
-@click.option(
-    "--reward-output",
-    type=click.Choice(REWARD_OUTPUTS),
-    default="auto",
-    help="Where the reward is: score (the output's .score, e.g. ArmoRM), logits (a column of .logits), or auto: "
-    ".score when the model's own code (--trust-remote-code) declares one, else .logits.",
-)
-@click.option(
-    "--reward-chat-template",
-    default=None,
-    help="Template for the reward model: built-in name or .jinja file. Default: its tokenizer's own.",
-)
-@click.option(
-    "--verifier",
-    "verifiers",
-    multiple=True,
-    help="Repeatable: numeric-answer, reference-overlap, or package.module:function.",
-)
-@click.option(
-    "--batch-size", type=options.POSITIVE_INT, default=8, help="Conversations per reward-model batch."
-)
-@click.option(
-    "--chunk-size",
-    type=options.POSITIVE_INT,
-    default=4096,
-    help="Responses per part (the unit of resuming and sharding).",
-)
-@click.option("--dtype", type=options.MODEL_DTYPES, default="float32", help="Reward model weights' dtype.")
+@options_from(ScoreSettings)
 @click.option(
     "--shard",
     default=None,
     help="i/n: process every n-th part starting at i. Default: RANK/WORLD_SIZE of the launcher, else everything.",
 )
-@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the reward model directory.")
 @launch_options
 def score_command(**params: Any) -> None:
     """Score sampled responses with a reward model and/or verifiers (implicit fusion).

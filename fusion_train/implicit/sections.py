@@ -1,8 +1,8 @@
 """The implicit stages' sections of a recipe (sample, score, prefer, sft, dpo, rate): their keys
 and defaults, and how a section becomes its stage's settings for the run.
 
-Each section derives from, or is checked against, its stage's own settings, so a key accepts
-what the same flag of the stage's command accepts."""
+Each key is declared where its stage's flag is (``settings.same_as``, or a section that derives
+from the stage's settings), so a key accepts what the same flag accepts."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 
-from fusion_train import options
-from fusion_train.implicit import dpo, prefer, sample, score, sft, tuning
+from fusion_train.implicit import dpo, prefer, rate, sample, score, sft, tuning
 from fusion_train.implicit.preference_losses import DEFAULT_LOSS, LOSSES, PreferenceLoss
+from fusion_train.settings import same_as, setting
 from fusion_train.stages import RecipeError
 from fusion_train.training import Schedule
 
@@ -29,35 +29,41 @@ MODEL_NAMES = (SFT_NAME, *(loss.model_name for loss in LOSSES.values()))
 class SampleStage(sample.Sampling):
     """``fusion-train sample`` for every source, on the training prompts."""
 
-    batch_size: int = 8
-    dtype: str = "auto"  # as ``fusion-train sample``'s
+    batch_size: int = same_as(sample.SampleBatch, "batch_size")
+    dtype: str = same_as(sample.SampleSettings, "dtype")
 
 
 @dataclass(frozen=True)
 class ScoreStage:
     """``fusion-train score``: a reward model and/or verifiers (at least one)."""
 
-    reward_model: str | None = None  # a directory, relative to the recipe
-    reward_label: str | None = None
-    reward_output: str = "auto"  # auto | score (ArmoRM-style .score) | logits
-    trust_remote_code: bool = False  # a reward model with its own code (ArmoRM) needs it
-    verifiers: tuple[str, ...] = ()
-    batch_size: int = 8
-    dtype: str = "float32"
+    reward_model: str | None = setting(
+        None, help="A sequence-classification reward model's directory, relative to the recipe."
+    )
+    reward_label: str | None = same_as(score.ScoreSettings, "reward_label")
+    reward_output: str = same_as(score.ScoreSettings, "reward_output")
+    trust_remote_code: bool = same_as(score.ScoreSettings, "trust_remote_code")  # ArmoRM needs it
+    verifiers: tuple[str, ...] = same_as(score.ScoreSettings, "verifiers")
+    batch_size: int = same_as(score.ScoreSettings, "batch_size")
+    dtype: str = same_as(score.ScoreSettings, "dtype")
 
 
 @dataclass(frozen=True)
 class PreferStage:
     """``fusion-train prefer``; None: the mode's paper value (``prefer.PAPER_RULES``)."""
 
-    mode: str = "fusechat3"  # fusechat3 | wrpo
-    sft_share: float | str | None = None  # fusechat3 0.4, wrpo 1/3; or all (both sets on every prompt)
-    margin: float | None = None  # fusechat3 0.01, wrpo 0
-    max_margin: float | str | None = None  # fusechat3 0.1, wrpo none
-    gate: str | None = None  # a verifier of the score section: correctness before reward
-    gate_pass: float = 1.0
-    scorer: str | None = None  # which score ranks responses, when score gives several (also rate's)
-    drop_truncated: bool = False
+    mode: str = setting(
+        "fusechat3",
+        type=click.Choice(["fusechat3", "wrpo"]),
+        help="fusechat3: FuseChat-3.0's SFT then DPO; wrpo: WRPO's SFT, the target's own samples, then WRPO.",
+    )
+    sft_share: float | str | None = same_as(prefer.PreferSettings, "sft_share")
+    margin: float | None = same_as(prefer.PreferSettings, "margin")
+    max_margin: float | str | None = same_as(prefer.PreferSettings, "max_margin")
+    gate: str | None = same_as(prefer.PreferSettings, "gate")
+    gate_pass: float = same_as(prefer.PreferSettings, "gate_pass")
+    scorer: str | None = same_as(prefer.PreferSettings, "scorer")  # also rate's
+    drop_truncated: bool = same_as(prefer.PreferSettings, "drop_truncated")
 
     def settings(self, mode: str, target: str | None) -> dict[str, Any]:
         """``prefer``'s arguments for one of its runs (mode sft: WRPO's first step), defaults
@@ -87,7 +93,7 @@ class SFTStage(Schedule):
     epochs: float | None = None  # type: ignore[assignment]
     grad_accumulation: int | None = None  # type: ignore[assignment]
     warmup_ratio: float = tuning.WARMUP_RATIO
-    max_length: int = tuning.MAX_LENGTH
+    max_length: int = same_as(tuning.TuneSettings, "max_length")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,9 +101,9 @@ class DPOStage(SFTStage):
     """``fusion-train dpo``; ``loss`` defaults by ``prefer.mode``, beta, learning rate and the loss's
     own settings by loss (both: ``preference_losses.LOSSES``), gradient accumulation as sft's."""
 
-    loss: str | None = None
-    beta: float | None = None
-    alpha_max: float | None = None
+    loss: str | None = same_as(dpo.DPOSettings, "loss", default=None)
+    beta: float | None = same_as(dpo.DPOSettings, "beta")
+    alpha_max: float | None = same_as(dpo.DPOSettings, "alpha_max")
     epochs: float = 1.0
 
 
@@ -110,10 +116,10 @@ class RateStage(sample.Sampling):
     num_samples: int = 1
     max_new_tokens: int = 512
     seed: int = 1
-    batch_size: int = 8
-    baseline: str | None = None
-    resamples: int = 1000
-    confidence: float = 0.95
+    batch_size: int = same_as(sample.SampleBatch, "batch_size")
+    baseline: str | None = same_as(rate.RateSettings, "baseline", default=None)
+    resamples: int = same_as(rate.RateSettings, "resamples")
+    confidence: float = same_as(rate.RateSettings, "confidence")
 
 
 IMPLICIT_SETTINGS = {
@@ -123,28 +129,6 @@ IMPLICIT_SETTINGS = {
     "sft": SFTStage,
     "dpo": DPOStage,
     "rate": RateStage,
-}
-
-
-IMPLICIT_COMMANDS = {
-    SampleStage: sample.sample_command,
-    ScoreStage: score.score_command,
-    PreferStage: prefer.prefer_command,
-    RateStage: sample.sample_command,
-}
-
-
-# The training sections' keys accept what the fields of their stage's settings declare.
-IMPLICIT_DECLARED_BY: dict[type, type] = {SFTStage: sft.SFTSettings, DPOStage: dpo.DPOSettings}
-
-
-IMPLICIT_ONLY_TYPES: dict[type, dict[str, click.ParamType]] = {
-    ScoreStage: {"reward_model": click.STRING},  # a path relative to the recipe, checked by check_implicit
-    PreferStage: {"mode": click.Choice(["fusechat3", "wrpo"])},
-    RateStage: {
-        "resamples": options.POSITIVE_INT,
-        "confidence": click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
-    },
 }
 
 
