@@ -243,12 +243,14 @@ def main() -> None:
         settings = RepresentSettings(top_k=10, max_length=1024)
         represent(pivot_dir, data, Path(tmp) / "pivot", settings, progress=False)
         represent(gemma3_270m_dir(), data, Path(tmp) / "gemma", settings, progress=False)
-        for token_align, method in (("spans", "exact"), ("spans", "mined"), ("bytes", "exact")):
-            out = Path(tmp) / f"{token_align}-{method}"
-            report = align(Path(tmp) / "pivot", Path(tmp) / "gemma", out, token_align, method, progress=False)
+        for token_align, vocab_map in (("spans", "exact"), ("spans", "mined"), ("bytes", "exact")):
+            out = Path(tmp) / f"{token_align}-{vocab_map}"
+            report = align(
+                Path(tmp) / "pivot", Path(tmp) / "gemma", out, token_align, vocab_map, progress=False
+            )
             print(
                 f"gemma3 -> SmolLM2 real distributions, {report['examples_aligned']} examples, --token-align "
-                f"{token_align} --vocab-map {method}: pivot tokens with a source distribution "
+                f"{token_align} --vocab-map {vocab_map}: pivot tokens with a source distribution "
                 f"{report['tokens_aligned_share']:.1%}, mapped top-k mass {report['mapped_topk_mass_share']:.1%}, "
                 f"align stage {report['seconds']:.1f} s"
                 + (f"; {report['bytes']}" if "bytes" in report else "")

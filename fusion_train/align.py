@@ -63,7 +63,7 @@ class AlignSettings:
     )
     vocab_map: str = setting(
         "exact",
-        type=click.Choice(vocab.METHODS),
+        type=click.Choice(vocab.VOCAB_MAPS),
         help="Source ids without an exact byte match: exact = drop them, mined = nearest pivot token by "
         "edit distance, stats = the pivot token they align with most often in this corpus.",
     )
@@ -437,21 +437,12 @@ def _tokenizer_and_template(manifest: dict[str, Any]) -> tuple[Any, str]:
     return tokenizer, template
 
 
-def _pairs(
-    pivot: datasets.Dataset, source: datasets.Dataset, source_rows: dict[str, int]
-) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    for row in range(len(pivot)):
-        p = example_arrays(pivot, row)
-        if p["id"] in source_rows:
-            yield p, example_arrays(source, source_rows[p["id"]])
-
-
 def settings_problem(token_align: str, vocab_map: str) -> str | None:
     """What is wrong with a combination of settings, or None (recipes are checked with it too)."""
     if token_align not in TOKEN_ALIGN:
         return f"unknown token_align {token_align!r}; choose one of {', '.join(TOKEN_ALIGN)}"
-    if vocab_map not in vocab.METHODS:
-        return f"unknown vocab_map {vocab_map!r}; choose one of {', '.join(vocab.METHODS)}"
+    if vocab_map not in vocab.VOCAB_MAPS:
+        return f"unknown vocab_map {vocab_map!r}; choose one of {', '.join(vocab.VOCAB_MAPS)}"
     if token_align == "bytes" and vocab_map != "exact":
         return (
             f"vocab_map {vocab_map} does not apply to token_align bytes, which maps every source token by its "
@@ -544,72 +535,13 @@ def align(
 
     started = time.perf_counter()
     pivot_data, source_data = load_representation(pivot_dir), load_representation(source_dir)
-    pivot_tok, pivot_template = _tokenizer_and_template(pivot_manifest)
-    source_tok, source_template = _tokenizer_and_template(source_manifest)
     source_rows = {id_: i for i, id_ in enumerate(source_data["id"])}
     pivot_ids = set(pivot_data["id"])
-
-    pivot_bytes = vocab.token_bytes(pivot_tok, pivot_template)
-    source_bytes = vocab.token_bytes(source_tok, source_template)
-    aligner = None if token_align == "bytes" else Aligner.of(token_align, pivot_bytes, source_bytes)
-    cooccurrence = None
-    if vocab_map == "stats" and aligner is not None:
-        # FuseChat-2.0: count which pivot token each source token aligns with. Source tokens that
-        # need these counts have no pivot token with their bytes, so no byte-exact pair shows them:
-        # count the pivot token that covers the same bytes of the answer instead.
-        source_gold, pivot_gold = [], []
-        for p, s in _pairs(pivot_data, source_data, source_rows):
-            if token_align == "spans":
-                pivot_index, source_index = align_by_spans(span_keys(p, clip=True), span_keys(s, clip=True))
-            else:
-                pivot_index, source_index = aligner.pairs(p, s, (gold_ids(p), gold_ids(s)))
-            source_gold.append(gold_ids(s)[source_index])
-            pivot_gold.append(gold_ids(p)[pivot_index])
-        source_all, pivot_all = np.concatenate(source_gold), np.concatenate(pivot_gold)
-        cooccurrence = (source_all, pivot_all, np.ones(len(source_all), dtype=np.int64))
-    mapping = vocab.build_vocab_map(
-        source_tok,
-        pivot_tok,
-        vocab_map,
-        cooccurrence,
-        source_template=source_template,
-        pivot_template=pivot_template,
+    examples = Examples(pivot_data, source_data, source_rows)
+    aligner, mapping = _aligner_and_map(pivot_manifest, source_manifest, token_align, vocab_map, examples)
+    columns, counts, mass_sum = _aligned_columns(
+        aligner, mapping, examples, top_k, token_align, len(pivot_ids & source_rows.keys()), progress
     )
-    if aligner is None:  # bytes: special tokens in a top-k go where the (exact) map sends them
-        tables = continuations.load_continuations(
-            source_tok, pivot_tok, source_bytes, pivot_bytes, mapping.source_to_pivot
-        )
-        aligner = Aligner.of(token_align, pivot_bytes, source_bytes, tables)
-
-    features = aligned_features(top_k)
-    columns: dict[str, list[Any]] = {name: [] for name in features}
-    counts: Counter[str] = Counter()
-    mass_sum = 0.0
-    iterator = _pairs(pivot_data, source_data, source_rows)
-    for p, s in tqdm(iterator, total=len(pivot_ids & source_rows.keys()), desc="align", disable=not progress):
-        rows, places = aligner.rows(p, s, mapping)
-        if token_align == "spans":  # what the former rule (spans clipped to the answer) would have paired
-            answer_pairs = align_by_spans(span_keys(p, clip=True), span_keys(s, clip=True))[0]
-            counts["refused"] += len(np.setdiff1d(answer_pairs, rows.pivot_index))
-        if places is not None:
-            counts.update(_byte_counts(places, rows, p))
-        counts["pivot_tokens"] += len(p["target_logprob"])
-        counts["aligned"] += len(rows.pivot_index)
-        counts["zero_mass"] += rows.source_rows - rows.nothing_kept - len(rows.pivot_index)
-        mass_sum += float(rows.mapped_mass.sum())
-        with np.errstate(divide="ignore"):
-            logprobs = np.where(rows.ids >= 0, np.log(rows.probs), -np.inf)
-        columns["id"].append(p["id"])
-        columns["aligned_index"].append(rows.pivot_index.astype(np.int32))
-        columns["topk_ids"].append(rows.ids.astype(np.int32))
-        columns["topk_logprobs"].append(logprobs.astype(np.float16))
-        columns["mapped_mass"].append(rows.mapped_mass.astype(np.float16))
-        columns["source_mass"].append(rows.source_mass.astype(np.float16))
-        columns["target_logprob"].append(rows.target_logprob.astype(np.float16))
-        columns["source_nll"].append(float(s["nll"]))
-        columns["source_num_target_tokens"].append(int(s["num_target_tokens"]))
-        columns["source_num_target_bytes"].append(int(s["num_target_bytes"]))
-
     if not columns["id"]:
         raise AlignmentError(f"{pivot_dir} and {source_dir} share no example ids; nothing to align.")
     missing_in_source = sorted(pivot_ids - source_rows.keys())
@@ -636,9 +568,109 @@ def align(
     if token_align == "bytes":
         report["bytes"] = {key: counts[key] for key in BYTE_COUNTS}
     with atomic_directory(out_dir / "data") as tmp:
-        datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp))
+        datasets.Dataset.from_dict(columns, features=aligned_features(top_k)).save_to_disk(str(tmp))
     write_json_atomic(out_dir / REPORT, report)
     return report
+
+
+@dataclass(frozen=True)
+class Examples:
+    """The examples both representations hold, as pairs of arrays in the pivot's order."""
+
+    pivot: datasets.Dataset
+    source: datasets.Dataset
+    source_rows: dict[str, int]  # where each id's row is in the source's
+
+    def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        for row in range(len(self.pivot)):
+            p = example_arrays(self.pivot, row)
+            if p["id"] in self.source_rows:
+                yield p, example_arrays(self.source, self.source_rows[p["id"]])
+
+
+def _aligner_and_map(
+    pivot_manifest: dict[str, Any],
+    source_manifest: dict[str, Any],
+    token_align: str,
+    vocab_map: str,
+    examples: Examples,
+) -> tuple[Aligner, vocab.VocabMap]:
+    """The token alignment and the vocabulary map of a pair of models: ``stats`` counts over
+    ``examples`` which pivot token each source token aligns with; ``bytes`` needs the map first."""
+    pivot_tok, pivot_template = _tokenizer_and_template(pivot_manifest)
+    source_tok, source_template = _tokenizer_and_template(source_manifest)
+    pivot_bytes = vocab.token_bytes(pivot_tok, pivot_template)
+    source_bytes = vocab.token_bytes(source_tok, source_template)
+    aligner = None if token_align == "bytes" else Aligner.of(token_align, pivot_bytes, source_bytes)
+    cooccurrence = None
+    if vocab_map == "stats" and aligner is not None:
+        # FuseChat-2.0: count which pivot token each source token aligns with. Source tokens that
+        # need these counts have no pivot token with their bytes, so no byte-exact pair shows them:
+        # count the pivot token that covers the same bytes of the answer instead.
+        source_gold, pivot_gold = [], []
+        for p, s in examples:
+            if token_align == "spans":
+                pivot_index, source_index = align_by_spans(span_keys(p, clip=True), span_keys(s, clip=True))
+            else:
+                pivot_index, source_index = aligner.pairs(p, s, (gold_ids(p), gold_ids(s)))
+            source_gold.append(gold_ids(s)[source_index])
+            pivot_gold.append(gold_ids(p)[pivot_index])
+        source_all, pivot_all = np.concatenate(source_gold), np.concatenate(pivot_gold)
+        cooccurrence = (source_all, pivot_all, np.ones(len(source_all), dtype=np.int64))
+    mapping = vocab.build_vocab_map(
+        source_tok,
+        pivot_tok,
+        vocab_map,
+        cooccurrence,
+        source_template=source_template,
+        pivot_template=pivot_template,
+    )
+    if aligner is None:  # bytes: special tokens in a top-k go where the (exact) map sends them
+        tables = continuations.load_continuations(
+            source_tok, pivot_tok, source_bytes, pivot_bytes, mapping.source_to_pivot
+        )
+        aligner = Aligner.of(token_align, pivot_bytes, source_bytes, tables)
+    return aligner, mapping
+
+
+def _aligned_columns(
+    aligner: Aligner,
+    mapping: vocab.VocabMap,
+    examples: Examples,
+    top_k: int,
+    token_align: str,
+    total: int,
+    progress: bool,
+) -> tuple[dict[str, list[Any]], Counter[str], float]:
+    """The aligned data's columns, example by example, with the report's counts and the mapped
+    top-k mass summed over the aligned tokens."""
+    columns: dict[str, list[Any]] = {name: [] for name in aligned_features(top_k)}
+    counts: Counter[str] = Counter()
+    mass_sum = 0.0
+    for p, s in tqdm(examples, total=total, desc="align", disable=not progress):
+        rows, places = aligner.rows(p, s, mapping)
+        if token_align == "spans":  # what the former rule (spans clipped to the answer) would have paired
+            answer_pairs = align_by_spans(span_keys(p, clip=True), span_keys(s, clip=True))[0]
+            counts["refused"] += len(np.setdiff1d(answer_pairs, rows.pivot_index))
+        if places is not None:
+            counts.update(_byte_counts(places, rows, p))
+        counts["pivot_tokens"] += len(p["target_logprob"])
+        counts["aligned"] += len(rows.pivot_index)
+        counts["zero_mass"] += rows.source_rows - rows.nothing_kept - len(rows.pivot_index)
+        mass_sum += float(rows.mapped_mass.sum())
+        with np.errstate(divide="ignore"):
+            logprobs = np.where(rows.ids >= 0, np.log(rows.probs), -np.inf)
+        columns["id"].append(p["id"])
+        columns["aligned_index"].append(rows.pivot_index.astype(np.int32))
+        columns["topk_ids"].append(rows.ids.astype(np.int32))
+        columns["topk_logprobs"].append(logprobs.astype(np.float16))
+        columns["mapped_mass"].append(rows.mapped_mass.astype(np.float16))
+        columns["source_mass"].append(rows.source_mass.astype(np.float16))
+        columns["target_logprob"].append(rows.target_logprob.astype(np.float16))
+        columns["source_nll"].append(float(s["nll"]))
+        columns["source_num_target_tokens"].append(int(s["num_target_tokens"]))
+        columns["source_num_target_bytes"].append(int(s["num_target_bytes"]))
+    return columns, counts, mass_sum
 
 
 # What the report counts under "bytes": pivot tokens by where their distribution came from, or why

@@ -256,6 +256,23 @@ def evaluate(
             barrier()  # no rank looks for the next cached file before it is written
             per_model[spec.name] = losses
 
+    report = comparison(models, per_model, conversations, data_path, compare_to)
+    if rank.is_main:
+        write_json_atomic(out_dir / "report.json", report)
+        atomic_write_text(out_dir / "report.md", markdown_report(report))
+        plot_report(report, out_dir / "report.png")
+    return report
+
+
+def comparison(
+    models: list[ModelSpec],
+    per_model: dict[str, list[ExampleLoss]],
+    conversations: list[Conversation],
+    data_path: str | Path,
+    compare_to: str | None,
+) -> dict[str, Any]:
+    """The report: every model's bits per byte (overall, by domain, and paired against
+    ``compare_to``) over the examples every model could score."""
     common = set.intersection(*({x.id for x in losses} for losses in per_model.values()))
     if not common:
         raise EvaluateError(f"{data_path}: no example could be scored by every model")
@@ -280,10 +297,6 @@ def evaluate(
         "compare_to": compare_to,
         "models": rows,
     }
-    if rank.is_main:
-        write_json_atomic(out_dir / "report.json", report)
-        atomic_write_text(out_dir / "report.md", markdown_report(report))
-        plot_report(report, out_dir / "report.png")
     return report
 
 

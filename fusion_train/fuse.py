@@ -166,56 +166,19 @@ def fuse(
     started = time.perf_counter()
     index_of = [{id_: i for i, id_ in enumerate(data["id"])} for _, data in sources]
     columns: dict[str, list[Any]] = {name: [] for name in fused_features(top_k)}
-    wins: Counter[str] = Counter()
-    wins_by_domain: dict[str, Counter[str]] = {}
-    tokens_from = np.zeros(len(names), dtype=np.int64)
-    nan_counts = np.zeros(len(names), dtype=np.int64)
-    nan_ids: list[list[str]] = [[] for _ in names]
-    below_mass = np.zeros(len(names), dtype=np.int64)
+    tally = Tally(names)
     for row in tqdm(range(len(pivot_data)), desc="fuse", unit="example", disable=not progress):
         p = example_arrays(pivot_data, row)
-        candidates = [
-            Candidate(
-                np.arange(len(p["target_logprob"])),
-                p["topk_ids"],
-                p["topk_logprobs"].astype(np.float32),
-                p["target_logprob"].astype(np.float32),
-                sequence_cross_entropy(p["nll"], p["num_target_tokens"], p["num_target_bytes"], ce_unit),
-            )
-        ]
-        present = [0]
+        candidates, present = [_pivot_candidate(p, ce_unit)], [0]
         for s, ((_, data), lookup) in enumerate(zip(sources, index_of, strict=True), start=1):
-            if p["id"] not in lookup:
-                continue
-            a = example_arrays(data, lookup[p["id"]])
-            # `align` outputs from before source_mass was recorded used the whole stored mass on every row.
-            mass = a.get("source_mass", np.ones(len(a["aligned_index"]), dtype=np.float16))
-            enough = mass.astype(np.float32) >= min_source_mass
-            below_mass[s] += int((~enough).sum())
-            candidates.append(
-                Candidate(
-                    a["aligned_index"][enough],
-                    a["topk_ids"][enough],
-                    a["topk_logprobs"][enough].astype(np.float32),
-                    a["target_logprob"][enough].astype(np.float32),
-                    sequence_cross_entropy(
-                        a["source_nll"], a["source_num_target_tokens"], a["source_num_target_bytes"], ce_unit
-                    ),
-                )
-            )
-            present.append(s)
+            if p["id"] in lookup:
+                a = example_arrays(data, lookup[p["id"]])
+                candidate, below_mass = _source_candidate(a, ce_unit, min_source_mass)
+                tally.below_mass[s] += below_mass
+                candidates.append(candidate)
+                present.append(s)
         ids, logprobs, winner, supplied = fuse_example(candidates, criterion, top_k)
-        tokens_from[present] += supplied
-        nan = [s for s, c in zip(present, candidates, strict=True) if np.isnan(c.cross_entropy)]
-        for s in nan:
-            nan_counts[s] += 1
-            if len(nan_ids[s]) < NAN_IDS_KEPT:
-                nan_ids[s].append(str(p["id"]))
-        winner_name = names[present[winner]] if winner != MIXED else "mixed"
-        if len(nan) == len(candidates):
-            winner_name = NO_WINNER
-        wins[winner_name] += 1
-        wins_by_domain.setdefault(str(p["domain"]), Counter())[winner_name] += 1
+        tally.add(p, candidates, present, winner, supplied)
         for name in ("id", "domain", "input_ids", "run_message", "run_start", "run_length"):
             columns[name].append(p[name])
         columns["topk_ids"].append(ids)
@@ -227,18 +190,87 @@ def fuse(
         "ce_unit": ce_unit,
         "examples": len(pivot_data),
         "candidates": names,
-        "sequences_won": dict(wins),
-        "sequences_won_by_domain": {d: dict(c) for d, c in sorted(wins_by_domain.items())},
-        "tokens_supplied": dict(zip(names, tokens_from.tolist(), strict=True)),
-        "nan_cross_entropy": dict(zip(names, nan_counts.tolist(), strict=True)),
-        "nan_cross_entropy_ids": dict(zip(names, nan_ids, strict=True)),
-        "rows_below_min_source_mass": dict(zip(names[1:], below_mass[1:].tolist(), strict=True)),
+        **tally.report(),
         "seconds": time.perf_counter() - started,
     }
     with atomic_directory(out_dir / "data") as tmp:
         datasets.Dataset.from_dict(columns, features=fused_features(top_k)).save_to_disk(str(tmp))
     write_json_atomic(out_dir / REPORT, report)
     return report
+
+
+def _pivot_candidate(p: dict[str, Any], ce_unit: str) -> Candidate:
+    """The pivot's own distributions, on every one of its tokens."""
+    return Candidate(
+        np.arange(len(p["target_logprob"])),
+        p["topk_ids"],
+        p["topk_logprobs"].astype(np.float32),
+        p["target_logprob"].astype(np.float32),
+        sequence_cross_entropy(p["nll"], p["num_target_tokens"], p["num_target_bytes"], ce_unit),
+    )
+
+
+def _source_candidate(a: dict[str, Any], ce_unit: str, min_source_mass: float) -> tuple[Candidate, int]:
+    """A source's aligned distributions, less the rows resting on less than ``min_source_mass``
+    of its stored mass, and how many rows that left out."""
+    # `align` outputs from before source_mass was recorded used the whole stored mass on every row.
+    mass = a.get("source_mass", np.ones(len(a["aligned_index"]), dtype=np.float16))
+    enough = mass.astype(np.float32) >= min_source_mass
+    candidate = Candidate(
+        a["aligned_index"][enough],
+        a["topk_ids"][enough],
+        a["topk_logprobs"][enough].astype(np.float32),
+        a["target_logprob"][enough].astype(np.float32),
+        sequence_cross_entropy(
+            a["source_nll"], a["source_num_target_tokens"], a["source_num_target_bytes"], ce_unit
+        ),
+    )
+    return candidate, int((~enough).sum())
+
+
+class Tally:
+    """What the fuse report counts, per candidate (the pivot first, then the sources)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.wins: Counter[str] = Counter()
+        self.wins_by_domain: dict[str, Counter[str]] = {}
+        self.tokens_from = np.zeros(len(names), dtype=np.int64)
+        self.nan_counts = np.zeros(len(names), dtype=np.int64)
+        self.nan_ids: list[list[str]] = [[] for _ in names]
+        self.below_mass = np.zeros(len(names), dtype=np.int64)
+
+    def add(
+        self,
+        p: dict[str, Any],
+        candidates: list[Candidate],
+        present: list[int],
+        winner: int,
+        supplied: np.ndarray,
+    ) -> None:
+        """One example: who supplied its tokens, who won it, whose cross-entropy was NaN."""
+        self.tokens_from[present] += supplied
+        nan = [s for s, c in zip(present, candidates, strict=True) if np.isnan(c.cross_entropy)]
+        for s in nan:
+            self.nan_counts[s] += 1
+            if len(self.nan_ids[s]) < NAN_IDS_KEPT:
+                self.nan_ids[s].append(str(p["id"]))
+        winner_name = self.names[present[winner]] if winner != MIXED else "mixed"
+        if len(nan) == len(candidates):
+            winner_name = NO_WINNER
+        self.wins[winner_name] += 1
+        self.wins_by_domain.setdefault(str(p["domain"]), Counter())[winner_name] += 1
+
+    def report(self) -> dict[str, Any]:
+        names = self.names
+        return {
+            "sequences_won": dict(self.wins),
+            "sequences_won_by_domain": {d: dict(c) for d, c in sorted(self.wins_by_domain.items())},
+            "tokens_supplied": dict(zip(names, self.tokens_from.tolist(), strict=True)),
+            "nan_cross_entropy": dict(zip(names, self.nan_counts.tolist(), strict=True)),
+            "nan_cross_entropy_ids": dict(zip(names, self.nan_ids, strict=True)),
+            "rows_below_min_source_mass": dict(zip(names[1:], self.below_mass[1:].tolist(), strict=True)),
+        }
 
 
 @click.command("fuse", cls=Command)

@@ -34,10 +34,6 @@ class FusedData:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _fail_at(data: datasets.Dataset, index: int, problem: str) -> TrainInputError:
-    return TrainInputError(f"fused example {index} (id {data[index]['id']!r}): {problem}")
-
-
 def load_fused(path: str | Path, tokenizer: Any) -> FusedData:
     """Read and check fused targets for the pivot whose tokenizer is ``tokenizer``.
 
@@ -47,6 +43,35 @@ def load_fused(path: str | Path, tokenizer: Any) -> FusedData:
     valid id: -inf marks padding only).
     """
     path = Path(path)
+    manifest, data = _open_fused(path, tokenizer)
+    supervised = np.zeros(len(data), dtype=np.int64)
+    rows_without_target = 0
+    offset = 0
+    for batch in data.data.table.select(list(FUSED_COLUMNS)).to_batches(max_chunksize=4096):
+        check = BatchCheck(path, data, offset, len(tokenizer))
+        supervised[offset : offset + batch.num_rows] = check.supervised_runs(batch)
+        rows_without_target += check.targets(batch, supervised[offset : offset + batch.num_rows])
+        offset += batch.num_rows
+
+    keep = np.flatnonzero(supervised > 0)
+    if keep.size == 0:
+        raise TrainInputError(f"{path}: no example has supervised tokens; nothing to train on.")
+    dropped = np.flatnonzero(supervised == 0)
+    stats = {
+        "examples": int(keep.size),
+        "supervised_tokens": int(supervised.sum()),
+        "rows_without_target": rows_without_target,  # add nothing to the fusion loss
+        "dropped_without_supervised_tokens": int(dropped.size),
+        "dropped_ids": data.select(dropped[:20])["id"] if dropped.size else [],
+    }
+    if dropped.size:
+        log.warning("%s: %d examples have no supervised tokens and are left out.", path, dropped.size)
+    kept = data.select(keep) if dropped.size else data  # an index mapping, nothing written next to the input
+    return FusedData(manifest, kept.with_format("numpy", columns=list(FUSED_COLUMNS)), stats)
+
+
+def _open_fused(path: Path, tokenizer: Any) -> tuple[dict[str, Any], datasets.Dataset]:
+    """The manifest and data of a fuse output, fused for this tokenizer, with every column."""
     if not (path / MANIFEST).is_file() or not (path / "data" / "state.json").is_file():
         raise TrainInputError(f"{path}: no {MANIFEST} and data/; pass the output of `fusion-train fuse`.")
     manifest = read_json(path / MANIFEST)
@@ -68,21 +93,33 @@ def load_fused(path: str | Path, tokenizer: Any) -> FusedData:
         raise TrainInputError(f"{path}: columns {missing} are missing (see docs/formats.md, fused targets).")
     if len(data) == 0:
         raise TrainInputError(f"{path}: the data set is empty; nothing to train on.")
+    return manifest, data
 
-    vocab = len(tokenizer)
-    supervised = np.zeros(len(data), dtype=np.int64)
-    rows_without_target = 0
-    offset = 0
-    for batch in data.data.table.select(list(FUSED_COLUMNS)).to_batches(max_chunksize=4096):
-        n = batch.num_rows
+
+@dataclass(frozen=True)
+class BatchCheck:
+    """The checks of one Arrow batch of fused examples, which start at row ``offset``."""
+
+    path: Path
+    data: datasets.Dataset
+    offset: int
+    vocab: int
+
+    def fail(self, index: int, problem: str) -> TrainInputError:
+        """The error for the batch's example ``index``, named by its place and id in the data."""
+        at = self.offset + int(index)
+        return TrainInputError(f"fused example {at} (id {self.data[at]['id']!r}): {problem}")
+
+    def supervised_runs(self, batch: pa.RecordBatch) -> np.ndarray:
+        """Supervised tokens per example, after checking the token ids and the runs."""
+        n, vocab = batch.num_rows, self.vocab
         input_ids = batch.column("input_ids")
         lengths = pc.list_value_length(input_ids).to_numpy(zero_copy_only=False)
         tokens = input_ids.flatten().to_numpy(zero_copy_only=False)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
             token_example = np.repeat(np.arange(n), lengths)
             bad = token_example[(tokens < 0) | (tokens >= vocab)][0]
-            raise _fail_at(data, offset + bad, f"input_ids outside the tokenizer's ids [0, {vocab})")
-
+            raise self.fail(bad, f"input_ids outside the tokenizer's ids [0, {vocab})")
         runs_per_example = pc.list_value_length(batch.column("run_start")).to_numpy(zero_copy_only=False)
         starts = batch.column("run_start").flatten().to_numpy(zero_copy_only=False).astype(np.int64)
         counts = batch.column("run_length").flatten().to_numpy(zero_copy_only=False).astype(np.int64)
@@ -92,27 +129,28 @@ def load_fused(path: str | Path, tokenizer: Any) -> FusedData:
         later = run_example[1:] == run_example[:-1]
         bad_run[1:] |= later & (starts[1:] < ends[:-1])
         if bad_run.any():
-            raise _fail_at(
-                data,
-                offset + run_example[bad_run][0],
+            raise self.fail(
+                run_example[bad_run][0],
                 "supervised runs must lie in 1 .. len(input_ids) - 1 and be in position order",
             )
-        supervised[offset : offset + n] = np.bincount(run_example, weights=counts, minlength=n)
+        return np.bincount(run_example, weights=counts, minlength=n).astype(np.int64)
 
+    def targets(self, batch: pa.RecordBatch, supervised: np.ndarray) -> int:
+        """Check one target row per supervised token, its ids and log-probabilities; the rows
+        with no target (every id padding)."""
+        n, vocab = batch.num_rows, self.vocab
         topk_ids = batch.column("topk_ids")
         rows = pc.list_value_length(topk_ids).to_numpy(zero_copy_only=False)
-        mismatch = np.flatnonzero(rows != supervised[offset : offset + n])
+        mismatch = np.flatnonzero(rows != supervised)
         if mismatch.size:
             i = mismatch[0]
-            raise _fail_at(
-                data, offset + i, f"{rows[i]} target rows for {supervised[offset + i]} supervised tokens"
-            )
+            raise self.fail(i, f"{rows[i]} target rows for {supervised[i]} supervised tokens")
         flat_rows = topk_ids.flatten()
         k = flat_rows.type.list_size if pa.types.is_fixed_size_list(flat_rows.type) else None
         ids = flat_rows.flatten().to_numpy(zero_copy_only=False)
         logprobs = batch.column("topk_logprobs").flatten().flatten().to_numpy(zero_copy_only=False)
         if k is None or ids.size != logprobs.size:
-            raise TrainInputError(f"{path}: topk_ids/topk_logprobs are not k-wide rows of equal shape.")
+            raise TrainInputError(f"{self.path}: topk_ids/topk_logprobs are not k-wide rows of equal shape.")
         valid = ids >= 0
         bad_entry = (ids < -1) | (ids >= vocab) | np.isnan(logprobs) | np.isposinf(logprobs)
         bad_entry |= valid & np.isneginf(logprobs)
@@ -124,25 +162,8 @@ def load_fused(path: str | Path, tokenizer: Any) -> FusedData:
                 if ids[entry] < -1 or ids[entry] >= vocab
                 else f"log-probability {logprobs[entry]} for id {ids[entry]} (NaN, +inf, or -inf on a valid id)"
             )
-            raise _fail_at(data, offset + row_example[entry // k], problem)
-        rows_without_target += int((~valid.reshape(-1, k)).all(axis=1).sum())
-        offset += n
-
-    keep = np.flatnonzero(supervised > 0)
-    if keep.size == 0:
-        raise TrainInputError(f"{path}: no example has supervised tokens; nothing to train on.")
-    dropped = np.flatnonzero(supervised == 0)
-    stats = {
-        "examples": int(keep.size),
-        "supervised_tokens": int(supervised.sum()),
-        "rows_without_target": rows_without_target,  # add nothing to the fusion loss
-        "dropped_without_supervised_tokens": int(dropped.size),
-        "dropped_ids": data.select(dropped[:20])["id"] if dropped.size else [],
-    }
-    if dropped.size:
-        log.warning("%s: %d examples have no supervised tokens and are left out.", path, dropped.size)
-    kept = data.select(keep) if dropped.size else data  # an index mapping, nothing written next to the input
-    return FusedData(manifest, kept.with_format("numpy", columns=list(FUSED_COLUMNS)), stats)
+            raise self.fail(row_example[entry // k], problem)
+        return int((~valid.reshape(-1, k)).all(axis=1).sum())
 
 
 def fused_features(top_k: int) -> datasets.Features:

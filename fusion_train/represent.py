@@ -136,6 +136,10 @@ class RepresentSummary:
         self.seconds += other["seconds"]
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def represent(
     model_path: str | Path,
     data_path: str | Path,
@@ -167,20 +171,22 @@ def represent(
         scorer = load_scorer(model_path, inference, gguf_file, trust_remote_code, top_k=settings.top_k)
         identity = identify(model_path, gguf_file, tokenizer, scorer.vocab_size)
         num_chunks = -(-len(conversations) // settings.chunk_size)
-        manifest = {
-            "format": FORMAT,
-            "model": identity.to_dict(),
-            "data": {"path": str(Path(data_path).resolve()), "fingerprint": data_fingerprint(conversations)},
-            "num_examples": len(conversations),
-            "num_parts": num_chunks,
-            "chat_template": {
-                "source": template_source,
-                "sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
+        claim_output(
+            out_dir,
+            {
+                "format": FORMAT,
+                "model": identity.to_dict(),
+                "data": {
+                    "path": str(Path(data_path).resolve()),
+                    "fingerprint": data_fingerprint(conversations),
+                },
+                "num_examples": len(conversations),
+                "num_parts": num_chunks,
+                "chat_template": {"source": template_source, "sha256": _digest(template)},
+                "settings": asdict(settings),
+                "dtype": scorer.dtype_name,  # the weights' dtype: results differ within its precision
             },
-            "settings": asdict(settings),
-            "dtype": scorer.dtype_name,  # the weights' dtype: results differ within its precision
-        }
-        claim_output(out_dir, manifest)
+        )
 
         mine = parts_to_do(out_dir, num_chunks, shard or rank.share)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -201,13 +207,8 @@ def represent(
                 part_path(out_dir, chunk),
             )
         scorer.finish()
-        placement = {
-            "world_size": rank.world_size,
-            "device": str(scorer.device),
-            "dtype": scorer.dtype_name,
-            "deepspeed": inference.deepspeed,
-            "parameters": scorer.parameters(),
-        }
+        placement = {"world_size": rank.world_size, "device": str(scorer.device), "dtype": scorer.dtype_name}
+        placement |= {"deepspeed": inference.deepspeed, "parameters": scorer.parameters()}
         barrier()
     if not rank.is_main:
         return None

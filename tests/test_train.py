@@ -247,25 +247,25 @@ def _set(row_index: int, column: str, position: tuple[int, int], value):
 
 
 @pytest.mark.parametrize(
-    ("change", "message"),
+    ("change", "message", "example"),
     [
-        (_set(0, "topk_logprobs", (0, 0), math.nan), "NaN"),
-        (_set(1, "topk_logprobs", (2, 1), math.inf), "log-probability inf"),
-        (_set(0, "topk_logprobs", (0, 0), -math.inf), "-inf on a valid id"),
-        (_set(2, "topk_ids", (0, 1), 32000), "target id 32000 outside"),
-        (_set(0, "topk_ids", (1, 2), -5), "target id -5 outside"),
-        (lambda rows: rows[1]["input_ids"].__setitem__(0, 40000), "input_ids outside"),
-        (lambda rows: rows[0].update(run_start=[0]), "supervised runs"),
-        (lambda rows: rows[0].update(run_length=[rows[0]["run_length"][0] + 50]), "supervised runs"),
-        (lambda rows: [rows[2][c].pop() for c in ("topk_ids", "topk_logprobs")], "target rows for"),
+        (_set(0, "topk_logprobs", (0, 0), math.nan), "NaN", 0),
+        (_set(1, "topk_logprobs", (2, 1), math.inf), "log-probability inf", 1),
+        (_set(0, "topk_logprobs", (0, 0), -math.inf), "-inf on a valid id", 0),
+        (_set(2, "topk_ids", (0, 1), 32000), "target id 32000 outside", 2),
+        (_set(0, "topk_ids", (1, 2), -5), "target id -5 outside", 0),
+        (lambda rows: rows[1]["input_ids"].__setitem__(0, 40000), "input_ids outside", 1),
+        (lambda rows: rows[0].update(run_start=[0]), "supervised runs", 0),
+        (lambda rows: rows[0].update(run_length=[rows[0]["run_length"][0] + 50]), "supervised runs", 0),
+        (lambda rows: [rows[2][c].pop() for c in ("topk_ids", "topk_logprobs")], "target rows for", 2),
     ],
 )
-def test_bad_fused_data_is_refused_naming_the_example(pivot, tmp_path, change, message):
+def test_bad_fused_data_is_refused_naming_the_example(pivot, tmp_path, change, message, example):
     rows = _rows_with(pivot, change)
     fused = build_fused(pivot, tmp_path / "fused", rows=rows)
     with pytest.raises(TrainInputError, match=message) as error:
         load_fused(fused, AutoTokenizer.from_pretrained(pivot))
-    assert "fused example" in str(error.value)
+    assert f"fused example {example} (id {rows[example]['id']!r})" in str(error.value)
 
 
 def test_padding_slots_may_hold_minus_inf(pivot, good_fused):

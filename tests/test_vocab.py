@@ -424,7 +424,7 @@ def test_cache_is_keyed_by_hashes_and_hit_the_second_time(
     assert second.counts == first.counts and second.source_to_pivot.dtype == np.int32
     monkeypatch.undo()
 
-    # Another method, other counts, or the pair the other way round: other files.
+    # Another map, other counts, or the pair the other way round: other files.
     build_vocab_map(source, pivot, "exact", cache_dir=tmp_path)
     for count in (1, 2):
         build_vocab_map(source, pivot, "stats", (np.array([6]), np.array([7]), np.array([count])), tmp_path)

@@ -137,6 +137,53 @@ def rate(
         raise RateError(
             f"--baseline {baseline!r}: not one of the models scored in {scored_dir}: {', '.join(sources)}."
         )
+    prompts, models = rate_models(rows, scorer, sources, baseline, resamples, confidence, seed)
+    report = {
+        "format": FORMAT,
+        "scored": str(Path(scored_dir).resolve()),
+        "scorer": scorer,
+        "baseline": baseline,
+        "confidence": confidence,
+        "resamples": resamples,
+        "seed": seed,
+        "prompts": prompts,
+        "models": models,
+    }
+    out_dir = Path(out_dir)
+    claim_output(
+        out_dir,
+        {
+            "format": FORMAT,
+            "scored": {
+                "path": str(Path(scored_dir).resolve()),
+                "fingerprint": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16],
+            },
+            "settings": {
+                "baseline": baseline,
+                "scorer": scorer,
+                "resamples": resamples,
+                "confidence": confidence,
+                "seed": seed,
+            },
+        },
+    )
+    write_json_atomic(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.md", markdown_report(report))
+    plot_rates(report, out_dir / "rates.png")
+    return report
+
+
+def rate_models(
+    rows: Any,
+    scorer: str,
+    sources: list[str],
+    baseline: str,
+    resamples: int,
+    confidence: float,
+    seed: int,
+) -> tuple[int, list[dict[str, Any]]]:
+    """The number of prompts, and each model's row of the report: its responses and prompts
+    judged, its mean score and its win rate against ``baseline``, with bootstrap intervals."""
     ids, table, unjudged = prompt_scores(rows, scorer, sources)
     answered = {src: set() for src in sources}
     responses = dict.fromkeys(sources, 0)
@@ -169,40 +216,7 @@ def rate(
         if src != baseline:
             model["win_rate"] = win_rate(scores, base, resamples, confidence, seed)
         models.append(model)
-
-    report = {
-        "format": FORMAT,
-        "scored": str(Path(scored_dir).resolve()),
-        "scorer": scorer,
-        "baseline": baseline,
-        "confidence": confidence,
-        "resamples": resamples,
-        "seed": seed,
-        "prompts": len(ids),
-        "models": models,
-    }
-    out_dir = Path(out_dir)
-    claim_output(
-        out_dir,
-        {
-            "format": FORMAT,
-            "scored": {
-                "path": str(Path(scored_dir).resolve()),
-                "fingerprint": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16],
-            },
-            "settings": {
-                "baseline": baseline,
-                "scorer": scorer,
-                "resamples": resamples,
-                "confidence": confidence,
-                "seed": seed,
-            },
-        },
-    )
-    write_json_atomic(out_dir / "report.json", report)
-    atomic_write_text(out_dir / "report.md", markdown_report(report))
-    plot_rates(report, out_dir / "rates.png")
-    return report
+    return len(ids), models
 
 
 def win_rate(

@@ -25,7 +25,7 @@ from fusion_train.settings import options_from, setting
 
 MODULE = "fusion_train.implicit.sft"  # what the launcher runs in every process
 STAGE = "sft"
-# (learning rate, epochs) of the SFT step per method, for the papers' global batch of 128:
+# (learning rate, epochs) of the SFT step per prefer mode, for the papers' global batch of 128:
 # FuseChat-3.0 fine-tunes Llama-3.1-8B for 3 epochs at 5e-6 (Qwen-2.5 and Gemma-2 at 2e-6); WRPO
 # for 1 epoch at 7e-6 (its configs). The command's defaults are FuseChat-3.0's; a recipe with
 # prefer.mode wrpo takes WRPO's.

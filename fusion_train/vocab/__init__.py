@@ -10,7 +10,7 @@ from fusion_train.vocab.edit_distance import mined_matches
 from fusion_train.vocab.maps import (
     CACHE_ENV,
     COUNT_KEYS,
-    METHODS,
+    VOCAB_MAPS,
     MappedTopK,
     VocabMap,
     build_vocab_map,
@@ -33,8 +33,8 @@ __all__ = [
     "CACHE_ENV",
     "COUNT_KEYS",
     "MATCHED_ROLES",
-    "METHODS",
     "OTHER_SPECIAL",
+    "VOCAB_MAPS",
     "MappedTopK",
     "SpecialToken",
     "TokenBytes",

@@ -19,7 +19,7 @@ from fusion_train.storage import atomic_file
 from fusion_train.vocab.edit_distance import mined_matches
 from fusion_train.vocab.pieces import MATCHED_ROLES, TokenBytes, token_bytes
 
-METHODS = ("exact", "mined", "stats")
+VOCAB_MAPS = ("exact", "mined", "stats")
 COUNT_KEYS = ("exact", "special", "mined", "stats", "unmapped")
 # Part of every cache key: bump it when the mapping rules (map_vocabularies, mined_matches) change.
 # Changes to how tokens are read need no bump: the key also holds a digest of the bytes read.
@@ -52,7 +52,7 @@ class VocabMap:
     """
 
     source_to_pivot: np.ndarray  # int32, one entry per source id below len(source tokenizer)
-    method: str
+    kind: str
     counts: dict[str, int]
 
     def mapped_share(self) -> float:
@@ -148,7 +148,7 @@ def _most_cooccurring(cooccurrence: Cooccurrence, pivot_size: int) -> dict[int, 
 
 
 def map_vocabularies(
-    source: TokenBytes, pivot: TokenBytes, method: str = "exact", cooccurrence: Cooccurrence | None = None
+    source: TokenBytes, pivot: TokenBytes, kind: str = "exact", cooccurrence: Cooccurrence | None = None
 ) -> VocabMap:
     """The source-to-pivot map for two vocabularies (no cache; see :func:`build_vocab_map`).
 
@@ -161,10 +161,10 @@ def map_vocabularies(
        nearest pivot token by :func:`mined_matches`; ``stats`` the pivot token they co-occur with
        most in ``cooccurrence`` (left unmapped where there are no counts).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown vocabulary-map method {method!r}; choose one of {', '.join(METHODS)}")
-    if (method == "stats") != (cooccurrence is not None):
-        raise ValueError("co-occurrence counts are needed for method 'stats', and only for it")
+    if kind not in VOCAB_MAPS:
+        raise ValueError(f"unknown vocabulary map {kind!r}; choose one of {', '.join(VOCAB_MAPS)}")
+    if (kind == "stats") != (cooccurrence is not None):
+        raise ValueError("co-occurrence counts are needed for the stats map, and only for it")
     counts = dict.fromkeys(COUNT_KEYS, 0)
     result = np.full(len(source), -1, dtype=np.int32)
     canonical = canonical_ids(pivot)
@@ -185,20 +185,20 @@ def map_vocabularies(
         if target is not None:
             result[index] = target
             counts["special"] += 1
-    if method == "mined" and unmatched:
+    if kind == "mined" and unmatched:
         strings = list(canonical)
         found = mined_matches([source.pieces[i] for i in unmatched], strings)
         hits = found >= 0
         result[np.array(unmatched)[hits]] = [canonical[strings[f]] for f in found[hits]]
         counts["mined"] = int(hits.sum())
-    elif method == "stats" and unmatched:
+    elif kind == "stats" and unmatched:
         best = _most_cooccurring(_check_cooccurrence(cooccurrence, len(source), len(pivot)), len(pivot))
         for index in unmatched:
             if index in best:
                 result[index] = best[index]
                 counts["stats"] += 1
     counts["unmapped"] = int((result < 0).sum())
-    return VocabMap(result, method, counts)
+    return VocabMap(result, kind, counts)
 
 
 def _cooccurrence_digest(cooccurrence: Cooccurrence | None) -> str:
@@ -217,10 +217,10 @@ def vocab_map_path(
     pivot: Any,
     source_bytes: TokenBytes,
     pivot_bytes: TokenBytes,
-    method: str,
+    kind: str,
     cooccurrence: Cooccurrence | None = None,
 ) -> Path:
-    """Cache file of one map: both tokenizers' hashes and the method in the name; the mapping
+    """Cache file of one map: both tokenizers' hashes and the kind in the name; the mapping
     rules' version (CACHE_VERSION), the bytes and roles read from each tokenizer (see
     ``TokenBytes.digest``) and the counts in a digest."""
     settings = [
@@ -230,7 +230,7 @@ def vocab_map_path(
         _cooccurrence_digest(cooccurrence),
     ]
     digest = hashlib.sha256(json.dumps(settings).encode("utf-8")).hexdigest()[:12]
-    return cache / f"{tokenizer_hash(source)}-{tokenizer_hash(pivot)}-{method}-{digest}.npz"
+    return cache / f"{tokenizer_hash(source)}-{tokenizer_hash(pivot)}-{kind}-{digest}.npz"
 
 
 def default_cache_dir() -> Path:
@@ -242,7 +242,7 @@ def default_cache_dir() -> Path:
 def build_vocab_map(
     source_tok: Any,
     pivot_tok: Any,
-    method: str = "exact",
+    kind: str = "exact",
     cooccurrence: Cooccurrence | None = None,
     cache_dir: Path | None = None,
     source_template: str | None = None,
@@ -256,15 +256,13 @@ def build_vocab_map(
     source_bytes = token_bytes(source_tok, source_template)
     pivot_bytes = token_bytes(pivot_tok, pivot_template)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = vocab_map_path(cache, source_tok, pivot_tok, source_bytes, pivot_bytes, method, cooccurrence)
+    path = vocab_map_path(cache, source_tok, pivot_tok, source_bytes, pivot_bytes, kind, cooccurrence)
     if path.exists():
         with np.load(path, allow_pickle=False) as saved:
             table, stored = saved["source_to_pivot"], saved["counts"]
         if len(table) == len(source_bytes) and len(stored) == len(COUNT_KEYS):
-            return VocabMap(
-                table.astype(np.int32), method, dict(zip(COUNT_KEYS, stored.tolist(), strict=True))
-            )
-    vocab_map = map_vocabularies(source_bytes, pivot_bytes, method, cooccurrence)
+            return VocabMap(table.astype(np.int32), kind, dict(zip(COUNT_KEYS, stored.tolist(), strict=True)))
+    vocab_map = map_vocabularies(source_bytes, pivot_bytes, kind, cooccurrence)
     counts = np.array([vocab_map.counts[k] for k in COUNT_KEYS], dtype=np.int64)
     with atomic_file(path, "wb") as handle:  # whole or absent, readable as the umask allows
         np.savez(handle, source_to_pivot=vocab_map.source_to_pivot, counts=counts)
