@@ -24,14 +24,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check fusion_train varm_merge tests bench
 
 # Two workers (pytest-xdist, a test file per worker at a time), each with one thread: on a 2-core
-# machine the suite's Python work (loading, tokenizing, launching) then runs side by side.
+# machine the suite's Python work (loading, tokenizing, launching) then runs side by side. Files
+# go to the workers in collection order, the longest first (tests/conftest.py, LONGEST_FILES):
+# xdist's own order, by number of tests, left a worker idle while the other ran a long file.
 # PYTEST_WORKERS=0 runs it in this process.
 PYTEST_WORKERS ?= 2
 test: $(STAMP)
 ifeq ($(PYTEST_WORKERS),0)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 else
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 endif
 
 # The tests that compare floats (those using tests/numeric.py), natively, with one thread, with

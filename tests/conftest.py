@@ -27,12 +27,15 @@ from fusion_train.vocab import CACHE_ENV
 QWEN_PADDED_VOCAB = 151936  # Qwen's embedding has more rows than its 151,851 tokens
 
 
-# The files that take longest (minutes: whole recipes, launched ranks, the README walk-through)
-# run first, so that under `make test`'s two workers (pytest-xdist, a file per worker at a time)
-# the last file to finish is a short one. Only the order changes; a file missing here runs later.
+# The files that take longest (minutes: launched ranks, whole recipes, the README walk-through),
+# longest first as `--durations=0` measured them, run first: under `make test`'s workers
+# (pytest-xdist, a file per worker at a time, `--no-loadscope-reorder`) the last file to finish is
+# then a short one. Only the order changes; a file missing here runs after these.
 LONGEST_FILES = (
-    "test_train_deepspeed.py", "test_pipeline.py", "test_readme.py", "test_resume.py", "test_implicit_tune.py",
-    "test_implicit_recipe.py", "test_ranks.py", "test_implicit_ranks.py", "test_align_bytes.py",
+    "test_train_deepspeed.py", "test_resume.py", "test_implicit_tune.py", "test_readme.py", "test_ranks.py",
+    "test_pipeline.py", "test_align_bytes.py", "test_implicit_recipe.py", "test_implicit_ranks.py",
+    "test_train.py", "test_implicit_sample.py", "test_represent.py", "test_gpu_check.py", "test_errors.py",
+    "test_align.py",
 )  # fmt: skip
 
 
