@@ -1,12 +1,14 @@
 """A stage's function, called with the same arguments in this process or in every rank of a
-launched job: the one way a recipe runs a stage.
+launched job: the one way a recipe or a command runs a stage.
 
-With one process, :func:`call_in_ranks` calls the function here. With several (``--nproc``,
-a hostfile) it writes the call (the function's name and its arguments) to a JSON file beside the
-stage's output and starts ``python -m fusion_train.calls CALL.json`` under the deepspeed
-launcher; every rank reads it and calls the same function with the same arguments, and the
-function splits the work by its rank. Nothing is rebuilt from command-line flags, so every
-setting reaches the ranks whether or not a flag declares it.
+With one process, :meth:`StageCall.in_ranks` calls the function here. With several (``--nproc``,
+a hostfile) it writes the call (the function's name, its arguments and what reports its result)
+to a JSON file beside the stage's output and starts ``python -m fusion_train.calls CALL.json``
+under the deepspeed launcher; every rank reads it and calls the same function with the same
+arguments, and the function splits the work by its rank. Nothing is rebuilt from command-line
+flags, so every setting reaches the ranks whether or not a flag declares it. A command's own
+``--nproc``/``--hostfile`` go the same way (:meth:`StageCall.from_command`), after the
+inputs are checked once here.
 
 The JSON holds plain values, paths, tuples, and dataclasses named by class (only classes and
 functions of this package are looked up when reading it back); no pickle is read.
@@ -14,18 +16,21 @@ functions of this package are looked up when reading it back); no pickle is read
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import fields, is_dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import click
+
 from fusion_train.errors import debugging, user_message
-from fusion_train.launch import launch, launches
+from fusion_train.launch import LaunchError, launch, launches
 from fusion_train.storage import atomic_write_text
 
 MODULE = "fusion_train.calls"  # what the launcher runs in every rank
@@ -82,43 +87,83 @@ def decode(value: Any) -> Any:
     return {k: decode(v) for k, v in content.items()}
 
 
-def write_call(function: Callable[..., Any], arguments: dict[str, Any], path: Path) -> None:
-    """The call file that every rank reads."""
-    call = {"format": FORMAT, "function": _name(function), "arguments": encode(arguments)}
-    atomic_write_text(path, json.dumps(call, allow_nan=False, indent=1) + "\n")
+@dataclass(frozen=True)
+class StageCall:
+    """A stage's function with its arguments and output folder: made here, or in every rank from a
+    call file written beside the output (where every node sees it). ``report`` prints the result
+    on the main process (every rank returns one; the main rank's is the whole run's)."""
 
+    function: Callable[..., Any]
+    arguments: dict[str, Any]
+    out: Path
+    report: Callable[[Path, Any], None] | None = None
 
-def read_call(path: str | Path) -> tuple[Callable[..., Any], dict[str, Any]]:
-    call = json.loads(Path(path).read_text(encoding="utf-8"))
-    if call.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} call file")
-    return _find(call["function"]), decode(call["arguments"])
+    def here(self) -> None:
+        result = self.function(**self.arguments)
+        if self.report is not None and os.environ.get("RANK", "0") == "0":
+            self.report(self.out, result)
 
+    def in_ranks(self, nproc: int | None, hostfile: str | None, master_port: int | None = None) -> int:
+        """Here for one local process, else in every rank under the deepspeed launcher (``nproc``
+        per node, the nodes of ``hostfile``); the exit status (0 here)."""
+        if not launches(nproc or 1, hostfile):
+            self.here()
+            return 0
+        path = self.out.parent / f".{self.out.name}.call.json"
+        self.write(path)
+        try:
+            return launch(MODULE, [str(path)], nproc, hostfile, master_port)
+        finally:
+            path.unlink(missing_ok=True)
 
-def call_in_ranks(
-    function: Callable[..., Any], arguments: dict[str, Any], nproc: int, hostfile: str | None, out: Path
-) -> int:
-    """``function(**arguments)`` here for one local process, else in every rank under the
-    deepspeed launcher (``nproc`` per node, the nodes of ``hostfile``); the exit status (0 here).
-    The call file is written beside ``out`` (the stage's output), which every node must see."""
-    if not launches(nproc, hostfile):
-        function(**arguments)
-        return 0
-    path = out.parent / f".{out.name}.call.json"
-    write_call(function, arguments, path)
-    try:
-        return launch(MODULE, [str(path)], nproc, hostfile, None)
-    finally:
-        path.unlink(missing_ok=True)
+    def from_command(self, params: Mapping[str, Any], check: Callable[[], object]) -> None:
+        """A stage command's body once its flags (``params``) are parsed: here, or under the
+        command's ``--nproc``/``--hostfile``, ``check()`` once here (a bad input fails before any
+        rank starts, not in every rank) and then in every rank. ``--shard`` splits the work
+        between processes the user starts, so it does not go with ``--nproc``."""
+        nproc, hostfile, port = params.get("nproc"), params.get("hostfile"), params.get("master_port")
+        if not launches(nproc or 1, hostfile):
+            if port is not None:  # a world of one's rendezvous port
+                os.environ.setdefault("MASTER_PORT", str(port))
+            self.here()
+            return
+        if params.get("shard"):
+            raise click.UsageError(
+                "--shard splits the work between processes you start; --nproc starts them. Choose one."
+            )
+        check()
+        code = self.in_ranks(nproc, hostfile, port)
+        if code != 0:
+            raise LaunchError(
+                f"a process of `{self.function.__name__}` failed (the deepspeed launcher exited with {code}); "
+                "see above."
+            )
+
+    def write(self, path: Path) -> None:
+        call = {"format": FORMAT, "function": _name(self.function), "arguments": encode(self.arguments),
+                "out": str(self.out), "report": None if self.report is None else _name(self.report)}  # fmt: skip
+        atomic_write_text(path, json.dumps(call, allow_nan=False, indent=1) + "\n")
+
+    @classmethod
+    def read(cls, path: str | Path) -> StageCall:
+        call = json.loads(Path(path).read_text(encoding="utf-8"))
+        if call.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a {FORMAT} call file")
+        report = None if call["report"] is None else _find(call["report"])
+        return cls(_find(call["function"]), decode(call["arguments"]), Path(call["out"]), report)
 
 
 def main(argv: list[str]) -> int:
-    """A rank: read the call, make it; a user error is one line, anything else its traceback."""
+    """A rank: read the call, make it; a user error is one line, anything else its traceback.
+    ``--local_rank``, which launchers started without ``--no_local_rank`` pass, is ignored: a
+    stage reads ``LOCAL_RANK`` from the environment."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    (path,) = argv
-    function, arguments = read_call(path)
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}")
+    parser.add_argument("call", help="the call file")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    call = StageCall.read(parser.parse_args(argv).call)
     try:
-        function(**arguments)
+        call.here()
     except Exception as error:
         message = user_message(error)
         if message is None or debugging():

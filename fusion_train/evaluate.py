@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fusion_train import options
+from fusion_train.calls import StageCall
 from fusion_train.chat import Conversation, data_fingerprint, load_conversations, resolve_chat_template
 from fusion_train.encoding import ChatTokenizer, encode_conversation
 from fusion_train.errors import Command, UserError
@@ -37,7 +38,6 @@ from fusion_train.launch import (
     Rank,
     all_ranks,
     barrier,
-    launch_if_asked,
     launch_options,
     process_group,
 )
@@ -45,7 +45,6 @@ from fusion_train.models import check_model_directory, load_tokenizer, model_fin
 from fusion_train.settings import options_from, setting, settings_from
 from fusion_train.storage import atomic_write_text, read_json, refuse_unrelated, write_json_atomic
 
-MODULE = "fusion_train.evaluate"  # what the launcher runs in every process
 # What evaluate writes into --out (it keeps no manifest: a rerun rewrites the report, reusing the losses).
 OUTPUTS = ("report.json", "report.md", "report.png", "losses")
 BOOTSTRAP_SAMPLES = 1000
@@ -487,20 +486,22 @@ def evaluate_command(**params: Any) -> None:
             check_model_directory(spec.path)
         check_before_launch(inference_settings(params))
 
-    if launch_if_asked(MODULE, evaluate_command, params, check):
-        return
-    report = evaluate(
-        specs,
-        params["data_path"],
-        params["out_dir"],
+    arguments = {
+        "models": specs,
+        "data_path": params["data_path"],
+        "out_dir": params["out_dir"],
         **asdict(settings_from(EvaluateSettings, params)),
-        compare_to=params["compare_to"],
-        cache_dir=params["cache_dir"],
-        inference=inference_settings(params),
-    )
-    if Rank.of_this_process().is_main:
-        click.echo(markdown_report(report))
-        click.echo(f"written: {Path(params['out_dir']) / 'report.md'}, report.json, report.png")
+        "compare_to": params["compare_to"],
+        "cache_dir": params["cache_dir"],
+        "inference": inference_settings(params),
+    }
+    StageCall(evaluate, arguments, Path(params["out_dir"]), report_evaluated).from_command(params, check)
+
+
+def report_evaluated(out: Path, report: dict[str, Any]) -> None:
+    """What `evaluate` prints at the end: the report's table and where it is."""
+    click.echo(markdown_report(report))
+    click.echo(f"written: {out / 'report.md'}, report.json, report.png")
 
 
 def parse_pair(item: str, option: str, metavar: str) -> tuple[str, str]:

@@ -21,7 +21,7 @@ import click
 import yaml
 
 from fusion_train.align import AlignSettings, align
-from fusion_train.calls import call_in_ranks
+from fusion_train.calls import StageCall
 from fusion_train.evaluate import ModelSpec
 from fusion_train.fuse import FuseSettings, fuse
 from fusion_train.launch import world_size_of
@@ -146,7 +146,7 @@ class ExplicitRun:
             )
             if resources.launches:  # the inputs checked here, once, before any rank starts
                 prepare(config, world_size_of(resources.nproc, resources.hostfile))
-            return call_in_ranks(train, {"config": config}, resources.nproc, resources.hostfile, out)
+            return StageCall(train, {"config": config}, out).in_ranks(resources.nproc, resources.hostfile)
 
         return self.stages.run(
             "train", name, inputs, lambda out: train_in_stage(f"training {name}", out, start)

@@ -1,10 +1,11 @@
-"""Running a stage in several processes, once for every stage that can (represent, evaluate, train).
+"""Running a stage in several processes, once for every stage that can (represent, evaluate,
+sample, score, train, sft, dpo).
 
-``--nproc N [--hostfile F] [--master-port P]`` re-run the stage's own module under DeepSpeed's
-``deepspeed`` launcher, which starts one process per GPU (or CPU slot) on every node and gives
-each ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``. Starting the module under ``torchrun`` or
-``deepspeed --module`` directly works the same way: a stage reads only these variables. The
-parent process checks the inputs first, so a bad flag fails once, before any rank starts.
+``--nproc N [--hostfile F] [--master-port P]`` start DeepSpeed's ``deepspeed`` launcher, which
+starts one process per GPU (or CPU slot) on every node and gives each ``RANK``, ``LOCAL_RANK``
+and ``WORLD_SIZE``; what every process runs is the stage's call (``fusion_train.calls``).
+Starting a stage's module under ``torchrun`` or ``deepspeed --module`` directly works the same
+way: a stage reads only these variables.
 
 Also here, because every multi-process stage needs them: which device a rank uses, the process
 group (gloo on CPU hosts), and how many parameter elements each rank holds (ZeRO-3 partitions).
@@ -19,7 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,7 +38,6 @@ T = TypeVar("T")
 # whose parts were done in an earlier run waits at the end for all the others' work. A rank that
 # fails does not leave the others waiting: the launcher then ends them all.
 RANK_WAIT = timedelta(days=7)
-LAUNCH_OPTIONS = ("nproc", "hostfile", "master_port", "local_rank")  # never passed on to the ranks
 
 
 class LaunchError(UserError, ValueError):
@@ -291,8 +291,8 @@ def launcher_command(
 
 
 def launches(nproc: int, hostfile: str | None) -> bool:
-    """Whether a recipe's stage runs under the launcher: more than one process, or the nodes of a
-    hostfile (a command's own --nproc/--hostfile always launch: ``wants_launch``)."""
+    """Whether a stage runs under the launcher: more than one process, or the nodes of a hostfile
+    (one local process runs in the caller's)."""
     return nproc > 1 or hostfile is not None
 
 
@@ -301,31 +301,6 @@ def world_size_of(nproc: int | None, hostfile: str | None) -> int:
     if hostfile is None:
         return nproc or 1
     return sum(nproc or slots for slots in read_hostfile(hostfile).values())
-
-
-def command_arguments(command: click.Command, values: Mapping[str, Any]) -> list[str]:
-    """``values`` (parameter name -> value) as the command line of ``command`` that parses back
-    to them; the launcher options and unset (None) values are left out."""
-    arguments: list[str] = []
-    positional: list[str] = []
-    for param in command.params:
-        value = values.get(param.name) if param.name else None
-        if param.name in LAUNCH_OPTIONS or value is None:
-            continue
-        if isinstance(param, click.Argument):
-            positional += [str(v) for v in (value if param.multiple else [value])]
-            continue
-        assert isinstance(param, click.Option)
-        option = max(param.opts, key=len)  # the long name
-        if param.is_flag and isinstance(value, bool):
-            if value:
-                arguments.append(option)
-            elif param.secondary_opts:
-                arguments.append(max(param.secondary_opts, key=len))
-        else:
-            for item in value if param.multiple else [value]:
-                arguments += [option, str(item)]
-    return arguments + positional
 
 
 def launch(
@@ -340,22 +315,6 @@ def launch(
         return subprocess.run(command, check=False).returncode
     except OSError as error:
         raise LaunchError(f"the deepspeed launcher could not start: {error}") from error
-
-
-def relaunch(module: str, command: click.Command, params: Mapping[str, Any]) -> None:
-    """Run a command that was given ``--nproc``/``--hostfile`` again in every rank, with the
-    same options (less the launcher's)."""
-    code = launch(
-        module,
-        command_arguments(command, params),
-        params.get("nproc"),
-        params.get("hostfile"),
-        params.get("master_port"),
-    )
-    if code != 0:
-        raise LaunchError(
-            f"a process of `{command.name}` failed (the deepspeed launcher exited with {code}); see above."
-        )
 
 
 @dataclass(frozen=True)
@@ -376,32 +335,3 @@ def launch_options(function: Any) -> Any:
     """``--nproc``, ``--hostfile``, ``--master-port`` (and the launcher's hidden ``--local_rank``)."""
     hidden = click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True)
     return options_from(LaunchSettings)(hidden(function))
-
-
-def launch_if_asked(
-    module: str, command: click.Command, params: Mapping[str, Any], check: Callable[[], object]
-) -> bool:
-    """Under ``--nproc``/``--hostfile``: ``check`` the inputs once (a bad input fails here, before
-    any rank starts, not in every rank), run ``command`` again in every rank and return True (the
-    caller is done); False, and nothing done, without them. ``--shard`` (where a command has it)
-    splits the work between processes the user starts, so it does not go with them."""
-    if not wants_launch(params):
-        return False
-    if params.get("shard"):
-        raise click.UsageError(
-            "--shard splits the work between processes you start; --nproc starts them. Choose one."
-        )
-    check()
-    relaunch(module, command, params)
-    return True
-
-
-def wants_launch(params: Mapping[str, Any]) -> bool:
-    """Whether a command's parsed options ask for the launcher."""
-    if (
-        params.get("master_port") is not None
-        and params.get("nproc") is None
-        and params.get("hostfile") is None
-    ):
-        os.environ.setdefault("MASTER_PORT", str(params["master_port"]))  # a world of one's rendezvous port
-    return params.get("nproc") is not None or params.get("hostfile") is not None

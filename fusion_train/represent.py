@@ -26,6 +26,7 @@ import datasets
 import numpy as np
 
 from fusion_train import options
+from fusion_train.calls import StageCall
 from fusion_train.chat import Conversation, data_fingerprint, load_conversations, resolve_chat_template
 from fusion_train.encoding import ChatTokenizer, EncodedExample, encode_conversation
 from fusion_train.errors import Command
@@ -38,7 +39,7 @@ from fusion_train.inference import (
     inference_settings,
     load_scorer,
 )
-from fusion_train.launch import barrier, launch_if_asked, launch_options, process_group
+from fusion_train.launch import barrier, launch_options, process_group
 from fusion_train.models import check_model_directory, identify, load_tokenizer
 from fusion_train.parts import all_part_stats, parse_shard, part_path, parts_bar, parts_to_do, write_part
 from fusion_train.representation import (
@@ -52,8 +53,6 @@ from fusion_train.settings import options_from, setting, settings_from
 from fusion_train.storage import MANIFEST, claim_output, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
-
-MODULE = "fusion_train.represent"  # what the launcher runs in every process
 
 
 @dataclass(frozen=True)
@@ -312,27 +311,28 @@ def represent_command(**params: Any) -> None:
         load_tokenizer(p.model_path, p.gguf_file, p.trust_remote_code)
         check_before_launch(inference_settings(params))
 
-    if launch_if_asked(MODULE, represent_command, params, check):
-        return
-    settings = settings_from(RepresentSettings, params)
-    summary = represent(
-        p.model_path,
-        p.data_path,
-        p.out_dir,
-        settings,
-        inference=inference_settings(params),
-        gguf_file=p.gguf_file,
-        batch_tokens=p.batch_tokens,
-        limit=p.limit,
-        shard=parse_shard(p.shard),
-        trust_remote_code=p.trust_remote_code,
-    )
+    arguments = {
+        "model_path": p.model_path,
+        "data_path": p.data_path,
+        "out_dir": p.out_dir,
+        "settings": settings_from(RepresentSettings, params),
+        "inference": inference_settings(params),
+        "gguf_file": p.gguf_file,
+        "batch_tokens": p.batch_tokens,
+        "limit": p.limit,
+        "shard": parse_shard(p.shard),
+        "trust_remote_code": p.trust_remote_code,
+    }
+    StageCall(represent, arguments, Path(p.out_dir), report_represented).from_command(params, check)
+
+
+def report_represented(out: Path, summary: RepresentSummary | None) -> None:
+    """What `represent` prints at the end: the counts, or that only this shard's parts are done."""
     if summary is None:
-        if p.shard:
-            click.echo(f"{p.out_dir}: this shard is done; other shards' parts are still missing.")
+        click.echo(f"{out}: this shard is done; other shards' parts are still missing.")
         return
     click.echo(
-        f"{p.out_dir}: {summary.represented}/{summary.examples} examples, {summary.supervised_tokens} supervised "
+        f"{out}: {summary.represented}/{summary.examples} examples, {summary.supervised_tokens} supervised "
         f"tokens, {summary.truncated} truncated, skipped {summary.skipped or 'none'}."
     )
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusion_train.calls import call_in_ranks
+from fusion_train.calls import StageCall
 from fusion_train.errors import UserError, one_line
 from fusion_train.inference import InferenceSettings
 from fusion_train.launch import LaunchSettings, launches
@@ -188,7 +188,7 @@ def run_in_ranks(
 ) -> None:
     """``function(**arguments)``, a stage's work into ``out``: here, or in every rank of
     ``resources`` under the deepspeed launcher (``fusion_train.calls``)."""
-    code = call_in_ranks(function, arguments, resources.nproc, resources.hostfile, out)
+    code = StageCall(function, arguments, out).in_ranks(resources.nproc, resources.hostfile)
     if code != 0:
         raise StageError(
             f"{label} failed (exit code {code}; {free_gigabytes(out):.1f} GB free on the run's disk): see the "

@@ -29,16 +29,10 @@ import torch
 from click.core import ParameterSource
 from transformers import Trainer, TrainingArguments
 
+from fusion_train.calls import StageCall
 from fusion_train.errors import Command
 from fusion_train.fused import FusedData, load_fused
-from fusion_train.launch import (
-    command_arguments,
-    launch,
-    launch_options,
-    parameters_held,
-    wants_launch,
-    world_size_of,
-)
+from fusion_train.launch import launch_options, parameters_held, world_size_of
 from fusion_train.losses import CHUNK_TOKENS, fused_weights, head_loss_sums
 from fusion_train.models import (
     attention_implementation,
@@ -61,6 +55,7 @@ from fusion_train.training import (
     deepspeed_config,
     loss_record,
     publish,
+    report_trained,
     resume_point,
     schedule_problem,
     trainer_arguments,
@@ -71,7 +66,6 @@ from fusion_train.training import (
 log = logging.getLogger(__name__)
 
 RUN_FORMAT = "fusion-train/train-run@1"
-MODULE = "fusion_train.train"  # what the launcher runs in every process
 
 
 @dataclass(frozen=True)
@@ -440,23 +434,6 @@ def _train(
     return publish(trainer, config.out, summary)
 
 
-# --------------------------------------------------------------------------- launching
-
-
-def to_arguments(config: TrainConfig) -> list[str]:
-    """``config`` as command-line options of ``fusion-train train`` (what launched processes receive)."""
-    return command_arguments(train_command, asdict(config))
-
-
-def launch_training(
-    config: TrainConfig, nproc: int | None, hostfile: str | None, master_port: int | None
-) -> int:
-    """Check the inputs here, then run the training in ``nproc`` processes (per node) under
-    ``deepspeed``; the launcher's exit status."""
-    prepare(config, world_size_of(nproc, hostfile))
-    return launch(MODULE, to_arguments(config), nproc, hostfile, master_port)
-
-
 # --------------------------------------------------------------------------- command
 
 
@@ -475,19 +452,13 @@ def train_command(no_fusion: bool, **options: Any) -> None:
                 "drop one of them."
             )
         options["lm_weight"] = 1.0
-    relaunching = wants_launch(options)
-    nproc, hostfile, master_port = (options.pop(name) for name in ("nproc", "hostfile", "master_port"))
-    options.pop("local_rank")
+    launching = {name: options.pop(name) for name in ("nproc", "hostfile", "master_port", "local_rank")}
     config = TrainConfig(**options)
-    if relaunching:
-        code = launch_training(config, nproc, hostfile, master_port)
-        if code != 0:
-            raise click.ClickException(f"the deepspeed launcher exited with status {code}.")
-        return
-    summary = train(config)
-    if summary is not None:
-        end = summary["loss"]["end"] or {}
-        click.echo(f"{config.out}: {summary['steps']} steps, final loss {end.get('loss')}.")
+
+    def check() -> None:
+        prepare(config, world_size_of(launching["nproc"], launching["hostfile"]))
+
+    StageCall(train, {"config": config}, Path(config.out), report_trained).from_command(launching, check)
 
 
 if __name__ == "__main__":

@@ -471,6 +471,13 @@ def loss_record(
     return {k: entry[k] for k in keys if k in entry}
 
 
+def report_trained(out: Path, summary: dict[str, Any] | None) -> None:
+    """What a training command prints at the end (the main rank's summary)."""
+    if summary is not None:
+        end = summary["loss"]["end"] or {}
+        click.echo(f"{out}: {summary['steps']} steps, final loss {end.get('loss')}.")
+
+
 def publish(
     trainer: Trainer, out: str | Path, summary: Callable[[], dict[str, Any]]
 ) -> dict[str, Any] | None:

@@ -13,13 +13,15 @@ import gc
 import itertools
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from fusion_train import pipeline
+from fusion_train import calls, pipeline
 from fusion_train import registry_assets as assets
+from fusion_train.calls import StageCall
 from fusion_train.represent import RepresentSettings, represent
 from fusion_train.stages import Stages
 from fusion_train.vocab import CACHE_ENV
@@ -192,3 +194,28 @@ def kept_by_stages(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]
     monkeypatch.setattr(Stages, "run", run_checked)
     monkeypatch.setattr(pipeline, "evaluate", checked(lambda *a, **k: "evaluate", pipeline.evaluate))
     return kept
+
+
+@dataclass(frozen=True)
+class Launched:
+    """One start of the deepspeed launcher that ``launched_calls`` stood in for."""
+
+    call: StageCall  # read back from the call file, as every rank reads it
+    nproc: int | None
+    hostfile: str | None
+    master_port: int | None
+
+
+@pytest.fixture
+def launched_calls(monkeypatch: pytest.MonkeyPatch) -> list[Launched]:
+    """Stands in for the deepspeed launcher of ``fusion_train.calls``: records what every rank
+    would have been given (the call file, read back) and succeeds without starting a process."""
+    started: list[Launched] = []
+
+    def launch(module: str, arguments: list[str], nproc, hostfile, master_port) -> int:
+        assert module == calls.MODULE
+        started.append(Launched(StageCall.read(arguments[0]), nproc, hostfile, master_port))
+        return 0
+
+    monkeypatch.setattr(calls, "launch", launch)
+    return started

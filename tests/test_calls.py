@@ -1,5 +1,5 @@
-"""`fusion_train.calls`: a recipe's stage function called in every launched rank with the
-arguments the recipe gave it, through a JSON call file (no flags rebuilt, no pickle)."""
+"""`fusion_train.calls`: a stage's function called in every launched rank with the arguments a
+recipe or a command gave it, through a JSON call file (no flags rebuilt, no pickle)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fusion_train import calls
+from fusion_train.calls import StageCall
 from fusion_train.errors import read_yaml
 from fusion_train.evaluate import ModelSpec
 from fusion_train.implicit.dpo import DPOSettings
@@ -18,8 +19,8 @@ from fusion_train.implicit.sample import SampleSettings
 from fusion_train.implicit.score import RewardModel
 from fusion_train.implicit.sft import SFTSettings
 from fusion_train.inference import InferenceSettings
-from fusion_train.represent import RepresentSettings
-from fusion_train.storage import write_json_atomic
+from fusion_train.represent import RepresentSettings, report_represented
+from fusion_train.storage import read_json, write_json_atomic
 from fusion_train.train import TrainConfig
 
 
@@ -84,40 +85,50 @@ def test_arguments_keep_their_containers_and_paths() -> None:
 
 def test_a_call_file_names_only_this_packages_functions_and_classes(tmp_path: Path) -> None:
     path = tmp_path / ".out.call.json"
-    calls.write_call(write_json_atomic, {"path": tmp_path / "x.json", "payload": {"k": 1}}, path)
-    assert calls.read_call(path) == (write_json_atomic, {"path": tmp_path / "x.json", "payload": {"k": 1}})
+    call = StageCall(
+        write_json_atomic, {"path": tmp_path / "x.json", "payload": {"k": 1}}, tmp_path, read_json
+    )
+    call.write(path)
+    assert StageCall.read(path) == call
     popen = {"dataclass": "subprocess:Popen", "fields": {}}
-    for planted in ({"function": "os:system"}, {"arguments": {"dict": {"x": popen}}}):
-        call = {**json.loads(path.read_text()), **planted}
-        path.write_text(json.dumps(call))
+    for planted in (
+        {"function": "os:system"},
+        {"report": "builtins:print"},
+        {"arguments": {"dict": {"x": popen}}},
+    ):
+        planted_call = {**json.loads(path.read_text()), **planted}
+        path.write_text(json.dumps(planted_call))
         with pytest.raises(ValueError, match="is not part of fusion_train"):
-            calls.read_call(path)
+            StageCall.read(path)
 
 
 def test_values_json_cannot_hold_are_refused_when_written(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        calls.write_call(write_json_atomic, {"payload": math.nan}, tmp_path / "c.json")
+        StageCall(write_json_atomic, {"payload": math.nan}, tmp_path).write(tmp_path / "c.json")
     with pytest.raises(TypeError, match="a set cannot be passed to a launched rank"):
         calls.encode({"x": {1, 2}})
 
 
 def test_one_process_calls_here_and_two_call_in_every_launched_rank(tmp_path: Path, capfd) -> None:
     """With one process the function runs here (no call file); with two, both ranks run it from
-    the call file, which is removed afterwards; a user error in a rank is one line and a non-zero
-    exit status."""
+    the call file, which is removed afterwards, and only the main rank prints the result (here
+    with represent's report, which prints a line for a result of None); a user error in a rank is
+    one line and a non-zero exit status."""
     payload = {"written by": "a rank", "steps": [1, 2, 3]}
     here = tmp_path / "here.json"
-    assert calls.call_in_ranks(write_json_atomic, {"path": here, "payload": payload}, 1, None, here) == 0
+    assert StageCall(write_json_atomic, {"path": here, "payload": payload}, here).in_ranks(1, None) == 0
     assert json.loads(here.read_text()) == payload
 
     ranks = tmp_path / "ranks.json"
-    assert calls.call_in_ranks(write_json_atomic, {"path": ranks, "payload": payload}, 2, None, ranks) == 0
+    capfd.readouterr()
+    call = StageCall(write_json_atomic, {"path": ranks, "payload": payload}, ranks, report_represented)
+    assert call.in_ranks(2, None) == 0
     assert json.loads(ranks.read_text()) == payload
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here.json", "ranks.json"]  # no call file left
+    assert capfd.readouterr().out.count(f"{ranks}: this shard is done") == 1
 
-    capfd.readouterr()
     missing = tmp_path / "missing.yaml"
-    assert calls.call_in_ranks(read_yaml, {"path": missing}, 2, None, tmp_path / "out") != 0
+    assert StageCall(read_yaml, {"path": missing}, tmp_path / "out").in_ranks(2, None) != 0
     errors = [line for line in capfd.readouterr().err.splitlines() if "Error (rank" in line]
     assert sorted(line[line.index("Error (rank") :][:13] for line in errors) == [
         "Error (rank 0",

@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import click
 import numpy as np
 import pytest
 import torch
@@ -29,14 +28,11 @@ from numeric import (
 )
 
 from fusion_train.cli import main
-from fusion_train.evaluate import ModelSpec, evaluate, evaluate_command
-from fusion_train.implicit.sample import sample_command
-from fusion_train.implicit.score import score_command
+from fusion_train.evaluate import ModelSpec, evaluate
 from fusion_train.inference import InferenceSettings
-from fusion_train.launch import LaunchError, command_arguments, free_port, resolve_device
-from fusion_train.represent import RepresentSettings, represent, represent_command
+from fusion_train.launch import LaunchError, free_port, resolve_device
+from fusion_train.represent import RepresentSettings, represent
 from fusion_train.representation import load_representation
-from fusion_train.train import train_command
 
 pytestmark = pytest.mark.slow
 # The CLI as a module: also where the package is on PYTHONPATH rather than installed (the GPU check).
@@ -117,40 +113,46 @@ def test_evaluate_on_two_ranks_gives_the_same_bits_per_byte(
     assert [r["chat_template"] for r in two["models"]] == [None, "llama2"]
 
 
-@pytest.mark.parametrize(
-    ("command", "arguments"),
-    [
-        (represent_command, ["--model", ".", "--data", "d.json", "--out", "o", "--top-k", "3", "--device", "cpu",
-                             "--dtype", "bfloat16", "--deepspeed", "zero3", "--nproc", "2", "--shard", "0/2"]),
-        (evaluate_command, ["--data", "d.json", "--out", "o", "--model", "a=.:pivot", "--model", "b=.",
-                            "--chat-template", "b=chatml", "--attn-implementation", "eager", "--hostfile", "h"]),
-        (train_command, ["--model", ".", "--fused", ".", "--out", "o", "--no-bf16", "--lr", "1e-4", "--resume",
-                         "--gradient-checkpointing"]),
-        (sample_command, ["--model", ".", "--data", "d.json", "--out", "o", "--num-samples", "2", "--temperature",
-                          "0.5", "--top-p", "0.9", "--max-new-tokens", "9", "--seed", "3", "--batch-size", "2",
-                          "--chunk-size", "5", "--limit", "4", "--source-name", "s", "--chat-template", "chatml",
-                          "--dtype", "bfloat16", "--stop", "A", "--stop", "B", "--trust-remote-code", "--nproc", "2"]),
-        (score_command, ["--samples", ".", "--samples", ".", "--out", "o", "--reward-model", ".", "--reward-label",
-                         "1", "--reward-chat-template", "plain", "--verifier", "numeric-answer", "--verifier",
-                         "reference-overlap", "--batch-size", "3", "--chunk-size", "7", "--dtype", "float16",
-                         "--hostfile", "h"]),
-    ],
-)  # fmt: skip
-def test_command_arguments_parse_back_to_the_same_options(
-    command: click.Command, arguments: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+def evaluate_arguments(tiny_models: dict, chats: Path, out: Path) -> list[str]:
+    return ["evaluate", "--data", str(chats), "--out", str(out), "--model", f"pivot={tiny_models['smollm2']}:pivot",
+            "--model", f"source={tiny_models['mistral']}:source", "--chat-template", "source=llama2",
+            "--compare-to", "pivot", "--max-length", "64", "--batch-tokens", "128", "--dtype", "bfloat16"]  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", ["represent", "evaluate"])
+def test_a_command_under_nproc_gives_every_rank_the_call_it_makes_here(
+    stage: str, tiny_models: dict, chats: Path, tmp_path: Path, monkeypatch, launched_calls
 ) -> None:
-    """What a launched rank receives: every option but the launcher's, as given."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "d.json").write_text("[]")
-    (tmp_path / "h").write_text("localhost slots=2\n")
-    params = command.make_context("x", list(arguments)).params
-    forwarded = command_arguments(command, params)
-    assert not {"--nproc", "--hostfile", "--master-port"} & set(forwarded)
-    again = command.make_context("x", forwarded).params
-    launcher = {"nproc", "hostfile", "master_port", "local_rank"}
-    assert {k: v for k, v in again.items() if k not in launcher} == {
-        k: v for k, v in params.items() if k not in launcher
-    }
+    """What ``--nproc 2`` hands the ranks (the call file, read back as a rank reads it) is the call
+    the command makes in this process without it: the function, every argument (settings
+    dataclasses and model lists whole) and what prints the result; the launcher gets the
+    processes and the port."""
+    out = tmp_path / "out"
+    if stage == "represent":
+        arguments = [
+            *represent_arguments(tiny_models["qwen"], chats, out),
+            "--limit",
+            "4",
+            "--dtype",
+            "bfloat16",
+        ]
+    else:
+        arguments = evaluate_arguments(tiny_models, chats, out)
+    module = importlib.import_module(f"fusion_train.{stage}")
+    result = CliRunner().invoke(main, [*arguments, "--nproc", "2", "--master-port", "29911"])
+    assert result.exit_code == 0, result.output
+    (launched,) = launched_calls
+    assert (launched.nproc, launched.hostfile, launched.master_port) == (2, None, 29911)
+    call = launched.call
+    assert call.function is getattr(module, stage) and call.out == out
+    assert call.report is getattr(module, f"report_{stage}{'ed' if stage == 'represent' else 'd'}")
+
+    here: list[dict] = []
+    monkeypatch.setattr(module, stage, lambda **arguments: here.append(arguments))
+    monkeypatch.setattr(module, call.report.__name__, lambda out, result: None)
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    assert here == [call.arguments] and len(launched_calls) == 1
 
 
 def test_device_map_auto_places_the_model_and_changes_nothing(

@@ -37,7 +37,6 @@ from fusion_train.train import (
     FusionTrainer,
     TrainConfig,
     prepare,
-    to_arguments,
     train_command,
 )
 from fusion_train.training import TrainInputError, deepspeed_config, work_dir
@@ -486,20 +485,25 @@ def test_no_fusion_trains_with_lm_weight_one_and_refuses_another_given_lm_weight
     assert seen == [] and not (tmp_path / "out").exists() and not work_dir(tmp_path / "out").exists()
 
 
-def test_launched_processes_receive_the_same_configuration(pivot, good_fused, tmp_path, monkeypatch):
-    config = _config(
-        pivot,
-        good_fused,
-        tmp_path,
-        bf16=False,
-        lm_weight=0.7,
-        save_total_limit=0,
-        resume=True,
-        loss_chunk_tokens=37,
-    )
+def test_launched_processes_receive_the_configuration_a_run_here_trains_with(
+    pivot, good_fused, tmp_path, monkeypatch, launched_calls
+):
+    """The command line, written out by hand, gives the configuration below; under ``--nproc 2``
+    the call file every rank reads holds the same (checked here first), and so does the call
+    made in this process without it."""
+    config = _config(pivot, good_fused, tmp_path, bf16=False, lm_weight=0.7, save_total_limit=0, resume=True,
+                     loss_chunk_tokens=37, learning_rate=2e-5, scheduler="constant")  # fmt: skip
+    arguments = ["--model", str(pivot), "--fused", str(good_fused), "--out", str(tmp_path / "target"), "--no-bf16",
+                 "--lm-weight", "0.7", "--save-total-limit", "0", "--resume", "--loss-chunk-tokens", "37", "--lr",
+                 "2e-5", "--scheduler", "constant"]  # fmt: skip
+    result = CliRunner().invoke(train_command, [*arguments, "--nproc", "2"])
+    assert result.exit_code == 0, result.output
+    (launched,) = launched_calls
+    assert launched.nproc == 2 and launched.call.function is train_module.train
+    assert launched.call.arguments == {"config": config}
     seen = []
-    monkeypatch.setattr(train_module, "train", lambda parsed: seen.append(parsed))
-    result = CliRunner().invoke(train_command, to_arguments(config))
+    monkeypatch.setattr(train_module, "train", lambda config: seen.append(config))
+    result = CliRunner().invoke(train_command, arguments)
     assert result.exit_code == 0, result.output
     assert seen == [config]
     assert config.run_settings()["loss_chunk_tokens"] == 37  # recorded: it changes float summation order

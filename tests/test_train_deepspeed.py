@@ -24,9 +24,10 @@ from train_driver import PROBE_TOKENS
 from train_fixtures import batch_from_rows, build_fused, dense_reference_losses, fused_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fusion_train.calls import StageCall
 from fusion_train.launch import deepspeed_launcher
 from fusion_train.storage import TRAINING_SUMMARY as SUMMARY
-from fusion_train.train import TrainConfig, prepare, to_arguments
+from fusion_train.train import TrainConfig, prepare, train
 from fusion_train.training import work_dir
 
 VENV_BIN = Path(sys.executable).parent
@@ -299,7 +300,9 @@ def test_two_nodes_through_the_per_node_launcher(setup, tmp_path):
     port = _free_port()
     launcher = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
                 "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
-    module = ["--module", "fusion_train.train", *to_arguments(config)]
+    call = tmp_path / "call.json"  # what `fusion-train train --hostfile` writes where every node reads it
+    StageCall(train, {"config": config}, out).write(call)
+    module = ["--module", "fusion_train.calls", str(call)]
     nodes = [[*launcher, f"--node_rank={rank}", *module] for rank in (0, 1)]
     running = [subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
                for node in nodes]  # fmt: skip

@@ -1,11 +1,11 @@
 """The training settings, declared once (``fusion_train/settings.py``): the stage folders of the
 demo recipes and the settings' defaults are what they were before, a field added to a settings
-class is a flag, a value of the settings and a recipe key, and every setting reaches a launched
-rank."""
+class is a flag, a value of the settings and a recipe key. (That a launched rank gets the
+settings whole: tests/test_calls.py.)"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +16,14 @@ from recording_stages import RecordingStages, explicit_folders, training_folders
 
 from fusion_train import explicit, recipe
 from fusion_train.errors import Command
-from fusion_train.implicit.dpo import DPOSettings, dpo_command
+from fusion_train.implicit.dpo import DPOSettings
 from fusion_train.implicit.sections import SFTStage, command_values
-from fusion_train.implicit.sft import SFTSettings, sft_command
+from fusion_train.implicit.sft import SFTSettings
 from fusion_train.implicit.tuning import settings_of
-from fusion_train.launch import command_arguments
 from fusion_train.options import FRACTION
 from fusion_train.recipe import RecipeError
 from fusion_train.settings import options_from, setting, settings_from
-from fusion_train.train import TrainConfig, train_command
+from fusion_train.train import TrainConfig
 
 
 # Computed by the code before the settings were declared once (commit 93f8edf): the runs made
@@ -160,24 +159,6 @@ def test_a_field_added_to_the_settings_is_a_flag_a_setting_and_a_recipe_key(tmp_
         RecipeError, match=r"recipe.yaml: sft.label_smoothing: 1.5 is not in the range 0.0<=x<=1.0"
     ):
         recipe.build_section(SFTStageWithSmoothing, {"label_smoothing": 1.5}, "recipe.yaml", "sft")
-
-    # what a rank of `sft --nproc N` is given: the settings' command line, which parses back to them
-    rank = CliRunner().invoke(sft_with_smoothing, command_arguments(sft_with_smoothing, asdict(settings)))
-    assert rank.output.strip() == repr(settings), rank.output
-
-
-def test_every_setting_of_a_launched_stage_reaches_its_ranks() -> None:
-    """A command given ``--nproc`` relaunches itself with its command line rebuilt from the
-    settings (``launch.command_arguments``), which holds the values that have a flag and drops the
-    others: every field of a training stage's settings has its flag, so none is dropped. (A recipe
-    passes its ranks the settings themselves: ``fusion_train.calls``, tests/test_calls.py.)"""
-    for command, settings in (
-        (train_command, TrainConfig),
-        (sft_command, SFTSettings),
-        (dpo_command, DPOSettings),
-    ):
-        assert {f.name for f in fields(settings)} <= {p.name for p in command.params}, command.name
-    assert command_arguments(sft_command, {"model": "m", "without_a_flag": 3}) == ["--model", "m"]
 
 
 @dataclass(frozen=True)

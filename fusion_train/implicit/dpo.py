@@ -26,7 +26,6 @@ from fusion_train.launch import launch_options
 from fusion_train.options import POSITIVE_FLOAT
 from fusion_train.settings import options_from, setting
 
-MODULE = "fusion_train.implicit.dpo"  # what the launcher runs in every process
 STAGE = "dpo"
 COMMAND_LOSS = DEFAULT_LOSS["fusechat3"]  # --loss without the flag: FuseChat-3.0's
 TRAINING_KEYS = (
@@ -164,7 +163,7 @@ def dpo_command(**params: Any) -> None:
     """Preference-train a model on `fusion-train prefer`'s pairs (DPO, length-normalised DPO, WRPO,
     IPO or SLiC's hinge loss), on TRL's DPOTrainer and DeepSpeed ZeRO."""
     settings = tuning.settings_of(DPOSettings, params)
-    tuning.command(MODULE, dpo_command, params, settings, check, dpo)
+    tuning.command(params, settings, check, dpo)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from fusion_train.calls import call_in_ranks
+from fusion_train.calls import StageCall
 from fusion_train.evaluate import ModelSpec
 from fusion_train.implicit import prefer, sample, score, tuning
-from fusion_train.implicit.rate import rate
+from fusion_train.implicit.rate import RateSettings, rate
 from fusion_train.implicit.sections import (
     DPO,
     SFT,
@@ -150,9 +150,8 @@ class ImplicitRun:
                 **values,
             )
             stage.check(settings, world_size)  # here, once, before any rank starts
-            return call_in_ranks(
-                stage.train, {"settings": settings}, resources.nproc, resources.hostfile, out
-            )
+            call = StageCall(stage.train, {"settings": settings}, out)
+            return call.in_ranks(resources.nproc, resources.hostfile)
 
         return self.stages.run(
             stage.name, name, inputs, lambda out: train_in_stage(f"training {name}", out, start)
@@ -210,17 +209,17 @@ class ImplicitRun:
             for m in models
         ]
         scored = self.score("answers", answers)
-        settings = {
-            "baseline": r.baseline or self.recipe.pivot.name,
-            "scorer": self.recipe.prefer.scorer,
-            "resamples": r.resamples,
-            "confidence": r.confidence,
-            "seed": r.seed,
-        }
+        rating = RateSettings(
+            baseline=r.baseline or self.recipe.pivot.name,
+            scorer=self.recipe.prefer.scorer,
+            resamples=r.resamples,
+            confidence=r.confidence,
+            seed=r.seed,
+        )
         out, _ = self.stages.run(
             "rate",
             "answers",
-            {"scored": scored[1], "settings": settings},
-            lambda out: rate(scored[0], out, **settings),
+            {"scored": scored[1], "settings": asdict(rating)},
+            lambda out: rate(scored[0], out, rating),
         )
         return out

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,25 +113,19 @@ def prompt_scores(rows: Any, scorer: str, sources: list[str]) -> tuple[list[str]
         return list(ids), np.where(counts > 0, sums / np.maximum(counts, 1), np.nan), unjudged
 
 
-def rate(
-    scored_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    baseline: str,
-    scorer: str | None = None,
-    resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Mean score and win rate against ``baseline`` of every model (source) of a ``score`` output,
+def rate(scored_dir: str | Path, out_dir: str | Path, settings: RateSettings) -> dict[str, Any]:
+    """Mean score and win rate against the baseline of every model (source) of a ``score`` output,
     with bootstrap intervals; write ``report.json``, ``report.md`` and ``rates.png`` into ``out_dir``
     and return the report. Bad input raises a :class:`RateError` before anything is written."""
+    baseline, resamples, confidence, seed = (
+        settings.baseline, settings.resamples, settings.confidence, settings.seed
+    )  # fmt: skip
     if resamples < 1:
         raise RateError(f"--resamples {resamples}: give at least 1.")
     if not 0 < confidence < 1:
         raise RateError(f"--confidence {confidence}: give a level between 0 and 1, e.g. 0.95.")
     manifest, rows = load_scored(scored_dir)
-    scorer = choose_scorer(manifest, scorer)
+    scorer = choose_scorer(manifest, settings.scorer)
     sources = list(dict.fromkeys(s["source"] for s in manifest["samples"]))
     if baseline not in sources:
         raise RateError(
@@ -158,13 +152,7 @@ def rate(
                 "path": str(Path(scored_dir).resolve()),
                 "fingerprint": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16],
             },
-            "settings": {
-                "baseline": baseline,
-                "scorer": scorer,
-                "resamples": resamples,
-                "confidence": confidence,
-                "seed": seed,
-            },
+            "settings": asdict(replace(settings, scorer=scorer)),
         },
     )
     write_json_atomic(out_dir / "report.json", report)
@@ -357,6 +345,6 @@ def plot_rates(report: dict[str, Any], path: Path) -> None:
 @options_from(RateSettings)
 def rate_command(scored_dir: str, out_dir: str, **settings: Any) -> None:
     """Rate models by their scored answers: mean score and win rate against a baseline, with bootstrap CIs."""
-    report = rate(scored_dir, out_dir, **settings)
+    report = rate(scored_dir, out_dir, RateSettings(**settings))
     click.echo(markdown_report(report))
     click.echo(f"written: {Path(out_dir) / 'report.md'}, report.json, rates.png")

@@ -33,6 +33,7 @@ import datasets
 import torch
 
 from fusion_train import options
+from fusion_train.calls import StageCall
 from fusion_train.chat import (
     Conversation,
     TurnOpening,
@@ -43,7 +44,7 @@ from fusion_train.chat import (
 )
 from fusion_train.errors import Command, UserError
 from fusion_train.inference import ENGINES, InferenceSettings, check_before_launch, vllm_engine
-from fusion_train.launch import barrier, launch_if_asked, launch_options, process_group, resolve_device
+from fusion_train.launch import barrier, launch_options, process_group, resolve_device
 from fusion_train.models import (
     check_model_directory,
     load_model,
@@ -65,7 +66,6 @@ from fusion_train.storage import MANIFEST, check_output, claim_output, read_json
 
 log = logging.getLogger(__name__)
 
-MODULE = "fusion_train.implicit.sample"  # what the launcher runs in every process
 FORMAT = "fusion-train/samples@1"
 SUMMARY = "summary.json"
 # How many of the most likely tokens nucleus_draw looks at first, and then for the rows whose
@@ -771,24 +771,26 @@ def sample_command(**params: Any) -> None:
         plan = plan_sampling(p.model_path, p.data_path, settings, **plan_options)
         check_output(Path(p.out_dir), plan.manifest)
 
-    if launch_if_asked(MODULE, sample_command, params, check):
-        return
-    summary = sample(
-        p.model_path,
-        p.data_path,
-        p.out_dir,
-        settings,
-        batch_size=p.batch_size,
-        shard=parse_shard(p.shard),
-        tensor_parallel_size=p.tensor_parallel_size,
+    arguments = {
+        "model_path": p.model_path,
+        "data_path": p.data_path,
+        "out_dir": p.out_dir,
+        "settings": settings,
+        "batch_size": p.batch_size,
+        "shard": parse_shard(p.shard),
+        "tensor_parallel_size": p.tensor_parallel_size,
         **plan_options,
-    )
+    }
+    StageCall(sample, arguments, Path(p.out_dir), report_sampled).from_command(params, check)
+
+
+def report_sampled(out: Path, summary: SampleSummary | None) -> None:
+    """What `sample` prints at the end: the counts, or that only this shard's parts are done."""
     if summary is None:
-        if p.shard:
-            click.echo(f"{p.out_dir}: this shard is done; other shards' parts are still missing.")
+        click.echo(f"{out}: this shard is done; other shards' parts are still missing.")
         return
     click.echo(
-        f"{p.out_dir}: {summary.responses} responses to {summary.records} prompts, {summary.generated_tokens} "
+        f"{out}: {summary.responses} responses to {summary.records} prompts, {summary.generated_tokens} "
         f"tokens, finish reasons {summary.finish_reasons}; {summary.next_turn_stops} cut where the model began "
         "the user's next turn itself."
     )

@@ -29,11 +29,12 @@ import datasets
 import torch
 
 from fusion_train import options
+from fusion_train.calls import StageCall
 from fusion_train.chat import resolve_chat_template
 from fusion_train.errors import Command, UserError, one_line
 from fusion_train.implicit.sample import load_samples
 from fusion_train.implicit.verifiers import Verifier, get_verifier
-from fusion_train.launch import barrier, launch_if_asked, launch_options, process_group, resolve_device
+from fusion_train.launch import barrier, launch_options, process_group, resolve_device
 from fusion_train.models import (
     REWARD_MODEL,
     check_model_directory,
@@ -54,7 +55,6 @@ from fusion_train.parts import (
 from fusion_train.settings import options_from, setting
 from fusion_train.storage import check_output, claim_output, read_json, write_json_atomic
 
-MODULE = "fusion_train.implicit.score"  # what the launcher runs in every process
 FORMAT = "fusion-train/scored@1"
 SUMMARY = "summary.json"
 REWARD_OUTPUTS = ("auto", "score", "logits")
@@ -567,19 +567,21 @@ def score_command(**params: Any) -> None:
     def check() -> None:
         check_output(Path(p.out_dir), plan_scoring(list(p.samples_dirs), **plan_options).manifest)
 
-    if launch_if_asked(MODULE, score_command, params, check):
-        return
-    summary = score(
-        list(p.samples_dirs),
-        p.out_dir,
-        batch_size=p.batch_size,
-        shard=parse_shard(p.shard),
-        trust_remote_code=p.trust_remote_code,
+    arguments = {
+        "samples_dirs": list(p.samples_dirs),
+        "out_dir": p.out_dir,
+        "batch_size": p.batch_size,
+        "shard": parse_shard(p.shard),
+        "trust_remote_code": p.trust_remote_code,
         **plan_options,
-    )
+    }
+    StageCall(score, arguments, Path(p.out_dir), report_scored).from_command(params, check)
+
+
+def report_scored(out: Path, summary: dict[str, Any] | None) -> None:
+    """What `score` prints at the end: every scorer's mean, or that only this shard's parts are done."""
     if summary is None:
-        if p.shard:
-            click.echo(f"{p.out_dir}: this shard is done; other shards' parts are still missing.")
+        click.echo(f"{out}: this shard is done; other shards' parts are still missing.")
         return
     for name, stats in summary["scorers"].items():
         mean = "n/a" if stats["mean"] is None else f"{stats['mean']:.4f}"
@@ -590,7 +592,7 @@ def score_command(**params: Any) -> None:
                     f"  {source}: {counts['non_finite']} non-finite scores (NaN or infinite), left out of the "
                     f"mean; prefer and rate never rank them: {', '.join(counts['non_finite_examples'])}"
                 )
-    click.echo(f"written: {Path(p.out_dir) / PARTS_DIR}, {SUMMARY}")
+    click.echo(f"written: {out / PARTS_DIR}, {SUMMARY}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from fusion_train.implicit.prefer import SFT_DIR
 from fusion_train.launch import launch_options
 from fusion_train.settings import options_from, setting
 
-MODULE = "fusion_train.implicit.sft"  # what the launcher runs in every process
 STAGE = "sft"
 # (learning rate, epochs) of the SFT step per prefer mode, for the papers' global batch of 128:
 # FuseChat-3.0 fine-tunes Llama-3.1-8B for 3 epochs at 5e-6 (Qwen-2.5 and Gemma-2 at 2e-6); WRPO
@@ -86,7 +85,7 @@ def sft_command(**params: Any) -> None:
     """Fine-tune a model on the best response per prompt (`fusion-train prefer`'s sft/), on TRL's
     SFTTrainer and DeepSpeed ZeRO."""
     settings = tuning.settings_of(SFTSettings, params)
-    tuning.command(MODULE, sft_command, params, settings, check, sft)
+    tuning.command(params, settings, check, sft)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,10 @@ import click
 import datasets
 
 from fusion_train import options
+from fusion_train.calls import StageCall
 from fusion_train.errors import UserError
 from fusion_train.implicit import prefer
-from fusion_train.launch import launch_if_asked, parameters_held, world_size_of
+from fusion_train.launch import parameters_held, world_size_of
 from fusion_train.models import (
     attention_implementation,
     check_model_directory,
@@ -52,6 +53,7 @@ from fusion_train.training import (
     deepspeed_config,
     loss_record,
     publish,
+    report_trained,
     resume_point,
     schedule_problem,
     trainer_arguments,
@@ -331,23 +333,18 @@ def settings_of(settings_class: type, params: dict[str, Any]) -> Any:
 
 
 def command(
-    module: str,
-    click_command: click.Command,
     params: dict[str, Any],
     settings: TuneSettings,
     check: Callable[[TuneSettings, int], Any],
     train: Callable[[TuneSettings], dict[str, Any] | None],
 ) -> None:
-    """A stage command's body: check and relaunch under ``--nproc``/``--hostfile``, else train here
-    (in this process, or as one rank of a launched job)."""
+    """A stage command's body: train here (in this process, or as one rank of a job started
+    otherwise), or check once and train in every rank under ``--nproc``/``--hostfile``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def check_once() -> None:
         check(settings, world_size_of(params.get("nproc"), params.get("hostfile")))
 
-    if launch_if_asked(module, click_command, params, check_once):
-        return
-    summary = train(settings)
-    if summary is not None:
-        end = summary["loss"]["end"] or {}
-        click.echo(f"{settings.out}: {summary['steps']} steps, final loss {end.get('loss')}.")
+    StageCall(train, {"settings": settings}, Path(settings.out), report_trained).from_command(
+        params, check_once
+    )

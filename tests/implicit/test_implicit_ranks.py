@@ -19,7 +19,7 @@ from implicit_fixtures import build_reward_model, build_stopper, write_jsonl
 from test_ranks import run_cli
 from test_resume import assert_same_output
 
-import fusion_train.launch
+import fusion_train.calls
 from fusion_train.cli import main
 from fusion_train.implicit.sample import SampleSettings, load_samples, sample
 from fusion_train.implicit.score import RewardModel, load_scored, score
@@ -138,7 +138,7 @@ def no_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object) -> None:
         raise AssertionError("the launcher was started")
 
-    monkeypatch.setattr(fusion_train.launch, "relaunch", refuse)
+    monkeypatch.setattr(fusion_train.calls, "launch", refuse)
 
 
 def one_line_error(arguments: list[str]) -> str:

@@ -17,7 +17,7 @@ from test_implicit_prefer import write_scored
 from fusion_train import parts
 from fusion_train.cli import main
 from fusion_train.implicit import sample
-from fusion_train.implicit.rate import rate
+from fusion_train.implicit.rate import RateSettings, rate
 from fusion_train.storage import write_json_atomic
 
 UNJUDGED = "?"
@@ -111,9 +111,9 @@ def test_win_rates_and_means_by_hand(scored: Path, tmp_path: Path) -> None:
                                     "seed": 3}  # fmt: skip
 
     # the library function gives the same report; another seed moves the intervals, not the estimates
-    again = rate(scored, tmp_path / "again", baseline="A", seed=3)
+    again = rate(scored, tmp_path / "again", RateSettings(baseline="A", seed=3))
     assert again == report
-    other = rate(scored, tmp_path / "other", baseline="A", seed=4)
+    other = rate(scored, tmp_path / "other", RateSettings(baseline="A", seed=4))
     assert [m["win_rate"] and m["win_rate"]["value"] for m in other["models"]] == [
         None,
         0.625,
@@ -154,7 +154,11 @@ def test_interval_widths_follow_the_normal_approximation(tmp_path: Path) -> None
     other = base + rng.normal(0.3, 1.0, n)  # wins with probability about 0.62
     scored = synthetic(tmp_path / "scored", base, other)
     for confidence, z in ((0.95, 1.959964), (0.9, 1.644854)):
-        report = rate(scored, tmp_path / f"out-{confidence}", baseline="base", confidence=confidence, seed=1)
+        report = rate(
+            scored,
+            tmp_path / f"out-{confidence}",
+            RateSettings(baseline="base", confidence=confidence, seed=1),
+        )
         model = report["models"][1]
         assert model["name"] == "other"
         assert model["mean_score"]["value"] == pytest.approx(other.mean())
@@ -170,11 +174,16 @@ def test_intervals_shrink_with_more_prompts_and_all_wins_is_certain(
 ) -> None:
     rng = np.random.default_rng(5)
     base, other = rng.normal(0, 1, 800), rng.normal(0.2, 1, 800)
-    small = rate(synthetic(tmp_path / "s", base[:50], other[:50]), tmp_path / "rs", baseline="base")
-    large = rate(synthetic(tmp_path / "l", base, other), tmp_path / "rl", baseline="base")
+    small = rate(
+        synthetic(tmp_path / "s", base[:50], other[:50]), tmp_path / "rs", RateSettings(baseline="base")
+    )
+    large = rate(synthetic(tmp_path / "l", base, other), tmp_path / "rl", RateSettings(baseline="base"))
     # resampling in blocks (bounded memory for many prompts) draws the same resamples
     monkeypatch.setattr("fusion_train.implicit.rate.DRAWS_PER_BLOCK", 800 * 7)
-    assert rate(tmp_path / "l", tmp_path / "rl-blocks", baseline="base")["models"] == large["models"]
+    assert (
+        rate(tmp_path / "l", tmp_path / "rl-blocks", RateSettings(baseline="base"))["models"]
+        == large["models"]
+    )
     small, large = small["models"][1], large["models"][1]
     # 16 times the prompts: a quarter of the width, give or take sampling noise
     assert width(large["win_rate"]) < width(small["win_rate"]) / 2.5
@@ -182,7 +191,9 @@ def test_intervals_shrink_with_more_prompts_and_all_wins_is_certain(
 
     # always better: every resample is all wins; a left-out prompt (base not judged) is counted
     report = rate(
-        synthetic(tmp_path / "w", base[:40], base[:40] + 1, none_at=(7,)), tmp_path / "rw", baseline="base"
+        synthetic(tmp_path / "w", base[:40], base[:40] + 1, none_at=(7,)),
+        tmp_path / "rw",
+        RateSettings(baseline="base"),
     )
     wins = report["models"][1]["win_rate"]
     assert (wins["value"], wins["low"], wins["high"]) == (1.0, 1.0, 1.0)

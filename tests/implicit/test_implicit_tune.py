@@ -6,6 +6,7 @@ their global batch, and bad input is a one-line error."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -259,6 +260,38 @@ def test_bad_input_is_one_line(model_dir: Path, prefs: Path, tmp_path: Path) -> 
                     "--out", tmp_path / "out")  # fmt: skip
     assert result.exit_code == 2 and "--alpha-max is WRPO's" in result.output
     assert not (tmp_path / "out").exists() and not work_dir(tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("stage", "flags", "values"), [
+    ("sft", ["--max-length", "77"], {"max_length": 77}),
+    ("dpo", ["--loss", "wrpo", "--alpha-max", "0.3", "--beta", "0.2"], {"loss": "wrpo", "alpha_max": 0.3, "beta": 0.2}),
+])  # fmt: skip
+def test_a_command_under_nproc_gives_every_rank_the_settings_it_trains_with_here(
+    stage: str,
+    flags: list[str],
+    values: dict,
+    model_dir: Path,
+    prefs: Path,
+    tmp_path: Path,
+    monkeypatch,
+    launched_calls,
+) -> None:
+    """Under ``--nproc 2`` the call file every rank reads holds the settings (checked here first)
+    that the same command line trains with in this process."""
+    module = importlib.import_module(f"fusion_train.implicit.{stage}")
+    arguments = [stage, "--model", model_dir, "--prefs", prefs, "--out", tmp_path / "out", *QUICK, *flags]
+    result = invoke(*arguments, "--nproc", "2")
+    assert result.exit_code == 0, result.output
+    (launched,) = launched_calls
+    assert launched.nproc == 2 and launched.call.function is getattr(module, stage)
+    (settings,) = launched.call.arguments.values()
+    assert settings.per_device_batch_size == 2 and settings.out == str(tmp_path / "out")
+    assert {name: getattr(settings, name) for name in values} == values
+    here: list[object] = []
+    monkeypatch.setattr(module, stage, lambda settings: here.append(settings))
+    result = invoke(*arguments)
+    assert result.exit_code == 0, result.output
+    assert here == [settings]
 
 
 def free_port() -> int:
