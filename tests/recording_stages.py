@@ -12,7 +12,7 @@ import pytest
 
 from fusion_train import demo, explicit
 from fusion_train.implicit import pipeline as implicit_pipeline
-from fusion_train.implicit import tuning
+from fusion_train.implicit import preferences
 from fusion_train.implicit.pipeline import ImplicitRun
 from fusion_train.implicit.sections import IMPLICIT_SETTINGS
 from fusion_train.recipe import STAGE_SETTINGS, DataSettings, ModelEntry, Recipe, build_section
@@ -65,7 +65,7 @@ def training_folders(
     them; the models' fingerprints and the pairs' count stand in for models and data."""
     monkeypatch.setattr(demo, "demo_models", lambda out: MODELS)
     monkeypatch.setattr(implicit_pipeline, "model_fingerprint", lambda path: f"fingerprint of {path}")
-    monkeypatch.setattr(tuning, "count_examples", lambda prefs, split: 40)
+    monkeypatch.setattr(preferences, "count_examples", lambda prefs, split: 40)
     raw = demo.implicit_demo_recipe(Path("/demo"), quick, 1, mode)
     raw["dpo"].update(dpo)
     sections = {name: build_section(cls, raw[name], "demo", name) for name, cls in IMPLICIT_SETTINGS.items()}

@@ -20,8 +20,8 @@ from trl import DPOConfig
 
 from fusion_train.errors import Command
 from fusion_train.implicit import tuning
-from fusion_train.implicit.prefer import PAIRS_DIR
 from fusion_train.implicit.preference_losses import DEFAULT_LOSS, LOSSES, SETTINGS, PreferenceLoss
+from fusion_train.implicit.preferences import PAIRS_DIR
 from fusion_train.launch import launch_options
 from fusion_train.options import POSITIVE_FLOAT
 from fusion_train.settings import options_from, setting

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fusion_train.calls import StageCall
 from fusion_train.evaluate import ModelSpec
-from fusion_train.implicit import prefer, sample, score, tuning
+from fusion_train.implicit import prefer, preferences, sample, score
 from fusion_train.implicit.rate import RateSettings, rate
 from fusion_train.implicit.sections import (
     DPO,
@@ -135,7 +135,8 @@ class ImplicitRun:
         """SFT or preference training of ``model`` on ``prefs``, in the recipe's ranks."""
         resources = self.resources
         world_size = world_size_of(resources.nproc, resources.hostfile)
-        examples = tuning.count_examples(prefs[0], prefer.SFT_DIR if stage is SFT else prefer.PAIRS_DIR)
+        split = preferences.SFT_DIR if stage is SFT else preferences.PAIRS_DIR
+        examples = preferences.count_examples(prefs[0], split)
         section = self.recipe.sft if stage is SFT else self.recipe.dpo
         values = command_values(section, self.recipe.prefer.mode, world_size, examples)
         inputs = {"model": model_key, "prefs": prefs[1], "settings": values, "world_size": world_size}

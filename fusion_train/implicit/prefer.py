@@ -49,6 +49,7 @@ import datasets
 
 from fusion_train import options
 from fusion_train.errors import Command, UserError
+from fusion_train.implicit.preferences import FORMAT, PAIRS_DIR, SFT_DIR
 from fusion_train.implicit.score import load_scored
 from fusion_train.settings import options_from, setting
 from fusion_train.storage import (
@@ -59,9 +60,7 @@ from fusion_train.storage import (
     write_json_atomic,
 )
 
-FORMAT = "fusion-train/preferences@1"
 MODES = ("fusechat3", "wrpo", "sft")
-SFT_DIR, PAIRS_DIR = "sft", "pairs"
 ALL = "all"  # --sft-share all: every prompt gives an SFT example and a pair (not the papers')
 NO_BOUND = "none"  # --max-margin none: no upper bound
 SPLIT_SALT = "fusion-train/prefer-split:"  # the held-out split hashes the bare id

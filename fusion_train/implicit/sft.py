@@ -19,7 +19,7 @@ import datasets
 
 from fusion_train.errors import Command
 from fusion_train.implicit import tuning
-from fusion_train.implicit.prefer import SFT_DIR
+from fusion_train.implicit.preferences import SFT_DIR
 from fusion_train.launch import launch_options
 from fusion_train.settings import options_from, setting
 

@@ -14,8 +14,8 @@ A stage (``sft.py``, ``dpo.py``) names the data it reads from a ``fusion-train p
   would turn it on everywhere, CPUs included, checkpoints);
 - :func:`run`, training, resuming and publishing the model with a JSON summary
   (``training.publish``: a plain HF directory, renamed into place when complete);
-- :func:`command`, a stage's click command body: ``--nproc``/``--hostfile`` re-run the stage's
-  module under the ``deepspeed`` launcher after checking the inputs once.
+- :func:`command`, a stage's click command body: ``--nproc``/``--hostfile`` check the inputs once,
+  then run the stage in every rank of the ``deepspeed`` launcher (``fusion_train.calls``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import datasets
 from fusion_train import options
 from fusion_train.calls import StageCall
 from fusion_train.errors import UserError
-from fusion_train.implicit import prefer
+from fusion_train.implicit import preferences
 from fusion_train.launch import parameters_held, world_size_of
 from fusion_train.models import (
     attention_implementation,
@@ -120,11 +120,6 @@ def papers_grad_accumulation(per_device_batch_size: int, world_size: int, exampl
     return -(-target // (per_device_batch_size * world_size))
 
 
-def count_examples(prefs: str | Path, split: str) -> int:
-    """Rows of ``prefs/split`` (``sft`` or ``pairs``), memory-mapped, not read."""
-    return datasets.load_from_disk(str(Path(prefs) / split)).num_rows
-
-
 # --------------------------------------------------------------------------- checks
 
 
@@ -155,7 +150,7 @@ def load_split(prefs: str | Path, split: str, columns: Sequence[str], hint: str 
     if not (path / "state.json").is_file():
         manifest_path = Path(prefs) / MANIFEST
         made = read_json(manifest_path) if manifest_path.is_file() else {}
-        if made.get("format") == prefer.FORMAT and split == prefer.PAIRS_DIR:
+        if made.get("format") == preferences.FORMAT and split == preferences.PAIRS_DIR:
             raise TuneInputError(
                 f"{prefs}: the output of `fusion-train prefer --mode {made['settings']['mode']}`, the SFT set "
                 "alone (no pairs/); preference training needs the output of `fusion-train prefer --mode "
