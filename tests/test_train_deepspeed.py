@@ -65,17 +65,17 @@ def _run(command: list[str], gpus: bool = False, **env: str) -> subprocess.Compl
 
 
 def _train_keeping_engine_logits(
-    tmp_path: Path, config: dict, ranks: int, gpus: bool = False, **env: str
-) -> Path:
-    """Train under the ``deepspeed`` launcher through the test driver; return the file holding the
-    engine's logits on PROBE_TOKENS at the end of training. ``env``: the driver's settings."""
-    config_path = tmp_path / "config.json"
-    config_path.write_text(json.dumps(config))
-    engine_logits = tmp_path / "engine-logits.safetensors"
+    tmp_path: Path, configs: list[dict], ranks: int, gpus: bool = False
+) -> list[Path]:
+    """Train each config, one after the other, in one job under the ``deepspeed`` launcher through
+    the test driver; return the files holding the engine's logits on PROBE_TOKENS at the end of
+    each training."""
+    config_path = tmp_path / "configs.json"
+    config_path.write_text(json.dumps(configs))
     command = [deepspeed_launcher(), "--num_gpus", str(ranks), "--master_port", str(_free_port())]
-    result = _run([*command, str(DRIVER), str(config_path), "logits", str(engine_logits)], gpus=gpus, **env)
+    result = _run([*command, str(DRIVER), str(config_path), "logits", str(tmp_path)], gpus=gpus)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return engine_logits
+    return [tmp_path / f"{number}.safetensors" for number in range(len(configs))]
 
 
 def _options(settings: dict) -> list[str]:
@@ -151,37 +151,21 @@ def _assert_same_steps(summary: dict, reference: dict) -> None:
         assert summary["loss"]["end"][name] == pytest.approx(end, rel=adam_update_bound()), name
 
 
-def test_zero3_offload_two_ranks_trains_with_states_in_cpu_memory(setup, tmp_path):
-    """The zero3-offload preset (parameters and optimizer states offloaded) runs and learns."""
+def test_zero3_offload_two_ranks_partitions_and_saves_full_tensors(setup, tmp_path):
+    """The zero3-offload preset (ZeRO-3, optimizer states in CPU memory): each rank holds half of
+    the parameters, the saved model has full tensors and gives the engine's logits. (Plain ZeRO-3
+    on 2 ranks: the chunked-head, bf16 and two-node tests.)"""
     pivot, fused, rows = setup
     out = tmp_path / "target-zero3-offload"
-    command = [str(VENV_BIN / "fusion-train"), "train", "--model", str(pivot), "--fused", str(fused)]
-    command += [
-        "--out",
-        str(out),
-        "--nproc",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        "--deepspeed",
-        "zero3-offload",
-    ]
-    result = _run([*command, *_options({**SETTINGS, "per_device_batch_size": 2})])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    summary = _check_output(out, pivot, rows)
-    assert summary["world_size"] == 2
-    assert summary["deepspeed"]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-
-
-def test_zero3_two_ranks_partitions_and_saves_full_tensors(setup, tmp_path):
-    pivot, fused, rows = setup
-    out = tmp_path / "target-zero3"
-    config = {"model": str(pivot), "fused": str(fused), "out": str(out), "deepspeed": "zero3"}
-    engine_logits = _train_keeping_engine_logits(
-        tmp_path, {**config, **SETTINGS, "per_device_batch_size": 2}, 2
+    config = {"model": str(pivot), "fused": str(fused), "out": str(out), "deepspeed": "zero3-offload"}
+    (engine_logits,) = _train_keeping_engine_logits(
+        tmp_path, [{**config, **SETTINGS, "per_device_batch_size": 2}], 2
     )
 
     summary = _check_output(out, pivot, rows)
+    assert summary["world_size"] == 2
+    assert summary["deepspeed"]["zero_optimization"]["stage"] == 3
+    assert summary["deepspeed"]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     parameters = summary["parameters"]
     for held in parameters["held_per_rank"]:
         assert 0.45 * parameters["total"] <= held <= 0.55 * parameters["total"], parameters
@@ -316,7 +300,6 @@ def test_two_nodes_through_the_per_node_launcher(setup, tmp_path):
         assert 0.45 * parameters["total"] <= held <= 0.55 * parameters["total"], parameters
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
 @pytest.mark.parametrize(
     "device",
     [
@@ -327,54 +310,66 @@ def test_two_nodes_through_the_per_node_launcher(setup, tmp_path):
         ),
     ],
 )
-def test_bf16_mixed_precision(setup, tmp_path, stage, device):
-    """bf16 mixed precision (DeepSpeed's bf16 path) on 2 CPU ranks, and on the machine's GPUs (NCCL,
-    up to 2 ranks) where it has any: learns, and the saved bf16 weights give the engine's logits."""
+def test_bf16_mixed_precision(setup, tmp_path, device):
+    """bf16 mixed precision (DeepSpeed's bf16 path) under ZeRO-2 and ZeRO-3 (one after the other in
+    one launched job) on 2 CPU ranks, and on the machine's GPUs (NCCL, up to 2 ranks) where it has
+    any: learns, and the saved bf16 weights give the engine's logits."""
     pivot, fused, rows = setup
     ranks = 2 if device == "cpu" else min(2, torch.cuda.device_count())
-    out = tmp_path / f"target-{stage}-bf16"
-    config = {"model": str(pivot), "fused": str(fused), "out": str(out), "deepspeed": stage, "bf16": True}
-    settings = {**config, **SETTINGS, "per_device_batch_size": 4 // ranks}
-    engine_logits = _train_keeping_engine_logits(tmp_path, settings, ranks, gpus=device == "cuda")
+    stages = ("zero2", "zero3")
+    outs = [tmp_path / f"target-{stage}-bf16" for stage in stages]
+    configs = [{"model": str(pivot), "fused": str(fused), "out": str(out), "deepspeed": stage, "bf16": True,
+                **SETTINGS, "per_device_batch_size": 4 // ranks} for stage, out in zip(stages, outs, strict=True)]  # fmt: skip
+    engine_logits = _train_keeping_engine_logits(tmp_path, configs, ranks, gpus=device == "cuda")
 
-    summary = _check_output(out, pivot, rows)
-    assert summary["world_size"] == ranks
-    assert summary["bf16"] is True
-    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).to(device)
-    with torch.no_grad():
-        logits = model(input_ids=PROBE_TOKENS.to(device)).logits.float().cpu()
-    assert_close_at_scale(logits, load_file(engine_logits)["logits"], dtype=torch.bfloat16, ulps=4)
+    for stage, out, logits_file in zip(stages, outs, engine_logits, strict=True):
+        summary = _check_output(out, pivot, rows)
+        assert summary["world_size"] == ranks and summary["bf16"] is True
+        assert summary["deepspeed"]["zero_optimization"]["stage"] == int(stage[-1])
+        assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).to(device)
+        with torch.no_grad():
+            logits = model(input_ids=PROBE_TOKENS.to(device)).logits.float().cpu()
+        assert_close_at_scale(logits, load_file(logits_file)["logits"], dtype=torch.bfloat16, ulps=4)
 
 
 @pytest.mark.parametrize(
-    ("stage", "model"), [("zero2", "llama"), ("zero3", "llama"), ("zero3", "gemma2-tied-softcap")]
+    ("model", "stages"), [("llama", ("zero2", "zero3")), ("gemma2-tied-softcap", ("zero3",))]
 )
-def test_chunked_head_trains_like_the_logits_loss(setup, tmp_path, stage, model):
+def test_chunked_head_trains_like_the_logits_loss(setup, tmp_path, model, stages):
     """2 CPU ranks, a few steps: the chunked head (``loss_chunk_tokens`` 3, so the head's weight
     gradient is summed over many chunks; under ZeRO-3 inside the partitioned head's call) takes the same
-    steps as the logits-based loss: same losses and gradient norms, same weights. Also on a Gemma-2
-    whose head is its (tied) embedding and whose logits are soft-capped."""
+    steps as the logits-based loss under each ZeRO stage: same losses and gradient norms, same
+    weights. Also on a Gemma-2 whose head is its (tied) embedding and whose logits are soft-capped."""
     pivot, fused, rows = setup
     if model != "llama":
         from test_losses_chunked import _tiny_gemma2
 
         pivot = _tiny_gemma2(pivot, tmp_path / "gemma2")
         fused = build_fused(pivot, tmp_path / "fused-gemma2", rows=rows)
-    # Both runs in one launched job, one after the other (the driver checks each used its loss).
-    runs = {loss: tmp_path / loss / "target" for loss in ("logits", "chunked")}
-    configs = {loss: {"model": str(pivot), "fused": str(fused), "out": str(out), "deepspeed": stage,
-                      **SETTINGS, "per_device_batch_size": 2, "loss_chunk_tokens": 3}
-               for loss, out in runs.items()}  # fmt: skip
+    # Every run in one launched job, one after the other (the driver checks each used its loss).
+    runs = {
+        (stage, loss): tmp_path / stage / loss / "target"
+        for stage in stages
+        for loss in ("logits", "chunked")
+    }
+    configs = [{"loss": loss, "config": {"model": str(pivot), "fused": str(fused), "out": str(out), "deepspeed": stage,
+                                         **SETTINGS, "per_device_batch_size": 2, "loss_chunk_tokens": 3}}
+               for (stage, loss), out in runs.items()]  # fmt: skip
     config_path = tmp_path / "configs.json"
     config_path.write_text(json.dumps(configs))
     command = [deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(_free_port())]
     result = _run([*command, str(DRIVER), str(config_path), "losses", "-"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    summaries = {loss: json.loads((out / SUMMARY).read_text()) for loss, out in runs.items()}
-    _assert_same_steps(summaries["chunked"], summaries["logits"])
-    # The head's gradient summed over chunks rather than in one product: rounding, which Adam
-    # amplifies in near-zero gradients.
-    assert_same_adam_updates(load_file(runs["chunked"] / "model.safetensors"),
-                             load_file(runs["logits"] / "model.safetensors"), load_file(pivot / "model.safetensors"))  # fmt: skip
-    assert summaries["chunked"]["loss"]["end"]["loss"] < summaries["chunked"]["loss"]["start"]["loss"]
+    for stage in stages:
+        summaries = {
+            loss: json.loads((runs[stage, loss] / SUMMARY).read_text()) for loss in ("logits", "chunked")
+        }
+        assert summaries["chunked"]["deepspeed"]["zero_optimization"]["stage"] == int(stage[-1])
+        _assert_same_steps(summaries["chunked"], summaries["logits"])
+        # The head's gradient summed over chunks rather than in one product: rounding, which Adam
+        # amplifies in near-zero gradients.
+        assert_same_adam_updates(load_file(runs[stage, "chunked"] / "model.safetensors"),
+                                 load_file(runs[stage, "logits"] / "model.safetensors"),
+                                 load_file(pivot / "model.safetensors"))  # fmt: skip
+        assert summaries["chunked"]["loss"]["end"]["loss"] < summaries["chunked"]["loss"]["start"]["loss"]

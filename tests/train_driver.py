@@ -1,14 +1,11 @@
 """Runs ``fusion_train.train.train`` in a launched process with a test callback.
 
 Usage (under ``deepspeed`` or ``torchrun``): ``train_driver.py CONFIG.json MODE ARG`` where MODE is
-``logits`` (save the engine's logits on fixed tokens at the end of training to ARG) or ``kill``
+``logits`` (CONFIG.json holds a list of configs, trained one after the other in the same launched
+job; the engine's logits on fixed tokens at the end of the i-th training go to ARG/i.safetensors) or ``kill``
 (SIGKILL the process at the end of step ARG, like a crashed node), or ``losses`` (CONFIG.json
-holds two configs, ``logits`` and ``chunked``: train the first with the logits-based loss, then
-the second with the chunked head, one after the other in the same launched job; ARG is unused).
-
-Environment: ``FUSION_TEST_LOSS=logits`` trains with the logits-based loss (the whole ``[N, V]``
-logits, then ``logits_losses.SupervisedLosses``) in place of the chunked head, the
-reference of the chunked runs.
+holds a list of runs, each ``{"loss": "logits" or "chunked", "config": {...}}``: each trained
+with that loss, one after the other in the same launched job; ARG is unused).
 """
 
 from __future__ import annotations
@@ -52,29 +49,27 @@ class KillAtStep(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train_with_each_loss(configs: dict[str, dict]) -> None:
-    """Train ``configs["logits"]`` with the logits-based loss, then ``configs["chunked"]`` with
-    the chunked head, in this process; refuse to finish unless each run called its own loss."""
+def train_with_each_loss(runs: list[dict]) -> None:
+    """Train each run's config with its loss (``logits``: the logits-based loss; ``chunked``: the
+    chunked head), in this process, in order; refuse to finish unless each run called its own loss."""
     from logits_losses import logits_loss_sums
 
     chunked = train_module.head_loss_sums
-    calls = {"logits": 0, "chunked": 0}
+    for number, run in enumerate(runs):
+        calls = 0
 
-    def counting(loss: str, function):
-        def counted(*args, **kwargs):
-            calls[loss] += 1
+        def counted(*args, function=logits_loss_sums if run["loss"] == "logits" else chunked, **kwargs):
+            nonlocal calls
+            calls += 1
             return function(*args, **kwargs)
 
-        return counted
-
-    for loss, function in (("logits", logits_loss_sums), ("chunked", chunked)):
-        train_module.head_loss_sums = counting(loss, function)
+        train_module.head_loss_sums = counted
         try:
-            train(TrainConfig(**configs[loss]))
+            train(TrainConfig(**run["config"]))
         finally:
             train_module.head_loss_sums = chunked
-        if calls[loss] == 0:
-            raise SystemExit(f"the {loss} run never called its loss")
+        if calls == 0:
+            raise SystemExit(f"run {number} ({run['loss']}) never called its loss")
 
 
 if __name__ == "__main__":
@@ -82,10 +77,10 @@ if __name__ == "__main__":
     if mode == "losses":
         train_with_each_loss(json.loads(Path(config_path).read_text()))
         sys.exit(0)
-    config = TrainConfig(**json.loads(Path(config_path).read_text()))
-    if os.environ.get("FUSION_TEST_LOSS") == "logits":
-        from logits_losses import logits_loss_sums
-
-        train_module.head_loss_sums = logits_loss_sums
-    callback = EngineLogits(argument) if mode == "logits" else KillAtStep(int(argument))
-    train(config, callbacks=[callback])
+    if mode == "logits":
+        for number, config in enumerate(json.loads(Path(config_path).read_text())):
+            train(
+                TrainConfig(**config), callbacks=[EngineLogits(str(Path(argument) / f"{number}.safetensors"))]
+            )
+        sys.exit(0)
+    train(TrainConfig(**json.loads(Path(config_path).read_text())), callbacks=[KillAtStep(int(argument))])
