@@ -198,7 +198,7 @@ def kept_by_stages(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]
 
 @dataclass(frozen=True)
 class Launched:
-    """One start of the deepspeed launcher that ``launched_calls`` stood in for."""
+    """One start of the ranks that ``launched_calls`` stood in for."""
 
     call: StageCall  # read back from the call file, as every rank reads it
     nproc: int | None
@@ -208,7 +208,7 @@ class Launched:
 
 @pytest.fixture
 def launched_calls(monkeypatch: pytest.MonkeyPatch) -> list[Launched]:
-    """Stands in for the deepspeed launcher of ``fusion_train.calls``: records what every rank
+    """Stands in for the launcher of ``fusion_train.calls``: records what every rank
     would have been given (the call file, read back) and succeeds without starting a process."""
     started: list[Launched] = []
 

@@ -1,4 +1,4 @@
-"""represent and evaluate on several ranks: 2 CPU processes under the deepspeed launcher (gloo),
+"""represent and evaluate on several ranks: 2 CPU processes started by `--nproc 2` (gloo),
 against the single-process run of the same data; ZeRO-3 partitioned inference; devices.
 
 What would make these fail: a rank skipping or repeating a part or a batch, rank 0 finishing

@@ -440,9 +440,14 @@ def test_launcher_problems_are_reported_before_starting(pivot, good_fused, tmp_p
         assert result.exit_code == 1, result.output
         assert message in result.output
     monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
-    result = runner.invoke(train_command, [*base, "--nproc", "2"])
+    (tmp_path / "one-host").write_text("localhost slots=2\n")
+    result = runner.invoke(train_command, [*base, "--hostfile", str(tmp_path / "one-host")])
     assert result.exit_code == 1
-    assert "`deepspeed` launcher is not installed" in result.output
+    assert "`deepspeed` launcher is not installed" in result.output  # the nodes of a hostfile need it
+    result = runner.invoke(train_command, [*base, "--nproc", "2"])  # this machine's processes do not
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        f"Error: the processes could not start: [Errno 2] No such file or directory: '{sys.executable}'"
+    ], result.output
 
 
 def test_world_size_counts_nproc_on_every_node_of_the_hostfile(tmp_path):

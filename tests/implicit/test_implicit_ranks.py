@@ -1,4 +1,4 @@
-"""`sample` and `score` on several ranks: 2 CPU processes under the deepspeed launcher (gloo), against
+"""`sample` and `score` on several ranks: 2 CPU processes started by `--nproc 2` (gloo), against
 the single-process run of the same inputs; bad input with --nproc fails once, before any rank starts.
 
 What would make these fail: a rank skipping or repeating a part, a response's random draws that
