@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/merge.py
 	$(BIN)/python bench/sample.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/launch.py
 
 # The GPU check (docs/gpu.md): here, the wheels the GPU machine's image lacks, and the real
 # tokenizers, into gpu-wheels/ (it travels with the project); there, `bash bench/gpu_check.sh OUT`.

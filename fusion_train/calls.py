@@ -4,7 +4,7 @@ launched job: the one way a recipe or a command runs a stage.
 With one process, :meth:`StageCall.in_ranks` calls the function here. With several (``--nproc``,
 a hostfile) it writes the call (the function's name, its arguments and what reports its result)
 to a JSON file beside the stage's output and starts ``python -m fusion_train.calls CALL.json``
-under the deepspeed launcher; every rank reads it and calls the same function with the same
+in every process (``fusion_train.launch``); every rank reads it and calls the same function with the same
 arguments, and the function splits the work by its rank. Nothing is rebuilt from command-line
 flags, so every setting reaches the ranks whether or not a flag declares it. A command's own
 ``--nproc``/``--hostfile`` go the same way (:meth:`StageCall.from_command`), after the
@@ -104,8 +104,8 @@ class StageCall:
             self.report(self.out, result)
 
     def in_ranks(self, nproc: int | None, hostfile: str | None, master_port: int | None = None) -> int:
-        """Here for one local process, else in every rank under the deepspeed launcher (``nproc``
-        per node, the nodes of ``hostfile``); the exit status (0 here)."""
+        """Here for one local process, else in every rank of a launched job (``nproc`` per node,
+        the nodes of ``hostfile``: ``launch.launch``); the exit status (0 here)."""
         if not launches(nproc or 1, hostfile):
             self.here()
             return 0
@@ -135,8 +135,7 @@ class StageCall:
         code = self.in_ranks(nproc, hostfile, port)
         if code != 0:
             raise LaunchError(
-                f"a process of `{self.function.__name__}` failed (the deepspeed launcher exited with {code}); "
-                "see above."
+                f"a process of `{self.function.__name__}` failed (exit status {code}); see above."
             )
 
     def write(self, path: Path) -> None:

@@ -469,7 +469,7 @@ def evaluate_command(**params: Any) -> None:
     """Compare models by the bits per byte they need for the reference responses.
 
     With --nproc N the batches of every model are split between N processes (one per GPU, or
-    CPU processes) under the deepspeed launcher; the figures do not change."""
+    CPU processes; with --hostfile, on every node); the figures do not change."""
     templates = dict(
         parse_pair(item, "--chat-template", "NAME=TEMPLATE") for item in params["chat_templates"]
     )

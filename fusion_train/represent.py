@@ -301,8 +301,8 @@ def finalize(out_dir: Path, placement: dict[str, Any] | None = None) -> Represen
 def represent_command(**params: Any) -> None:
     """Record a model's top-k next-token distributions on every assistant token of a chat data set.
 
-    With --nproc N the parts are split between N processes (one per GPU, or CPU processes) under
-    the deepspeed launcher; with --deepspeed zero3 they also split the weights (ZeRO-3)."""
+    With --nproc N the parts are split between N processes (one per GPU, or CPU processes; with
+    --hostfile, on every node); with --deepspeed zero3 they also split the weights (ZeRO-3)."""
     p = SimpleNamespace(**params)
 
     def check() -> None:

@@ -62,7 +62,7 @@ class StageError(UserError, RuntimeError):
 
 @dataclass(frozen=True)
 class Resources:
-    """Where the stages run: processes (GPUs) per node under the deepspeed launcher, nodes, and
+    """Where the stages run: processes (GPUs) per node, nodes (``fusion_train.launch``), and
     how the stages that only run models forward place them (``fusion_train.inference``)."""
 
     nproc: int = same_as(LaunchSettings, "nproc", default=1)
@@ -187,7 +187,7 @@ def run_in_ranks(
     label: str, function: Callable[..., Any], arguments: dict[str, Any], resources: Resources, out: Path
 ) -> None:
     """``function(**arguments)``, a stage's work into ``out``: here, or in every rank of
-    ``resources`` under the deepspeed launcher (``fusion_train.calls``)."""
+    ``resources`` (``fusion_train.calls``)."""
     code = StageCall(function, arguments, out).in_ranks(resources.nproc, resources.hostfile)
     if code != 0:
         raise StageError(

@@ -760,8 +760,8 @@ def load_samples(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]
 def sample_command(**params: Any) -> None:
     """Sample several responses per prompt from one model (implicit fusion, FuseChat-3.0 / WRPO).
 
-    With --nproc N the parts are split between N processes (one per GPU, or CPU processes) under
-    the deepspeed launcher; what is written does not change."""
+    With --nproc N the parts are split between N processes (one per GPU, or CPU processes; with
+    --hostfile, on every node); what is written does not change."""
     p = SimpleNamespace(**params)
     settings = settings_from(SampleSettings, params)
     plan_options = {"source_name": p.source_name, "limit": p.limit, "trust_remote_code": p.trust_remote_code}

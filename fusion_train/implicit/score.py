@@ -543,8 +543,8 @@ def load_scored(out_dir: str | Path) -> tuple[dict[str, Any], datasets.Dataset]:
 def score_command(**params: Any) -> None:
     """Score sampled responses with a reward model and/or verifiers (implicit fusion).
 
-    With --nproc N the parts are split between N processes (one per GPU, or CPU processes) under
-    the deepspeed launcher; the scores do not change."""
+    With --nproc N the parts are split between N processes (one per GPU, or CPU processes; with
+    --hostfile, on every node); the scores do not change."""
     p = SimpleNamespace(**params)
     if p.reward_label is not None and p.reward_model is None:
         raise click.BadParameter("needs --reward-model", param_hint="--reward-label")
