@@ -277,8 +277,6 @@ def launcher_command(module: str, nproc: int | None, hostfile: str, master_port:
     (``nproc`` processes on each, else its slots); checked first."""
     command = [deepspeed_launcher()]
     if nproc is not None:
-        if nproc < 1:
-            raise LaunchError("--nproc must be at least 1.")
         command += ["--num_gpus", str(nproc)]
     hosts = read_hostfile(hostfile)
     if len(hosts) > 1 and shutil.which("pdsh") is None:
@@ -313,9 +311,9 @@ def launch(
     ``deepspeed`` launcher; the exit status (non-zero when a rank failed). Check the inputs before."""
     if launched():
         raise LaunchError("--nproc/--hostfile given inside a launched process; drop them.")
+    if nproc is not None and nproc < 1:
+        raise LaunchError("--nproc must be at least 1.")
     if hostfile is None:
-        if nproc is not None and nproc < 1:
-            raise LaunchError("--nproc must be at least 1.")
         return launch_on_this_machine(module, arguments, nproc or 1, master_port)
     command = [*launcher_command(module, nproc, hostfile, master_port), *arguments]
     try:

@@ -37,6 +37,11 @@ def parse_shard(shard: str | None) -> tuple[int, int] | None:
     return index, count
 
 
+def echo_shard_done(out_dir: Path) -> None:
+    """What a stage prints when its shard's parts are written and other shards' are not yet."""
+    click.echo(f"{out_dir}: this shard is done; other shards' parts are still missing.")
+
+
 def part_path(out_dir: Path, index: int) -> Path:
     return out_dir / PARTS_DIR / f"part-{index:05d}"
 

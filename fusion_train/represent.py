@@ -41,7 +41,15 @@ from fusion_train.inference import (
 )
 from fusion_train.launch import barrier, launch_options, process_group
 from fusion_train.models import check_model_directory, identify, load_tokenizer
-from fusion_train.parts import all_part_stats, parse_shard, part_path, parts_bar, parts_to_do, write_part
+from fusion_train.parts import (
+    all_part_stats,
+    echo_shard_done,
+    parse_shard,
+    part_path,
+    parts_bar,
+    parts_to_do,
+    write_part,
+)
 from fusion_train.representation import (
     FORMAT,
     SUMMARY,
@@ -329,7 +337,7 @@ def represent_command(**params: Any) -> None:
 def report_represented(out: Path, summary: RepresentSummary | None) -> None:
     """What `represent` prints at the end: the counts, or that only this shard's parts are done."""
     if summary is None:
-        click.echo(f"{out}: this shard is done; other shards' parts are still missing.")
+        echo_shard_done(out)
         return
     click.echo(
         f"{out}: {summary.represented}/{summary.examples} examples, {summary.supervised_tokens} supervised "

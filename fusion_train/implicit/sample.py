@@ -54,6 +54,7 @@ from fusion_train.models import (
 )
 from fusion_train.parts import (
     all_part_stats,
+    echo_shard_done,
     load_output,
     parse_shard,
     part_path,
@@ -787,7 +788,7 @@ def sample_command(**params: Any) -> None:
 def report_sampled(out: Path, summary: SampleSummary | None) -> None:
     """What `sample` prints at the end: the counts, or that only this shard's parts are done."""
     if summary is None:
-        click.echo(f"{out}: this shard is done; other shards' parts are still missing.")
+        echo_shard_done(out)
         return
     click.echo(
         f"{out}: {summary.responses} responses to {summary.records} prompts, {summary.generated_tokens} "

@@ -45,6 +45,7 @@ from fusion_train.models import (
 )
 from fusion_train.parts import (
     PARTS_DIR,
+    echo_shard_done,
     load_output,
     parse_shard,
     part_path,
@@ -581,7 +582,7 @@ def score_command(**params: Any) -> None:
 def report_scored(out: Path, summary: dict[str, Any] | None) -> None:
     """What `score` prints at the end: every scorer's mean, or that only this shard's parts are done."""
     if summary is None:
-        click.echo(f"{out}: this shard is done; other shards' parts are still missing.")
+        echo_shard_done(out)
         return
     for name, stats in summary["scorers"].items():
         mean = "n/a" if stats["mean"] is None else f"{stats['mean']:.4f}"

@@ -15,7 +15,7 @@ A stage (``sft.py``, ``dpo.py``) names the data it reads from a ``fusion-train p
 - :func:`run`, training, resuming and publishing the model with a JSON summary
   (``training.publish``: a plain HF directory, renamed into place when complete);
 - :func:`command`, a stage's click command body: ``--nproc``/``--hostfile`` check the inputs once,
-  then run the stage in every rank of the ``deepspeed`` launcher (``fusion_train.calls``).
+  then run the stage in every launched rank (``fusion_train.calls``).
 """
 
 from __future__ import annotations
