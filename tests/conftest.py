@@ -12,6 +12,7 @@ import functools
 import gc
 import itertools
 import json
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,32 +155,43 @@ def represented(tiny_models: dict[str, Path], chats: Path, tmp_path_factory: pyt
     return {name: root / name for name in tiny_models}
 
 
-def heavy_objects() -> dict[int, str]:
-    """The models, Trainers and DeepSpeed engines alive in this process (after a collection)."""
-    from deepspeed import DeepSpeedEngine
-    from transformers import PreTrainedModel, Trainer
-
-    gc.collect()
-    heavy = (torch.nn.Module, Trainer, DeepSpeedEngine)
-    return {id(o): type(o).__name__ for o in gc.get_objects() if isinstance(o, heavy) and
-            (not isinstance(o, torch.nn.Module) or isinstance(o, PreTrainedModel | DeepSpeedEngine))}  # fmt: skip
-
-
 @pytest.fixture
 def kept_by_stages(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
     """Each stage of a recipe run in the test (and its evaluation) must leave the process as it
-    found it: the list collects, per stage, the models, Trainers and engines it left alive."""
+    found it: the list collects, per stage, the models, Trainers and DeepSpeed engines it created
+    that are still alive once the garbage is collected after it.
+
+    Creations are recorded by these classes' ``__init__`` (every model, trainer and engine calls
+    it) into weak sets, one per stage running: no scan of every object in the process."""
+    from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedModel, Trainer
+
+    running: list[weakref.WeakSet] = []
+
+    def recorded(init: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(init)
+        def record(self: object, *args: object, **kwargs: object) -> None:
+            init(self, *args, **kwargs)
+            for created in running:
+                created.add(self)
+
+        return record
+
+    for heavy in (PreTrainedModel, Trainer, DeepSpeedEngine):
+        monkeypatch.setattr(heavy, "__init__", recorded(heavy.__init__))
     kept: list[tuple[str, list[str]]] = []
 
     def checked(label: Callable[..., str], function: Callable[..., object]) -> Callable[..., object]:
         @functools.wraps(function)
         def run(*args: object, **kwargs: object) -> object:
-            before = heavy_objects()
+            created: weakref.WeakSet = weakref.WeakSet()
+            running.append(created)
             try:
                 return function(*args, **kwargs)
             finally:
-                after = heavy_objects()
-                if left := sorted(after[i] for i in after.keys() - before.keys()):
+                running.remove(created)
+                gc.collect()
+                if left := sorted(type(o).__name__ for o in created):
                     kept.append((label(*args, **kwargs), left))
 
         return run
@@ -187,8 +199,7 @@ def kept_by_stages(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]
     run_stage = Stages.run
 
     def run_checked(self: Stages, stage: str, name: str, inputs: dict, work: Callable[[Path], object]):
-        # Only a stage that runs is checked: a stage done before does no work, and each check
-        # collects the garbage of the whole process twice.
+        # Only a stage that runs is checked: a stage done before does no work.
         return run_stage(self, stage, name, inputs, checked(lambda *_: f"{stage}/{name}", work))
 
     monkeypatch.setattr(Stages, "run", run_checked)

@@ -8,6 +8,7 @@ over byte strings, never from ``fusion_train.continuations`` or ``align_by_bytes
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -234,14 +235,32 @@ def _harmless(
     return all(goes_to(j) == kept(j + 1) for j in range(last)) and not goes_to(last)
 
 
-def _chain_case(tokenizers: Any, source: str, text: str, seed: int, drop_gold: float) -> tuple[list, int]:
+@pytest.fixture(scope="module")
+def chain_tables(tokenizers: Any) -> Any:
+    """source -> (its vocabulary as ``byte_reference`` reads it, the bytes aligner from it onto
+    smollm2 and their vocabulary map): built once per source, not once per text."""
+
+    @functools.cache
+    def get(source: str) -> tuple[list[tuple[int, bytes | None]], Aligner, vocab.VocabMap]:
+        source_tok, _ = tokenizers(source)
+        source_vocab = [
+            (i, reference_token_bytes(source_tok, i, BYTE_LEVEL[source])) for i in range(len(source_tok))
+        ]
+        return source_vocab, *bytes_aligner(tokenizers, "smollm2", source)
+
+    return get
+
+
+def _chain_case(
+    tokenizers: Any, chain_tables: Any, source: str, text: str, seed: int, drop_gold: float
+) -> list[tuple[str, list[float], bool, list[float | None]]]:
     """Both tokenizations of ``text`` and a known full distribution over the source vocabulary at
     every source token: the gold token with probability g, distractors that start with another
     byte, and (inside source tokens the pivot splits) distractors that share some of the gold's
     bytes without breaking (E); 10% of the mass lies outside the stored top-k. With probability
     ``drop_gold`` the gold itself is not stored. Returns per minimal shared-boundary stretch
     (kind, source gold log-probabilities, gold stored everywhere, converted log-probabilities of the
-    pivot's tokens or None where a pivot token got no distribution) and the number of stretches."""
+    pivot's tokens or None where a pivot token got no distribution)."""
     rng = random.Random(f"{source}-{seed}")
     (pivot_tok, pivot_bytes), (source_tok, _) = tokenizers("smollm2"), tokenizers(source)
     pivot_ids = pivot_tok(text, add_special_tokens=False)["input_ids"]
@@ -251,9 +270,7 @@ def _chain_case(tokenizers: Any, source: str, text: str, seed: int, drop_gold: f
     data = text.encode("utf-8")
     pivot_pieces = {piece for piece in pivot_bytes.pieces if piece}
     longest = max(map(len, pivot_pieces))
-    source_vocab = [
-        (i, reference_token_bytes(source_tok, i, BYTE_LEVEL[source])) for i in range(len(source_tok))
-    ]
+    source_vocab, aligner, mapping = chain_tables(source)
     by_first: dict[int, list[tuple[int, bytes]]] = {}
     for i, piece in source_vocab:
         if piece:
@@ -294,7 +311,6 @@ def _chain_case(tokenizers: Any, source: str, text: str, seed: int, drop_gold: f
                 "byte_end": np.array([x.end for x in places]), "topk_ids": topk_ids, "topk_logprobs": topk_logprobs,
                 "target_logprob": np.array(gold_logprob if rows else [0.0] * len(ids), dtype=np.float32)}  # fmt: skip
 
-    aligner, mapping = bytes_aligner(tokenizers, "smollm2", source)
     rows, _ = aligner.rows(
         arrays(pivot_ids, pivot_places, None), arrays(source_ids, source_places, topk), mapping
     )
@@ -327,11 +343,13 @@ def _chain_case(tokenizers: Any, source: str, text: str, seed: int, drop_gold: f
             kind, [gold_logprob[r] for r in source_in], all(stored_gold[r] for r in source_in),
             [converted.get(r) for r in pivot_in],
         ))  # fmt: skip
-    return stretches, len(stretches)
+    return stretches
 
 
 @pytest.mark.parametrize("source", ["qwen", "mistral", "gemma3"])
-def test_chain_rule_over_shared_boundaries_on_real_tokenizer_pairs(tokenizers: Any, source: str) -> None:
+def test_chain_rule_over_shared_boundaries_on_real_tokenizer_pairs(
+    tokenizers: Any, chain_tables: Any, source: str
+) -> None:
     """Over a stretch whose first and last byte offsets are boundaries of both tokenizations, where
     the pivot splits one source token q into the longest pivot tokens left to right: the converted
     log-probabilities of the pivot's tokens add up to the source's log-probability of q, exactly,
@@ -343,8 +361,9 @@ def test_chain_rule_over_shared_boundaries_on_real_tokenizer_pairs(tokenizers: A
     counts: dict[str, int] = {}
     for seed, text in enumerate(CHAIN_TEXTS):
         for drop_gold in (0.0, 0.3):
-            stretches, _ = _chain_case(tokenizers, source, text, seed, drop_gold)
-            for kind, gold, stored, converted in stretches:
+            for kind, gold, stored, converted in _chain_case(
+                tokenizers, chain_tables, source, text, seed, drop_gold
+            ):
                 counts[kind] = counts.get(kind, 0) + 1
                 if kind == "same span" or (kind == "refines" and stored):
                     assert None not in converted, (text, gold, converted)

@@ -238,6 +238,7 @@ def test_end_to_end_resume_rerun_and_added_source(
     assert summary["rows"][0]["bits_per_byte"] != summary["rows"][1]["bits_per_byte"]  # two different models
     assert "| train.lm_weight=0.9 | target-qwen |" in result.output
     assert (sweep_dir / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert kept_by_stages == []  # nor did any stage run since
 
 
 def test_a_training_stage_that_fails_is_one_error_line_after_its_log(tmp_path: Path, capsys) -> None:

@@ -130,6 +130,7 @@ def test_fusechat3_recipe_end_to_end_rerun_and_a_changed_setting(
     _, changed = run(workspace, recipe_of("fusechat3", dpo={**recipe["dpo"], "beta": 1.0}))
     assert sorted(changed["ran"]) == ["answer/implicit-dpo-norm", "dpo/implicit-dpo-norm", "rate/answers",
                                       "score/answers"]  # fmt: skip
+    assert kept_by_stages == []  # nor did the stages the changed setting ran
 
 
 def test_wrpo_recipe_samples_the_sft_model_and_trains_on_its_own_pairs(
