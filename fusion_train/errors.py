@@ -43,6 +43,11 @@ class UserError(Exception):
     """A problem in the user's input or environment; the message names the culprit and the fix."""
 
 
+class TrainInputError(UserError, ValueError):
+    """An input that would make training fail or silently train the wrong thing (here, not in
+    ``training``, so that reading fused data does not import transformers' Trainer)."""
+
+
 def one_line(error: BaseException | str) -> str:
     """An error (``ValueError: ...``) or a message on one line, for a user error that quotes code
     it does not control (a user's verifier, a library): its line breaks would split the error line."""

@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fusion_train.errors import TrainInputError
 from fusion_train.models import tokenizer_hash
 from fusion_train.representation import sequence_columns, topk_columns
 from fusion_train.storage import MANIFEST, read_json
-from fusion_train.training import TrainInputError
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from click.core import ParameterSource
 from transformers import Trainer, TrainingArguments
 
 from fusion_train.calls import StageCall
-from fusion_train.errors import Command
+from fusion_train.errors import Command, TrainInputError
 from fusion_train.fused import FusedData, load_fused
 from fusion_train.launch import launch_options, parameters_held, world_size_of
 from fusion_train.losses import CHUNK_TOKENS, fused_weights, head_loss_sums
@@ -51,7 +51,6 @@ from fusion_train.training import (
     LogLastStep,
     StepLearningRates,
     TrainerSettings,
-    TrainInputError,
     deepspeed_config,
     loss_record,
     publish,

@@ -23,7 +23,7 @@ import torch
 from transformers import SchedulerType, Trainer, TrainerCallback, TrainingArguments
 
 from fusion_train import options
-from fusion_train.errors import UserError
+from fusion_train.errors import TrainInputError, UserError
 from fusion_train.launch import end_process_group_at_exit, on_cpu_host, skip_shm_comm_op, world_of_one
 from fusion_train.models import release_memory
 from fusion_train.options import NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT
@@ -47,10 +47,6 @@ NOT_IN_RUN_MANIFEST = (
     "attn_implementation",
 )
 OUT_HELP = "The trained model directory (published when done; checkpoints go to OUT.work/)."  # every stage's
-
-
-class TrainInputError(UserError, ValueError):
-    """An input that would make training fail or silently train the wrong thing."""
 
 
 @dataclass(frozen=True, kw_only=True)

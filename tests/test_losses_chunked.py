@@ -19,8 +19,8 @@ from train_fixtures import (
 )
 
 from fusion_train import losses
+from fusion_train.errors import TrainInputError
 from fusion_train.losses import fused_weights, head_loss_sums
-from fusion_train.training import TrainInputError
 
 
 def _problem(n=10, hidden=8, vocab=37, size=31, k=4, dtype=torch.float32, bias=False, seed=0):

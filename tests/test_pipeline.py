@@ -21,12 +21,12 @@ from transformers import AutoModelForCausalLM
 
 from fusion_train import explicit, pipeline
 from fusion_train.chat import load_conversations
+from fusion_train.errors import TrainInputError
 from fusion_train.evaluate import bits_per_byte, response_losses
 from fusion_train.pipeline import run_pipeline
 from fusion_train.recipe import RecipeError, load_recipe, parse_recipe
 from fusion_train.stages import StageError, train_in_stage
 from fusion_train.sweep import parse_variation, sweep_command, variants
-from fusion_train.training import TrainInputError
 
 
 def write_recipe(root: Path, sources: list[str], **overrides) -> Path:

@@ -19,13 +19,14 @@ import yaml
 from train_fixtures import build_fused
 
 from fusion_train.align import align
+from fusion_train.errors import TrainInputError
 from fusion_train.fuse import fuse
 from fusion_train.pipeline import run_pipeline
 from fusion_train.recipe import load_recipe
 from fusion_train.represent import RepresentSettings, represent
 from fusion_train.storage import TRAINING_SUMMARY as SUMMARY
 from fusion_train.train import TrainConfig, prepare
-from fusion_train.training import TrainInputError, checkpoints, work_dir
+from fusion_train.training import checkpoints, work_dir
 
 KILL_DRIVER = Path(__file__).with_name("kill_driver.py")
 SAVE = "datasets:Dataset.save_to_disk"  # writes a part's or an output's data into its temporary folder

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from fusion_train import train as train_module
 from fusion_train import training
 from fusion_train.cli import main
+from fusion_train.errors import TrainInputError
 from fusion_train.fused import load_fused
 from fusion_train.launch import world_size_of
 from fusion_train.losses import CHUNK_TOKENS
@@ -39,7 +40,7 @@ from fusion_train.train import (
     prepare,
     train_command,
 )
-from fusion_train.training import TrainInputError, deepspeed_config, work_dir
+from fusion_train.training import deepspeed_config, work_dir
 
 # (device, dtype) pairs the loss is checked on: float32 and bf16 on the CPU, and bf16 on a CUDA GPU
 # where the machine has one (CI's machines do not; run the suite on a GPU machine to cover it).
