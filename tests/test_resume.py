@@ -16,6 +16,7 @@ from typing import Any
 import datasets
 import pytest
 import yaml
+from click.testing import CliRunner
 from train_fixtures import build_fused
 
 from fusion_train.align import align
@@ -288,18 +289,25 @@ def test_recipe_killed_mid_stage_resumes(recipe, uninterrupted_run):
 @pytest.mark.slow
 def test_merge_killed_mid_write_resumes(tmp_path: Path) -> None:
     """`varm-merge run` SIGKILLed once mergekit has written the weights, before the tokenizer and
-    the rename: no output folder appears, and the rerun writes what an uninterrupted merge writes."""
+    the rename: no output folder appears, and the rerun writes what an uninterrupted merge writes.
+    (The config and the uninterrupted merge are made in this process: only the kill and the rerun
+    need a process of their own.)"""
     from varm_fixtures import make_base, make_target
+
+    from varm_merge.cli import main as varm_merge
 
     base = make_base(tmp_path / "pivot")
     make_target(tmp_path / "target-1", base, seed=1)
     make_target(tmp_path / "target-2", base, seed=2)
     config = tmp_path / "varm.yml"
+    for arguments in (
+        ["config", "varm", "--pivot", tmp_path / "pivot", "--target", tmp_path / "target-1", "--target",
+         tmp_path / "target-2", "-o", config],
+        ["run", config, tmp_path / "reference", "--quiet"],
+    ):  # fmt: skip
+        result = CliRunner().invoke(varm_merge, [str(a) for a in arguments])
+        assert result.exit_code == 0, result.output
     merge = [str(Path(sys.executable).with_name("varm-merge"))]
-    subprocess.run([*merge, "config", "varm", "--pivot", tmp_path / "pivot", "--target", tmp_path / "target-1",
-                    "--target", tmp_path / "target-2", "-o", config], check=True, capture_output=True)  # fmt: skip
-    subprocess.run([*merge, "run", config, tmp_path / "merged"], check=True, capture_output=True)
-    (tmp_path / "merged").rename(tmp_path / "reference")
 
     run_killed("after", "safetensors.torch:save_file", 1, ["varm-merge", "run", config, tmp_path / "merged"])
     assert not (tmp_path / "merged").exists()  # complete or absent
