@@ -189,7 +189,7 @@ def kept_by_stages(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]
             try:
                 return function(*args, **kwargs)
             finally:
-                running.remove(created)
+                running.pop()  # this one: stages nest, the innermost ends first
                 gc.collect()
                 if left := sorted(type(o).__name__ for o in created):
                     kept.append((label(*args, **kwargs), left))
